@@ -1,0 +1,90 @@
+"""Find the execution order of a model's layers.
+
+``trace`` tries torch.fx symbolic tracing first. Models with data-dependent control flow (``if x.sum() > 0:``)
+cannot be traced symbolically; then, with ``example_inputs``, one real forward pass records the order in which leaf
+modules run (forward hooks), and without them the module tree's registration order is used. The result says
+which path was taken and why, and the report shows it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+
+@dataclass
+class TraceResult:
+    method: str  # "fx" | "hooks" | "module_tree"
+    order: list[str]  # qualified names of leaf modules, in execution order (each once)
+    reason: str | None = None  # why fx was not used
+    graph_module: fx.GraphModule | None = field(default=None, repr=False)
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps every module of ``leaf_types`` (plus torch.nn's own) as a call_module leaf."""
+
+    def __init__(self, leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _is_leaf(module: nn.Module, leaf_types: tuple[type, ...]) -> bool:
+    return isinstance(module, leaf_types) or not any(True for _ in module.children())
+
+
+def trace(model: nn.Module, example_inputs: tuple | None = None, leaf_types: tuple[type, ...] = ()) -> TraceResult:
+    """Execution order of ``model``'s leaf modules (and of modules of ``leaf_types``, which are not entered)."""
+    try:
+        tracer = _LeafTracer(tuple(leaf_types))
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(model, graph)
+        order: list[str] = []
+        seen = set()
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target not in seen:
+                seen.add(node.target)
+                order.append(str(node.target))
+        return TraceResult("fx", order, None, gm)
+    except Exception as exc:  # fx raises TraceError, TypeError, ... for untraceable Python
+        reason = f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    if example_inputs is not None:
+        order = _order_by_hooks(model, example_inputs, tuple(leaf_types))
+        if order is not None:
+            return TraceResult("hooks", order, reason + "; used the execution order of one forward pass")
+    order = [n for n, m in model.named_modules() if n and _is_leaf(m, tuple(leaf_types))]
+    return TraceResult("module_tree", order, reason + "; used the module tree's registration order")
+
+
+def _order_by_hooks(model: nn.Module, example_inputs: tuple, leaf_types: tuple[type, ...]) -> list[str] | None:
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_mod, _inp):
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+        return hook
+
+    for name, mod in model.named_modules():
+        if name and _is_leaf(mod, leaf_types):
+            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    # modules that did not run keep their registration position at the end
+    rest = [n for n, m in model.named_modules() if n and _is_leaf(m, leaf_types) and n not in seen]
+    return order + rest

@@ -1,0 +1,154 @@
+"""Scheme configs: one small dataclass per recipe, registered by name.
+
+A scheme says *which* layers change (``targets``: float module type -> simulated layer class, plus the selection
+rules below) and *how* (its own fields: bits, percentiles, ...). Everything a user may override per call is a field,
+so ``quantkit.quantize(model, "w4a4", percentile=99.9)`` and ``W4A4Config(percentile=99.9)`` are the same thing.
+
+Layer-selection rules (``rules``, ``skip``, ``only``) -- precedence, highest first:
+
+1. an exact qualified name (``"layer1.0.conv1"``),
+2. a regular expression (a compiled ``re.Pattern``, or a string starting with ``"re:"``; full match),
+3. a module type (``nn.Conv2d``),
+4. the scheme default (``targets`` plus ``keep_first`` / ``keep_last``).
+
+A rule's value is ``None`` (keep full precision) or a dict of field overrides for that layer
+(e.g. ``{"bits": 8}``). ``skip=[...]`` is shorthand for rules with value ``None``; ``only=[...]`` restricts
+quantization to layers matching one of its entries (names, patterns or types).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError
+
+RuleKey = Any  # str (exact name or "re:<pattern>"), re.Pattern, or a module type
+
+
+@dataclass
+class SchemeConfig:
+    """Base of every scheme config. Subclasses set ``name``/``description``/``mode`` and implement ``targets``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: "ptq" (calibrate, no training), "qat" (train with quantkit.QAT) or "both"
+    mode: ClassVar[str] = "ptq"
+
+    keep_first: bool = False
+    keep_last: bool = False
+    skip: tuple = ()
+    only: tuple | None = None
+    rules: dict = field(default_factory=dict)
+
+    # ---- what a scheme provides ---------------------------------------------------------------------------
+    def targets(self) -> dict[type, type]:
+        """Float module type -> simulated layer class (with a ``from_float(module, config, name)``)."""
+        raise NotImplementedError
+
+    def passes(self) -> list:
+        """The graph passes this scheme runs, in order (default: one module-swap pass over ``targets``)."""
+        from ..graph.passes import SwapPass
+
+        return [SwapPass(self.targets())]
+
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range fields. Subclasses extend (and call super)."""
+        for key in list(self.rules) + list(self.skip) + list(self.only or ()):
+            if not isinstance(key, (str, re.Pattern, type)):
+                raise ConfigError(
+                    f"scheme {self.name!r}: layer rule key {key!r} must be a qualified name, a regex "
+                    "(re.compile(...) or 're:<pattern>') or a module type"
+                )
+        for key, value in self.rules.items():
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(
+                    f"scheme {self.name!r}: rule for {key!r} must be None (keep full precision) or a dict of "
+                    f"overrides, got {value!r}"
+                )
+
+    def calibrate_finish(self, model: nn.Module) -> None:
+        """Scheme-wide step after observers ran (e.g. BN re-estimation). Default: nothing."""
+
+    def epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
+        """Scheme-wide QAT schedule hook (called by QAT.epoch_start after the per-layer hooks). Default: nothing."""
+
+    def with_overrides(self, **overrides: Any) -> "SchemeConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ConfigError(
+                f"scheme {self.name!r} has no option(s) {bad}; its options are: {sorted(names)}"
+            )
+        if "skip" in overrides and overrides["skip"] is not None:
+            overrides["skip"] = tuple(overrides["skip"]) if not isinstance(overrides["skip"], (str, type)) else (overrides["skip"],)
+        if "only" in overrides and overrides["only"] is not None:
+            overrides["only"] = tuple(overrides["only"]) if not isinstance(overrides["only"], (str, type)) else (overrides["only"],)
+        return dataclasses.replace(self, **overrides)
+
+
+def check_bits(scheme: str, field_name: str, value: Any, lo: int, hi: int) -> None:
+    """Shared bit-width check: integer in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(
+            f"scheme {scheme!r}: {field_name}={value!r} is out of range; use an integer from {lo} to {hi}"
+        )
+
+
+# ---- registry ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., SchemeConfig]
+    description: str
+    mode: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_scheme(name: str, factory: Callable[..., SchemeConfig], description: str | None = None,
+                    mode: str | None = None) -> None:
+    """Register ``factory(**overrides) -> SchemeConfig`` under ``name`` (families such as ``adder_ptq{2..8}`` register
+    one name per member with a partial factory)."""
+    probe = factory()
+    _REGISTRY[name] = _Entry(factory, description or probe.description, mode or probe.mode)
+
+
+def scheme(cls: type[SchemeConfig]) -> type[SchemeConfig]:
+    """Class decorator: register a config class under its ``name``."""
+    register_scheme(cls.name, cls, cls.description, cls.mode)
+    return cls
+
+
+def get_scheme(spec: "str | SchemeConfig", **overrides: Any) -> SchemeConfig:
+    """Resolve a scheme name or config object and apply per-call overrides; validates the result."""
+    from ..errors import UnknownSchemeError
+
+    if isinstance(spec, SchemeConfig):
+        cfg = spec.with_overrides(**overrides) if overrides else spec
+    elif isinstance(spec, str):
+        _ensure_builtin()
+        entry = _REGISTRY.get(spec)
+        if entry is None:
+            known = ", ".join(sorted(_REGISTRY))
+            raise UnknownSchemeError(f"unknown scheme {spec!r}; known schemes: {known}")
+        cfg = entry.factory()
+        if overrides:
+            cfg = cfg.with_overrides(**overrides)
+    else:
+        raise ConfigError(f"scheme must be a name (str) or a SchemeConfig, got {type(spec).__name__}")
+    cfg.validate()
+    return cfg
+
+
+def list_schemes() -> dict[str, str]:
+    """Registered scheme names -> one-line descriptions (with their mode)."""
+    _ensure_builtin()
+    return {name: f"[{e.mode}] {e.description}" for name, e in sorted(_REGISTRY.items())}
+
+
+def _ensure_builtin() -> None:
+    from . import builtin  # noqa: F401  (registers the built-in schemes on first use)

@@ -1,0 +1,3 @@
+"""Imports the modules that register the built-in schemes (one line per family)."""
+from . import uniform  # noqa: F401  w8a8, w4a4
+from . import xnor  # noqa: F401  xnor
