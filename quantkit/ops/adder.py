@@ -1,0 +1,421 @@
+"""Integer l1 ("adder") GEMM and conv2d: the deploy arithmetic of AdderNet PTQ (ALGORITHMS.md §3.2, steps 4-5).
+
+Math (one output channel ``o`` of group ``g = group_index[o]``)::
+
+    S[m, o] = sum_k | xq[g, m, k] - w_mult * wq[o, k] |          (exact integer l1 sum, int32)
+    Y[m, o] = -delta[o] * S[m, o] + bias[o]                        (float32)
+
+* ``xq`` carries a leading group dimension ``G``: the activations are re-quantized once per group, each group on its
+  own grid (step 4). Output channel ``o`` reads ``xq[group_index[o]]``.
+* ``w_mult`` selects the integer form of step 5:
+  ``w_mult=1``: the signed (Fig. 3) form ``|q_x - q_w|``, ``Y = -delta_g * S + bias``;
+  ``w_mult=2``: the unsigned code form ``|q_x - 2 q_w|`` with ``q_x`` in ``[0, 2^b - 1]`` and ``q_w`` signed
+  ``b``-bit, ``Y = -delta_x * S + bias`` where ``delta_x = s_g / (2^b - 1)``. Weights therefore stay stored at
+  their own bit width (int8 for b <= 8); the doubling is done inside the kernel and is exact.
+* Conv uses ZERO padding in the integer domain: a padded tap has ``q_x = 0`` and contributes ``|0 - w_mult * q_w|``,
+  which is exactly what the float AdderNet with zero padding computes (a padded ``x = 0`` quantizes to ``q_x = 0``
+  on every symmetric grid).
+
+Integer inputs may have any integer dtype (int8/uint8/int16/int32/int64) and any strides. The compiled CPU kernel
+maps activations to a common unsigned byte grid and clamps the weights into the activation range with an exact
+per-channel correction (``|x - w| = |x - clamp(w, lo, hi)| + dist(w, [lo, hi])`` whenever ``lo <= x <= hi``), so
+every form with activations spanning at most 256 consecutive integers (all forms for b <= 8) runs on VPSADBW; wider
+activations fall back to an exact int32 loop.
+
+Each op has a pure-PyTorch reference (``*_reference``, int64 math, chunked so memory stays bounded), used when the
+compiled kernels are missing (with one loud warning) and by the tests.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from quantkit.errors import KernelError
+from quantkit.ops import _load
+
+__all__ = [
+    "adder_l1",
+    "adder_linear",
+    "adder_l1_conv2d",
+    "adder_conv2d",
+    "adder_l1_reference",
+    "adder_linear_reference",
+    "adder_l1_conv2d_reference",
+    "adder_conv2d_reference",
+    "adder_conv2d_output_size",
+]
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+# Bound on the elements of the int64 |x - w| temporaries of the references (32 MiB).
+_REF_CHUNK_ELEMS = 1 << 22
+_INT32_MAX = 2**31 - 1
+
+IntPair = Union[int, Sequence[int]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation (the Python wrappers raise KernelError before the C++ TORCH_CHECKs would)
+# ---------------------------------------------------------------------------------------------------------------
+def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise KernelError(f"adder_conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
+        if len(pair) != 2:
+            raise KernelError(f"adder_conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise KernelError(f"adder_conv2d: {name} must be >= {minimum}, got {pair}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_int(t: torch.Tensor, name: str, fn: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise KernelError(
+            f"{fn}: {name} must be an integer tensor (int8/uint8/int16/int32/int64), got {t.dtype}; "
+            "quantize it first (e.g. torch.round(x / step).to(torch.int8))"
+        )
+
+
+def _check_epilogue(
+    fn: str, n_out: int, device: torch.device, delta: torch.Tensor, bias: Optional[torch.Tensor]
+) -> None:
+    if not isinstance(delta, torch.Tensor) or not delta.is_floating_point() or tuple(delta.shape) != (n_out,):
+        got = f"{tuple(delta.shape)} {delta.dtype}" if isinstance(delta, torch.Tensor) else type(delta).__name__
+        raise KernelError(f"{fn}: delta must be a float tensor of shape ({n_out},) (one step per output channel), got {got}")
+    if delta.device != device:
+        raise KernelError(f"{fn}: delta is on {delta.device} but the operands are on {device}; move it with .to()")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (n_out,):
+            got = f"{tuple(bias.shape)} {bias.dtype}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise KernelError(f"{fn}: bias must be None or a float tensor of shape ({n_out},), got {got}")
+        if bias.device != device:
+            raise KernelError(f"{fn}: bias is on {bias.device} but the operands are on {device}; move it with .to()")
+
+
+def _check_groups(fn: str, group_index: torch.Tensor, n_out: int, groups: int, device: torch.device) -> None:
+    if not isinstance(group_index, torch.Tensor) or group_index.dtype not in _INT_DTYPES or group_index.dim() != 1:
+        raise KernelError(f"{fn}: group_index must be a 1-D integer tensor (the group of each output channel)")
+    if group_index.numel() != n_out:
+        raise KernelError(
+            f"{fn}: group_index has {group_index.numel()} entries but the weight has {n_out} output channels"
+        )
+    if group_index.device != device:
+        raise KernelError(f"{fn}: group_index is on {group_index.device} but the operands are on {device}")
+    if n_out and (int(group_index.min()) < 0 or int(group_index.max()) >= groups):
+        raise KernelError(
+            f"{fn}: group_index values must lie in [0, {groups}) (xq has {groups} groups in its first dimension), "
+            f"got range [{int(group_index.min())}, {int(group_index.max())}]"
+        )
+
+
+def _check_w_mult(fn: str, w_mult: int) -> None:
+    if not isinstance(w_mult, int) or w_mult not in (1, 2):
+        raise KernelError(f"{fn}: w_mult must be 1 (signed form |q_x - q_w|) or 2 (code form |q_x - 2 q_w|), got {w_mult!r}")
+
+
+def _check_linear(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, fn: str) -> None:
+    _check_int(xq, "xq", fn)
+    _check_int(wq, "wq", fn)
+    _check_w_mult(fn, w_mult)
+    if xq.dim() != 3:
+        raise KernelError(f"{fn}: xq must have shape (G, M, K) (one re-quantized copy per group), got {tuple(xq.shape)}")
+    if wq.dim() != 2:
+        raise KernelError(f"{fn}: wq must have shape (N, K), got {tuple(wq.shape)}")
+    if xq.shape[2] != wq.shape[1]:
+        raise KernelError(f"{fn}: reduction lengths differ: xq has K={xq.shape[2]}, wq has K={wq.shape[1]}")
+    if xq.shape[0] < 1:
+        raise KernelError(f"{fn}: xq needs at least one group (its first dimension is 0)")
+    if wq.device != xq.device:
+        raise KernelError(f"{fn}: xq is on {xq.device} and wq on {wq.device}; put them on one device")
+    _check_groups(fn, group_index, wq.shape[0], xq.shape[0], xq.device)
+
+
+def adder_conv2d_output_size(
+    height: int, width: int, kernel: Tuple[int, int], stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1
+) -> Tuple[int, int]:
+    """(Ho, Wo) of a convolution: ``(H + 2 p - d (k - 1) - 1) // s + 1`` per spatial dimension."""
+    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    ho = (height + 2 * p[0] - d[0] * (kernel[0] - 1) - 1) // s[0] + 1
+    wo = (width + 2 * p[1] - d[1] * (kernel[1] - 1) - 1) // s[1] + 1
+    return ho, wo
+
+
+def _check_conv(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    w_mult: int,
+    fn: str,
+) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    _check_int(xq, "xq", fn)
+    _check_int(wq, "wq", fn)
+    _check_w_mult(fn, w_mult)
+    if xq.dim() != 5:
+        raise KernelError(f"{fn}: xq must have shape (G, N, C, H, W) (one re-quantized copy per group), got {tuple(xq.shape)}")
+    if wq.dim() != 4:
+        raise KernelError(f"{fn}: wq must have shape (Cout, C, kh, kw), got {tuple(wq.shape)}")
+    if xq.shape[2] != wq.shape[1]:
+        raise KernelError(
+            f"{fn}: input channels differ: xq has C={xq.shape[2]}, wq has C={wq.shape[1]} (grouped convolution is not supported)"
+        )
+    if xq.shape[0] < 1:
+        raise KernelError(f"{fn}: xq needs at least one group (its first dimension is 0)")
+    if wq.device != xq.device:
+        raise KernelError(f"{fn}: xq is on {xq.device} and wq on {wq.device}; put them on one device")
+    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    ho, wo = adder_conv2d_output_size(xq.shape[3], xq.shape[4], (wq.shape[2], wq.shape[3]), s, p, d)
+    if ho < 1 or wo < 1:
+        raise KernelError(
+            f"{fn}: the output would be empty ({ho}x{wo}) for input {xq.shape[3]}x{xq.shape[4]}, kernel "
+            f"{wq.shape[2]}x{wq.shape[3]}, stride {s}, padding {p}, dilation {d}; enlarge the input or the padding"
+        )
+    _check_groups(fn, group_index, wq.shape[0], xq.shape[0], xq.device)
+    return s, p, d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references (int64 math, chunked)
+# ---------------------------------------------------------------------------------------------------------------
+def _to_int32_checked(s: torch.Tensor, fn: str) -> torch.Tensor:
+    if s.numel() and int(s.max()) > _INT32_MAX:
+        raise KernelError(f"{fn}: an l1 sum exceeds int32 ({int(s.max())}); the operands are far outside 2-8 bits")
+    return s.to(torch.int32)
+
+
+def _epilogue_reference(s: torch.Tensor, delta: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int) -> torch.Tensor:
+    shape = [1] * s.dim()
+    shape[channel_dim] = -1
+    y = -delta.to(torch.float64).view(shape) * s.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64).view(shape)
+    return y.to(torch.float32)
+
+
+def adder_l1_reference(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor, w_mult: int = 1) -> torch.Tensor:
+    """Reference of :func:`adder_l1`: ``S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|`` (int32)."""
+    _check_linear(xq, wq, group_index, w_mult, "adder_l1_reference")
+    groups, m, k = xq.shape
+    n = wq.shape[0]
+    out = torch.zeros(m, n, dtype=torch.int64, device=xq.device)
+    w64 = wq.to(torch.int64) * w_mult
+    gi = group_index.to(torch.int64)
+    for g in range(groups):
+        chans = torch.nonzero(gi == g).flatten()
+        if chans.numel() == 0:
+            continue
+        xg = xq[g].to(torch.int64)
+        wg = w64[chans]
+        n_step = max(1, min(chans.numel(), _REF_CHUNK_ELEMS // max(1, k)))
+        m_step = max(1, _REF_CHUNK_ELEMS // max(1, k * n_step))
+        for n0 in range(0, chans.numel(), n_step):
+            wc = wg[n0 : n0 + n_step]
+            for m0 in range(0, m, m_step):
+                part = (xg[m0 : m0 + m_step, None, :] - wc[None, :, :]).abs_().sum(-1)
+                out[m0 : m0 + m_step, chans[n0 : n0 + n_step]] = part
+    return _to_int32_checked(out, "adder_l1_reference")
+
+
+def adder_linear_reference(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Reference of :func:`adder_linear`: ``-delta[o] * S[m, o] + bias[o]`` in float64, returned as float32."""
+    _check_epilogue("adder_linear_reference", wq.shape[0], xq.device, delta, bias)
+    return _epilogue_reference(adder_l1_reference(xq, wq, group_index, w_mult), delta, bias, 1)
+
+
+def adder_l1_conv2d_reference(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Reference of :func:`adder_l1_conv2d`: per tap, a strided view of the zero-padded input, int64 |x - w| sums."""
+    s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_l1_conv2d_reference")
+    groups, batch, chans, height, width = xq.shape
+    cout, _, kh, kw = wq.shape
+    ho, wo = adder_conv2d_output_size(height, width, (kh, kw), s, p, d)
+    xp = torch.nn.functional.pad(xq.to(torch.int64), (p[1], p[1], p[0], p[0]))  # zero padding: q_x = 0
+    w64 = wq.to(torch.int64) * w_mult
+    gi = group_index.to(torch.int64)
+    out = torch.zeros(batch, cout, ho, wo, dtype=torch.int64, device=xq.device)
+    per_image = chans * ho * wo
+    b_step = max(1, _REF_CHUNK_ELEMS // max(1, per_image))
+    for g in range(groups):
+        outs = torch.nonzero(gi == g).flatten()
+        if outs.numel() == 0:
+            continue
+        o_step = max(1, _REF_CHUNK_ELEMS // max(1, per_image * min(b_step, batch)))
+        for i in range(kh):
+            for j in range(kw):
+                r0, c0 = i * d[0], j * d[1]
+                tap = xp[g, :, :, r0 : r0 + s[0] * (ho - 1) + 1 : s[0], c0 : c0 + s[1] * (wo - 1) + 1 : s[1]]
+                for o0 in range(0, outs.numel(), o_step):
+                    oc = outs[o0 : o0 + o_step]
+                    wt = w64[oc, :, i, j][None, :, :, None, None]  # (1, oc, C, 1, 1)
+                    for b0 in range(0, batch, b_step):
+                        xt = tap[b0 : b0 + b_step, None]  # (b, 1, C, Ho, Wo)
+                        out[b0 : b0 + b_step, oc] += (xt - wt).abs_().sum(2)
+    return _to_int32_checked(out, "adder_l1_conv2d_reference")
+
+
+def adder_conv2d_reference(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Reference of :func:`adder_conv2d`: ``-delta[o] * S[n, o, y, x] + bias[o]`` in float64, returned as float32."""
+    _check_epilogue("adder_conv2d_reference", wq.shape[0], xq.device, delta, bias)
+    s = adder_l1_conv2d_reference(xq, wq, group_index, stride, padding, dilation, w_mult)
+    return _epilogue_reference(s, delta, bias, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public ops: compiled kernel when available, reference otherwise
+# ---------------------------------------------------------------------------------------------------------------
+def _has_impl(op, device: torch.device) -> bool:
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
+    except Exception:
+        return True
+
+
+def _op_for(name: str, device: torch.device):
+    """The compiled op ``torch.ops.quantkit.<name>`` if it can run on ``device``, else None (use the reference)."""
+    if not _load.have_kernels():
+        _load.warn_missing_once()
+        return None
+    op = getattr(torch.ops.quantkit, name, None)
+    if op is None:
+        return None
+    if device.type not in ("cpu", "meta") and not _has_impl(op, device):
+        return None
+    return op
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32)
+
+
+def adder_l1(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor, w_mult: int = 1) -> torch.Tensor:
+    """Integer l1 GEMM, raw sums: ``S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|``.
+
+    Args:
+        xq: (G, M, K) integer activations, one re-quantized copy per group.
+        wq: (N, K) integer weights (at their bit width, e.g. int8).
+        group_index: (N,) integer group of each output channel, values in [0, G).
+        w_mult: 1 for the signed form |q_x - q_w|, 2 for the unsigned code form |q_x - 2 q_w|.
+    Returns:
+        (M, N) int32, exact.
+    """
+    _check_linear(xq, wq, group_index, w_mult, "adder_l1")
+    op = _op_for("adder_l1", xq.device)
+    if op is None:
+        return adder_l1_reference(xq, wq, group_index, w_mult)
+    return op(xq, wq, group_index, w_mult)
+
+
+def adder_linear(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Integer l1 linear layer: ``Y[m, o] = -delta[o] * sum_k |xq[g(o), m, k] - w_mult * wq[o, k]| + bias[o]``.
+
+    Args:
+        xq: (G, M, K) integer activations (G groups, each on its own grid).
+        wq: (N, K) integer weights.
+        group_index: (N,) group of each output channel, values in [0, G).
+        delta: (N,) float step multiplying the integer sum of each channel (its group's step, repeated per channel;
+            Δ_g for the signed form, Δ_x = s_g / (2^b - 1) for the code form).
+        bias: optional (N,) float (the lossless-clamp compensation plus any layer bias).
+        w_mult: 1 (signed form) or 2 (code form, |q_x - 2 q_w|).
+    Returns:
+        (M, N) float32. The integer sum is exact; the epilogue is one float32 multiply-add per output.
+    """
+    _check_linear(xq, wq, group_index, w_mult, "adder_linear")
+    _check_epilogue("adder_linear", wq.shape[0], xq.device, delta, bias)
+    op = _op_for("adder_linear", xq.device)
+    if op is None:
+        return adder_linear_reference(xq, wq, group_index, delta, bias, w_mult)
+    return op(xq, wq, group_index, _f32(delta), _f32(bias), w_mult)
+
+
+def adder_l1_conv2d(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Integer l1 conv2d, raw sums ``S[n, o, y, x] = sum_{c,i,j} |xq_pad[g(o), n, c, y s + i d, x s + j d] - w_mult wq[o, c, i, j]|``.
+
+    Zero padding: padded taps have ``q_x = 0`` (exact for the adder, see the module docstring).
+
+    Args:
+        xq: (G, N, C, H, W) integer activations (any strides; channels-last is the cheapest to read).
+        wq: (Cout, C, kh, kw) integer weights.
+        group_index: (Cout,) group of each output channel, values in [0, G).
+        stride, padding, dilation: ints or pairs, as in ``torch.nn.functional.conv2d`` (groups=1).
+        w_mult: 1 (signed form) or 2 (code form).
+    Returns:
+        (N, Cout, Ho, Wo) int32, exact. The compiled kernel returns it in channels-last memory format.
+    """
+    s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_l1_conv2d")
+    op = _op_for("adder_l1_conv2d", xq.device)
+    if op is None:
+        return adder_l1_conv2d_reference(xq, wq, group_index, s, p, d, w_mult)
+    return op(xq, wq, group_index, list(s), list(p), list(d), w_mult)
+
+
+def adder_conv2d(
+    xq: torch.Tensor,
+    wq: torch.Tensor,
+    group_index: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    w_mult: int = 1,
+) -> torch.Tensor:
+    """Integer l1 conv2d layer: ``Y[n, o, y, x] = -delta[o] * S[n, o, y, x] + bias[o]`` (S from :func:`adder_l1_conv2d`).
+
+    Args: as :func:`adder_l1_conv2d`, plus ``delta`` (Cout,) float and optional ``bias`` (Cout,) float.
+    Returns:
+        (N, Cout, Ho, Wo) float32 (channels-last memory format from the compiled kernel).
+    """
+    s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_conv2d")
+    _check_epilogue("adder_conv2d", wq.shape[0], xq.device, delta, bias)
+    op = _op_for("adder_conv2d", xq.device)
+    if op is None:
+        return adder_conv2d_reference(xq, wq, group_index, delta, bias, s, p, d, w_mult)
+    return op(xq, wq, group_index, _f32(delta), _f32(bias), list(s), list(p), list(d), w_mult)
