@@ -1,1 +1,24 @@
-from quantkit.ops.adder import adder_conv2d, adder_l1, adder_l1_conv2d, adder_linear  # noqa: F401
+"""Kernels on packed / integer operands: compiled ``torch.ops.quantkit.*`` ops with pure-PyTorch references.
+
+The bit layout of every packed tensor is written down once, in :mod:`quantkit.ops.layout`.
+"""
+from quantkit.ops.layout import WORD_BITS, WORD_DTYPE, conv2d_output_size, num_words
+from quantkit.ops.packing import (
+    pack_activation_nhwc,
+    pack_bits,
+    pack_bits_reference,
+    pack_conv_weight,
+    pack_linear_weight,
+    unpack_bits,
+    unpack_bits_reference,
+)
+from quantkit.ops.binary import (
+    binary_bmm,
+    binary_bmm_01,
+    binary_bmm_01_reference,
+    binary_bmm_reference,
+    binary_conv2d,
+    binary_conv2d_reference,
+    binary_linear,
+    binary_linear_reference,
+)

@@ -1,0 +1,39 @@
+"""Shared plumbing of the op wrappers: pick the compiled kernel or the pure-PyTorch reference, and register fake
+(meta) implementations only for ops the loaded extension defines."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from quantkit.ops import _load
+
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def has_op(name: str) -> bool:
+    """Whether ``torch.ops.quantkit.<name>`` exists (the extension loaded and defines it)."""
+    return _load.have_kernels() and hasattr(torch.ops.quantkit, name)
+
+
+def use_kernel(name: str, device: torch.device) -> bool:
+    """Whether the wrapper should call the compiled kernel ``name`` for tensors on ``device``; otherwise the caller
+    runs the reference (and the user is warned once that the kernels are missing)."""
+    if not has_op(name):
+        _load.warn_missing_once()
+        return False
+    key = _DISPATCH_KEY.get(device.type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{name}", key)
+
+
+def register_fake(name: str) -> Callable:
+    """Decorator: ``torch.library.register_fake("quantkit::<name>")`` when that op exists, else a no-op."""
+
+    def deco(fn: Callable) -> Callable:
+        if has_op(name):
+            torch.library.register_fake(f"quantkit::{name}")(fn)
+        return fn
+
+    return deco

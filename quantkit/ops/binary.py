@@ -1,0 +1,341 @@
+"""Binary (XNOR / AND-popcount) products on packed operands (layout: :mod:`quantkit.ops.layout`).
+
+Public functions (each has a ``*_reference`` twin in pure PyTorch, float64/int math on unpacked +-1 values):
+
+* :func:`binary_linear` -- ``(..., W) x (N, W) -> (..., N)`` with the AdaBin/XNOR affine epilogue;
+* :func:`binary_conv2d` -- channel-packed NHWC input, OHWI packed weight, exact zero padding, AdaBin epilogue,
+  float output (NCHW logical shape, channels_last memory) or packed-bit output for a following binary layer;
+* :func:`binary_bmm` -- batched ``Q_b @ K_b^T`` of +-1 operands (exact int32 counts);
+* :func:`binary_bmm_01` -- batched ``A_b @ V_b`` with ``A_b in {0,1}`` and ``V_b in {-1,+1}`` (exact int32).
+
+Op schemas (``kernels/register.cpp``)::
+
+    quantkit::binary_linear(Tensor x, Tensor w, int k, Tensor? scale=None, Tensor? act_sum_scale=None,
+                            Tensor? bias=None, Tensor? threshold=None) -> Tensor
+    quantkit::binary_conv2d(Tensor x, Tensor w, int c_in, int[2] stride, int[2] padding, int[2] dilation,
+                            Tensor? scale=None, Tensor? act_sum_scale=None, Tensor? weight_sum_scale=None,
+                            Tensor? count_scale=None, Tensor? bias=None, Tensor? threshold=None) -> Tensor
+    quantkit::binary_bmm(Tensor a, Tensor b, int k) -> Tensor
+    quantkit::binary_bmm_01(Tensor a, Tensor b, int k) -> Tensor
+
+The ops take per-channel parameters as float32 vectors and contiguous int32 words; the Python wrappers below
+validate (raising :class:`~quantkit.errors.KernelError`), convert and broadcast, then call the op (or the reference
+when the compiled kernels are missing).
+
+Epilogue of the linear/conv ops, per output position ``p`` and output channel ``o`` (every term optional; a
+missing ``scale`` means 1, any other missing term means 0)::
+
+    y[p, o] = scale[o] * dot[p, o] + act_sum_scale[o] * asum[p] + weight_sum_scale[o] * wsum[p, o]
+              + count_scale[o] * n_valid[p] + bias[o]
+
+with, over the VALID (unpadded) taps only: ``dot = sum s_a s_w``, ``asum = sum s_a``, ``wsum = sum s_w`` and
+``n_valid`` = number of valid elements (valid taps x c_in). For AdaBin (ALGORITHMS.md section 2.4,
+``a_b = alpha_a s_a + c_a``, ``w_b = alpha_w s_w + beta_w``): ``scale = alpha_w alpha_a``,
+``act_sum_scale = beta_w alpha_a``, ``weight_sum_scale = alpha_w c_a``, ``count_scale = beta_w c_a``; then ``y``
+equals ``F.conv2d(a_b, w_b)`` with zero padding, position by position, borders included. (For the linear op there
+is no padding: ``wsum`` and ``n_valid`` are constants that fold into ``bias``.)
+
+With ``threshold`` given, the op returns packed bits ``y >= threshold[o]`` along the output channels instead of
+``y`` (int32 ``(..., ceil(N/32))``; NHWC for conv), ready for the next binary layer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quantkit.errors import KernelError
+from quantkit.ops._dispatch import register_fake, use_kernel
+from quantkit.ops.layout import WORD_DTYPE, conv2d_output_size, num_words
+from quantkit.ops.packing import bits_to_words_reference, check_words, unpack_bits_reference, words_to_bits_reference
+
+
+# ---------------------------------------------------------------------------------------------- references
+def _vec(t: Tensor | None, n: int, default: float, device: torch.device) -> Tensor:
+    if t is None:
+        return torch.full((n,), default, dtype=torch.float64, device=device)
+    return t.to(device=device, dtype=torch.float64).reshape(n)
+
+
+def _finish(y64: Tensor, threshold: Tensor | None) -> Tensor:
+    """float64 result (..., N) -> float32, or packed bits (float32 y >= threshold) along the last dim."""
+    y = y64.to(torch.float32)
+    if threshold is None:
+        return y
+    return bits_to_words_reference(y >= threshold.to(device=y.device, dtype=torch.float32))
+
+
+def binary_linear_reference(
+    x: Tensor,
+    w: Tensor,
+    k: int,
+    scale: Tensor | None = None,
+    act_sum_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    threshold: Tensor | None = None,
+) -> Tensor:
+    """``y[..., n] = scale[n] * sum_k s_x s_w + act_sum_scale[n] * sum_k s_x + bias[n]`` on unpacked +-1 (float64)."""
+    xs = unpack_bits_reference(x, k, torch.float64)
+    ws = unpack_bits_reference(w, k, torch.float64)
+    n = w.shape[0]
+    dev = x.device
+    y = (xs @ ws.T) * _vec(scale, n, 1.0, dev)
+    y = y + xs.sum(-1, keepdim=True) * _vec(act_sum_scale, n, 0.0, dev) + _vec(bias, n, 0.0, dev)
+    return _finish(y, threshold)
+
+
+def binary_conv2d_reference(
+    x: Tensor,
+    w: Tensor,
+    c_in: int,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    scale: Tensor | None = None,
+    act_sum_scale: Tensor | None = None,
+    weight_sum_scale: Tensor | None = None,
+    count_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    threshold: Tensor | None = None,
+) -> Tensor:
+    """Binary conv2d via ``F.conv2d`` in float64 on unpacked +-1 tensors with zero padding (padded taps are 0).
+
+    ``asum`` = conv of the activation with an all-ones kernel, ``wsum`` = conv of an all-ones (valid) input with the
+    weight, ``n_valid`` = conv of all-ones with all-ones: each term is exactly "over the valid taps".
+    Returns float32 ``(N, C_out, Ho, Wo)`` (channels_last memory), or int32 packed ``(N, Ho, Wo, ceil(C_out/32))``.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    xs = unpack_bits_reference(x, c_in, torch.float64).permute(0, 3, 1, 2)  # (N, C, H, W)
+    ws = unpack_bits_reference(w, c_in, torch.float64).permute(0, 3, 1, 2)  # (O, C, kh, kw)
+    cout = ws.shape[0]
+    dev = x.device
+    conv = lambda a, b: F.conv2d(a, b, None, stride, padding, dilation)  # noqa: E731
+    ones_x = torch.ones_like(xs[:1])
+    ones_w = torch.ones_like(ws[:1])
+    per_ch = lambda t, d: _vec(t, cout, d, dev).view(1, cout, 1, 1)  # noqa: E731
+    y = conv(xs, ws) * per_ch(scale, 1.0)
+    if act_sum_scale is not None:
+        y = y + conv(xs, ones_w) * per_ch(act_sum_scale, 0.0)
+    if weight_sum_scale is not None:
+        y = y + conv(ones_x, ws) * per_ch(weight_sum_scale, 0.0)
+    if count_scale is not None:
+        y = y + conv(ones_x, ones_w) * per_ch(count_scale, 0.0)
+    y = y + per_ch(bias, 0.0)
+    if threshold is None:
+        return y.to(torch.float32).contiguous(memory_format=torch.channels_last)
+    return _finish(y.permute(0, 2, 3, 1), threshold)
+
+
+def binary_bmm_reference(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """``out[..., m, n] = sum_k s_a[..., m, k] s_b[..., n, k]`` (+-1 x +-1), int32. Leading dims broadcast."""
+    av = unpack_bits_reference(a, k, torch.float64)
+    bv = unpack_bits_reference(b, k, torch.float64)
+    return torch.matmul(av, bv.transpose(-1, -2)).round().to(torch.int32)
+
+
+def binary_bmm_01_reference(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """``out[..., m, n] = sum_k a[..., m, k] s_b[..., n, k]`` with ``a in {0, 1}`` (bit value) and ``s_b in {-1,+1}``,
+    int32 (BiViT's ``A_b @ V_b``, with ``V_b`` given transposed and packed along tokens)."""
+    av = words_to_bits_reference(a, k).to(torch.float64)
+    bv = unpack_bits_reference(b, k, torch.float64)
+    return torch.matmul(av, bv.transpose(-1, -2)).round().to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _pair(v: Sequence[int] | int) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    if len(v) == 1:
+        return (v[0], v[0])
+    if len(v) != 2:
+        raise KernelError(f"expected an int or a pair of ints, got {v}")
+    return v  # type: ignore[return-value]
+
+
+def _channel_vec(name: str, arg: str, t: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+    """Validate a per-output-channel parameter and return it as a contiguous float32 (n,) vector."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=torch.float32)
+    if t.numel() == 1 and n != 1:
+        t = t.reshape(1).expand(n)
+    if t.numel() != n:
+        raise KernelError(f"{name}: {arg} must have one value per output channel ({n}), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise KernelError(f"{name}: {arg} must be a float tensor, got {t.dtype}")
+    if t.device != device:
+        raise KernelError(f"{name}: {arg} is on {t.device} but the activations are on {device}")
+    return t.detach().reshape(n).to(torch.float32).contiguous()
+
+
+def binary_linear(
+    x: Tensor,
+    w: Tensor,
+    k: int,
+    *,
+    scale: Tensor | None = None,
+    act_sum_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    threshold: Tensor | None = None,
+) -> Tensor:
+    """Binary linear layer on packed operands.
+
+    ``x``: packed activations ``(..., W)``; ``w``: packed weights ``(N, W)``; ``W = num_words(k)``.
+    Returns float32 ``(..., N)``::
+
+        y[..., n] = scale[n] * sum_k s_x s_w + act_sum_scale[n] * sum_k s_x + bias[n]
+
+    or, with ``threshold (N,)``, int32 packed bits ``(..., ceil(N/32))`` of ``y >= threshold``.
+    """
+    name = "binary_linear"
+    check_words(name, "x", x, k)
+    check_words(name, "w", w, k)
+    if w.dim() != 2:
+        raise KernelError(f"{name}: w must be 2-D (out_features, words), got shape {tuple(w.shape)}")
+    if w.device != x.device:
+        raise KernelError(f"{name}: w is on {w.device} but x is on {x.device}")
+    n = w.shape[0]
+    vecs = [_channel_vec(name, a, t, n, x.device) for a, t in
+            (("scale", scale), ("act_sum_scale", act_sum_scale), ("bias", bias), ("threshold", threshold))]
+    if use_kernel(name, x.device):
+        return torch.ops.quantkit.binary_linear(x.contiguous(), w.contiguous(), k, *vecs)
+    return binary_linear_reference(x, w, k, *vecs)
+
+
+def binary_conv2d(
+    x: Tensor,
+    w: Tensor,
+    c_in: int,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    *,
+    scale: Tensor | None = None,
+    act_sum_scale: Tensor | None = None,
+    weight_sum_scale: Tensor | None = None,
+    count_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    threshold: Tensor | None = None,
+) -> Tensor:
+    """Binary conv2d with exact zero padding (module docstring has the epilogue).
+
+    ``x``: channel-packed NHWC activations ``(N, H, W, num_words(c_in))`` (:func:`pack_activation_nhwc`);
+    ``w``: packed OHWI weights ``(C_out, kh, kw, num_words(c_in))`` (:func:`pack_conv_weight`).
+    Returns float32 ``(N, C_out, Ho, Wo)`` in channels_last memory, or with ``threshold`` the packed bits
+    ``(N, Ho, Wo, ceil(C_out/32))`` of ``y >= threshold[o]``.
+    """
+    name = "binary_conv2d"
+    check_words(name, "x", x, c_in)
+    check_words(name, "w", w, c_in)
+    if x.dim() != 4 or w.dim() != 4:
+        raise KernelError(
+            f"{name}: expected x (N, H, W, words) and w (C_out, kh, kw, words), got {tuple(x.shape)} and "
+            f"{tuple(w.shape)}"
+        )
+    if w.device != x.device:
+        raise KernelError(f"{name}: w is on {w.device} but x is on {x.device}")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise KernelError(f"{name}: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    ho = conv2d_output_size(x.shape[1], w.shape[1], stride[0], padding[0], dilation[0])
+    wo = conv2d_output_size(x.shape[2], w.shape[2], stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise KernelError(
+            f"{name}: input {tuple(x.shape[1:3])} is too small for kernel {tuple(w.shape[1:3])} with padding "
+            f"{padding} and dilation {dilation} (output would be {ho}x{wo})"
+        )
+    cout = w.shape[0]
+    vecs = [_channel_vec(name, a, t, cout, x.device) for a, t in (
+        ("scale", scale), ("act_sum_scale", act_sum_scale), ("weight_sum_scale", weight_sum_scale),
+        ("count_scale", count_scale), ("bias", bias), ("threshold", threshold))]
+    if use_kernel(name, x.device):
+        return torch.ops.quantkit.binary_conv2d(
+            x.contiguous(), w.contiguous(), c_in, list(stride), list(padding), list(dilation), *vecs
+        )
+    return binary_conv2d_reference(x, w, c_in, stride, padding, dilation, *vecs)
+
+
+def _bmm_operands(name: str, a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    check_words(name, "a", a, k)
+    check_words(name, "b", b, k)
+    if a.dim() < 2 or b.dim() < 2:
+        raise KernelError(f"{name}: a and b must be (..., M, words) and (..., N, words)")
+    if a.device != b.device:
+        raise KernelError(f"{name}: a is on {a.device} but b is on {b.device}")
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError as exc:
+        raise KernelError(f"{name}: batch dims {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast") from exc
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:]).contiguous()
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:]).contiguous()
+    return a3, b3, tuple(batch)
+
+
+def binary_bmm(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """``Q_b @ K_b^T`` for +-1 operands: ``a (..., M, W)``, ``b (..., N, W)`` (leading dims broadcast) ->
+    exact int32 ``(..., M, N)`` with ``out = sum_k s_a s_b = k - 2 popcount(a XOR b)``."""
+    a3, b3, batch = _bmm_operands("binary_bmm", a, b, k)
+    if use_kernel("binary_bmm", a.device):
+        out = torch.ops.quantkit.binary_bmm(a3, b3, k)
+    else:
+        out = binary_bmm_reference(a3, b3, k)
+    return out.reshape(*batch, a.shape[-2], b.shape[-2])
+
+
+def binary_bmm_01(a: Tensor, b: Tensor, k: int) -> Tensor:
+    """``A_b @ V_b`` with ``A_b in {0, 1}`` packed along the reduction (token) axis ``a (..., M, W)`` and
+    ``V_b in {-1, +1}`` given transposed ``b (..., D, W)`` -> exact int32 ``(..., M, D)``,
+    ``out = 2 popcount(a AND b) - popcount(a)``."""
+    a3, b3, batch = _bmm_operands("binary_bmm_01", a, b, k)
+    if use_kernel("binary_bmm_01", a.device):
+        out = torch.ops.quantkit.binary_bmm_01(a3, b3, k)
+    else:
+        out = binary_bmm_01_reference(a3, b3, k)
+    return out.reshape(*batch, a.shape[-2], b.shape[-2])
+
+
+# ---------------------------------------------------------------------------------------------- fake impls
+@register_fake("binary_linear")
+def _binary_linear_fake(x, w, k, scale=None, act_sum_scale=None, bias=None, threshold=None):
+    n = w.shape[0]
+    if threshold is not None:
+        return x.new_empty((*x.shape[:-1], num_words(n)), dtype=WORD_DTYPE)
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+@register_fake("binary_conv2d")
+def _binary_conv2d_fake(x, w, c_in, stride, padding, dilation, scale=None, act_sum_scale=None,
+                        weight_sum_scale=None, count_scale=None, bias=None, threshold=None):
+    ho = conv2d_output_size(x.shape[1], w.shape[1], stride[0], padding[0], dilation[0])
+    wo = conv2d_output_size(x.shape[2], w.shape[2], stride[1], padding[1], dilation[1])
+    if threshold is not None:
+        return x.new_empty((x.shape[0], ho, wo, num_words(w.shape[0])), dtype=WORD_DTYPE)
+    return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+@register_fake("binary_bmm")
+def _binary_bmm_fake(a, b, k):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.int32)
+
+
+@register_fake("binary_bmm_01")
+def _binary_bmm_01_fake(a, b, k):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.int32)
+
+
+__all__ = [
+    "binary_linear",
+    "binary_conv2d",
+    "binary_bmm",
+    "binary_bmm_01",
+    "binary_linear_reference",
+    "binary_conv2d_reference",
+    "binary_bmm_reference",
+    "binary_bmm_01_reference",
+]
