@@ -41,8 +41,9 @@ class QuantModule(nn.Module):
     #: their current (initial) values instead of failing
     optional_state: tuple[str, ...] = ()
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # cooperative: a subclass such as ``class X(QuantModule, nn.Conv2d)`` passes the layer's arguments on
+        super().__init__(*args, **kwargs)
         self.calibrating = False
 
     # ---- life cycle -------------------------------------------------------------------------------------

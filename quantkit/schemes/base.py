@@ -70,8 +70,10 @@ class SchemeConfig:
                     f"overrides, got {value!r}"
                 )
 
-    def calibrate_finish(self, model: nn.Module) -> None:
-        """Scheme-wide step after observers ran (e.g. BN re-estimation). Default: nothing."""
+    def calibrate_finish(self, model: nn.Module, run_batches: Callable[[int | None], int]) -> None:
+        """Scheme-wide step after every layer's ``finish_calibration`` (e.g. BN re-estimation).
+        ``run_batches(n)`` re-runs up to ``n`` calibration batches (all if None) through the model in its current
+        train/eval mode, under no_grad, and returns how many ran. Default: nothing."""
 
     def epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
         """Scheme-wide QAT schedule hook (called by QAT.epoch_start after the per-layer hooks). Default: nothing."""

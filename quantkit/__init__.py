@@ -1,0 +1,28 @@
+"""quantkit: low-bit quantization and binarization of vision models (AdaBin, AdderNet PTQ, BiViT) with bit-packed
+CPU/CUDA kernels and ONNX export.
+
+    qmodel = quantkit.quantize(model, "adder_ptq4", calib_data=loader)   # post-training quantization
+    qat = quantkit.QAT(model, "adabin")                                   # quantization-aware training
+    deployed = quantkit.convert(qmodel)                                   # packed / integer kernels
+    quantkit.export_onnx(qmodel, (x,), "model.onnx")                      # runs in stock onnxruntime
+"""
+from .api import calibrate, convert, prepare, quantize, report, schemes
+from .errors import (CalibrationDataError, ConfigError, ExportError, KernelError, NoQuantizableLayerError,
+                     QuantkitError, UnknownSchemeError, UnsupportedModelError)
+from .qat import QAT, distillation_loss
+from .schemes.base import SchemeConfig, get_scheme, register_scheme
+
+__version__ = "0.1.0"
+
+
+def export_onnx(*args, **kwargs):
+    """Export a quantized model to ONNX that stock onnxruntime runs (see :mod:`quantkit.export`)."""
+    from .export import export_onnx as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "QAT", "distillation_loss",
+           "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
+           "ConfigError", "CalibrationDataError", "NoQuantizableLayerError", "UnsupportedModelError", "KernelError",
+           "ExportError", "__version__"]

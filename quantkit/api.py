@@ -1,0 +1,187 @@
+"""The public entry points, in PyTorch's vocabulary: prepare -> (calibrate | train) -> convert.
+
+``prepare`` returns a *simulated* model (float math, quantizer modules inserted); ``quantize`` is prepare +
+calibrate, the one-call PTQ convenience; ``convert`` returns the *deploy* model (packed / integer layers on
+``torch.ops.quantkit`` kernels). Each returns a new model and leaves the input untouched unless ``inplace=True``;
+after an error the input model is never left half-modified.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .calibrate.data import run_calibration
+from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
+from .graph.passes import PassContext, PassManager, refresh_report
+from .graph.trace import trace
+from .nn.base import QuantModule, deploy_nbytes
+from .report import QuantReport
+from .schemes.base import SchemeConfig, get_scheme, list_schemes
+
+_REPORT_ATTR = "_quantkit_report"
+_CONFIG_ATTR = "_quantkit_config"
+
+
+def schemes() -> dict[str, str]:
+    """Registered scheme names -> one-line descriptions."""
+    return list_schemes()
+
+
+def _check_example_inputs(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (torch.Size, list)) or (
+        isinstance(example_inputs, tuple) and example_inputs and all(isinstance(v, int) for v in example_inputs)
+    ):
+        raise ConfigError(
+            "example_inputs must be a tuple of the model's positional inputs (e.g. (torch.randn(1, 3, 224, 224),)), "
+            f"not a shape: got {example_inputs!r}"
+        )
+    if not isinstance(example_inputs, tuple):
+        raise ConfigError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
+    return example_inputs
+
+
+def _commit(model: nn.Module, work: nn.Module, inplace: bool) -> nn.Module:
+    """Return ``work``; with inplace=True move its state into ``model`` (only after everything succeeded)."""
+    if not inplace:
+        return work
+    model.__dict__.update(work.__dict__)
+    return model
+
+
+def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple | None = None, *,
+            inplace: bool = False, **overrides: Any) -> nn.Module:
+    """Insert the scheme's simulated quantized layers; returns the simulated model (float math).
+
+    ``example_inputs`` (a tuple of positional inputs) is optional; it lets tracing fall back to a real forward pass
+    when torch.fx cannot trace the model. ``overrides`` are fields of the scheme's config (bits, skip=, only=,
+    rules=, ...). See ``quantkit.schemes()``.
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, _CONFIG_ATTR):
+        raise UnsupportedModelError(
+            "this model was already prepared by quantkit (scheme "
+            f"{getattr(model, _CONFIG_ATTR).name!r}); prepare the original float model instead"
+        )
+    cfg = get_scheme(scheme, **overrides)
+    example_inputs = _check_example_inputs(example_inputs)
+    work = copy.deepcopy(model)
+    passes = cfg.passes()
+    leaf_types = tuple({t for p in passes for t in getattr(p, "targets", {})})
+    tr = trace(work, example_inputs, leaf_types)
+    report = QuantReport(scheme=cfg.name, trace_method=tr.method, trace_note=tr.reason)
+    ctx = PassContext(cfg, tr, report)
+    PassManager(passes).run(work, ctx)
+    if not report.records:
+        raise NoQuantizableLayerError(
+            f"scheme {cfg.name!r} found no candidate layer in {type(model).__name__}; it rewrites layers of type(s) "
+            f"{sorted({t.__name__ for t in leaf_types})}. Choose a scheme that fits the model (quantkit.schemes())"
+        )
+    if not report.quantized:
+        reasons = "; ".join(f"{r.name}: {r.kept_fp_reason}" for r in report.records[:5])
+        raise NoQuantizableLayerError(
+            f"scheme {cfg.name!r} left every candidate layer of {type(model).__name__} in full precision ({reasons}); "
+            "relax skip=/only=/rules or keep_first/keep_last"
+        )
+    setattr(work, _REPORT_ATTR, report)
+    setattr(work, _CONFIG_ATTR, cfg)
+    return _commit(model, work, inplace)
+
+
+def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+
+
+def _config_of(model: nn.Module) -> SchemeConfig:
+    cfg = getattr(model, _CONFIG_ATTR, None)
+    if cfg is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} was not prepared by quantkit; call quantkit.prepare(model, scheme) first"
+        )
+    return cfg
+
+
+def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | None = None,
+              max_batches: int | None = None, progress: bool = True, example_inputs: tuple | None = None) -> nn.Module:
+    """Run calibration data through a prepared model's observers and fix its quantization parameters (in place)."""
+    cfg = _config_of(model)
+    layers = quant_modules(model)
+    was_training = model.training
+    model.eval()
+    for _, m in layers:
+        m.start_calibration()
+    try:
+        run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=max_batches, progress=progress,
+                        example_inputs=_check_example_inputs(example_inputs))
+        for _, m in layers:
+            m.finish_calibration()
+    except BaseException:
+        for _, m in layers:
+            m.calibrating = False
+        model.train(was_training)
+        raise
+
+    def run_batches(n: int | None) -> int:
+        return run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=n, progress=progress,
+                               desc="re-estimating")
+
+    cfg.calibrate_finish(model, run_batches)
+    model.train(was_training)
+    report = getattr(model, _REPORT_ATTR)
+    report.stage = "calibrated"
+    refresh_report(model, report)
+    return model
+
+
+def quantize(model: nn.Module, scheme: str | SchemeConfig, calib_data: Any, example_inputs: tuple | None = None, *,
+             inplace: bool = False, transform_fn: Callable | None = None, max_batches: int | None = None,
+             progress: bool = True, **overrides: Any) -> nn.Module:
+    """Post-training quantization in one call: prepare + calibrate. Returns the calibrated simulated model; pass it
+    to :func:`convert` for the deploy model or to :func:`quantkit.export_onnx`."""
+    if calib_data is None:
+        raise ConfigError("quantize needs calib_data (an iterable of batches or a callable that runs the model)")
+    prepared = prepare(model, scheme, example_inputs, inplace=False, **overrides)
+    calibrate(prepared, calib_data, transform_fn=transform_fn, max_batches=max_batches, progress=progress,
+              example_inputs=example_inputs)
+    return _commit(model, prepared, inplace)
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Freeze a prepared (calibrated or trained) model into its deploy form: every simulated layer becomes a deploy
+    layer holding only packed / integer tensors that runs on quantkit's kernels."""
+    cfg = _config_of(model)
+    work = copy.deepcopy(model)
+    report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
+    from .graph.passes import replace_module
+
+    for name, m in quant_modules(work):
+        if any(name.startswith(other + ".") for other, _ in quant_modules(work) if other != name):
+            continue  # nested: converted by its parent
+        deployed = m.to_deploy()
+        replace_module(work, name, deployed)
+        try:
+            rec = report[name]
+            rec.new_type = type(deployed).__name__
+            rec.bytes_after = deploy_nbytes(deployed)
+        except KeyError:
+            pass
+    report.stage = "deployed"
+    work.eval()
+    setattr(work, _REPORT_ATTR, report)
+    setattr(work, _CONFIG_ATTR, cfg)
+    return _commit(model, work, inplace)
+
+
+def report(model: nn.Module) -> QuantReport:
+    """The structured per-layer report of a prepared, calibrated or converted model (prints as a table)."""
+    rep = getattr(model, _REPORT_ATTR, None)
+    if rep is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no quantkit report; it was not prepared by quantkit")
+    return rep
