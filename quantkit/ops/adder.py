@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from quantkit.errors import KernelError
-from quantkit.ops import _load
+from quantkit.ops._dispatch import register_fake, use_kernel
 
 __all__ = [
     "adder_l1",
@@ -295,25 +295,9 @@ def adder_conv2d_reference(
 # ---------------------------------------------------------------------------------------------------------------
 # public ops: compiled kernel when available, reference otherwise
 # ---------------------------------------------------------------------------------------------------------------
-def _has_impl(op, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), key)
-    except Exception:
-        return True
-
-
 def _op_for(name: str, device: torch.device):
     """The compiled op ``torch.ops.quantkit.<name>`` if it can run on ``device``, else None (use the reference)."""
-    if not _load.have_kernels():
-        _load.warn_missing_once()
-        return None
-    op = getattr(torch.ops.quantkit, name, None)
-    if op is None:
-        return None
-    if device.type not in ("cpu", "meta") and not _has_impl(op, device):
-        return None
-    return op
+    return getattr(torch.ops.quantkit, name) if use_kernel(name, device) else None
 
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
