@@ -6,7 +6,16 @@ from torch import Tensor, nn
 
 
 class MinMaxObserver(nn.Module):
-    """Running min / max over all calibration batches (per tensor)."""
+    """Running min / max over all calibration batches (per tensor).
+
+    Observer statistics are optional state: a float checkpoint (which has none) loads without them."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        del missing_keys[before:]
 
     def __init__(self) -> None:
         super().__init__()

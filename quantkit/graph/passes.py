@@ -34,8 +34,11 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def candidates_in_order(model: nn.Module, trace: TraceResult, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    """Layers of ``types`` in execution order (modules the trace did not see come last, in registration order)."""
+def candidates_in_order(model: nn.Module, trace: TraceResult, types: tuple[type, ...]
+                        ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module, str]]]:
+    """Layers of ``types`` in execution order, and the layers of ``types`` that must stay as they are, with why:
+    those the trace shows are never called as modules (a parent such as ``nn.MultiheadAttention`` reads their
+    weights directly, so swapping them would change nothing while the report claimed otherwise)."""
     modules = dict(model.named_modules())
     out, seen = [], set()
     for name in trace.order:
@@ -43,13 +46,23 @@ def candidates_in_order(model: nn.Module, trace: TraceResult, types: tuple[type,
         if mod is not None and isinstance(mod, types) and not isinstance(mod, QuantModule):
             out.append((name, mod))
             seen.add(name)
+    skipped = []
     for name, mod in modules.items():
-        if name and name not in seen and isinstance(mod, types) and not isinstance(mod, QuantModule):
-            # skip modules nested inside another candidate (e.g. a Linear inside a MultiheadAttention target)
-            if not any(name.startswith(s + ".") for s in seen):
-                out.append((name, mod))
-                seen.add(name)
-    return out
+        if not name or name in seen or not isinstance(mod, types) or isinstance(mod, QuantModule):
+            continue
+        if any(name.startswith(s + ".") for s in seen):
+            continue  # nested inside a chosen candidate: that layer handles it
+        parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            skipped.append((name, mod, f"used functionally by its parent {type(parent).__name__} (weights read "
+                                       "directly, not called as a module); an attention pass handles it"))
+        elif trace.complete:
+            owner = f"; its parent {type(parent).__name__} uses its weights directly" if parent is not model else ""
+            skipped.append((name, mod, "not called as a module in the traced forward pass" + owner))
+        else:
+            out.append((name, mod))
+            seen.add(name)
+    return out, skipped
 
 
 class SwapPass:
@@ -70,8 +83,7 @@ class SwapPass:
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
         types = tuple(self.targets)
-        layers = candidates_in_order(model, ctx.trace, types)
-        # nested candidates: a child of an already-chosen candidate is handled by that candidate's layer
+        layers, skipped = candidates_in_order(model, ctx.trace, types)
         for i, (name, module) in enumerate(layers):
             decision = ctx.selector.decide(name, module, i == 0, i == len(layers) - 1)
             record = LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
@@ -98,6 +110,10 @@ class SwapPass:
             record.bytes_after = new.weight_nbytes()
             record.info = new.describe()
             ctx.report.add(record)
+        for name, module, why in skipped:
+            ctx.report.add(LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
+                                       rule="graph", kept_fp_reason=why, bytes_before=module_nbytes(module),
+                                       bytes_after=module_nbytes(module)))
 
 
 class PassManager:

@@ -18,6 +18,9 @@ class TraceResult:
     method: str  # "fx" | "hooks" | "module_tree"
     order: list[str]  # qualified names of leaf modules, in execution order (each once)
     reason: str | None = None  # why fx was not used
+    #: True when ``order`` holds exactly the modules that are *called* (fx graph or a real forward pass); then a
+    #: module missing from it is not called as a module (e.g. used functionally by its parent) or not used at all
+    complete: bool = True
     graph_module: fx.GraphModule | None = field(default=None, repr=False)
 
 
@@ -56,7 +59,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, leaf_types: tup
         if order is not None:
             return TraceResult("hooks", order, reason + "; used the execution order of one forward pass")
     order = [n for n, m in model.named_modules() if n and _is_leaf(m, tuple(leaf_types))]
-    return TraceResult("module_tree", order, reason + "; used the module tree's registration order")
+    return TraceResult("module_tree", order, reason + "; used the module tree's registration order", complete=False)
 
 
 def _order_by_hooks(model: nn.Module, example_inputs: tuple, leaf_types: tuple[type, ...]) -> list[str] | None:
@@ -85,6 +88,4 @@ def _order_by_hooks(model: nn.Module, example_inputs: tuple, leaf_types: tuple[t
         model.train(was_training)
         for h in handles:
             h.remove()
-    # modules that did not run keep their registration position at the end
-    rest = [n for n, m in model.named_modules() if n and _is_leaf(m, leaf_types) and n not in seen]
-    return order + rest
+    return order

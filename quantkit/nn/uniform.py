@@ -20,8 +20,7 @@ def _weight_scale(w: Tensor, bits: int) -> Tensor:
 
 
 class _UniformMixin(QuantModule):
-    optional_state = ("act_scale", "act_zero_point", "act_ready", "observer.lo", "observer.hi", "observer.lo_sum",
-                      "observer.hi_sum", "observer.count")
+    optional_state = ("act_scale", "act_zero_point", "act_ready")
 
     def _init_quant(self, config: Any, name: str) -> None:
         self.bits_w, self.bits_a = config.bits_w, config.bits_a
