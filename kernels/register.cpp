@@ -17,9 +17,38 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(quantkit, m) {
   // ---- bit packing -------------------------------------------------------------------------------------
-  // (schemas added by the packing/binary kernels)
+  // pack_bits: float (bit = x >= threshold, threshold (K,) defaults to 0) or bool (bit = x) tensor (..., K)
+  //            -> int32 (..., ceil(K/32)). Any strides.
+  // unpack_bits: int32 (..., ceil(k/32)) -> (..., k) of +1 (bit 1) / -1 (bit 0) in dtype (default float32;
+  //            bool gives the raw bits).
+  // cpu_isa: the CPU instruction-set level the kernels use now ("avx512", "avx2", "portable"; see
+  //            QUANTKIT_CPU_ISA in kernels/cpu/cpu_features.h).
+  m.def("pack_bits(Tensor x, Tensor? threshold=None) -> Tensor");
+  m.def("unpack_bits(Tensor words, int k, ScalarType? dtype=None) -> Tensor");
+  m.def("cpu_isa() -> str");
 
   // ---- binary (XNOR / AND-popcount) GEMM, conv2d, attention products ------------------------------------
+  // All operands are packed int32 words (layout above), contiguous; per-channel vectors are float32 (N,).
+  // Epilogue (missing scale = 1, other missing terms = 0), per output position p and channel o, sums over the
+  // VALID taps only (zero padding is exact: a padded tap is 0, neither +1 nor -1):
+  //   y[p,o] = scale[o]*sum(s_a s_w) + act_sum_scale[o]*sum(s_a) + weight_sum_scale[o]*sum(s_w)
+  //            + count_scale[o]*n_valid + bias[o]          (n_valid = valid taps * c_in)
+  // With threshold (N,) given the result is packed bits (y >= threshold[o]) along the channels instead.
+  // binary_linear: x (..., W), w (N, W), W = ceil(k/32) -> float32 (..., N) | int32 (..., ceil(N/32)).
+  m.def(
+      "binary_linear(Tensor x, Tensor w, int k, Tensor? scale=None, Tensor? act_sum_scale=None, "
+      "Tensor? bias=None, Tensor? threshold=None) -> Tensor");
+  // binary_conv2d: x NHWC (N, H, W, ceil(c_in/32)), w OHWI (C_out, kh, kw, ceil(c_in/32))
+  //   -> float32 (N, C_out, Ho, Wo) in channels_last memory | int32 NHWC (N, Ho, Wo, ceil(C_out/32)).
+  m.def(
+      "binary_conv2d(Tensor x, Tensor w, int c_in, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor? scale=None, Tensor? act_sum_scale=None, Tensor? weight_sum_scale=None, Tensor? count_scale=None, "
+      "Tensor? bias=None, Tensor? threshold=None) -> Tensor");
+  // binary_bmm: a (B, M, W), b (B, N, W), +-1 x +-1 -> int32 (B, M, N) = k - 2*popcount(a ^ b)  (Q_b K_b^T).
+  m.def("binary_bmm(Tensor a, Tensor b, int k) -> Tensor");
+  // binary_bmm_01: a in {0,1} (B, M, W), b in {+-1} (B, N, W) -> int32 (B, M, N) = 2*popc(a & b) - popc(a)
+  //   (BiViT A_b V_b with V_b transposed and packed along tokens).
+  m.def("binary_bmm_01(Tensor a, Tensor b, int k) -> Tensor");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
 }

@@ -1,0 +1,483 @@
+// CPU binary (XNOR / AND-popcount) kernels: binary_linear, binary_conv2d, binary_bmm, binary_bmm_01.
+// Schemas and the epilogue formula: kernels/register.cpp. Layout: quantkit/ops/layout.py.
+//
+// Design (KERNELS.md section 6.2):
+//  * one GEMM core for everything: a broadcast outer-product micro-kernel of MR = 8 output rows (pixels) x
+//    NR = 16 output channels in 32-bit lanes; per K-word it loads 16 channels' weight words (one zmm), broadcasts
+//    one activation word per row and accumulates popcount(a XOR w) (or AND) -- no horizontal reductions;
+//  * weights are repacked per call into panels [C_out/16][T][Cw][16] (T taps of Cw words), O(weight size);
+//  * conv2d is an indirect GEMM: per output pixel a list of T tap pointers into the NHWC input, padded taps
+//    pointing at a buffer of zero words (no im2col copy). A padded tap then adds popcount(w) to the XOR count;
+//    the epilogue removes it with a per-(block, tap, channel) weight popcount table, so zero padding is exact;
+//  * the epilogue (AdaBin/XNOR affine terms, float NHWC store or thresholded packed bits) runs on the
+//    accumulator tile while it is hot, compiled for the same ISA as the micro-kernel;
+//  * ISA levels (cpu_features.h): AVX-512 VPOPCNTDQ, AVX2 (vpshufb nibble-LUT byte popcounts, widened every
+//    31 words), portable C++; threads: at::parallel_for over (row blocks x channel super-blocks).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+namespace quantkit {
+namespace cpu {
+namespace binary {
+
+constexpr int MR = 8;   // output rows (pixels) per micro-kernel
+constexpr int NR = 16;  // output channels per micro-kernel (one zmm of int32 lanes)
+
+enum : int { kEpiFloat = 0, kEpiBits = 1, kEpiXnorInt = 2, kEpiAnd01 = 3 };
+
+// One GEMM-like problem (one batch item for bmm).
+struct Ctx {
+  const uint32_t* x = nullptr;  // GEMM: rows of Cw words; conv: NHWC (N, H, W, Cw)
+  int64_t P = 0;                // output rows (GEMM rows, or N*Ho*Wo pixels)
+  int64_t T = 1, Cw = 0;        // taps per output row and words per tap
+  int64_t c_in = 0;             // elements per tap (GEMM: k)
+  int64_t H = 0, W = 0, Ho = 0, Wo = 0, kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  const uint32_t* zbuf = nullptr;  // >= Cw zero words (padded taps, missing rows)
+  const uint32_t* panels = nullptr;
+  const int32_t* wpop = nullptr;      // [NB][T][NR] popcount of each tap's weight words (conv)
+  const int32_t* wpop_tot = nullptr;  // [NB*NR] popcount over all taps (conv)
+  int64_t NB = 0, Nout = 0;
+  const float *scale = nullptr, *ass = nullptr, *wss = nullptr, *cs = nullptr, *bias = nullptr, *thr = nullptr;
+  bool need_apop = false;
+  void* out = nullptr;
+  int64_t ldo = 0;  // output row stride: elements (float/int32) or 16-bit halfwords (packed bits)
+};
+
+using TileFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, const uint32_t**);
+
+// ---------------------------------------------------------------------------------------------- portable
+namespace portable {
+template <bool AND>
+inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel, int32_t* acc) {
+  for (int q = 0; q < MR * NR; ++q) acc[q] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint32_t* wp = panel + t * Cw * NR;
+    for (int i = 0; i < MR; ++i) {
+      const uint32_t* ai = a[i * T + t];
+      int32_t* ac = acc + i * NR;
+      for (int64_t w = 0; w < Cw; ++w) {
+        const uint32_t av = ai[w];
+        const uint32_t* wv = wp + w * NR;
+        for (int j = 0; j < NR; ++j) ac[j] += __builtin_popcount(AND ? (av & wv[j]) : (av ^ wv[j]));
+      }
+    }
+  }
+}
+#include "cpu/binary_tile_impl.h"
+}  // namespace portable
+
+#if QUANTKIT_X86
+// ---------------------------------------------------------------------------------------------- AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+namespace avx2 {
+static inline __m256i popcnt_bytes(__m256i v, __m256i lut, __m256i low) {
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+template <bool AND>
+inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel, int32_t* acc) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  for (int q = 0; q < MR * NR; ++q) acc[q] = 0;
+  // 4 rows x 16 channels per pass: 8 byte accumulators (each byte gains <= 8 per word, so widen every 31 words
+  // into the int32 tile in memory: maddubs pairs bytes, madd sums pairs into the 32-bit lane of each channel).
+  for (int h = 0; h < MR; h += 4) {
+    __m256i b00 = _mm256_setzero_si256(), b01 = b00, b10 = b00, b11 = b00, b20 = b00, b21 = b00, b30 = b00,
+            b31 = b00;
+    int steps = 0;
+    auto flush = [&]() {
+      auto widen = [&](__m256i b, int32_t* dst) {
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(b, ones8), ones16);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst)), d));
+      };
+      widen(b00, acc + (h + 0) * NR), widen(b01, acc + (h + 0) * NR + 8);
+      widen(b10, acc + (h + 1) * NR), widen(b11, acc + (h + 1) * NR + 8);
+      widen(b20, acc + (h + 2) * NR), widen(b21, acc + (h + 2) * NR + 8);
+      widen(b30, acc + (h + 3) * NR), widen(b31, acc + (h + 3) * NR + 8);
+      b00 = b01 = b10 = b11 = b20 = b21 = b30 = b31 = _mm256_setzero_si256();
+      steps = 0;
+    };
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* a0 = a[(h + 0) * T + t];
+      const uint32_t* a1 = a[(h + 1) * T + t];
+      const uint32_t* a2 = a[(h + 2) * T + t];
+      const uint32_t* a3 = a[(h + 3) * T + t];
+      const uint32_t* wp = panel + t * Cw * NR;
+      for (int64_t w = 0; w < Cw; ++w) {
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + w * NR));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + w * NR + 8));
+#define QK_AVX2_ROW(ap, c0, c1)                                                                        \
+  {                                                                                                    \
+    const __m256i av = _mm256_set1_epi32(static_cast<int>(ap[w]));                                     \
+    c0 = _mm256_add_epi8(c0, popcnt_bytes(AND ? _mm256_and_si256(av, w0) : _mm256_xor_si256(av, w0), lut, low)); \
+    c1 = _mm256_add_epi8(c1, popcnt_bytes(AND ? _mm256_and_si256(av, w1) : _mm256_xor_si256(av, w1), lut, low)); \
+  }
+        QK_AVX2_ROW(a0, b00, b01)
+        QK_AVX2_ROW(a1, b10, b11)
+        QK_AVX2_ROW(a2, b20, b21)
+        QK_AVX2_ROW(a3, b30, b31)
+#undef QK_AVX2_ROW
+        if (++steps == 31) flush();
+      }
+    }
+    flush();
+  }
+}
+#include "cpu/binary_tile_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------- AVX-512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2")
+namespace avx512 {
+template <bool AND>
+inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel, int32_t* acc) {
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint32_t* a0 = a[0 * T + t];
+    const uint32_t* a1 = a[1 * T + t];
+    const uint32_t* a2 = a[2 * T + t];
+    const uint32_t* a3 = a[3 * T + t];
+    const uint32_t* a4 = a[4 * T + t];
+    const uint32_t* a5 = a[5 * T + t];
+    const uint32_t* a6 = a[6 * T + t];
+    const uint32_t* a7 = a[7 * T + t];
+    const uint32_t* wp = panel + t * Cw * NR;
+    for (int64_t w = 0; w < Cw; ++w) {
+      const __m512i wv = _mm512_loadu_si512(wp + w * NR);
+#define QK_AVX512_ROW(ap, c)                                                                              \
+  {                                                                                                       \
+    const __m512i av = _mm512_set1_epi32(static_cast<int>(ap[w]));                                        \
+    c = _mm512_add_epi32(c, _mm512_popcnt_epi32(AND ? _mm512_and_si512(av, wv) : _mm512_xor_si512(av, wv))); \
+  }
+      QK_AVX512_ROW(a0, c0)
+      QK_AVX512_ROW(a1, c1)
+      QK_AVX512_ROW(a2, c2)
+      QK_AVX512_ROW(a3, c3)
+      QK_AVX512_ROW(a4, c4)
+      QK_AVX512_ROW(a5, c5)
+      QK_AVX512_ROW(a6, c6)
+      QK_AVX512_ROW(a7, c7)
+#undef QK_AVX512_ROW
+    }
+  }
+  _mm512_storeu_si512(acc + 0 * NR, c0);
+  _mm512_storeu_si512(acc + 1 * NR, c1);
+  _mm512_storeu_si512(acc + 2 * NR, c2);
+  _mm512_storeu_si512(acc + 3 * NR, c3);
+  _mm512_storeu_si512(acc + 4 * NR, c4);
+  _mm512_storeu_si512(acc + 5 * NR, c5);
+  _mm512_storeu_si512(acc + 6 * NR, c6);
+  _mm512_storeu_si512(acc + 7 * NR, c7);
+}
+#include "cpu/binary_tile_impl.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+template <bool CONV, int EPI>
+TileFn pick_tile(Isa isa) {
+#if QUANTKIT_X86
+  if (isa == Isa::Avx512) return &avx512::tile<CONV, EPI>;
+  if (isa == Isa::Avx2) return &avx2::tile<CONV, EPI>;
+#endif
+  (void)isa;
+  return &portable::tile<CONV, EPI>;
+}
+
+// ---------------------------------------------------------------------------------------------- weights
+inline int32_t popcount_swar(uint32_t v) {  // baseline build: avoid a libgcc call per word
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  return static_cast<int32_t>((((v + (v >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
+}
+
+struct Panels {
+  std::vector<uint32_t> w;       // [NB][T][Cw][NR]
+  std::vector<int32_t> pop;      // [NB][T][NR]      (with_pop)
+  std::vector<int32_t> pop_tot;  // [NB*NR]          (with_pop)
+};
+
+// Repack plain packed weights [Nout][T][Cw] into micro-kernel panels; channels past Nout are zero words.
+void pack_panels(const uint32_t* w, int64_t Nout, int64_t T, int64_t Cw, bool with_pop, Panels& out,
+                 bool parallel) {
+  const int64_t NB = (Nout + NR - 1) / NR;
+  out.w.assign(static_cast<size_t>(NB * T * Cw * NR), 0u);
+  if (with_pop) {
+    out.pop.assign(static_cast<size_t>(NB * T * NR), 0);
+    out.pop_tot.assign(static_cast<size_t>(NB * NR), 0);
+  }
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t cb = b; cb < e; ++cb) {
+      for (int j = 0; j < NR; ++j) {
+        const int64_t o = cb * NR + j;
+        if (o >= Nout) break;
+        int32_t tot = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          const uint32_t* src = w + (o * T + t) * Cw;
+          uint32_t* dst = out.w.data() + ((cb * T + t) * Cw) * NR + j;
+          int32_t s = 0;
+          for (int64_t q = 0; q < Cw; ++q) {
+            dst[q * NR] = src[q];
+            if (with_pop) s += popcount_swar(src[q]);
+          }
+          if (with_pop) out.pop[(cb * T + t) * NR + j] = s;
+          tot += s;
+        }
+        if (with_pop) out.pop_tot[cb * NR + j] = tot;
+      }
+    }
+  };
+  if (parallel)
+    at::parallel_for(0, NB, 1, body);
+  else
+    body(0, NB);
+}
+
+// Per-channel epilogue vectors padded to NB*NR (missing scale = 1, others 0).
+struct EpiVecs {
+  std::vector<float> scale, ass, wss, cs, bias, thr;
+};
+
+std::vector<float> padded(const c10::optional<at::Tensor>& t, int64_t n, int64_t npad, float dflt, const char* op,
+                          const char* name) {
+  std::vector<float> v(static_cast<size_t>(npad), dflt);
+  if (t.has_value()) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+    TORCH_CHECK(t->is_floating_point(), op, ": ", name, " must be a float tensor, got ", t->scalar_type());
+    TORCH_CHECK(t->numel() == n, op, ": ", name, " must have one value per output channel (", n, "), got shape ",
+                t->sizes());
+    const at::Tensor f = t->to(at::kFloat).contiguous();
+    std::copy(f.data_ptr<float>(), f.data_ptr<float>() + n, v.begin());
+  }
+  return v;
+}
+
+// Run the tiles of `ctxs` (one per batch item) over all threads.
+void run(const std::vector<Ctx>& ctxs, TileFn fn) {
+  if (ctxs.empty()) return;
+  const Ctx& c0 = ctxs[0];
+  const int64_t PB = (c0.P + MR - 1) / MR;
+  const int64_t NB = c0.NB;
+  if (PB == 0 || NB == 0) return;
+  const int64_t panel_bytes = std::max<int64_t>(1, c0.T * c0.Cw * NR * 4);
+  const int64_t cb_per = std::max<int64_t>(1, std::min<int64_t>(NB, (256 * 1024) / panel_bytes));
+  const int64_t n_super = (NB + cb_per - 1) / cb_per;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t per_batch = n_super * PB;
+  const int64_t total = per_batch * static_cast<int64_t>(ctxs.size());
+  const int64_t want_tasks = 8 * nthreads;
+  const int64_t pb_per = std::max<int64_t>(1, std::min<int64_t>(16, total / std::max<int64_t>(1, want_tasks)));
+  const int64_t n_pchunks = (PB + pb_per - 1) / pb_per;
+  const int64_t tasks = static_cast<int64_t>(ctxs.size()) * n_super * n_pchunks;
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    std::vector<const uint32_t*> ptrs(static_cast<size_t>(MR * std::max<int64_t>(1, c0.T)));
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t bi = task / (n_super * n_pchunks);
+      const int64_t rest = task - bi * n_super * n_pchunks;
+      const int64_t s = rest / n_pchunks, pc = rest - s * n_pchunks;
+      fn(ctxs[bi], pc * pb_per, std::min(PB, (pc + 1) * pb_per), s * cb_per, std::min(NB, (s + 1) * cb_per),
+         ptrs.data());
+    }
+  });
+}
+
+inline int64_t num_words(int64_t k) { return (k + 31) / 32; }
+
+inline const uint32_t* words_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>());
+}
+
+void check_words(const at::Tensor& t, const char* op, const char* name, int64_t k) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must hold packed int32 words, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == num_words(k), op, ": ", name, " must have num_words(k)=", num_words(k),
+              " words in its last dimension (k=", k, "), got shape ", t.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------- ops
+at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int64_t k,
+                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& act_sum_scale,
+                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& threshold) {
+  static const char* op = "binary_linear";
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0");
+  check_words(x_in, op, "x", k);
+  check_words(w_in, op, "w", k);
+  TORCH_CHECK(w_in.dim() == 2, op, ": w must be 2-D (N, words), got ", w_in.sizes());
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t Kw = num_words(k), N = w.size(0), NB = (N + NR - 1) / NR;
+  const int64_t M = Kw > 0 ? x.numel() / Kw : x.numel() / std::max<int64_t>(1, x.size(-1));
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  (void)M;
+  auto out_sizes = x.sizes().vec();
+  const bool bits = threshold.has_value();
+  out_sizes.back() = bits ? num_words(N) : N;
+  at::Tensor out = bits ? at::zeros(out_sizes, x.options().dtype(at::kInt)) : at::empty(out_sizes, x.options().dtype(at::kFloat));
+  if (rows == 0 || N == 0) return out;
+  EpiVecs ev;
+  ev.scale = padded(scale, N, NB * NR, 1.f, op, "scale");
+  ev.ass = padded(act_sum_scale, N, NB * NR, 0.f, op, "act_sum_scale");
+  ev.bias = padded(bias, N, NB * NR, 0.f, op, "bias");
+  ev.thr = padded(threshold, N, NB * NR, 0.f, op, "threshold");
+  ev.wss.assign(NB * NR, 0.f);
+  ev.cs.assign(NB * NR, 0.f);
+  Panels pn;
+  pack_panels(words_ptr(w), N, 1, Kw, false, pn, true);
+  std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Kw)), 0u);
+  Ctx c;
+  c.x = words_ptr(x);
+  c.P = rows;
+  c.T = 1;
+  c.Cw = Kw;
+  c.c_in = k;
+  c.zbuf = zbuf.data();
+  c.panels = pn.w.data();
+  c.NB = NB;
+  c.Nout = N;
+  c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
+  c.bias = ev.bias.data(), c.thr = ev.thr.data();
+  c.need_apop = act_sum_scale.has_value();
+  c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
+  c.ldo = bits ? 2 * num_words(N) : N;
+  const Isa isa = active_isa();
+  run({c}, bits ? pick_tile<false, kEpiBits>(isa) : pick_tile<false, kEpiFloat>(isa));
+  return out;
+}
+
+at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int64_t c_in, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& act_sum_scale,
+                             const c10::optional<at::Tensor>& weight_sum_scale,
+                             const c10::optional<at::Tensor>& count_scale, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& threshold) {
+  static const char* op = "binary_conv2d";
+  TORCH_CHECK(c_in >= 0, op, ": c_in must be >= 0");
+  check_words(x_in, op, "x", c_in);
+  check_words(w_in, op, "w", c_in);
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be NHWC packed (N, H, W, words), got ", x_in.sizes());
+  TORCH_CHECK(w_in.dim() == 4, op, ": w must be OHWI packed (C_out, kh, kw, words), got ", w_in.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 values");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              op, ": need stride >= 1, dilation >= 1, padding >= 0");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t Nb = x.size(0), H = x.size(1), W = x.size(2), Cw = x.size(3);
+  const int64_t Cout = w.size(0), kh = w.size(1), kw = w.size(2);
+  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(Ho >= 1 && Wo >= 1 && kh >= 1 && kw >= 1, op, ": input ", H, "x", W, " is too small for kernel ", kh,
+              "x", kw, " with this padding/dilation (output ", Ho, "x", Wo, ")");
+  const bool bits = threshold.has_value();
+  at::Tensor out = bits ? at::zeros({Nb, Ho, Wo, num_words(Cout)}, x.options().dtype(at::kInt))
+                        : at::empty({Nb, Cout, Ho, Wo}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  const int64_t NB = (Cout + NR - 1) / NR, T = kh * kw;
+  EpiVecs ev;
+  ev.scale = padded(scale, Cout, NB * NR, 1.f, op, "scale");
+  ev.ass = padded(act_sum_scale, Cout, NB * NR, 0.f, op, "act_sum_scale");
+  ev.wss = padded(weight_sum_scale, Cout, NB * NR, 0.f, op, "weight_sum_scale");
+  ev.cs = padded(count_scale, Cout, NB * NR, 0.f, op, "count_scale");
+  ev.bias = padded(bias, Cout, NB * NR, 0.f, op, "bias");
+  ev.thr = padded(threshold, Cout, NB * NR, 0.f, op, "threshold");
+  Panels pn;
+  pack_panels(words_ptr(w), Cout, T, Cw, true, pn, true);
+  std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Cw)), 0u);
+  Ctx c;
+  c.x = words_ptr(x);
+  c.P = Nb * Ho * Wo;
+  c.T = T;
+  c.Cw = Cw;
+  c.c_in = c_in;
+  c.H = H, c.W = W, c.Ho = Ho, c.Wo = Wo, c.kh = kh, c.kw = kw;
+  c.sh = stride[0], c.sw = stride[1], c.ph = padding[0], c.pw = padding[1], c.dh = dilation[0], c.dw = dilation[1];
+  c.zbuf = zbuf.data();
+  c.panels = pn.w.data();
+  c.wpop = pn.pop.data();
+  c.wpop_tot = pn.pop_tot.data();
+  c.NB = NB;
+  c.Nout = Cout;
+  c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
+  c.bias = ev.bias.data(), c.thr = ev.thr.data();
+  c.need_apop = act_sum_scale.has_value();
+  c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
+  c.ldo = bits ? 2 * num_words(Cout) : Cout;
+  const Isa isa = active_isa();
+  run({c}, bits ? pick_tile<true, kEpiBits>(isa) : pick_tile<true, kEpiFloat>(isa));
+  return out;
+}
+
+at::Tensor binary_bmm_impl(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, bool and01) {
+  const char* op = and01 ? "binary_bmm_01" : "binary_bmm";
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0");
+  check_words(a_in, op, "a", k);
+  check_words(b_in, op, "b", k);
+  TORCH_CHECK(a_in.dim() == 3 && b_in.dim() == 3 && a_in.size(0) == b_in.size(0), op,
+              ": a and b must be (B, M, words) and (B, N, words) with the same B, got ", a_in.sizes(), " and ",
+              b_in.sizes());
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t B = a.size(0), M = a.size(1), N = b.size(1), Kw = num_words(k);
+  at::Tensor out = at::empty({B, M, N}, a.options().dtype(at::kInt));
+  if (out.numel() == 0) return out;
+  const int64_t NB = (N + NR - 1) / NR;
+  std::vector<Panels> pns(static_cast<size_t>(B));
+  at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
+    for (int64_t bi = s; bi < e; ++bi) pack_panels(words_ptr(b) + bi * N * Kw, N, 1, Kw, false, pns[bi], false);
+  });
+  std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Kw)), 0u);
+  std::vector<Ctx> ctxs(static_cast<size_t>(B));
+  for (int64_t bi = 0; bi < B; ++bi) {
+    Ctx& c = ctxs[bi];
+    c.x = words_ptr(a) + bi * M * Kw;
+    c.P = M;
+    c.T = 1;
+    c.Cw = Kw;
+    c.c_in = k;
+    c.zbuf = zbuf.data();
+    c.panels = pns[bi].w.data();
+    c.NB = NB;
+    c.Nout = N;
+    c.need_apop = and01;
+    c.out = out.data_ptr<int32_t>() + bi * M * N;
+    c.ldo = N;
+  }
+  const Isa isa = active_isa();
+  run(ctxs, and01 ? pick_tile<false, kEpiAnd01>(isa) : pick_tile<false, kEpiXnorInt>(isa));
+  return out;
+}
+
+at::Tensor binary_bmm_cpu(const at::Tensor& a, const at::Tensor& b, int64_t k) {
+  return binary_bmm_impl(a, b, k, false);
+}
+at::Tensor binary_bmm_01_cpu(const at::Tensor& a, const at::Tensor& b, int64_t k) {
+  return binary_bmm_impl(a, b, k, true);
+}
+
+}  // namespace binary
+}  // namespace cpu
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("binary_linear", &quantkit::cpu::binary::binary_linear_cpu);
+  m.impl("binary_conv2d", &quantkit::cpu::binary::binary_conv2d_cpu);
+  m.impl("binary_bmm", &quantkit::cpu::binary::binary_bmm_cpu);
+  m.impl("binary_bmm_01", &quantkit::cpu::binary::binary_bmm_01_cpu);
+}

@@ -1,0 +1,80 @@
+// Runtime ISA selection for the CPU kernels: AVX-512 (F/BW/VL/DQ + VPOPCNTDQ) -> AVX2 (+FMA, POPCNT) -> portable.
+//
+// Kernels are compiled for each level inside one translation unit (target attributes or
+// `#pragma GCC target` regions; the extension itself is built for baseline x86-64, never -march=native) and the
+// level is picked per call by active_isa():
+//   * the best level this CPU (and OS) supports, detected once with __builtin_cpu_supports;
+//   * lowered by the environment variable QUANTKIT_CPU_ISA=portable|avx2|avx512 (read on every call, so tests can
+//     exercise every path in one process). Asking for a level the CPU lacks is an error, not a silent fallback.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include <c10/util/Exception.h>
+
+namespace quantkit {
+namespace cpu {
+
+enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
+
+#if defined(__x86_64__) || defined(__i386__)
+#define QUANTKIT_X86 1
+#define QK_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt,bmi,bmi2")))
+#define QK_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2")))
+#else
+#define QUANTKIT_X86 0
+#endif
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// The best level this machine supports (cached).
+inline Isa best_supported_isa() {
+  static const Isa best = [] {
+#if QUANTKIT_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("bmi2"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt") &&
+        __builtin_cpu_supports("bmi2"))
+      return Isa::Avx2;
+#endif
+    return Isa::Portable;
+  }();
+  return best;
+}
+
+// The level to use for this call: best_supported_isa(), lowered by QUANTKIT_CPU_ISA.
+inline Isa active_isa() {
+  const Isa best = best_supported_isa();
+  const char* env = std::getenv("QUANTKIT_CPU_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+  Isa want;
+  if (std::strcmp(env, "portable") == 0) {
+    want = Isa::Portable;
+  } else if (std::strcmp(env, "avx2") == 0) {
+    want = Isa::Avx2;
+  } else if (std::strcmp(env, "avx512") == 0) {
+    want = Isa::Avx512;
+  } else {
+    TORCH_CHECK(false, "QUANTKIT_CPU_ISA='", env, "' is not one of auto, portable, avx2, avx512");
+  }
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "QUANTKIT_CPU_ISA=", env,
+              " asks for an instruction set this CPU does not support (best available: ", isa_name(best),
+              "); unset it or choose a lower level");
+  return want;
+}
+
+}  // namespace cpu
+}  // namespace quantkit
