@@ -1,0 +1,127 @@
+"""Binarizers of BiViT (He et al., "BiViT: Extremely Compressed Binary Vision Transformers", ICCV 2023,
+arXiv 2211.07091) and of its BiBERT baseline (Qin et al., "BiBERT: Accurate Fully Binarized BERT", ICLR 2022).
+
+- :func:`sab_binarize`: softmax-aware binarization (SAB) of attention probabilities, threshold beta * row max.
+- :func:`sab_optimal_threshold`: the coordinate-descent search of the optimal threshold (an analysis tool: the paper
+  uses it to justify beta * max; it is not used in training or inference).
+- :func:`bibert_bool`: BiBERT's Bool binarization of the pre-softmax scores (baseline).
+- :func:`pws_binarize_weight`: binary weights with parameterized (learnable, per-output-row) weight scales (PWS).
+
+Every function keeps quantkit's sign convention (``binary_sign``: x >= 0 -> +1). See ``ALGORITHMS.md`` section 4.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .binary import sign_ste
+
+
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and 0.0 < float(beta) <= 1.0):
+        raise ConfigError(f"SAB threshold factor beta={beta!r} is out of range; use a number in (0, 1] (paper: 0.25)")
+
+
+def sab_threshold(p: Tensor, beta: float = 0.25) -> Tensor:
+    """Per-row SAB threshold T = beta * max_j p_j over the last dim (shape ``p.shape[:-1] + (1,)``), detached.
+
+    BiViT Sec. 3.2: the optimal threshold correlates linearly with the row maximum; a regression without bias gives
+    beta, fixed to 0.25 (a bit shift in hardware).
+    """
+    _check_beta(beta)
+    return (beta * p.detach().amax(dim=-1, keepdim=True))
+
+
+def sab_select(p: Tensor, beta: float = 0.25, with_basis: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The forward selection of SAB, without gradient (shared by :func:`sab_binarize` and the packed deploy path).
+
+    Returns ``mask = p >= beta * max_row(p)`` (bool, like ``p``) and, with ``with_basis``, the per-row basis
+    ``v = sum_j p_j b_j / sum_j b_j`` (shape ``p.shape[:-1] + (1,)``; the least-squares level of the 1-bit fit), else None.
+    """
+    pd = p.detach()
+    mask = pd >= sab_threshold(pd, beta)
+    basis = None
+    if with_basis:
+        m = mask.to(pd.dtype)
+        basis = (pd * m).sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True)
+    return mask, basis
+
+
+def sab_binarize(p: Tensor, beta: float = 0.25, scale: bool = False) -> Tensor:
+    """Softmax-aware binarization of attention probabilities ``p`` (softmax over the last dim) -- BiViT Sec. 3.2.
+
+    forward:  b_j = 1[p_j >= beta * max_k p_k]                      (every row keeps its maximum, so >= one 1)
+              A   = b                      (default: {0, 1}, no scale; the paper's "without scales" setting)
+              A   = v * b,  v = sum_j p_j b_j / sum_j b_j            (``scale=True``: the basis of the 1-bit fit)
+    backward: dA/dp = I   (straight through to the softmax output, no clipping; BiViT Eq. 13, "softmax-aware"),
+              implemented as ``A = A_fwd.detach() - p.detach() + p``; autograd then continues through the softmax.
+    """
+    mask, basis = sab_select(p, beta, scale)
+    forward = mask.to(p.dtype)
+    if basis is not None:
+        forward = basis * forward
+    return forward - p.detach() + p
+
+
+def sab_optimal_threshold(p: Tensor, iters: int = 5) -> tuple[Tensor, Tensor, Tensor]:
+    """Optimal 1-bit {0, v} fit of each attention row by coordinate descent (BiViT Sec. 3.2, Alg. 1) -- analysis only.
+
+    Minimises ||p - v b||^2 over v in R and b in {0,1}^n, per row, ``iters`` rounds (paper: 5):
+        b <- all ones;  repeat: v <- (p . b) / (b . b);  T <- v / 2;  b <- 1[p >= T]
+    Returns ``(T, v, b)`` with T, v of shape ``p.shape[:-1] + (1,)`` and b like ``p``. No gradient.
+    """
+    if iters < 1:
+        raise ConfigError(f"sab_optimal_threshold: iters={iters} must be >= 1 (paper: 5)")
+    with torch.no_grad():
+        b = torch.ones_like(p)
+        for _ in range(iters):
+            v = (p * b).sum(dim=-1, keepdim=True) / b.sum(dim=-1, keepdim=True).clamp_min(1)
+            t = v / 2
+            b = (p >= t).to(p.dtype)
+        # the basis that goes with the final selection
+        v = (p * b).sum(dim=-1, keepdim=True) / b.sum(dim=-1, keepdim=True).clamp_min(1)
+    return t, v, b
+
+
+class _BoolClippedSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        return (z > 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (z,) = ctx.saved_tensors
+        return grad * (z.abs() < 1).to(grad.dtype)
+
+
+def bibert_bool(z: Tensor) -> Tensor:
+    """BiBERT's binarization of attention (Qin et al., ICLR 2022), applied to the pre-softmax scores ``z``.
+
+    forward:  A = Bool(z) = 1[z > 0]                  ({0, 1}; a zero score gives 0, as in the official code)
+    backward: dA/dz = 1[|z| < 1]                       (clipped straight-through estimator)
+    """
+    return _BoolClippedSTE.apply(z)
+
+
+def pws_sign(weight: Tensor) -> Tensor:
+    """The sign part of PWS: ``sign(W - mean_row(W))`` with the latent-weight clipped STE through the centring
+    (``1[|W - mean_row(W)| <= 1]``). :func:`pws_binarize_weight` multiplies it by the per-row scale."""
+    return sign_ste(weight - weight.mean(dim=-1, keepdim=True))
+
+
+def pws_binarize_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """Binary weight with parameterized weight scales (PWS), BiViT Sec. 3.3.2 (code ``BinaryLinear_adapscaling``).
+
+    forward:  W_b[o] = s[o] * sign(W[o] - mean_j W[o, j])      (s: learnable, shape (out, 1); sign(0) = +1)
+    backward: dW_b/dW through the centring with the clipped STE 1[|W - mean_row(W)| <= 1] (latent-weight STE);
+              dW_b/ds = sign(W - mean_row(W))                   (ordinary product rule; no positivity constraint)
+    Pass a detached ``mean|W[o]|`` as ``scale`` for the "ordinary" (non-learned) scales of ``BinaryLinear_STE``.
+    Layers may apply ``s`` after the product (``(x @ pws_sign(W)^T) * s``, the same value and gradients) so that the
+    integer dot product is exact in float, as in the packed kernel.
+    """
+    return scale * pws_sign(weight)
+
+
+__all__ = ["sab_threshold", "sab_select", "sab_binarize", "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight"]
