@@ -51,4 +51,18 @@ TORCH_LIBRARY(quantkit, m) {
   m.def("binary_bmm_01(Tensor a, Tensor b, int k) -> Tensor");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
+  // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]
+  // (float32). xq carries a leading group dim G (activations re-quantized once per group); w_mult is 1 (signed form
+  // |q_x - q_w|) or 2 (unsigned code form |q_x - 2 q_w|). Any integer dtypes. Conv: zero padding means q_x = 0 at
+  // padded taps; xq (G, N, C, H, W), wq (Cout, C, kh, kw); outputs (N, Cout, Ho, Wo) in channels-last memory format.
+  // Semantics, references and fake impls: quantkit/ops/adder.py.
+  m.def("adder_l1(Tensor xq, Tensor wq, Tensor group_index, int w_mult=1) -> Tensor");
+  m.def("adder_linear(Tensor xq, Tensor wq, Tensor group_index, Tensor delta, Tensor? bias, int w_mult=1) -> Tensor");
+  m.def("adder_l1_conv2d(Tensor xq, Tensor wq, Tensor group_index, int[2] stride=1, int[2] padding=0, "
+        "int[2] dilation=1, int w_mult=1) -> Tensor");
+  m.def("adder_conv2d(Tensor xq, Tensor wq, Tensor group_index, Tensor delta, Tensor? bias, int[2] stride=1, "
+        "int[2] padding=0, int[2] dilation=1, int w_mult=1) -> Tensor");
+  // Benchmark helper: abs-differences per second of a register-resident VPSADBW+VPADDQ loop on the calling thread
+  // (the SAD peak the adder kernels are measured against); 0 when the CPU has no AVX-512BW.
+  m.def("adder_sad_peak(int iters) -> float");
 }

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from quantkit.errors import KernelError
-from quantkit.ops._dispatch import register_fake, use_kernel
+from quantkit.ops._dispatch import has_op, register_fake, use_kernel
 
 __all__ = [
     "adder_l1",
@@ -107,6 +107,8 @@ def _check_groups(fn: str, group_index: torch.Tensor, n_out: int, groups: int, d
         )
     if group_index.device != device:
         raise KernelError(f"{fn}: group_index is on {group_index.device} but the operands are on {device}")
+    if torch.compiler.is_compiling() or group_index.device.type == "meta":
+        return  # value checks are data-dependent; the compiled kernel checks the range itself
     if n_out and (int(group_index.min()) < 0 or int(group_index.max()) >= groups):
         raise KernelError(
             f"{fn}: group_index values must lie in [0, {groups}) (xq has {groups} groups in its first dimension), "
@@ -297,6 +299,8 @@ def adder_conv2d_reference(
 # ---------------------------------------------------------------------------------------------------------------
 def _op_for(name: str, device: torch.device):
     """The compiled op ``torch.ops.quantkit.<name>`` if it can run on ``device``, else None (use the reference)."""
+    if torch.compiler.is_compiling():  # the dispatcher query below is not traceable; the op itself is
+        return getattr(torch.ops.quantkit, name) if has_op(name) else None
     return getattr(torch.ops.quantkit, name) if use_kernel(name, device) else None
 
 
@@ -403,3 +407,36 @@ def adder_conv2d(
     if op is None:
         return adder_conv2d_reference(xq, wq, group_index, delta, bias, s, p, d, w_mult)
     return op(xq, wq, group_index, _f32(delta), _f32(bias), list(s), list(p), list(d), w_mult)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fake (meta) implementations, for torch.compile / torch.export tracing of deploy models
+# ---------------------------------------------------------------------------------------------------------------
+@register_fake("adder_l1")
+def _adder_l1_fake(xq, wq, group_index, w_mult=1):
+    torch._check(xq.dim() == 3 and wq.dim() == 2 and xq.shape[2] == wq.shape[1])
+    return xq.new_empty((xq.shape[1], wq.shape[0]), dtype=torch.int32)
+
+
+@register_fake("adder_linear")
+def _adder_linear_fake(xq, wq, group_index, delta, bias=None, w_mult=1):
+    torch._check(xq.dim() == 3 and wq.dim() == 2 and xq.shape[2] == wq.shape[1])
+    return xq.new_empty((xq.shape[1], wq.shape[0]), dtype=torch.float32)
+
+
+def _conv_fake_out(xq, wq, stride, padding, dilation, dtype):
+    torch._check(xq.dim() == 5 and wq.dim() == 4 and xq.shape[2] == wq.shape[1])
+    ho = (xq.shape[3] + 2 * padding[0] - dilation[0] * (wq.shape[2] - 1) - 1) // stride[0] + 1
+    wo = (xq.shape[4] + 2 * padding[1] - dilation[1] * (wq.shape[3] - 1) - 1) // stride[1] + 1
+    out = xq.new_empty((xq.shape[1], wq.shape[0], ho, wo), dtype=dtype)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@register_fake("adder_l1_conv2d")
+def _adder_l1_conv2d_fake(xq, wq, group_index, stride=(1, 1), padding=(0, 0), dilation=(1, 1), w_mult=1):
+    return _conv_fake_out(xq, wq, stride, padding, dilation, torch.int32)
+
+
+@register_fake("adder_conv2d")
+def _adder_conv2d_fake(xq, wq, group_index, delta, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), w_mult=1):
+    return _conv_fake_out(xq, wq, stride, padding, dilation, torch.float32)

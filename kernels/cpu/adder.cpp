@@ -1,0 +1,700 @@
+// Integer l1 (AdderNet) GEMM and conv2d on CPU:  S[p, o] = sum_k |x[g(o), p, k] - w_mult * w[o, k]|,
+// Y = -delta[o] * S + bias[o]. Schemas and semantics: kernels/register.cpp and quantkit/ops/adder.py.
+//
+// Design (KERNELS.md §6.2):
+// * One indirect-GEMM driver serves both ops: the linear op is a 1x1 convolution over M "pixels". Activations are
+//   converted once per call to channels-last rows of unsigned bytes [G][rows + 1][Cp] (Cp = C rounded up to 8); the
+//   extra row per group is the zero-padding row (q_x = 0). A per-(pixel, tap) table of row offsets replaces im2col.
+// * Common unsigned grid: with [lo, hi] the range of the activations (and 0 when the conv pads), every weight is
+//   clamped into [lo, hi] and the exact correction dist(w, [lo, hi]) summed per channel is added to S:
+//   |x - w| = |x - clamp(w, lo, hi)| + dist(w, [lo, hi]) for every lo <= x <= hi. Both operands are then stored as
+//   (v - lo) in u8 when hi - lo <= 255 (all 2-8-bit forms, including the 8-bit code form |q_x - 2 q_w|), else u16.
+// * Weights are packed per call as [Cout/16][tap][Cp/8][16 channels][8 values], channels sorted by group so that
+//   a 16-channel block reads (mostly) one group's activation rows; results are scattered back to the original
+//   channel order in the epilogue.
+// * AVX-512BW micro-kernel: 8 pixels x 16 channels, broadcast 8 activation bytes per pixel, VPSADBW against two
+//   weight registers (8 channels x 8 bytes each), VPADDQ into 16 accumulators. AVX2: the same with ymm on
+//   4 pixels x 8 channels at a time. Portable: plain loops (also the u16 path).
+// * ISA: runtime dispatch AVX-512 -> AVX2 -> portable via cpu/cpu_features.h (QUANTKIT_CPU_ISA lowers it). Threads: at::parallel_for over (channel block, pixel block) tiles.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include "cpu/cpu_features.h"
+
+// GCC 12 reports false "may be used uninitialized" inside its own AVX-512 intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace quantkit {
+namespace adder {
+namespace {
+
+using cpu::Isa;
+constexpr Isa kPortable = Isa::Portable, kAvx2 = Isa::Avx2, kAvx512 = Isa::Avx512;
+
+constexpr int kNR = 16;  // output channels per packed block
+constexpr int kKB = 8;   // values per channel per packed step (one u64 lane of VPSADBW)
+
+// ------------------------------------------------------------------------------------------------------------
+// Problem description shared by the micro-kernels
+// ------------------------------------------------------------------------------------------------------------
+// Which groups feed the lanes of one 8-channel half (AVX-512) or 4-channel quarter (AVX2) of a block: the first
+// entry is broadcast to every lane, later entries overwrite their lanes (mask).
+struct LaneGroups {
+  int count = 0;
+  int group[kNR];
+  uint32_t mask[kNR];
+};
+
+struct BlockInfo {
+  bool uniform;        // all 16 lanes read one group
+  int group0;          // that group (or lane 0's)
+  bool contiguous;     // the valid lanes map to consecutive original channels
+  int valid;           // real channels in the block (<= 16)
+  LaneGroups half[2];  // AVX-512: lanes 0-7 and 8-15
+  LaneGroups quarter[4];
+};
+
+template <typename E>
+struct Problem {
+  int64_t P = 0;       // output pixels (rows)
+  int64_t T = 0;       // taps
+  int64_t Cp = 0;      // padded values per tap row (multiple of kKB)
+  int64_t gstride = 0; // elements between two groups' activation buffers
+  int64_t NB = 0;      // 16-channel blocks
+  int64_t ldo = 0;     // output row stride (= number of output channels)
+  const E* A = nullptr;          // activations [G][rows + 1][Cp]
+  const int64_t* off = nullptr;  // [P][T] element offsets of tap rows inside a group buffer
+  const E* W = nullptr;          // packed weights [NB][T][Cp / 8][16][8]
+  const BlockInfo* blocks = nullptr;
+  const int32_t* perm = nullptr; // [NB * 16] original channel of each sorted lane (-1: padding)
+  const int32_t* corr = nullptr; // [NB * 16] exact clamp correction per sorted lane
+  const float* nd = nullptr;     // [NB * 16] -delta per sorted lane (float output) or nullptr (int output)
+  const float* bias = nullptr;   // [NB * 16] or nullptr
+  float* outf = nullptr;
+  int32_t* outi = nullptr;
+};
+
+// Store one row of 16 sorted-lane sums (without the correction) through the epilogue.
+template <typename E>
+inline void store_row_scalar(const Problem<E>& pb, int64_t blk, int64_t row, const int32_t* s) {
+  const BlockInfo& bi = pb.blocks[blk];
+  const int64_t base = blk * kNR;
+  for (int j = 0; j < bi.valid; ++j) {
+    const int64_t o = pb.perm[base + j];
+    const int32_t v = s[j] + pb.corr[base + j];
+    if (pb.outf != nullptr) {
+      const float b = pb.bias != nullptr ? pb.bias[base + j] : 0.f;
+      pb.outf[row * pb.ldo + o] = std::fma(pb.nd[base + j], static_cast<float>(v), b);
+    } else {
+      pb.outi[row * pb.ldo + o] = v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Portable micro-kernel (any element type; also the u16 path)
+// ------------------------------------------------------------------------------------------------------------
+template <typename E>
+void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
+  constexpr int MR = 4;
+  const BlockInfo& bi = pb.blocks[blk];
+  int lane_group[kNR];
+  for (int h = 0; h < 2; ++h) {
+    const LaneGroups& lg = bi.half[h];
+    for (int e = 0; e < lg.count; ++e)
+      for (int l = 0; l < 8; ++l)
+        if (e == 0 || (lg.mask[e] >> l & 1u)) lane_group[h * 8 + l] = lg.group[e];
+  }
+  for (int r0 = 0; r0 < nrows; r0 += MR) {
+    const int nr = std::min(MR, nrows - r0);
+    int32_t acc[MR][kNR] = {};
+    for (int64_t t = 0; t < pb.T; ++t) {
+      const E* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
+      for (int r = 0; r < nr; ++r) {
+        const int64_t o = pb.off[(p0 + r0 + r) * pb.T + t];
+        for (int j = 0; j < kNR; ++j) {
+          const E* a = pb.A + lane_group[j] * pb.gstride + o;
+          int32_t sum = 0;
+          for (int64_t c8 = 0; c8 < pb.Cp / kKB; ++c8) {
+            const E* wv = w + (c8 * kNR + j) * kKB;
+            const E* av = a + c8 * kKB;
+            for (int b = 0; b < kKB; ++b) {
+              const int32_t d = static_cast<int32_t>(av[b]) - static_cast<int32_t>(wv[b]);
+              sum += d < 0 ? -d : d;
+            }
+          }
+          acc[r][j] += sum;
+        }
+      }
+    }
+    for (int r = 0; r < nr; ++r) store_row_scalar(pb, blk, p0 + r0 + r, acc[r]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// AVX2 micro-kernel: 4 pixels x 8 channels per pass (two passes per 16-channel block), u8 only
+// ------------------------------------------------------------------------------------------------------------
+QK_TARGET_AVX2 inline __m256i bcast8_avx2(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return _mm256_set1_epi64x(v);
+}
+
+QK_TARGET_AVX2 inline __m256i lane_mask_avx2(uint32_t m) {
+  return _mm256_set_epi64x((m & 8u) ? -1 : 0, (m & 4u) ? -1 : 0, (m & 2u) ? -1 : 0, (m & 1u) ? -1 : 0);
+}
+
+QK_TARGET_AVX2 void tile_avx2(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
+  constexpr int MR = 4;
+  const BlockInfo& bi = pb.blocks[blk];
+  const int64_t steps = pb.Cp / kKB;
+  for (int r0 = 0; r0 < nrows; r0 += MR) {
+    const int nr = std::min(MR, nrows - r0);
+    alignas(32) int32_t out[MR][kNR];
+    for (int h = 0; h < 2; ++h) {
+      const LaneGroups& q0 = bi.quarter[2 * h];
+      const LaneGroups& q1 = bi.quarter[2 * h + 1];
+      const bool simple = bi.uniform || (q0.count == 1 && q1.count == 1 && q0.group[0] == q1.group[0]);
+      __m256i acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      for (int64_t t = 0; t < pb.T; ++t) {
+        int64_t o[MR];
+        for (int r = 0; r < MR; ++r) o[r] = pb.off[(p0 + r0 + std::min(r, nr - 1)) * pb.T + t];
+        const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR + h * 8 * kKB;
+        if (simple) {
+          const uint8_t* a = pb.A + q0.group[0] * pb.gstride;
+          for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+            const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+            const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+            for (int r = 0; r < MR; ++r) {
+              const __m256i x = bcast8_avx2(a + o[r] + c8 * kKB);
+              acc[r][0] = _mm256_add_epi64(acc[r][0], _mm256_sad_epu8(x, w0));
+              acc[r][1] = _mm256_add_epi64(acc[r][1], _mm256_sad_epu8(x, w1));
+            }
+          }
+        } else {
+          for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+            const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+            const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+            for (int r = 0; r < MR; ++r) {
+              const int64_t k = o[r] + c8 * kKB;
+              __m256i x0 = bcast8_avx2(pb.A + q0.group[0] * pb.gstride + k);
+              for (int e = 1; e < q0.count; ++e)
+                x0 = _mm256_blendv_epi8(x0, bcast8_avx2(pb.A + q0.group[e] * pb.gstride + k), lane_mask_avx2(q0.mask[e]));
+              __m256i x1 = bcast8_avx2(pb.A + q1.group[0] * pb.gstride + k);
+              for (int e = 1; e < q1.count; ++e)
+                x1 = _mm256_blendv_epi8(x1, bcast8_avx2(pb.A + q1.group[e] * pb.gstride + k), lane_mask_avx2(q1.mask[e]));
+              acc[r][0] = _mm256_add_epi64(acc[r][0], _mm256_sad_epu8(x0, w0));
+              acc[r][1] = _mm256_add_epi64(acc[r][1], _mm256_sad_epu8(x1, w1));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        alignas(32) int64_t tmp[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][0]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 4), acc[r][1]);
+        for (int l = 0; l < 8; ++l) out[r][h * 8 + l] = static_cast<int32_t>(tmp[l]);
+      }
+    }
+    for (int r = 0; r < nr; ++r) store_row_scalar(pb, blk, p0 + r0 + r, out[r]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// AVX-512BW micro-kernel: 8 pixels x 16 channels, u8
+// ------------------------------------------------------------------------------------------------------------
+QK_TARGET_AVX512 inline __m512i bcast8_avx512(const uint8_t* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return _mm512_set1_epi64(v);
+}
+
+QK_TARGET_AVX512 inline __m512i build_half(const Problem<uint8_t>& pb,
+                                                                      const LaneGroups& lg, int64_t k) {
+  __m512i x = bcast8_avx512(pb.A + lg.group[0] * pb.gstride + k);
+  for (int e = 1; e < lg.count; ++e) {
+    int64_t v;
+    std::memcpy(&v, pb.A + lg.group[e] * pb.gstride + k, 8);
+    x = _mm512_mask_set1_epi64(x, static_cast<__mmask8>(lg.mask[e]), v);
+  }
+  return x;
+}
+
+// Epilogue of 8 rows: sums in sorted lanes -> corrected int32 / float, vector store when the block's channels are
+// consecutive in the output, scatter otherwise.
+QK_TARGET_AVX512 inline void store_rows_avx512(const Problem<uint8_t>& pb, int64_t blk,
+                                                                          int64_t p0, int nrows, const __m512i* acc0,
+                                                                          const __m512i* acc1) {
+  const BlockInfo& bi = pb.blocks[blk];
+  const int64_t base = blk * kNR;
+  const __mmask16 valid = static_cast<__mmask16>((1u << bi.valid) - 1u);
+  const __m512i corr = _mm512_loadu_si512(pb.corr + base);
+  const __m512i idx = _mm512_loadu_si512(pb.perm + base);
+  const int64_t first = pb.perm[base];
+  __m512 nd = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+  if (pb.outf != nullptr) {
+    nd = _mm512_loadu_ps(pb.nd + base);
+    if (pb.bias != nullptr) bias = _mm512_loadu_ps(pb.bias + base);
+  }
+  for (int r = 0; r < nrows; ++r) {
+    const __m256i lo = _mm512_cvtepi64_epi32(acc0[r]);
+    const __m256i hi = _mm512_cvtepi64_epi32(acc1[r]);
+    const __m512i s = _mm512_add_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), corr);
+    const int64_t row = p0 + r;
+    if (pb.outf != nullptr) {
+      const __m512 y = _mm512_fmadd_ps(nd, _mm512_cvtepi32_ps(s), bias);
+      float* dst = pb.outf + row * pb.ldo;
+      if (bi.contiguous) {
+        _mm512_mask_storeu_ps(dst + first, valid, y);
+      } else {
+        _mm512_mask_i32scatter_ps(dst, valid, idx, y, 4);
+      }
+    } else {
+      int32_t* dst = pb.outi + row * pb.ldo;
+      if (bi.contiguous) {
+        _mm512_mask_storeu_epi32(dst + first, valid, s);
+      } else {
+        _mm512_mask_i32scatter_epi32(dst, valid, idx, s, 4);
+      }
+    }
+  }
+}
+
+template <bool kUniform>
+QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk,
+                                                                   int64_t p0, int nrows) {
+  constexpr int MR = 8;
+  const BlockInfo& bi = pb.blocks[blk];
+  const int64_t steps = pb.Cp / kKB;
+  const uint8_t* a0 = pb.A + bi.group0 * pb.gstride;
+  for (int r0 = 0; r0 < nrows; r0 += MR) {
+    const int nr = std::min(MR, nrows - r0);
+    __m512i acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+    for (int64_t t = 0; t < pb.T; ++t) {
+      const int64_t* offs = pb.off + t;
+      int64_t o[MR];
+      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1)) * pb.T];
+      const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
+      if (kUniform) {
+        const uint8_t* a[MR];
+        for (int r = 0; r < MR; ++r) a[r] = a0 + o[r];
+        for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+          const __m512i w0 = _mm512_loadu_si512(w);
+          const __m512i w1 = _mm512_loadu_si512(w + 64);
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r) {
+            const __m512i x = bcast8_avx512(a[r] + c8 * kKB);
+            acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(x, w0));
+            acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(x, w1));
+          }
+        }
+      } else {
+        for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+          const __m512i w0 = _mm512_loadu_si512(w);
+          const __m512i w1 = _mm512_loadu_si512(w + 64);
+          for (int r = 0; r < MR; ++r) {
+            const int64_t k = o[r] + c8 * kKB;
+            acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(build_half(pb, bi.half[0], k), w0));
+            acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(build_half(pb, bi.half[1], k), w1));
+          }
+        }
+      }
+    }
+    store_rows_avx512(pb, blk, p0 + r0, nr, acc0, acc1);
+  }
+}
+
+void tile_avx512(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
+  if (pb.blocks[blk].uniform) {
+    tile_avx512_impl<true>(pb, blk, p0, nrows);
+  } else {
+    tile_avx512_impl<false>(pb, blk, p0, nrows);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Driver
+// ------------------------------------------------------------------------------------------------------------
+template <typename E, typename TileFn>
+void run_tiles(const Problem<E>& pb, int64_t rows_per_tile, TileFn tile) {
+  const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
+  const int64_t tiles = nrb * pb.NB;
+  // Channel-block-major order: a thread's contiguous range of tiles reuses one packed weight block.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tix = begin; tix < end; ++tix) {
+      const int64_t blk = tix / nrb;
+      const int64_t p0 = (tix % nrb) * rows_per_tile;
+      tile(pb, blk, p0, static_cast<int>(std::min(rows_per_tile, pb.P - p0)));
+    }
+  });
+}
+
+struct ConvGeom {
+  int64_t G, N, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+};
+
+std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const std::vector<int32_t>& perm,
+                                   int64_t NB, int64_t Cout) {
+  std::vector<BlockInfo> blocks(NB);
+  for (int64_t b = 0; b < NB; ++b) {
+    BlockInfo& bi = blocks[b];
+    const int64_t base = b * kNR;
+    bi.valid = static_cast<int>(std::min<int64_t>(kNR, Cout - base));
+    bi.group0 = lane_group[base];
+    bi.uniform = true;
+    bi.contiguous = true;
+    for (int j = 0; j < kNR; ++j) {
+      if (lane_group[base + j] != bi.group0) bi.uniform = false;
+      if (j < bi.valid && perm[base + j] != perm[base] + j) bi.contiguous = false;
+    }
+    auto fill = [&](LaneGroups& lg, int first, int width) {
+      lg.count = 0;
+      for (int l = 0; l < width; ++l) {
+        const int g = lane_group[base + first + l];
+        int e = 0;
+        while (e < lg.count && lg.group[e] != g) ++e;
+        if (e == lg.count) {
+          lg.group[e] = g;
+          lg.mask[e] = 0;
+          ++lg.count;
+        }
+        lg.mask[e] |= 1u << l;
+      }
+    };
+    fill(bi.half[0], 0, 8);
+    fill(bi.half[1], 8, 8);
+    for (int q = 0; q < 4; ++q) fill(bi.quarter[q], 4 * q, 4);
+  }
+  return blocks;
+}
+
+template <typename E>
+at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                    int64_t w_mult, int64_t lo, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
+                    bool float_out, Isa isa) {
+  const int64_t T = gm.kh * gm.kw;
+  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
+  const int64_t rows = gm.N * gm.H * gm.W;
+  const int64_t P = gm.N * gm.Ho * gm.Wo;
+  const int64_t NB = (gm.Cout + kNR - 1) / kNR;
+  const int64_t hi_bound = static_cast<int64_t>(std::numeric_limits<E>::max()) + lo;
+  const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;  // u16 values are reinterpreted from int16 storage
+
+  // Activations: [G][rows + 1][Cp], values (x - lo); padding values 0; the last row of each group is q_x = 0.
+  at::Tensor abuf = at::zeros({gm.G, rows + 1, Cp}, xq.options().dtype(e_dtype));
+  E* A = reinterpret_cast<E*>(abuf.data_ptr());
+  const int64_t gstride = (rows + 1) * Cp;
+  for (int64_t g = 0; g < gm.G; ++g)
+    for (int64_t c = 0; c < gm.C; ++c) A[g * gstride + rows * Cp + c] = static_cast<E>(-lo);
+  AT_DISPATCH_INTEGRAL_TYPES(xq.scalar_type(), "adder_pack_activations", [&] {
+    const scalar_t* x = xq.data_ptr<scalar_t>();
+    const auto st = xq.strides();
+    at::parallel_for(0, gm.G * gm.N * gm.H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = i / (gm.N * gm.H), n = (i / gm.H) % gm.N, h = i % gm.H;
+        for (int64_t w = 0; w < gm.W; ++w) {
+          E* dst = A + g * gstride + ((n * gm.H + h) * gm.W + w) * Cp;
+          const scalar_t* src = x + g * st[0] + n * st[1] + h * st[3] + w * st[4];
+          for (int64_t c = 0; c < gm.C; ++c) dst[c] = static_cast<E>(static_cast<int64_t>(src[c * st[2]]) - lo);
+        }
+      }
+    });
+  });
+
+  // Channels sorted by group (stable), so a 16-channel block mostly reads one group.
+  std::vector<int64_t> gidx(gm.Cout);
+  {
+    at::Tensor gi = group_index.to(at::kLong).contiguous();
+    std::memcpy(gidx.data(), gi.data_ptr<int64_t>(), gm.Cout * sizeof(int64_t));
+  }
+  std::vector<int32_t> order(gm.Cout);
+  for (int64_t o = 0; o < gm.Cout; ++o) order[o] = static_cast<int32_t>(o);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return gidx[a] < gidx[b]; });
+  std::vector<int32_t> perm(NB * kNR, 0), lane_group(NB * kNR, 0), corr(NB * kNR, 0);
+  for (int64_t j = 0; j < NB * kNR; ++j) {
+    const int64_t o = order[std::min<int64_t>(j, gm.Cout - 1)];
+    perm[j] = j < gm.Cout ? static_cast<int32_t>(o) : 0;
+    lane_group[j] = static_cast<int32_t>(gidx[o]);
+  }
+
+  // Weights: clamp into [lo, hi_bound] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
+  at::Tensor wbuf = at::zeros({NB, T, Cp / kKB, kNR, kKB}, wq.options().dtype(e_dtype));
+  E* Wp = reinterpret_cast<E*>(wbuf.data_ptr());
+  at::Tensor w64 = wq.to(at::kLong).contiguous();  // (Cout, C, kh, kw)
+  const int64_t* wsrc = w64.data_ptr<int64_t>();
+  const int64_t hi = hi_bound;
+  for (int64_t j = 0; j < gm.Cout; ++j) {
+    const int64_t o = perm[j];
+    const int64_t b = j / kNR, lane = j % kNR;
+    int64_t cj = 0;
+    for (int64_t c = 0; c < gm.C; ++c) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t v = wsrc[(o * gm.C + c) * T + t] * w_mult;
+        const int64_t cl = std::min(std::max(v, lo), hi);
+        cj += (v > cl ? v - cl : cl - v);
+        Wp[(((b * T + t) * (Cp / kKB) + c / kKB) * kNR + lane) * kKB + c % kKB] = static_cast<E>(cl - lo);
+      }
+    }
+    TORCH_CHECK(cj <= std::numeric_limits<int32_t>::max(), "adder: the weight clamp correction of channel ", o,
+                " overflows int32; the operands are far outside 2-8 bits");
+    corr[j] = static_cast<int32_t>(cj);
+  }
+
+  // Indirection: element offset of the row read by (pixel, tap) inside a group buffer.
+  std::vector<int64_t> off(P * T);
+  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
+      for (int64_t i = 0; i < gm.kh; ++i) {
+        for (int64_t j = 0; j < gm.kw; ++j) {
+          const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh, ix = ox * gm.sw - gm.pw + j * gm.dw;
+          const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
+          off[p * T + i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
+        }
+      }
+    }
+  });
+
+  std::vector<float> nd, bs;
+  if (float_out) {
+    at::Tensor d = delta.to(at::kFloat).contiguous();
+    nd.assign(NB * kNR, 0.f);
+    for (int64_t j = 0; j < gm.Cout; ++j) nd[j] = -d.data_ptr<float>()[perm[j]];
+    if (bias.has_value()) {
+      at::Tensor bb = bias->to(at::kFloat).contiguous();
+      bs.assign(NB * kNR, 0.f);
+      for (int64_t j = 0; j < gm.Cout; ++j) bs[j] = bb.data_ptr<float>()[perm[j]];
+    }
+  }
+  const std::vector<BlockInfo> blocks = make_blocks(lane_group, perm, NB, gm.Cout);
+
+  at::Tensor out = at::empty({gm.N, gm.Cout, gm.Ho, gm.Wo},
+                             xq.options().dtype(float_out ? at::kFloat : at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
+  if (P == 0 || gm.Cout == 0) return out;
+
+  Problem<E> pb;
+  pb.P = P;
+  pb.T = T;
+  pb.Cp = Cp;
+  pb.gstride = gstride;
+  pb.NB = NB;
+  pb.ldo = gm.Cout;
+  pb.A = A;
+  pb.off = off.data();
+  pb.W = Wp;
+  pb.blocks = blocks.data();
+  pb.perm = perm.data();
+  pb.corr = corr.data();
+  if (float_out) {
+    pb.nd = nd.data();
+    pb.bias = bs.empty() ? nullptr : bs.data();
+    pb.outf = out.data_ptr<float>();
+  } else {
+    pb.outi = out.data_ptr<int32_t>();
+  }
+  if constexpr (sizeof(E) == 1) {
+    if (isa == kAvx512) {
+      run_tiles(pb, 64, tile_avx512);
+      return out;
+    }
+    if (isa == kAvx2) {
+      run_tiles(pb, 32, tile_avx2);
+      return out;
+    }
+  }
+  run_tiles(pb, 16, tile_portable<E>);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Op entry points
+// ------------------------------------------------------------------------------------------------------------
+void check_common(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                  int64_t w_mult) {
+  TORCH_CHECK(xq.device().is_cpu() && wq.device().is_cpu() && group_index.device().is_cpu(), fn,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(at::isIntegralType(xq.scalar_type(), /*includeBool=*/false), fn, ": xq must be an integer tensor, got ",
+              xq.scalar_type());
+  TORCH_CHECK(at::isIntegralType(wq.scalar_type(), false), fn, ": wq must be an integer tensor, got ", wq.scalar_type());
+  TORCH_CHECK(at::isIntegralType(group_index.scalar_type(), false) && group_index.dim() == 1, fn,
+              ": group_index must be a 1-D integer tensor");
+  TORCH_CHECK(w_mult == 1 || w_mult == 2, fn, ": w_mult must be 1 (|q_x - q_w|) or 2 (|q_x - 2 q_w|), got ", w_mult);
+  TORCH_CHECK(xq.size(0) >= 1, fn, ": xq needs at least one group");
+  TORCH_CHECK(group_index.numel() == wq.size(0), fn, ": group_index has ", group_index.numel(),
+              " entries but wq has ", wq.size(0), " output channels");
+  if (group_index.numel() > 0) {
+    const int64_t gmin = group_index.min().item<int64_t>(), gmax = group_index.max().item<int64_t>();
+    TORCH_CHECK(gmin >= 0 && gmax < xq.size(0), fn, ": group_index values must lie in [0, ", xq.size(0), "), got [",
+                gmin, ", ", gmax, "]");
+  }
+}
+
+void check_epilogue(const char* fn, int64_t n_out, const at::Tensor& delta, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(delta.device().is_cpu() && delta.is_floating_point() && delta.dim() == 1 && delta.size(0) == n_out, fn,
+              ": delta must be a 1-D float CPU tensor of length ", n_out);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == n_out, fn,
+                ": bias must be None or a 1-D float CPU tensor of length ", n_out);
+  }
+}
+
+at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
+                     const at::Tensor& delta, const c10::optional<at::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(xq.dim() == 5, fn, ": xq must have shape (G, N, C, H, W), got ", xq.sizes());
+  TORCH_CHECK(wq.dim() == 4, fn, ": wq must have shape (Cout, C, kh, kw), got ", wq.sizes());
+  check_common(fn, xq, wq, group_index, w_mult);
+  TORCH_CHECK(xq.size(2) == wq.size(1), fn, ": xq has C=", xq.size(2), " but wq has C=", wq.size(1));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, fn,
+              ": stride, padding and dilation must have two entries");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              fn, ": stride and dilation must be >= 1 and padding >= 0");
+  ConvGeom gm{};
+  gm.G = xq.size(0);
+  gm.N = xq.size(1);
+  gm.C = xq.size(2);
+  gm.H = xq.size(3);
+  gm.W = xq.size(4);
+  gm.Cout = wq.size(0);
+  gm.kh = wq.size(2);
+  gm.kw = wq.size(3);
+  gm.sh = stride[0];
+  gm.sw = stride[1];
+  gm.ph = padding[0];
+  gm.pw = padding[1];
+  gm.dh = dilation[0];
+  gm.dw = dilation[1];
+  gm.Ho = (gm.H + 2 * gm.ph - gm.dh * (gm.kh - 1) - 1) / gm.sh + 1;
+  gm.Wo = (gm.W + 2 * gm.pw - gm.dw * (gm.kw - 1) - 1) / gm.sw + 1;
+  TORCH_CHECK(gm.kh >= 1 && gm.kw >= 1 && gm.Ho >= 1 && gm.Wo >= 1, fn, ": empty output (", gm.Ho, "x", gm.Wo,
+              ") for this input size, kernel, stride, padding and dilation");
+  if (float_out) check_epilogue(fn, gm.Cout, delta, bias);
+
+  // Common grid: the activation range, plus 0 where the convolution reads padding.
+  int64_t lo = 0, hi = 0;
+  if (xq.numel() > 0) {
+    auto mm = at::aminmax(xq);
+    lo = std::get<0>(mm).item<int64_t>();
+    hi = std::get<1>(mm).item<int64_t>();
+  }
+  if (gm.ph > 0 || gm.pw > 0 || xq.numel() == 0) {
+    lo = std::min<int64_t>(lo, 0);
+    hi = std::max<int64_t>(hi, 0);
+  }
+  const int64_t range = hi - lo;
+  TORCH_CHECK(range <= 65535, fn, ": the activations span ", range + 1,
+              " integer values; at most 65536 are supported (integer l1 kernels are for 2-8-bit operands)");
+  // Worst-case sum must fit int32: every |x - w| <= range + |clamped distance| summed over K.
+  {
+    auto wmm = at::aminmax(wq.numel() > 0 ? wq : at::zeros({1}, wq.options()));
+    const int64_t wmax = std::max(std::abs(std::get<0>(wmm).item<int64_t>()), std::abs(std::get<1>(wmm).item<int64_t>())) * w_mult;
+    const int64_t xmax = std::max(std::abs(lo), std::abs(hi));
+    const int64_t k = gm.C * gm.kh * gm.kw;
+    TORCH_CHECK(k == 0 || (xmax + wmax) <= std::numeric_limits<int32_t>::max() / k, fn,
+                ": the l1 sums could overflow int32 (K=", k, ", |x| <= ", xmax, ", |w_mult*w| <= ", wmax, ")");
+  }
+  const Isa isa = cpu::active_isa();
+  const at::Tensor& d = float_out ? delta : xq;  // unused when !float_out
+  if (range <= 255) return run_conv<uint8_t>(gm, xq, wq, group_index, w_mult, lo, d, bias, float_out, isa);
+  return run_conv<uint16_t>(gm, xq, wq, group_index, w_mult, lo, d, bias, float_out, isa);
+}
+
+at::Tensor linear_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                       int64_t w_mult, const at::Tensor& delta, const c10::optional<at::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(xq.dim() == 3, fn, ": xq must have shape (G, M, K), got ", xq.sizes());
+  TORCH_CHECK(wq.dim() == 2, fn, ": wq must have shape (N, K), got ", wq.sizes());
+  TORCH_CHECK(xq.size(2) == wq.size(1), fn, ": xq has K=", xq.size(2), " but wq has K=", wq.size(1));
+  const int64_t one[2] = {1, 1}, zero[2] = {0, 0};
+  at::Tensor y = conv_impl(fn, xq.unsqueeze(-1).unsqueeze(-1), wq.unsqueeze(-1).unsqueeze(-1), group_index, one,
+                           zero, one, w_mult, delta, bias, float_out);
+  return y.view({xq.size(1), wq.size(0)});  // channels-last (M, N, 1, 1) is row-major (M, N)
+}
+
+at::Tensor adder_l1_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult) {
+  return linear_impl("adder_l1", xq, wq, group_index, w_mult, at::Tensor(), c10::nullopt, false);
+}
+
+at::Tensor adder_linear_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                            const at::Tensor& delta, const c10::optional<at::Tensor>& bias, int64_t w_mult) {
+  return linear_impl("adder_linear", xq, wq, group_index, w_mult, delta, bias, true);
+}
+
+at::Tensor adder_l1_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t w_mult) {
+  return conv_impl("adder_l1_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, at::Tensor(),
+                   c10::nullopt, false);
+}
+
+at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                            const at::Tensor& delta, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult) {
+  return conv_impl("adder_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
+}
+
+// Register-resident SAD loop shaped like the micro-kernel (8 broadcast rows x 2 weight registers, 16 VPSADBW +
+// 16 VPADDQ per step, no memory operands). The empty asm makes the inputs opaque each step, so nothing is hoisted.
+QK_TARGET_AVX512 double sad_peak_avx512(int64_t iters) {
+  __m512i acc[16];
+  __m512i x0 = _mm512_set1_epi8(1), x1 = _mm512_set1_epi8(2), x2 = _mm512_set1_epi8(3), x3 = _mm512_set1_epi8(4);
+  __m512i x4 = _mm512_set1_epi8(5), x5 = _mm512_set1_epi8(6), x6 = _mm512_set1_epi8(7), x7 = _mm512_set1_epi8(8);
+  __m512i w0 = _mm512_set1_epi8(9), w1 = _mm512_set1_epi8(10);
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4), "+v"(x5), "+v"(x6), "+v"(x7), "+v"(w0),
+                     "+v"(w1));
+    const __m512i xs[8] = {x0, x1, x2, x3, x4, x5, x6, x7};
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_sad_epu8(xs[r], w0));
+      acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_sad_epu8(xs[r], w1));
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, acc[i]);
+  volatile int64_t sink = _mm512_reduce_add_epi64(s);
+  (void)sink;
+  const double sec = std::chrono::duration<double>(t1 - t0).count();
+  return sec > 0 ? static_cast<double>(iters) * 16.0 * 64.0 / sec : 0.0;
+}
+
+double adder_sad_peak(int64_t iters) {
+  TORCH_CHECK(iters >= 1, "adder_sad_peak: iters must be >= 1");
+  if (cpu::best_supported_isa() != kAvx512) return 0.0;
+  return sad_peak_avx512(iters);
+}
+
+}  // namespace
+}  // namespace adder
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("adder_l1", &quantkit::adder::adder_l1_cpu);
+  m.impl("adder_linear", &quantkit::adder::adder_linear_cpu);
+  m.impl("adder_l1_conv2d", &quantkit::adder::adder_l1_conv2d_cpu);
+  m.impl("adder_conv2d", &quantkit::adder::adder_conv2d_cpu);
+}
+
+TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) {
+  m.impl("adder_sad_peak", &quantkit::adder::adder_sad_peak);
+}
