@@ -37,3 +37,29 @@ def register_fake(name: str) -> Callable:
         return fn
 
     return deco
+
+
+_ISA_LEVELS = ("portable", "avx2", "avx512")
+
+
+def cpu_isa() -> str:
+    """Instruction-set level the CPU kernels use now: ``"avx512"``, ``"avx2"``, ``"portable"`` (lowered by the
+    environment variable ``QUANTKIT_CPU_ISA``), or ``"reference"`` when the compiled kernels are missing."""
+    if not has_op("cpu_isa"):
+        return "reference"
+    return torch.ops.quantkit.cpu_isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """Every level this CPU can run (for ``QUANTKIT_CPU_ISA``), lowest first; empty without compiled kernels."""
+    import os
+
+    if not has_op("cpu_isa"):
+        return []
+    saved = os.environ.pop("QUANTKIT_CPU_ISA", None)
+    try:
+        best = torch.ops.quantkit.cpu_isa()
+    finally:
+        if saved is not None:
+            os.environ["QUANTKIT_CPU_ISA"] = saved
+    return list(_ISA_LEVELS[: _ISA_LEVELS.index(best) + 1])
