@@ -124,4 +124,38 @@ def pws_binarize_weight(weight: Tensor, scale: Tensor) -> Tensor:
     return scale * pws_sign(weight)
 
 
-__all__ = ["sab_threshold", "sab_select", "sab_binarize", "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight"]
+def attention_binarization_errors(scores: Tensor, beta: float = 0.25, reduction: str = "mean") -> dict[str, float]:
+    """Quantization error of binarized attention against the real attention ``p = softmax(scores)`` (BiViT Table 1).
+
+    ``scores``: pre-softmax attention logits, rows along the last dim. Compared with ``p``:
+
+    - ``"bibert"``: Bool(scores) = 1[scores > 0] (:func:`bibert_bool`);
+    - ``"sab_optimal"``: v* b* from :func:`sab_optimal_threshold` (5 coordinate-descent rounds);
+    - ``"sab_beta_max"``: v b with b = 1[p >= beta max p] and its least-squares basis v (:func:`sab_select`);
+    - ``"sab_beta_max_noscale"``: b alone, in {0, 1} (what :func:`sab_binarize` uses by default).
+
+    ``reduction="mean"``: mean squared error per element; ``"row_sum"``: squared error summed over each row, averaged
+    over rows.
+    """
+    if reduction not in ("mean", "row_sum"):
+        raise ConfigError(f"attention_binarization_errors: reduction={reduction!r}; use 'mean' or 'row_sum'")
+    with torch.no_grad():
+        z = scores.detach().to(torch.float64)
+        p = torch.softmax(z, dim=-1)
+        _, v_opt, b_opt = sab_optimal_threshold(p)
+        mask, basis = sab_select(p, beta, with_basis=True)
+        approx = {
+            "bibert": (z > 0).to(p.dtype),
+            "sab_optimal": v_opt * b_opt,
+            "sab_beta_max": basis * mask.to(p.dtype),
+            "sab_beta_max_noscale": mask.to(p.dtype),
+        }
+        out = {}
+        for name, a in approx.items():
+            sq = (p - a) ** 2
+            out[name] = float(sq.mean() if reduction == "mean" else sq.sum(dim=-1).mean())
+    return out
+
+
+__all__ = ["sab_threshold", "sab_select", "sab_binarize", "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight",
+           "attention_binarization_errors"]
