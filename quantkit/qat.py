@@ -37,6 +37,21 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The prepared model inside the usual wrappers: DistributedDataParallel / DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``), nested in any order. Only these wrapper types are unwrapped: a user model that
+    merely has a child called ``module`` is returned as it is."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
 class QAT:
     """Prepare ``model`` for quantization-aware training with ``scheme`` and drive its schedules."""
 
@@ -54,7 +69,7 @@ class QAT:
 
             raise ConfigError(f"epoch_start(epoch={epoch}, total_epochs={total_epochs}): need 0 <= epoch < total_epochs")
         self.epoch, self.total_epochs = epoch, total_epochs
-        target = self.model.module if hasattr(self.model, "module") and isinstance(self.model.module, nn.Module) else self.model
+        target = unwrap_model(self.model)
         for _, m in api.quant_modules(target):
             m.epoch_start(epoch, total_epochs)
         self.config.epoch_start(target, epoch, total_epochs)
@@ -64,9 +79,10 @@ class QAT:
         return distillation_loss(student_logits, teacher_logits, temperature)
 
     def report(self):
-        return api.report(self.model)
+        return api.report(unwrap_model(self.model))
 
     def convert(self) -> nn.Module:
-        """The deploy model (a new module; the training model is left as it is)."""
+        """The deploy model (a new module; the training model is left as it is). Works at any point, also before
+        the first training step, and with ``self.model`` wrapped in DDP or ``torch.compile``."""
         with torch.no_grad():
-            return api.convert(self.model)
+            return api.convert(unwrap_model(self.model))

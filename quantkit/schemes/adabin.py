@@ -7,7 +7,7 @@ Placement (the paper's, ALGORITHMS.md 2.5), every part configurable:
 * full precision by default: the first layer (stem, ``keep_first``), the last layer (classifier, ``keep_last``) and
   residual downsample shortcuts (1x1 convs, ``keep_downsample``); grouped/depthwise convs always (see
   ``AdaBinConv2d.from_float``);
-* ``maxout=True``: a ReLU that follows a binarized conv (directly, through a BatchNorm, and/or through a residual
+* ``maxout=True``: a ReLU that follows a binarized conv (directly, through a norm layer, and/or through a residual
   add) becomes a per-channel :class:`~quantkit.nn.adabin.Maxout`.
 
 Ablation switches: ``maxout=False`` keeps every ReLU; ``weight_only=True`` binarizes weights only (activations stay
@@ -28,7 +28,7 @@ from ..nn.adabin import AdaBinConv2d, AdaBinLinear, Maxout
 from .base import SchemeConfig, register_scheme
 
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
-_NORM_TYPES = (nn.BatchNorm2d,)
+_NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)  # channel-preserving norms
 
 
 @dataclass
@@ -73,7 +73,7 @@ class AdaBinConfig(SchemeConfig):
 
 
 def _binary_conv_before(node: fx.Node, modules: dict[str, nn.Module], depth: int = 0) -> AdaBinConv2d | None:
-    """The binarized conv whose output reaches ``node`` through BatchNorm and/or residual adds (None if none)."""
+    """The binarized conv whose output reaches ``node`` through norm layers and/or residual adds (None if none)."""
     if depth > 8 or not isinstance(node, fx.Node):
         return None
     if node.op == "call_module":
@@ -96,10 +96,10 @@ def _binary_conv_before(node: fx.Node, modules: dict[str, nn.Module], depth: int
 class MaxoutPass:
     """Replace each ReLU module that follows a binarized conv by a :class:`Maxout` over that conv's channels.
 
-    With a torch.fx graph, every call site of the ReLU module must follow a binarized conv (through BatchNorm and/or
+    With a torch.fx graph, every call site of the ReLU module must follow a binarized conv (through a norm layer and/or
     a residual add) with one channel count; a ReLU module called at several such sites (torchvision's BasicBlock
     calls ``relu`` twice) becomes one Maxout shared by those sites, and the report says so. Without a graph, only
-    ReLUs inside an ``nn.Sequential`` right after [binarized conv, BatchNorm2d] or [binarized conv] are replaced
+    ReLUs inside an ``nn.Sequential`` right after [binarized conv, norm layer] or [binarized conv] are replaced
     (a Sequential runs its children in order, so that is known to be safe); the report names the ReLUs left alone.
     """
 
