@@ -30,6 +30,7 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -398,25 +399,19 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
   const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;  // u16 values are reinterpreted from int16 storage
 
   // Activations: [G][rows + 1][Cp], values (x - lo); padding values 0; the last row of each group is q_x = 0.
+  // ATen's copy does the (any strides, any integer dtype) -> channels-last conversion; integer conversion and the
+  // in-place shift are modular, which is exact because every shifted value lies in [0, max(E)].
   at::Tensor abuf = at::zeros({gm.G, rows + 1, Cp}, xq.options().dtype(e_dtype));
   E* A = reinterpret_cast<E*>(abuf.data_ptr());
   const int64_t gstride = (rows + 1) * Cp;
+  const int64_t shift_mod = sizeof(E) == 1 ? ((-lo) & 0xFF) : ((((-lo) & 0xFFFF) ^ 0x8000) - 0x8000);
   for (int64_t g = 0; g < gm.G; ++g)
     for (int64_t c = 0; c < gm.C; ++c) A[g * gstride + rows * Cp + c] = static_cast<E>(-lo);
-  AT_DISPATCH_INTEGRAL_TYPES(xq.scalar_type(), "adder_pack_activations", [&] {
-    const scalar_t* x = xq.data_ptr<scalar_t>();
-    const auto st = xq.strides();
-    at::parallel_for(0, gm.G * gm.N * gm.H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t g = i / (gm.N * gm.H), n = (i / gm.H) % gm.N, h = i % gm.H;
-        for (int64_t w = 0; w < gm.W; ++w) {
-          E* dst = A + g * gstride + ((n * gm.H + h) * gm.W + w) * Cp;
-          const scalar_t* src = x + g * st[0] + n * st[1] + h * st[3] + w * st[4];
-          for (int64_t c = 0; c < gm.C; ++c) dst[c] = static_cast<E>(static_cast<int64_t>(src[c * st[2]]) - lo);
-        }
-      }
-    });
-  });
+  if (rows > 0 && gm.C > 0) {
+    at::Tensor view = abuf.narrow(1, 0, rows).narrow(2, 0, gm.C).view({gm.G, gm.N, gm.H, gm.W, gm.C});
+    view.copy_(xq.permute({0, 1, 3, 4, 2}));
+    if (shift_mod != 0) view.add_(shift_mod);
+  }
 
   // Channels sorted by group (stable), so a 16-channel block mostly reads one group.
   std::vector<int64_t> gidx(gm.Cout);
@@ -437,25 +432,42 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
   // Weights: clamp into [lo, hi_bound] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
   at::Tensor wbuf = at::zeros({NB, T, Cp / kKB, kNR, kKB}, wq.options().dtype(e_dtype));
   E* Wp = reinterpret_cast<E*>(wbuf.data_ptr());
-  at::Tensor w64 = wq.to(at::kLong).contiguous();  // (Cout, C, kh, kw)
-  const int64_t* wsrc = w64.data_ptr<int64_t>();
+  const at::Tensor wc = wq.contiguous();  // (Cout, C, kh, kw)
   const int64_t hi = hi_bound;
-  for (int64_t j = 0; j < gm.Cout; ++j) {
-    const int64_t o = perm[j];
-    const int64_t b = j / kNR, lane = j % kNR;
-    int64_t cj = 0;
-    for (int64_t c = 0; c < gm.C; ++c) {
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t v = wsrc[(o * gm.C + c) * T + t] * w_mult;
-        const int64_t cl = std::min(std::max(v, lo), hi);
-        cj += (v > cl ? v - cl : cl - v);
-        Wp[(((b * T + t) * (Cp / kKB) + c / kKB) * kNR + lane) * kKB + c % kKB] = static_cast<E>(cl - lo);
+  bool corr_overflow = false;
+  AT_DISPATCH_INTEGRAL_TYPES(wc.scalar_type(), "adder_pack_weights", [&] {
+    const scalar_t* wsrc = wc.data_ptr<scalar_t>();
+    // Locals, so the byte stores below cannot force reloads of the shape through the captured references.
+    const int64_t C = gm.C, Cout = gm.Cout, TT = T, CP = Cp, wm = w_mult, wlo = lo, whi = hi;
+    const int32_t* perm_p = perm.data();
+    int32_t* corr_p = corr.data();
+    std::atomic<bool> overflow{false};
+    at::parallel_for(0, Cout, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t o = perm_p[j];
+        E* __restrict__ dst_blk = Wp + (j / kNR) * TT * CP * kNR + (j % kNR) * kKB;
+        const scalar_t* __restrict__ src = wsrc + o * C * TT;
+        int64_t cj = 0;
+        for (int64_t t = 0; t < TT; ++t) {
+          E* __restrict__ dst = dst_blk + t * CP * kNR;
+          for (int64_t c0 = 0; c0 < C; c0 += kKB) {
+            const int64_t cn = std::min<int64_t>(kKB, C - c0);
+            for (int64_t b = 0; b < cn; ++b) {
+              const int64_t v = static_cast<int64_t>(src[(c0 + b) * TT + t]) * wm;
+              const int64_t cl = std::min(std::max(v, wlo), whi);
+              cj += v > cl ? v - cl : cl - v;
+              dst[b] = static_cast<E>(cl - wlo);
+            }
+            dst += kNR * kKB;
+          }
+        }
+        if (cj > std::numeric_limits<int32_t>::max()) overflow = true;
+        corr_p[j] = static_cast<int32_t>(cj);
       }
-    }
-    TORCH_CHECK(cj <= std::numeric_limits<int32_t>::max(), "adder: the weight clamp correction of channel ", o,
-                " overflows int32; the operands are far outside 2-8 bits");
-    corr[j] = static_cast<int32_t>(cj);
-  }
+    });
+    if (overflow) corr_overflow = true;
+  });
+  TORCH_CHECK(!corr_overflow, "adder: a weight clamp correction overflows int32; the operands are far outside 2-8 bits");
 
   // Indirection: element offset of the row read by (pixel, tap) inside a group buffer.
   std::vector<int64_t> off(P * T);

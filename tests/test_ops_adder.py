@@ -1,0 +1,337 @@
+"""Integer l1 (adder) ops: compiled CPU kernels against the int64 references, on every ISA level this CPU runs.
+
+Integer sums must be equal exactly; float outputs within float32 tolerance of the float64 reference epilogue.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quantkit.errors import KernelError
+from quantkit.ops import adder as A
+from quantkit.ops._dispatch import has_op, supported_cpu_isas
+
+HAVE_KERNELS = has_op("adder_l1") and has_op("adder_conv2d")
+needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit._C adder kernels are not built")
+ISAS = supported_cpu_isas() or ["portable"]
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+class _Isa:
+    """Set QUANTKIT_CPU_ISA for the duration of a block (the kernels read it on every call)."""
+
+    def __init__(self, isa: str):
+        self.isa, self.saved = isa, None
+
+    def __enter__(self):
+        self.saved = os.environ.get("QUANTKIT_CPU_ISA")
+        os.environ["QUANTKIT_CPU_ISA"] = self.isa
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("QUANTKIT_CPU_ISA", None)
+        else:
+            os.environ["QUANTKIT_CPU_ISA"] = self.saved
+
+
+def _operands(gen: torch.Generator, bits: int, code_form: bool, x_shape, w_shape, dtype):
+    """Quantized operands of a b-bit adder layer: signed form x, w in [-2^(b-1), 2^(b-1) - 1]; code form x in
+    [0, 2^b - 1] and w signed b-bit (the kernel doubles it: w_mult=2)."""
+    half = 2 ** (bits - 1)
+    if code_form:
+        x = torch.randint(0, 2**bits, x_shape, generator=gen)
+    else:
+        x = torch.randint(-half, half, x_shape, generator=gen)
+    w = torch.randint(-half, half, w_shape, generator=gen)
+    if dtype == torch.uint8 and not code_form:
+        dtype = torch.int16  # signed values need a signed dtype
+    if dtype == torch.int8 and code_form and bits == 8:
+        dtype = torch.int16  # 0..255 does not fit int8
+    return x.to(dtype), w.to(torch.int8), (2 if code_form else 1)
+
+
+def _noncontiguous(t: torch.Tensor, how: int) -> torch.Tensor:
+    """The same values with other strides: 0 contiguous, 1 a strided slice of a larger buffer, 2 transposed storage."""
+    if how == 1:
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
+        big[..., 1::2] = t
+        return big[..., 1::2]
+    if how == 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+def _assert_float(y: torch.Tensor, ref: torch.Tensor, s: torch.Tensor, delta: torch.Tensor, bias) -> None:
+    scale = (delta.abs().max() * s.abs().max().double() + (0 if bias is None else bias.abs().max())).item()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# references
+# ------------------------------------------------------------------------------------------------------------
+def test_fig3_worked_vector():
+    """ALGORITHMS.md §3.2, Fig. 3 (b = 4, signed form): the clamped group's q_x and q_w give sum |q_x - q_w| = 70."""
+    qx = torch.tensor([-7, 6, 5, -8, 0, 3, -2, 4, 7], dtype=torch.int8).view(1, 1, 9)
+    qw = torch.tensor([7, 7, -8, 7, 7, -8, -8, 7, 7], dtype=torch.int8).view(1, 9)
+    gi = torch.zeros(1, dtype=torch.long)
+    assert A.adder_l1_reference(qx, qw, gi).item() == 70
+    assert A.adder_l1(qx, qw, gi).item() == 70
+    # As a 3x3 conv over the 3x3 patch, no padding: the same single output.
+    assert A.adder_l1_conv2d(qx.view(1, 1, 1, 3, 3), qw.view(1, 1, 3, 3), gi).item() == 70
+    y = A.adder_linear(qx, qw, gi, torch.tensor([0.2]), torch.tensor([-126.2]))
+    torch.testing.assert_close(y, torch.tensor([[-0.2 * 70 - 126.2]]))
+
+
+def test_reference_matches_unfold_float_adder():
+    """The conv reference equals a float64 AdderNet forward built from F.unfold with zero padding."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 16, (2, 2, 3, 9, 8), generator=gen)
+    w = torch.randint(-8, 8, (5, 3, 3, 2), generator=gen)
+    gi = torch.tensor([0, 1, 1, 0, 1])
+    for stride, padding, dilation in [(1, 1, 1), (2, (1, 2), (2, 1)), ((1, 2), 0, 1)]:
+        s = A.adder_l1_conv2d_reference(x, w, gi, stride, padding, dilation, w_mult=2)
+        ho, wo = A.adder_conv2d_output_size(9, 8, (3, 2), stride, padding, dilation)
+        cols = []
+        for o in range(5):
+            xu = torch.nn.functional.unfold(x[gi[o]].double(), (3, 2), dilation=dilation, padding=padding, stride=stride)
+            cols.append((xu - 2 * w[o].double().reshape(-1, 1)).abs().sum(1))
+        assert torch.equal(s.double(), torch.stack(cols, 1).reshape(2, 5, ho, wo))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kernels == references
+# ------------------------------------------------------------------------------------------------------------
+@needs_kernels
+@settings(max_examples=40, **SETTINGS)
+@given(
+    groups=st.integers(1, 4),
+    m=st.integers(1, 21),
+    k=st.integers(1, 75),
+    n=st.integers(1, 40),
+    bits=st.integers(2, 8),
+    code_form=st.booleans(),
+    dtype=st.sampled_from([torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]),
+    layout=st.integers(0, 2),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_linear_kernel_equals_reference(groups, m, k, n, bits, code_form, dtype, layout, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, w, w_mult = _operands(gen, bits, code_form, (groups, m, k), (n, k), dtype)
+    x, w = _noncontiguous(x, layout), _noncontiguous(w, layout)
+    gi = torch.randint(0, groups, (n,), generator=gen)
+    delta = torch.rand(n, generator=gen) + 0.01
+    bias = torch.randn(n, generator=gen) * 10 if with_bias else None
+    s_ref = A.adder_l1_reference(x, w, gi, w_mult)
+    y_ref = A.adder_linear_reference(x, w, gi, delta, bias, w_mult)
+    for isa in ISAS:
+        with _Isa(isa):
+            s = A.adder_l1(x, w, gi, w_mult)
+            y = A.adder_linear(x, w, gi, delta, bias, w_mult)
+        assert s.dtype == torch.int32 and s.shape == (m, n)
+        assert torch.equal(s, s_ref), isa
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        _assert_float(y, y_ref, s_ref, delta, bias)
+
+
+@needs_kernels
+@settings(max_examples=40, **SETTINGS)
+@given(
+    groups=st.integers(1, 3),
+    batch=st.integers(1, 2),
+    c=st.integers(1, 19),
+    h=st.integers(1, 9),
+    w_=st.integers(1, 9),
+    cout=st.integers(1, 20),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    bits=st.integers(2, 8),
+    code_form=st.booleans(),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_conv2d_kernel_equals_reference(
+    groups, batch, c, h, w_, cout, kh, kw, stride, padding, dilation, bits, code_form, channels_last, seed
+):
+    ho, wo = A.adder_conv2d_output_size(h, w_, (kh, kw), stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x, w, w_mult = _operands(gen, bits, code_form, (groups, batch, c, h, w_), (cout, c, kh, kw), torch.int16)
+    if channels_last:  # NHWC storage per group, as a quantized channels-last activation would be
+        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    gi = torch.randint(0, groups, (cout,), generator=gen)
+    delta = torch.rand(cout, generator=gen) + 0.01
+    bias = torch.randn(cout, generator=gen)
+    s_ref = A.adder_l1_conv2d_reference(x, w, gi, stride, padding, dilation, w_mult)
+    y_ref = A.adder_conv2d_reference(x, w, gi, delta, bias, stride, padding, dilation, w_mult)
+    for isa in ISAS:
+        with _Isa(isa):
+            s = A.adder_l1_conv2d(x, w, gi, stride, padding, dilation, w_mult)
+            y = A.adder_conv2d(x, w, gi, delta, bias, stride, padding, dilation, w_mult)
+        assert s.shape == (batch, cout, ho, wo) and s.dtype == torch.int32
+        assert torch.equal(s, s_ref), isa
+        _assert_float(y, y_ref, s_ref, delta, bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_wide_activation_range_and_clamped_weights(isa):
+    """Activations spanning > 256 values take the u16 path; weights far outside the activation range are clamped
+    with the exact per-channel correction. Both stay exact."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-300, 301, (2, 7, 37), generator=gen, dtype=torch.int64).to(torch.int32)
+    w = torch.randint(-1000, 1001, (19, 37), generator=gen).to(torch.int16)
+    gi = torch.randint(0, 2, (19,), generator=gen)
+    x_small = torch.randint(0, 4, (2, 7, 37), generator=gen).to(torch.uint8)  # 2-bit activations, 16-bit weights
+    with _Isa(isa):
+        for xx in (x, x_small):
+            for w_mult in (1, 2):
+                assert torch.equal(A.adder_l1(xx, w, gi, w_mult), A.adder_l1_reference(xx, w, gi, w_mult))
+        xc = torch.randint(-200, 200, (1, 1, 3, 5, 6), generator=gen).to(torch.int16)
+        wc = torch.randint(-500, 500, (4, 3, 3, 3), generator=gen).to(torch.int16)
+        g1 = torch.zeros(4, dtype=torch.long)
+        assert torch.equal(A.adder_l1_conv2d(xc, wc, g1, 1, 2, 1), A.adder_l1_conv2d_reference(xc, wc, g1, 1, 2, 1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "group_index",
+    [
+        [0] * 40,  # one group
+        [i % 3 for i in range(40)],  # interleaved: every 16-channel block sees three groups
+        [0] * 5 + [1] * 3 + [2] * 30 + [3] * 2,  # group boundaries inside blocks; small groups
+        [3] * 17 + [1] * 23,  # unused groups 0 and 2
+    ],
+)
+def test_group_layouts(isa, group_index):
+    gen = torch.Generator().manual_seed(4)
+    gi = torch.tensor(group_index)
+    x = torch.randint(0, 256, (4, 13, 70), generator=gen).to(torch.uint8)
+    w = torch.randint(-128, 128, (40, 70), generator=gen).to(torch.int8)
+    delta = torch.rand(40, generator=gen)
+    with _Isa(isa):
+        for w_mult in (1, 2):
+            s = A.adder_l1(x, w, gi, w_mult)
+            assert torch.equal(s, A.adder_l1_reference(x, w, gi, w_mult))
+            _assert_float(A.adder_linear(x, w, gi, delta, None, w_mult),
+                          A.adder_linear_reference(x, w, gi, delta, None, w_mult), s, delta, None)
+
+
+@needs_kernels
+def test_long_reduction_8bit_code_form():
+    """K = 4608 (512 channels x 3x3): the largest 8-bit code-form sums stay exact."""
+    x = torch.full((1, 3, 4608), 255, dtype=torch.int16)
+    w = torch.full((17, 4608), -128, dtype=torch.int8)
+    w[1:] = torch.randint(-128, 128, (16, 4608), dtype=torch.int8)
+    gi = torch.zeros(17, dtype=torch.long)
+    s = A.adder_l1(x, w, gi, 2)
+    assert s[0, 0].item() == 4608 * (255 + 256)
+    assert torch.equal(s, A.adder_l1_reference(x, w, gi, 2))
+
+
+@needs_kernels
+def test_batch_one_and_empty_batch():
+    x = torch.randint(-8, 8, (2, 1, 1, 3, 3), dtype=torch.int8)
+    w = torch.randint(-8, 8, (3, 1, 3, 3), dtype=torch.int8)
+    gi = torch.tensor([1, 0, 1])
+    assert torch.equal(A.adder_l1_conv2d(x, w, gi, 1, 1), A.adder_l1_conv2d_reference(x, w, gi, 1, 1))
+    empty = A.adder_linear(torch.zeros(1, 0, 5, dtype=torch.int8), torch.zeros(4, 5, dtype=torch.int8),
+                           torch.zeros(4, dtype=torch.long), torch.ones(4))
+    assert empty.shape == (0, 4)
+
+
+@needs_kernels
+def test_conv_output_is_channels_last():
+    x = torch.randint(0, 16, (1, 2, 8, 5, 5), dtype=torch.uint8)
+    w = torch.randint(-8, 8, (16, 8, 3, 3), dtype=torch.int8)
+    y = A.adder_conv2d(x, w, torch.zeros(16, dtype=torch.long), torch.ones(16), None, 1, 1, 1, 2)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# registration: opcheck, fake impls, compile
+# ------------------------------------------------------------------------------------------------------------
+@needs_kernels
+def test_opcheck():
+    x = torch.randint(0, 16, (2, 3, 5, 6, 7), dtype=torch.int8)
+    w = torch.randint(-8, 8, (9, 5, 3, 3), dtype=torch.int8)
+    gi = torch.randint(0, 2, (9,))
+    torch.library.opcheck(torch.ops.quantkit.adder_conv2d.default, (x, w, gi, torch.rand(9), torch.rand(9), [2, 1], [1, 1], [1, 2], 2))
+    torch.library.opcheck(torch.ops.quantkit.adder_l1_conv2d.default, (x, w, gi, [1, 1], [0, 1], [1, 1], 1))
+    xl = torch.randint(0, 16, (2, 4, 13), dtype=torch.int8)
+    wl = torch.randint(-8, 8, (6, 13), dtype=torch.int8)
+    gl = torch.randint(0, 2, (6,))
+    torch.library.opcheck(torch.ops.quantkit.adder_l1.default, (xl, wl, gl, 2))
+    torch.library.opcheck(torch.ops.quantkit.adder_linear.default, (xl, wl, gl, torch.rand(6), None, 1))
+
+
+@needs_kernels
+def test_torch_compile_fullgraph():
+    x = torch.randint(0, 16, (2, 1, 4, 6, 6), dtype=torch.uint8)
+    w = torch.randint(-8, 8, (5, 4, 3, 3), dtype=torch.int8)
+    gi, delta, bias = torch.tensor([0, 1, 0, 1, 1]), torch.rand(5), torch.rand(5)
+    f = torch.compile(lambda t: A.adder_conv2d(t, w, gi, delta, bias, 1, 1, 1, 2), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x), A.adder_conv2d_reference(x, w, gi, delta, bias, 1, 1, 1, 2))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_kernel_error():
+    x = torch.zeros(2, 3, 5, dtype=torch.int8)
+    w = torch.zeros(4, 5, dtype=torch.int8)
+    gi = torch.zeros(4, dtype=torch.long)
+    d = torch.ones(4)
+    with pytest.raises(KernelError, match="integer tensor"):
+        A.adder_l1(x.float(), w, gi)
+    with pytest.raises(KernelError, match=r"\(G, M, K\)"):
+        A.adder_l1(x[0], w, gi)
+    with pytest.raises(KernelError, match="reduction lengths differ"):
+        A.adder_l1(x, w[:, :4], gi)
+    with pytest.raises(KernelError, match=r"group_index values must lie in \[0, 2\)"):
+        A.adder_l1(x, w, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(KernelError, match="group_index has 3 entries"):
+        A.adder_l1(x, w, gi[:3])
+    with pytest.raises(KernelError, match="w_mult"):
+        A.adder_l1(x, w, gi, w_mult=3)
+    with pytest.raises(KernelError, match="delta"):
+        A.adder_linear(x, w, gi, torch.ones(3))
+    with pytest.raises(KernelError, match="bias"):
+        A.adder_linear(x, w, gi, d, torch.ones(4, dtype=torch.int32))
+    xc = torch.zeros(1, 1, 3, 4, 4, dtype=torch.int8)
+    wc = torch.zeros(2, 3, 5, 5, dtype=torch.int8)
+    g2 = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(KernelError, match="output would be empty"):
+        A.adder_conv2d(xc, wc, g2, torch.ones(2))
+    with pytest.raises(KernelError, match="input channels differ"):
+        A.adder_l1_conv2d(xc, wc[:, :2], g2)
+    with pytest.raises(KernelError, match="stride must be >= 1"):
+        A.adder_l1_conv2d(xc, wc, g2, stride=0, padding=2)
+    with pytest.raises(KernelError, match=r"\(G, N, C, H, W\)"):
+        A.adder_l1_conv2d(xc[0], wc, g2, padding=2)
+
+
+@needs_kernels
+def test_cpp_checks_raise_runtime_error():
+    """Called directly (no Python validation), the C++ kernels reject bad input with clear RuntimeErrors."""
+    x = torch.zeros(2, 3, 5, dtype=torch.int8)
+    w = torch.zeros(4, 5, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="group_index values must lie"):
+        torch.ops.quantkit.adder_l1(x, w, torch.tensor([0, 5, 0, 0]), 1)
+    with pytest.raises(RuntimeError, match="xq must be an integer tensor"):
+        torch.ops.quantkit.adder_l1(x.float(), w, torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(RuntimeError, match="at most 65536"):
+        torch.ops.quantkit.adder_l1(torch.tensor([[[0, 70000]]]), torch.zeros(1, 2, dtype=torch.long),
+                                    torch.zeros(1, dtype=torch.long), 1)
+    with pytest.raises(RuntimeError, match="QUANTKIT_CPU_ISA"):
+        with _Isa("sse9"):
+            torch.ops.quantkit.adder_l1(x, w, torch.zeros(4, dtype=torch.long), 1)
