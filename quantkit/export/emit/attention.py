@@ -1,0 +1,81 @@
+"""BiViT's binary attention core with standard operators.
+
+``BinaryAttentionDeploy`` keeps its packed projections (exported as binary linears) and calls its attention core
+on per-head q, k, v; the export wraps that core in :class:`AttentionCore` so it becomes one exported unit:
+
+    Q_b, K_b, V_b = Where(x >= 0, 1, -1)                   (quantkit's sign convention)
+    z   = MatMul(Q_b, Transpose(K_b)) * logit_scale [+ FP bias / masks]   (exact integer counts in float)
+    A_b = Cast(Softmax(z) >= beta * ReduceMax(Softmax(z)))  (SAB)  |  Cast(z > 0)  (BiBERT Bool)
+    out = MatMul(A_b, V_b) [* basis]                        (exact integer counts)
+
+Both operands of the attention products are activations (nothing to pack ahead of time), so the +-1 MatMul form is
+used here: it is exact and it is what onnxruntime runs fastest.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+from torch import Tensor, nn
+
+from ..builder import GraphBuilder
+from .base import EmitContext, LayerExport, register_emitter
+
+
+class AttentionCore(nn.Module):
+    """The attention core of a :class:`quantkit.nn.bivit.BinaryAttentionDeploy` as a module (export only)."""
+
+    def __init__(self, method: str, beta: float, sab_scale: bool, logit_scale: float | None) -> None:
+        super().__init__()
+        self.method, self.beta, self.sab_scale, self.logit_scale = method, beta, sab_scale, logit_scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+        from ...nn.bivit import binary_attention_packed
+
+        return binary_attention_packed(q, k, v, method=self.method, beta=self.beta, sab_scale=self.sab_scale,
+                                       bias=bias, logit_scale=self.logit_scale)
+
+
+def emit_attention_core(m: AttentionCore, b: GraphBuilder, inputs: list[str], ctx: EmitContext):
+    q, k, v = inputs[:3]
+    bias = inputs[3] if len(inputs) > 3 else None
+    rank = len(ctx.input_shapes[0])
+    d = ctx.input_shapes[0][-1]
+    scale = d ** -0.5 if m.logit_scale is None else m.logit_scale
+    qs, ks, vs = (b.sign_pm1(t, None, f"{n}_sign") for t, n in ((q, "q"), (k, "k"), (v, "v")))
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    qk = b.op("MatMul", [qs, b.op("Transpose", [ks], "k_t", perm=perm)], "qk")
+    z = b.op("Mul", [qk, b.f32("logit_scale", np.float32(scale))], "logits")
+    if bias is not None:
+        z = b.op("Add", [z, bias], "logits_bias")
+    p = None
+    if m.method == "sab":
+        p = b.op("Softmax", [z], "softmax", axis=-1)
+        mx = b.op("ReduceMax", [p, b.i64("axis_last", [-1])], "row_max", keepdims=1)
+        thr = b.op("Mul", [mx, b.f32("beta", np.float32(m.beta))], "sab_threshold")
+        mask = b.op("GreaterOrEqual", [p, thr], "sab_select")
+    elif m.method == "bibert":
+        mask = b.op("Greater", [z, b.f32("zero", np.float32(0))], "bool_select")
+    else:
+        ctx.fail(f"attention method {m.method!r} has no ONNX form")
+    a = b.op("Cast", [mask], "attention_bits", to=TensorProto.FLOAT)
+    out = b.op("MatMul", [a, vs], "attention_v")
+    if m.method == "sab" and m.sab_scale:
+        num = b.op("ReduceSum", [b.op("Mul", [p, a], "p_sel"), b.i64("axis_last", [-1])], "basis_num", keepdims=1)
+        den = b.op("ReduceSum", [a, b.i64("axis_last", [-1])], "basis_den", keepdims=1)
+        out = b.op("Mul", [out, b.op("Div", [num, den], "basis")], "scaled")
+    return out, LayerExport("bivit-attention", "standard", None, 1, 0, 0)
+
+
+def prepare_attention(module: nn.Module, name: str, wrap) -> None:
+    """Route a BinaryAttentionDeploy's core through an exported :class:`AttentionCore` (its projections are binary
+    linears exported on their own)."""
+    core = AttentionCore(module.method, module.beta, module.sab_scale, module.logit_scale)
+    # an instance attribute shadows the method; nn.Module registers it as the submodule "_attend"
+    module._attend = wrap(core, f"{name}.attention_core" if name else "attention_core")
+
+
+def _register() -> None:
+    register_emitter(AttentionCore, emit_attention_core)
+
+
+_register()

@@ -1,0 +1,521 @@
+"""ONNX export of quantized models that stock onnxruntime runs.
+
+How it works
+------------
+1. The model is brought to its deploy form (``quantkit.convert``) when it is a simulated (prepared / calibrated /
+   trained) model; the simulated model is kept for the three-way check.
+2. Each deploy layer that has an emitter (:mod:`quantkit.export.emit`) is swapped for a placeholder. PyTorch's
+   exporter traces the model: every float part (stems, BatchNorm, residual adds, LayerNorm, softmax, heads ...) is
+   exported by PyTorch, each quantized layer becomes one placeholder node (its forward still runs the deploy layer,
+   so the traced shapes and values are the real ones).
+3. Each placeholder node is replaced by the nodes and initializers its emitter writes with ``onnx.helper``: packed
+   uint8 bits for binary weights, INT4/INT8 codes for integer weights, exact epilogue constants -- initializers in
+   exactly the dtype and layout quantkit chose, which a traced float module could not guarantee (the tracer
+   constant-folds unpacking into float weights). With ``custom_ops=True`` each quantized layer is instead one
+   compact node of the ``quantkit`` domain.
+4. ``onnx.checker.check_model(full_check=True)``, then onnxruntime (CPU) runs the graph on the example inputs and the
+   outputs are compared with the deploy and simulated models (the three-way agreement).
+5. Only then is the file written, to a temporary file in the target folder that is renamed over ``path``: a failed
+   export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from ..errors import ExportError, QuantkitError
+from .builder import GraphBuilder
+from .emit import BINARY_FORMS, CUSTOM_DOMAIN, EmitContext, LayerExport, emit_custom, emitter_for, supported_types
+from .emit.attention import prepare_attention
+
+#: opsets the exporter produces: 18 brings BitwiseAnd/BitwiseXor and Pad with axes; 21 brings INT4/UINT4
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 21, 21
+#: the highest opset PyTorch's TorchScript-based exporter writes; newer opsets only add types to the ops it uses
+_TORCH_MAX_OPSET = 20
+_PLACEHOLDER_DOMAIN = "quantkit_export_placeholder"
+#: the binary form chosen by measurement (see benchmarks / the export docs): unpack is faster in onnxruntime
+DEFAULT_BINARY_FORM = "unpack"
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class Agreement:
+    """Max abs differences between the three executions on the example inputs (None: not run)."""
+
+    simulated_vs_deploy: float | None = None
+    deploy_vs_onnxruntime: float | None = None
+    simulated_vs_onnxruntime: float | None = None
+    output_absmax: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        def f(v: float | None) -> str:
+            return "not run" if v is None else f"{v:.3g}"
+
+        lines = ["three-way agreement on the example inputs (max abs difference):",
+                 f"  simulated vs deploy       {f(self.simulated_vs_deploy)}",
+                 f"  deploy vs onnxruntime     {f(self.deploy_vs_onnxruntime)}",
+                 f"  simulated vs onnxruntime  {f(self.simulated_vs_onnxruntime)}"]
+        if self.output_absmax is not None:
+            lines.append(f"  (output magnitude: max |y| = {self.output_absmax:.3g})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class ExportResult:
+    path: str
+    opset: int
+    binary_form: str
+    custom_ops: bool
+    file_bytes: int
+    layers: list[LayerExport]
+    agreement: Agreement
+    input_names: list[str]
+    output_names: list[str]
+
+    @property
+    def quantized_weight_bytes(self) -> int:
+        return sum(layer.weight_bytes for layer in self.layers)
+
+    @property
+    def fp32_weight_bytes(self) -> int:
+        return sum(layer.fp32_weight_bytes for layer in self.layers)
+
+    def summary(self) -> str:
+        lines = [f"exported {self.path} (opset {self.opset}, {self.file_bytes / 1024:.1f} KiB"
+                 + (", custom quantkit ops" if self.custom_ops else f", binary form '{self.binary_form}'") + ")"]
+        if self.layers:
+            w = max(len(layer.name) for layer in self.layers)
+            for layer in self.layers:
+                bits = f"W{layer.bits_w or 'fp'}A{layer.bits_a or 'fp'}"
+                size = (f"{layer.weight_bytes} B (fp32 {layer.fp32_weight_bytes} B)" if layer.fp32_weight_bytes
+                        else "")
+                lines.append(f"  {layer.name:<{w}}  {layer.type_name:<24} {layer.kind:<16} {layer.form:<8} "
+                             f"{bits:<8} {size}")
+            q, f = self.quantized_weight_bytes, self.fp32_weight_bytes
+            if f:
+                lines.append(f"  quantized layers' weights: {q} B vs {f} B in FP32 ({f / max(q, 1):.1f}x smaller)")
+        else:
+            lines.append("  no quantized layer (a full-precision export)")
+        lines.append(self.agreement.table())
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+# ---------------------------------------------------------------------------------------------- placeholders
+@dataclass
+class _CallRecord:
+    module: nn.Module
+    name: str
+    input_shapes: list = field(default_factory=list)
+    output_shapes: list = field(default_factory=list)
+
+
+_ACTIVE: dict[int, _CallRecord] = {}
+
+
+class _LayerFn(torch.autograd.Function):
+    """Runs the deploy layer (outside the tracer) and exports as one placeholder node carrying the call id."""
+
+    @staticmethod
+    def forward(ctx, call_id: int, *inputs):  # type: ignore[override]
+        rec = _ACTIVE[call_id]
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                out = rec.module(*inputs)
+        finally:
+            torch._C._set_tracing_state(state)
+        if not isinstance(out, torch.Tensor):
+            raise ExportError(f"layer {rec.name!r} ({type(rec.module).__name__}) returned "
+                              f"{type(out).__name__}; an exported layer must return one tensor")
+        rec.input_shapes = [tuple(t.shape) for t in inputs]
+        rec.output_shapes = [tuple(out.shape)]
+        return out.contiguous().float()
+
+    @staticmethod
+    def symbolic(g, call_id: int, *inputs):  # pragma: no cover - called by the exporter
+        rec = _ACTIVE[call_id]
+        out = g.op(f"{_PLACEHOLDER_DOMAIN}::Layer", *inputs, call_id_i=call_id)
+        try:
+            out.setType(inputs[0].type().with_dtype(torch.float32).with_sizes(list(rec.output_shapes[0])))
+        except Exception:  # the type only helps PyTorch's own shape inference; the emitted graph is re-inferred
+            pass
+        return out
+
+
+class _Placeholder(nn.Module):
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__()
+        self.inner = module
+        self.layer_name = name
+
+    def forward(self, *inputs):
+        call_id = len(_ACTIVE) + 1
+        _ACTIVE[call_id] = _CallRecord(self.inner, self.layer_name)
+        tensors = [t for t in inputs if t is not None]
+        return _LayerFn.apply(call_id, *tensors)
+
+
+def _attention_types() -> tuple:
+    try:
+        from ..nn.bivit import BinaryAttentionDeploy
+    except ImportError:
+        return ()
+    return (BinaryAttentionDeploy,)
+
+
+#: quantkit modules that are plain PyTorch math and export as they are
+def _plain_types() -> tuple:
+    out = []
+    try:
+        from ..nn.adabin import Maxout
+
+        out.append(Maxout)
+    except ImportError:
+        pass
+    return tuple(out)
+
+
+def _swap_placeholders(model: nn.Module) -> None:
+    """Replace every emitter-handled layer below ``model`` by a placeholder (recursively, not into replaced ones)."""
+    from ..nn.base import QuantModule
+
+    attention = _attention_types()
+    plain = _plain_types()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, _Placeholder):
+                continue
+            if emitter_for(child) is not None:
+                setattr(parent, child_name, _Placeholder(child, name))
+                continue
+            if attention and isinstance(child, attention):
+                if not hasattr(type(child), "_attend"):
+                    raise ExportError(f"layer {name!r} ({type(child).__name__}): its attention core is not reachable "
+                                      "for export (no _attend method)")
+                prepare_attention(child, name, lambda core, n: _Placeholder(core, n))
+                visit(child, name)
+                continue
+            if isinstance(child, QuantModule):
+                raise ExportError(
+                    f"layer {name!r} ({type(child).__name__}) is a simulated layer inside a deploy model; export the "
+                    "simulated model itself (it is converted) or convert the whole model with quantkit.convert")
+            mod = type(child).__module__
+            if mod.startswith("quantkit.nn") and not isinstance(child, plain):
+                raise ExportError(
+                    f"layer {name!r} ({type(child).__name__}): no ONNX emitter for this deploy layer type yet; "
+                    f"exportable quantkit layers: {', '.join(supported_types())}")
+            visit(child, name)
+
+    visit(model, "")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _as_inputs(example_inputs: Any) -> tuple:
+    from ..api import _check_example_inputs
+
+    if example_inputs is None:
+        raise ExportError("export_onnx needs example_inputs, a tuple of the model's positional inputs "
+                          "(e.g. (torch.randn(1, 3, 32, 32),))")
+    inputs = _check_example_inputs(example_inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"example_inputs[{i}] is a {type(t).__name__}; only tensor inputs are exported")
+    return tuple(t.detach().cpu() for t in inputs)
+
+
+def _flatten_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        res: list[torch.Tensor] = []
+        for o in out:
+            res += _flatten_outputs(o)
+        return res
+    if out is None:
+        return []
+    raise ExportError(f"model output of type {type(out).__name__} is not exportable; return tensors or tuples")
+
+
+def _has_quant_modules(model: nn.Module) -> bool:
+    from ..nn.base import QuantModule
+
+    return any(isinstance(m, QuantModule) for m in model.modules())
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Raise ExportError unless ``path`` names a file in an existing, writable folder."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ExportError(f"output path {str(p)!r} is a folder; give a file name such as model.onnx")
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} is not writable")
+    return p
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never a partial file)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- the export
+def _torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list[str], output_names: list[str],
+                  dynamic_batch: bool) -> onnx.ModelProto:
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=min(opset, _TORCH_MAX_OPSET),
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+        except QuantkitError:
+            raise
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"PyTorch's ONNX exporter failed on the model's full-precision part: {msg}") from exc
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
+                         custom_ops: bool) -> list[LayerExport]:
+    graph = proto.graph
+    new_nodes: list = []
+    layers: list[LayerExport] = []
+    for node in graph.node:
+        if node.domain != _PLACEHOLDER_DOMAIN:
+            new_nodes.append(node)
+            continue
+        call_id = next(a.i for a in node.attribute if a.name == "call_id")
+        rec = _ACTIVE[call_id]
+        ctx = EmitContext(rec.name, type(rec.module).__name__, opset, binary_form, rec.input_shapes,
+                          rec.output_shapes)
+        b = GraphBuilder(rec.name, opset)
+        try:
+            if custom_ops:
+                y, info = emit_custom(rec.module, b, list(node.input), ctx)
+            else:
+                y, info = emitter_for(rec.module)(rec.module, b, list(node.input), ctx)
+        except QuantkitError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"layer {rec.name!r} ({ctx.type_name}): cannot be written as ONNX: {exc}") from exc
+        # the emitter's last output becomes the placeholder's output name
+        for n in b.nodes:
+            for i, o in enumerate(n.output):
+                if o == y:
+                    n.output[i] = node.output[0]
+        if y in node.input:  # a layer that is the identity on its input
+            b.nodes.append(helper.make_node("Identity", [y], [node.output[0]], name=b.name("identity")))
+        new_nodes.extend(b.nodes)
+        graph.initializer.extend(b.initializers)
+        info.name, info.type_name = rec.name, ctx.type_name
+        if info.kind != "bivit-attention" or custom_ops:
+            layers.append(info)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]
+    imports = [op for op in proto.opset_import if op.domain not in ("", "ai.onnx", _PLACEHOLDER_DOMAIN)]
+    del proto.opset_import[:]
+    proto.opset_import.extend([helper.make_opsetid("", opset)] + imports)
+    if custom_ops:
+        proto.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    proto.producer_name = "quantkit"
+    from .. import __version__
+
+    proto.producer_version = __version__
+    return layers
+
+
+def _check(proto: onnx.ModelProto, custom_ops: bool) -> onnx.ModelProto:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=not custom_ops)
+        onnx.checker.check_model(inferred, full_check=not custom_ops)
+    except Exception as exc:  # onnx raises ValidationError / InferenceError naming the node
+        raise ExportError(f"the exported graph does not pass onnx.checker: {str(exc).strip()}") from exc
+    return inferred
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True, input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None, custom_ops: bool = False,
+                binary_form: str = DEFAULT_BINARY_FORM, verify: bool = True, rtol: float = 1e-4,
+                atol: float = 1e-4, quiet: bool = False) -> ExportResult:
+    """Export a quantized model to ONNX that stock onnxruntime runs, check it, and write it atomically.
+
+    Args:
+        model: a simulated model (from ``quantkit.prepare`` / ``quantize`` / ``QAT``: it is converted) or a deploy
+            model (from ``quantkit.convert``). A plain float model exports as is (an FP32 reference file).
+        example_inputs: tuple of positional inputs (``(torch.randn(1, 3, 32, 32),)``); used for tracing and for the
+            three-way check.
+        path: the ``.onnx`` file to write (nothing is written if anything fails).
+        opset: ONNX opset, 18 to 21 (default 21; 4-bit weights are INT4 initializers from 21 on, int8 before).
+        dynamic_batch: make dimension 0 of every input and output symbolic (``batch``).
+        input_names / output_names: graph input/output names (default ``input``/``output``, numbered when several).
+        custom_ops: emit each quantized layer as one compact ``quantkit.<Type>`` node (domain ``quantkit``) holding
+            its packed tensors, for runtimes that implement those ops; stock onnxruntime cannot run such a file,
+            so the onnxruntime check is skipped. Default False: standard operators only.
+        binary_form: ``"unpack"`` (default, the faster in onnxruntime) or ``"xor"`` (never unpacks to float); see
+            :mod:`quantkit.export.emit.binary`.
+        verify: run onnxruntime on the example inputs and require ``|ort - deploy| <= atol + rtol * max|deploy|``
+            (an ExportError otherwise); the simulated-vs-deploy difference is reported, not enforced.
+        quiet: do not print the summary.
+
+    Returns:
+        :class:`ExportResult` (layers, sizes, the three-way :class:`Agreement`).
+    """
+    from ..api import convert
+
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset={opset!r} is not supported; use an integer from {MIN_OPSET} to {MAX_OPSET} "
+                          f"(default {DEFAULT_OPSET})")
+    if binary_form not in BINARY_FORMS:
+        raise ExportError(f"binary_form={binary_form!r}; use one of {BINARY_FORMS}")
+    out_path = check_output_path(path)
+    inputs = _as_inputs(example_inputs)
+
+    simulated = model if _has_quant_modules(model) else None
+    if simulated is not None:
+        try:
+            deploy = convert(simulated)
+        except QuantkitError as exc:
+            raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
+    else:
+        deploy = model
+    deploy_was_training = deploy.training
+    deploy.eval()
+    try:
+        with torch.no_grad():
+            ref_deploy = _flatten_outputs(deploy(*inputs))
+            ref_sim = None
+            if simulated is not None:
+                sim_training = simulated.training
+                simulated.eval()
+                try:
+                    ref_sim = _flatten_outputs(simulated(*inputs))
+                finally:
+                    simulated.train(sim_training)
+    except QuantkitError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"the model does not run on example_inputs of shape(s) "
+                          f"{[tuple(t.shape) for t in inputs]}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        deploy.train(deploy_was_training)
+
+    in_names = list(input_names) if input_names else (
+        ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))])
+    out_names = list(output_names) if output_names else (
+        ["output"] if len(ref_deploy) == 1 else [f"output_{i}" for i in range(len(ref_deploy))])
+    if len(in_names) != len(inputs):
+        raise ExportError(f"input_names has {len(in_names)} name(s) but the model takes {len(inputs)} input(s)")
+    if len(out_names) != len(ref_deploy):
+        raise ExportError(f"output_names has {len(out_names)} name(s) but the model returns {len(ref_deploy)} "
+                          "tensor(s)")
+
+    work = copy.deepcopy(deploy).eval()
+    _ACTIVE.clear()
+    try:
+        _swap_placeholders(work)
+        proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch)
+        layers = _expand_placeholders(proto, opset, binary_form, custom_ops)
+    finally:
+        _ACTIVE.clear()
+    proto = _check(proto, custom_ops)
+    data = proto.SerializeToString()
+    if len(data) >= 2**31:
+        raise ExportError("the exported model is larger than 2 GiB, the protobuf limit; external data is not "
+                          "supported by quantkit's exporter yet")
+
+    agreement = Agreement()
+    if custom_ops:
+        agreement.notes.append("custom quantkit ops: onnxruntime check skipped (stock onnxruntime does not "
+                               "implement the quantkit domain)")
+    if ref_sim is not None:
+        agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
+    else:
+        agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
+    agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
+    if verify and not custom_ops:
+        from .verify import run_onnxruntime
+
+        ort_out = run_onnxruntime(data, in_names, inputs)
+        agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, ort_out)
+        if ref_sim is not None:
+            agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
+        bound = atol + rtol * agreement.output_absmax
+        if agreement.deploy_vs_onnxruntime > bound:
+            raise ExportError(
+                f"onnxruntime disagrees with the deploy model: max abs difference "
+                f"{agreement.deploy_vs_onnxruntime:.3g} > {bound:.3g} (atol + rtol * max|y|); nothing was written. "
+                "Loosen atol/rtol if the model amplifies float rounding, or report the model")
+        if dynamic_batch and inputs and inputs[0].dim() > 0:
+            doubled = tuple(torch.cat([t, t], 0) for t in inputs)
+            out2 = run_onnxruntime(data, in_names, doubled)
+            if out2 and out2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
+                raise ExportError("the dynamic batch axis does not propagate to the output; export with "
+                                  "dynamic_batch=False")
+    atomic_write_bytes(out_path, data)
+    result = ExportResult(str(out_path), opset, binary_form, custom_ops, len(data), layers, agreement, in_names,
+                          out_names)
+    if not quiet:
+        print(result.summary())
+    return result
+
+
+def _max_diff(a: list, b: list) -> float:
+    if len(a) != len(b):
+        raise ExportError(f"output count differs: {len(a)} vs {len(b)}")
+    worst = 0.0
+    for x, y in zip(a, b):
+        x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, np.float64)
+        y = np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y, np.float64)
+        if x.shape != y.shape:
+            raise ExportError(f"output shapes differ: {x.shape} vs {y.shape}")
+        if x.size:
+            worst = max(worst, float(np.max(np.abs(x - y))))
+    return worst
+
+
+__all__ = ["export_onnx", "ExportResult", "Agreement", "DEFAULT_OPSET", "DEFAULT_BINARY_FORM", "atomic_write_bytes",
+           "check_output_path"]
