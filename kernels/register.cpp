@@ -65,4 +65,6 @@ TORCH_LIBRARY(quantkit, m) {
   // Benchmark helper: abs-differences per second of a register-resident VPSADBW+VPADDQ loop on the calling thread
   // (the SAD peak the adder kernels are measured against); 0 when the CPU has no AVX-512BW.
   m.def("adder_sad_peak(int iters) -> float");
+  // Drop the CPU kernels' cache of packed weights (only needed after writing weights without bumping their version).
+  m.def("adder_clear_weight_cache() -> ()");
 }

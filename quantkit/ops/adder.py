@@ -44,6 +44,7 @@ __all__ = [
     "adder_l1_conv2d_reference",
     "adder_conv2d_reference",
     "adder_conv2d_output_size",
+    "clear_weight_cache",
 ]
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -302,6 +303,18 @@ def _op_for(name: str, device: torch.device):
     if torch.compiler.is_compiling():  # the dispatcher query below is not traceable; the op itself is
         return getattr(torch.ops.quantkit, name) if has_op(name) else None
     return getattr(torch.ops.quantkit, name) if use_kernel(name, device) else None
+
+
+def clear_weight_cache() -> None:
+    """Drop the CPU kernels' cache of packed weights.
+
+    The kernels pack each weight tensor once and reuse the packing while the same tensor (same object, data pointer,
+    shape, strides and version counter) comes back. In-place PyTorch ops bump the version counter, so they are seen;
+    writes that bypass it (through ``.data``, a numpy view or DLPack) are not: call this after such a write, or set
+    ``QUANTKIT_ADDER_WEIGHT_CACHE=0`` to disable the cache.
+    """
+    if has_op("adder_clear_weight_cache"):
+        torch.ops.quantkit.adder_clear_weight_cache()
 
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

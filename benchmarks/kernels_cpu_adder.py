@@ -1,0 +1,199 @@
+"""CPU speed of the integer l1 (adder) kernels against baselines measured in the same run, at the same thread count.
+
+Rows (``adder_rows(threads)``):
+* ``adder_gemm`` 8-bit (code form |q_x - 2 q_w|, the PTQ default for post-ReLU inputs) and 4-bit, G = 4 groups,
+  vs torch FP32 ``matmul`` of the same M, N, K and vs ``torch.cdist(p=1)`` of the same operands;
+* ``adder_conv`` on ResNet-18's 3x3 layer shapes, 8 and 4 bits, vs torch FP32 ``conv2d`` (NCHW and channels-last,
+  the faster one is the baseline) and vs ``F.unfold`` + ``torch.cdist(p=1)``;
+* ``sad_peak``: abs-differences/s of the kernel on an L1-resident GEMM as a fraction of a register-resident
+  VPSADBW+VPADDQ loop (KERNELS.md §4.1), single thread.
+
+Times are medians over repeats; every ratio is baseline time / our time (> 1 means we are faster).
+
+Run: ``.venv/bin/python benchmarks/kernels_cpu_adder.py [--threads 1,2] [--quick]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.ops import adder as A
+from quantkit.ops._dispatch import cpu_isa, has_op
+
+
+def _median_time(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:
+    fn()  # warm-up (allocations, caches, lazy init)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _operands(bits: int, groups: int, x_shape, w_shape, gen: torch.Generator):
+    """Code-form operands: x in [0, 2^b - 1] per group, w signed b-bit, w_mult = 2."""
+    x = torch.randint(0, 2**bits, (groups, *x_shape), generator=gen).to(torch.uint8)
+    w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), w_shape, generator=gen).to(torch.int8)
+    n_out = w_shape[0]
+    gi = torch.randint(0, groups, (n_out,), generator=gen)
+    delta = torch.rand(n_out, generator=gen) + 0.01
+    bias = torch.randn(n_out, generator=gen)
+    return x, w, gi, delta, bias
+
+
+def _gemm_row(m: int, n: int, k: int, bits: int, groups: int, repeats: int, with_cdist: bool) -> Dict:
+    gen = torch.Generator().manual_seed(0)
+    x, w, gi, delta, bias = _operands(bits, groups, (m, k), (n, k), gen)
+    ours = _median_time(lambda: A.adder_linear(x, w, gi, delta, bias, 2), repeats)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    t_mm = _median_time(lambda: torch.matmul(a, b), repeats)
+    row = {
+        "name": f"adder_gemm_{bits}bit",
+        "shape": f"M={m} N={n} K={k} G={groups}",
+        "ours_ms": ours * 1e3,
+        "fp32_matmul_ms": t_mm * 1e3,
+        "x_vs_fp32_matmul": t_mm / ours,
+        "G_absdiff_per_s": m * n * k / ours / 1e9,
+    }
+    if with_cdist:
+        xf, wf = torch.randn(m, k), torch.randn(n, k)
+        t_cd = _median_time(lambda: torch.cdist(xf, wf, p=1), max(3, repeats // 3), min_time=0.0)
+        row.update(cdist_ms=t_cd * 1e3, x_vs_cdist=t_cd / ours)
+    return row
+
+
+def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, groups: int, repeats: int,
+              with_cdist: bool) -> Dict:
+    gen = torch.Generator().manual_seed(0)
+    x, w, gi, delta, bias = _operands(bits, groups, (batch, c, hw, hw), (cout, c, 3, 3), gen)
+    x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # channels-last per group, as deployed
+    ours = _median_time(lambda: A.adder_conv2d(x, w, gi, delta, bias, stride, 1, 1, 2), repeats)
+    xf = torch.randn(batch, c, hw, hw)
+    wf = torch.randn(cout, c, 3, 3)
+    t_nchw = _median_time(lambda: F.conv2d(xf, wf, None, stride, 1), repeats)
+    xcl, wcl = xf.contiguous(memory_format=torch.channels_last), wf.contiguous(memory_format=torch.channels_last)
+    t_cl = _median_time(lambda: F.conv2d(xcl, wcl, None, stride, 1), repeats)
+    t_conv = min(t_nchw, t_cl)
+    ho = (hw + 2 - 3) // stride + 1
+    row = {
+        "name": f"adder_conv3x3_{bits}bit",
+        "shape": f"N={batch} C={c} {hw}x{hw} Cout={cout} s={stride} G={groups}",
+        "ours_ms": ours * 1e3,
+        "fp32_conv2d_ms": t_conv * 1e3,
+        "fp32_conv2d_layout": "channels_last" if t_cl < t_nchw else "nchw",
+        "x_vs_fp32_conv2d": t_conv / ours,
+        "G_absdiff_per_s": batch * ho * ho * cout * c * 9 / ours / 1e9,
+    }
+    if with_cdist:
+        wflat = wf.reshape(cout, -1)
+
+        def unfold_cdist():
+            cols = F.unfold(xf, 3, padding=1, stride=stride).transpose(1, 2).reshape(-1, c * 9)
+            return torch.cdist(cols, wflat, p=1)
+
+        t_cd = _median_time(unfold_cdist, 3, min_time=0.0)
+        row.update(cdist_ms=t_cd * 1e3, x_vs_cdist=t_cd / ours)
+    return row
+
+
+def _sad_peak_row(repeats: int) -> Optional[Dict]:
+    """Kernel rate on an L1-resident problem (K = 512, N = 64: 32 KiB of packed weights) against the register-only
+    VPSADBW loop, both on one thread."""
+    if not has_op("adder_sad_peak"):
+        return None
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = max(torch.ops.quantkit.adder_sad_peak(2_000_000) for _ in range(5))
+        if peak <= 0:
+            return None
+        m, n, k = 8192, 64, 512
+        gen = torch.Generator().manual_seed(0)
+        x, w, gi, _, _ = _operands(8, 1, (m, k), (n, k), gen)
+        gi.zero_()
+        ours = _median_time(lambda: A.adder_l1(x, w, gi, 1), repeats)
+    finally:
+        torch.set_num_threads(saved)
+    rate = m * n * k / ours
+    return {
+        "name": "sad_peak",
+        "shape": f"M={m} N={n} K={k} (L1-resident weights), 1 thread",
+        "ours_ms": ours * 1e3,
+        "G_absdiff_per_s": rate / 1e9,
+        "register_loop_G_absdiff_per_s": peak / 1e9,
+        "fraction_of_sad_peak": rate / peak,
+    }
+
+
+def adder_rows(threads: int, quick: bool = False) -> List[Dict]:
+    """Benchmark rows at ``threads`` threads (ours and every baseline at the same count)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    repeats = 3 if quick else 7
+    rows: List[Dict] = []
+    try:
+        gemm_shapes = [(1024, 1024, 1024)] if quick else [(1024, 1024, 1024), (2048, 2048, 2048), (256, 512, 4608)]
+        for bits in (8, 4):
+            for m, n, k in gemm_shapes:
+                rows.append(_gemm_row(m, n, k, bits, 4, repeats, with_cdist=m * n * k <= 2**30))
+        conv_shapes = [(1, 64, 56, 64, 1), (1, 128, 28, 128, 1), (1, 256, 14, 256, 1), (1, 512, 7, 512, 1),
+                       (16, 64, 56, 64, 1), (16, 256, 14, 256, 1)]
+        if quick:
+            conv_shapes = conv_shapes[:2]
+        for bits in (8, 4):
+            for batch, c, hw, cout, stride in conv_shapes:
+                rows.append(_conv_row(batch, c, hw, cout, stride, bits, 4, repeats, with_cdist=batch == 1))
+        if threads == 1:
+            peak = _sad_peak_row(repeats)
+            if peak is not None:
+                rows.append(peak)
+    finally:
+        torch.set_num_threads(saved)
+    for r in rows:
+        r["threads"] = threads
+    return rows
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", default=f"1,{os.cpu_count() or 1}", help="comma-separated thread counts")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    args = parser.parse_args()
+    print(f"# CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, ISA {cpu_isa()}")
+    cols = ["threads", "name", "shape", "ours_ms", "fp32_matmul_ms", "fp32_conv2d_ms", "cdist_ms",
+            "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "G_absdiff_per_s", "fraction_of_sad_peak"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for threads in sorted({int(t) for t in args.threads.split(",")}):
+        for r in adder_rows(threads, quick=args.quick):
+            print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |", flush=True)
+            if r["name"] == "sad_peak":
+                print(f"#   register-resident VPSADBW loop: {r['register_loop_G_absdiff_per_s']:.1f} G abs-diff/s")
+
+
+if __name__ == "__main__":
+    main()
