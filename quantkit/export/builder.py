@@ -53,12 +53,16 @@ def int4_tensor(name: str, values: np.ndarray, signed: bool = True) -> TensorPro
 class GraphBuilder:
     """Collects the nodes and initializers one layer contributes to the graph."""
 
-    def __init__(self, prefix: str, opset: int) -> None:
+    #: constants up to this many elements are shared across the whole graph (shapes, axes, scalars)
+    SHARED_MAX_ELEMENTS = 16
+
+    def __init__(self, prefix: str, opset: int, shared: dict | None = None) -> None:
         self.prefix = prefix or "model"
         self.opset = opset
         self.nodes: list = []
         self.initializers: list[TensorProto] = []
         self._count = 0
+        self._shared = shared if shared is not None else {}
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -67,6 +71,14 @@ class GraphBuilder:
     # ---- initializers ---------------------------------------------------------------------------------
     def init(self, hint: str, value: Any, dtype: Any = None) -> str:
         arr = to_numpy(value, dtype)
+        if arr.size <= self.SHARED_MAX_ELEMENTS:
+            key = (arr.dtype.str, arr.shape, arr.tobytes())
+            name = self._shared.get(key)
+            if name is None:
+                name = f"quantkit_const_{len(self._shared)}"
+                self._shared[key] = name
+                self.initializers.append(numpy_helper.from_array(arr, name))
+            return name
         name = self.name(hint)
         self.initializers.append(numpy_helper.from_array(arr, name))
         return name
@@ -87,11 +99,10 @@ class GraphBuilder:
            domain: str = "", **attrs: Any) -> Any:
         """Append a node; returns its output name (or a list of names when it has several outputs)."""
         if isinstance(outputs, int):
-            outs = [self.name(f"{hint or op_type}_out") for _ in range(outputs)]
+            outs = [self.name(hint or op_type) for _ in range(outputs)]
         else:
             outs = list(outputs)
-        node = helper.make_node(op_type, list(inputs), outs, name=self.name(hint or op_type), domain=domain or None,
-                                **attrs)
+        node = helper.make_node(op_type, list(inputs), outs, name=outs[0], domain=domain or None, **attrs)
         self.nodes.append(node)
         return outs[0] if len(outs) == 1 else outs
 
@@ -103,25 +114,21 @@ class GraphBuilder:
         return self.op("Where", [ge, self.f32("plus_one", np.float32(1.0)), self.f32("minus_one", np.float32(-1.0))],
                        hint)
 
-    def unpack_bits_pm1(self, packed: str, k: int, hint: str = "unpack") -> str:
-        """Packed uint8 bits ``(..., ceil(k/8))`` (element j in bit j%8 of byte j//8) -> float +-1 ``(..., k)``,
-        with standard operators only (Unsqueeze, BitShift, BitwiseAnd, Reshape, Slice, Cast)."""
+    def unpack_bits_pm1(self, packed: str, shape: Sequence[int], k: int, hint: str = "unpack") -> str:
+        """Packed uint8 bits of static ``shape`` ``(..., ceil(k/8))`` (element j in bit j%8 of byte j//8) -> float
+        +-1 ``(..., k)``, with standard operators only (Unsqueeze, BitShift, BitwiseAnd, Reshape, Slice, Cast).
+        Every input is an initializer, so onnxruntime folds this once when the session loads."""
         shifts = self.init("bit_shifts", np.arange(8, dtype=np.uint8))
         one = self.init("bit_one", np.uint8(1))
         u = self.op("Unsqueeze", [packed, self.i64("axis_last", [-1])], f"{hint}_unsq")
         sh = self.op("BitShift", [u, shifts], f"{hint}_shift", direction="RIGHT")
         bits = self.op("BitwiseAnd", [sh, one], f"{hint}_and")
-        return self._bits_to_pm1(bits, k, hint)
-
-    def _bits_to_pm1(self, bits: str, k: int, hint: str) -> str:
-        # (..., nbytes, 8) -> (..., nbytes * 8) -> first k -> +-1 float
-        shape = self.op("Shape", [bits], f"{hint}_shape")
-        lead = self.op("Slice", [shape, self.i64("s0", [0]), self.i64("sm2", [-2])], f"{hint}_lead")
-        new_shape = self.op("Concat", [lead, self.i64("minus1", [-1])], f"{hint}_newshape", axis=0)
-        flat = self.op("Reshape", [bits, new_shape], f"{hint}_flat")
-        cut = self.op("Slice", [flat, self.i64("s0", [0]), self.i64("k", [k]), self.i64("axis_last", [-1])],
-                      f"{hint}_cut")
-        f = self.op("Cast", [cut], f"{hint}_cast", to=TensorProto.FLOAT)
+        lead = list(shape[:-1])
+        flat = self.op("Reshape", [bits, self.i64("shape", lead + [shape[-1] * 8])], f"{hint}_flat")
+        if shape[-1] * 8 != k:
+            flat = self.op("Slice", [flat, self.i64("s0", [0]), self.i64("k", [k]), self.i64("axis_last", [-1])],
+                           f"{hint}_cut")
+        f = self.op("Cast", [flat], f"{hint}_cast", to=TensorProto.FLOAT)
         two = self.f32("two", np.float32(2.0))
         return self.op("Sub", [self.op("Mul", [f, two], f"{hint}_x2"), self.f32("one", np.float32(1.0))], hint)
 

@@ -126,6 +126,7 @@ class _CallRecord:
 
 
 _ACTIVE: dict[int, _CallRecord] = {}
+_DYNAMIC_BATCH = [True]
 
 
 class _LayerFn(torch.autograd.Function):
@@ -153,7 +154,10 @@ class _LayerFn(torch.autograd.Function):
         rec = _ACTIVE[call_id]
         out = g.op(f"{_PLACEHOLDER_DOMAIN}::Layer", *inputs, call_id_i=call_id)
         try:
-            out.setType(inputs[0].type().with_dtype(torch.float32).with_sizes(list(rec.output_shapes[0])))
+            sizes: list = list(rec.output_shapes[0])
+            if _DYNAMIC_BATCH[0] and sizes:
+                sizes[0] = None  # a static batch here would be folded into later Reshapes by the exporter
+            out.setType(inputs[0].type().with_dtype(torch.float32).with_sizes(sizes))
         except Exception:  # the type only helps PyTorch's own shape inference; the emitted graph is re-inferred
             pass
         return out
@@ -204,6 +208,10 @@ def _swap_placeholders(model: nn.Module) -> None:
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, _Placeholder):
                 continue
+            if isinstance(child, QuantModule):
+                raise ExportError(
+                    f"layer {name!r} ({type(child).__name__}) is a simulated layer inside a deploy model; export the "
+                    "simulated model itself (it is converted) or convert the whole model with quantkit.convert")
             if emitter_for(child) is not None:
                 setattr(parent, child_name, _Placeholder(child, name))
                 continue
@@ -214,10 +222,6 @@ def _swap_placeholders(model: nn.Module) -> None:
                 prepare_attention(child, name, lambda core, n: _Placeholder(core, n))
                 visit(child, name)
                 continue
-            if isinstance(child, QuantModule):
-                raise ExportError(
-                    f"layer {name!r} ({type(child).__name__}) is a simulated layer inside a deploy model; export the "
-                    "simulated model itself (it is converted) or convert the whole model with quantkit.convert")
             mod = type(child).__module__
             if mod.startswith("quantkit.nn") and not isinstance(child, plain):
                 raise ExportError(
@@ -318,6 +322,7 @@ def _torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list
 def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
                          custom_ops: bool) -> list[LayerExport]:
     graph = proto.graph
+    shared: dict = {}
     new_nodes: list = []
     layers: list[LayerExport] = []
     for node in graph.node:
@@ -328,7 +333,7 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
         rec = _ACTIVE[call_id]
         ctx = EmitContext(rec.name, type(rec.module).__name__, opset, binary_form, rec.input_shapes,
                           rec.output_shapes)
-        b = GraphBuilder(rec.name, opset)
+        b = GraphBuilder(rec.name, opset, shared)
         try:
             if custom_ops:
                 y, info = emit_custom(rec.module, b, list(node.input), ctx)
@@ -366,6 +371,7 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
 
 
 def _check(proto: onnx.ModelProto, custom_ops: bool) -> onnx.ModelProto:
+    """Strict shape inference + the full checker; returns the inferred copy."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=not custom_ops)
         onnx.checker.check_model(inferred, full_check=not custom_ops)
@@ -378,7 +384,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 dynamic_batch: bool = True, input_names: Sequence[str] | None = None,
                 output_names: Sequence[str] | None = None, custom_ops: bool = False,
                 binary_form: str = DEFAULT_BINARY_FORM, verify: bool = True, rtol: float = 1e-4,
-                atol: float = 1e-4, quiet: bool = False) -> ExportResult:
+                atol: float = 1e-4, flip_rtol: float = 1e-2, quiet: bool = False) -> ExportResult:
     """Export a quantized model to ONNX that stock onnxruntime runs, check it, and write it atomically.
 
     Args:
@@ -395,8 +401,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             so the onnxruntime check is skipped. Default False: standard operators only.
         binary_form: ``"unpack"`` (default, the faster in onnxruntime) or ``"xor"`` (never unpacks to float); see
             :mod:`quantkit.export.emit.binary`.
-        verify: run onnxruntime on the example inputs and require ``|ort - deploy| <= atol + rtol * max|deploy|``
-            (an ExportError otherwise); the simulated-vs-deploy difference is reported, not enforced.
+        verify: run onnxruntime on the example inputs and compare with the deploy model. Within
+            ``atol + rtol * max|y|`` they agree to float rounding; up to ``atol + flip_rtol * max|y|`` the export
+            passes with a warning (float rounding in full-precision layers moved a value across a quantization
+            threshold, which deep quantized networks amplify); beyond that it raises ExportError and writes nothing.
+            The simulated-vs-deploy difference is reported, not enforced.
         quiet: do not print the summary.
 
     Returns:
@@ -455,13 +464,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     work = copy.deepcopy(deploy).eval()
     _ACTIVE.clear()
+    _DYNAMIC_BATCH[0] = dynamic_batch
     try:
         _swap_placeholders(work)
         proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch)
         layers = _expand_placeholders(proto, opset, binary_form, custom_ops)
     finally:
         _ACTIVE.clear()
-    proto = _check(proto, custom_ops)
+    _check(proto, custom_ops)  # the file keeps no value_info: shapes are re-inferred by every runtime anyway
     data = proto.SerializeToString()
     if len(data) >= 2**31:
         raise ExportError("the exported model is larger than 2 GiB, the protobuf limit; external data is not "
@@ -483,16 +493,28 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, ort_out)
         if ref_sim is not None:
             agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
-        bound = atol + rtol * agreement.output_absmax
-        if agreement.deploy_vs_onnxruntime > bound:
-            raise ExportError(
-                f"onnxruntime disagrees with the deploy model: max abs difference "
-                f"{agreement.deploy_vs_onnxruntime:.3g} > {bound:.3g} (atol + rtol * max|y|); nothing was written. "
-                "Loosen atol/rtol if the model amplifies float rounding, or report the model")
+        err, scale = agreement.deploy_vs_onnxruntime, agreement.output_absmax
+        if err > atol + rtol * scale:
+            if err > atol + flip_rtol * scale:
+                raise ExportError(
+                    f"onnxruntime disagrees with the deploy model: max abs difference {err:.3g} with max|y| = "
+                    f"{scale:.3g} (allowed: {atol + flip_rtol * scale:.3g}); nothing was written. Raise flip_rtol if "
+                    "the model is known to amplify float rounding, or report the model")
+            agreement.notes.append(
+                f"deploy vs onnxruntime ({err:.3g}) is above float tolerance ({atol + rtol * scale:.3g}) but within "
+                f"{flip_rtol:g} * max|y|, consistent with float rounding in full-precision layers (which onnxruntime "
+                "computes in another order) moving a value across a quantization threshold. Check accuracy on real "
+                "data")
+            if not quiet:
+                warnings.warn(f"quantkit export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=2)
         if dynamic_batch and inputs and inputs[0].dim() > 0:
             doubled = tuple(torch.cat([t, t], 0) for t in inputs)
-            out2 = run_onnxruntime(data, in_names, doubled)
-            if out2 and out2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
+            try:
+                out2 = run_onnxruntime(data, in_names, doubled)
+            except ExportError as exc:
+                raise ExportError(f"the exported graph does not run with another batch size ({exc}); the model "
+                                  "fixes its batch size somewhere: export with dynamic_batch=False") from exc
+            if out2 and ref_deploy[0].dim() and out2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
                 raise ExportError("the dynamic batch axis does not propagate to the output; export with "
                                   "dynamic_batch=False")
     atomic_write_bytes(out_path, data)

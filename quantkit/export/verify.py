@@ -18,7 +18,7 @@ def ort_session(model: bytes | str | os.PathLike, *, threads: int | None = None,
         raise ExportError("onnxruntime is not installed; `pip install onnxruntime` to verify exports "
                           "(or pass verify=False)") from exc
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; no console noise
     if threads:
         so.intra_op_num_threads = threads
     if not optimize:

@@ -70,8 +70,8 @@ def prepare_attention(module: nn.Module, name: str, wrap) -> None:
     """Route a BinaryAttentionDeploy's core through an exported :class:`AttentionCore` (its projections are binary
     linears exported on their own)."""
     core = AttentionCore(module.method, module.beta, module.sab_scale, module.logit_scale)
-    # an instance attribute shadows the method; nn.Module registers it as the submodule "_attend"
-    module._attend = wrap(core, f"{name}.attention_core" if name else "attention_core")
+    # stored in the instance __dict__ (not as a registered submodule) so that it shadows the class's method
+    object.__setattr__(module, "_attend", wrap(core, f"{name}.attention_core" if name else "attention_core"))
 
 
 def _register() -> None:

@@ -150,7 +150,7 @@ def _weight_pm1(b: GraphBuilder, s: BinarySpec) -> tuple[str, int]:
     """+-1 float weight from the packed uint8 initializer: conv (O, C, kh, kw), linear (O, K)."""
     wbytes = words_to_bytes(s.words, s.k)
     packed = b.init("weight_bits", wbytes)
-    w = b.unpack_bits_pm1(packed, s.k, "weight_unpack")
+    w = b.unpack_bits_pm1(packed, wbytes.shape, s.k, "weight_unpack")
     if s.conv:
         w = b.op("Transpose", [w], "weight_oihw", perm=[0, 3, 1, 2])
     return w, int(wbytes.nbytes)
