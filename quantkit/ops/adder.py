@@ -16,11 +16,20 @@ Math (one output channel ``o`` of group ``g = group_index[o]``)::
   which is exactly what the float AdderNet with zero padding computes (a padded ``x = 0`` quantizes to ``q_x = 0``
   on every symmetric grid).
 
-Integer inputs may have any integer dtype (int8/uint8/int16/int32/int64) and any strides. The compiled CPU kernel
-maps activations to a common unsigned byte grid and clamps the weights into the activation range with an exact
-per-channel correction (``|x - w| = |x - clamp(w, lo, hi)| + dist(w, [lo, hi])`` whenever ``lo <= x <= hi``), so
-every form with activations spanning at most 256 consecutive integers (all forms for b <= 8) runs on VPSADBW; wider
-activations fall back to an exact int32 loop.
+Integer inputs may have any integer dtype (int8/uint8/int16/int32/int64) and any strides; the output is int32
+(raw sums) or float32, and conv outputs come in channels-last memory format. The compiled CPU kernel
+(``kernels/cpu/adder.cpp``):
+
+* maps the activations to a common unsigned grid and clamps the weights into it with an exact per-channel
+  correction (``|x - w| = |x - clamp(w, lo, hi)| + dist(w, [lo, hi])`` whenever ``lo <= x <= hi``), so every form
+  whose activations span at most 256 consecutive integers -- all forms for b <= 8, the 8-bit code form included --
+  runs on u8 ``VPSADBW``; wider activations use an exact u16 path (portable loops);
+* runs conv as an indirect GEMM over channels-last rows (no im2col copy); padded taps read a row of ``q_x = 0``;
+* sorts output channels by group so a 16-channel block reads one group's activations (sorted ``group_index`` is
+  fastest, any order is exact);
+* caches the packed weights per weight tensor (see :func:`clear_weight_cache`), so deploy layers pack once;
+* picks AVX-512BW, AVX2 or portable code at run time (``QUANTKIT_CPU_ISA=portable|avx2|avx512`` lowers it) and
+  runs on PyTorch's intra-op thread pool.
 
 Each op has a pure-PyTorch reference (``*_reference``, int64 math, chunked so memory stays bounded), used when the
 compiled kernels are missing (with one loud warning) and by the tests.
