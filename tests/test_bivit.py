@@ -309,3 +309,15 @@ def test_attention_error_comparison_on_real_attention_maps():
     assert err["sab_optimal"] <= err["sab_beta_max"] <= 1.5 * err["sab_optimal"]
     # (whether BiBERT also exceeds SAB *without* scale depends on how peaked the rows are; benchmarks/bivit.py
     # reports it for the trained benchmark model)
+
+
+def test_prepared_state_dict_round_trip():
+    torch.manual_seed(6)
+    model = vit_digits(depth=1, embed_dim=16, num_heads=2)
+    a = quantkit.prepare(model, "bivit")
+    x = torch.randn(2, 1, 8, 8)
+    a.eval()(x)  # initialises the learned scales
+    b = quantkit.prepare(model, "bivit")
+    b.load_state_dict(a.state_dict())  # strict: scales and their init flags travel with the checkpoint
+    assert bool(b.blocks[0].attn.qkv.scale_initialized)
+    assert torch.equal(b.eval()(x), a(x))
