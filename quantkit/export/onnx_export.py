@@ -95,8 +95,9 @@ class ExportResult:
         return sum(layer.fp32_weight_bytes for layer in self.layers)
 
     def summary(self) -> str:
-        lines = [f"exported {self.path} (opset {self.opset}, {self.file_bytes / 1024:.1f} KiB"
-                 + (", custom quantkit ops" if self.custom_ops else f", binary form '{self.binary_form}'") + ")"]
+        binary = any(layer.form in ("unpack", "xor") for layer in self.layers)
+        extra = ", custom quantkit ops" if self.custom_ops else (f", binary form '{self.binary_form}'" if binary else "")
+        lines = [f"exported {self.path} (opset {self.opset}, {self.file_bytes / 1024:.1f} KiB{extra})"]
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
             for layer in self.layers:

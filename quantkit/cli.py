@@ -1,0 +1,581 @@
+"""The ``quantkit`` command line (also ``python -m quantkit``).
+
+Exit codes: 0 success; 1 a problem with the inputs (bad module path, missing file, wrong tensor shape, unknown scheme,
+unwritable output, failed verification) reported as one line on stderr; 2 bad command-line usage; 70 an internal
+error (one line; ``--verbose`` prints the traceback); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class CLIError(Exception):
+    """A user-facing problem: printed as one line, exit code 1."""
+
+
+class _Console:
+    def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
+        self.quiet, self.verbose = quiet, verbose
+
+    def info(self, msg: str = "") -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def debug(self, msg: str) -> None:
+        if self.verbose and not self.quiet:
+            print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- loading things
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``pkg.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    if ":" not in spec or spec.startswith(":") or spec.endswith(":"):
+        raise CLIError(f"--model {spec!r}: expected 'pkg.module:factory' (or 'file.py:factory'), e.g. "
+                       "'quantkit.models.adder_resnet:adder_resnet20'")
+    mod_name, _, attr = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.isfile(mod_name):
+                raise CLIError(f"--model {spec!r}: no such file {mod_name!r}")
+            loader_spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current folder are found
+            module = importlib.import_module(mod_name)
+    except CLIError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise CLIError(f"--model {spec!r}: cannot import module {mod_name!r} ({exc})") from exc
+    except Exception as exc:
+        raise CLIError(f"--model {spec!r}: importing {mod_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CLIError(f"--model {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise CLIError(f"--model {spec!r}: {attr!r} is not callable")
+    return factory
+
+
+def build_model(spec: str, weights: str | None, console: _Console):
+    import torch
+    from torch import nn
+
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise CLIError(f"--model {spec!r}: calling {spec.rpartition(':')[2]}() failed: {type(exc).__name__}: "
+                       f"{exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        state = load_tensor_file(weights, "--weights", allow_dict=True)
+        if isinstance(state, dict):
+            for key in ("state_dict", "model", "model_state_dict"):
+                if key in state and isinstance(state[key], dict):
+                    state = state[key]
+                    break
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CLIError(f"--weights {weights!r}: expected a state_dict (a dict of tensors), got "
+                           f"{type(state).__name__}")
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CLIError(f"--weights {weights!r} does not fit the model: missing {_few(result.missing_keys)}, "
+                           f"unexpected {_few(result.unexpected_keys)}")
+        console.debug(f"loaded {len(state)} tensors from {weights}")
+    return model.eval()
+
+
+def _few(keys: Sequence[str]) -> str:
+    keys = list(keys)
+    if not keys:
+        return "none"
+    return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def load_tensor_file(path: str, what: str, allow_dict: bool = False) -> Any:
+    """A .pt/.pth (``torch.load(weights_only=True)``) or .npy (``allow_pickle=False``) file."""
+    import numpy as np
+    import torch
+
+    if not os.path.exists(path):
+        raise CLIError(f"{what} {path!r}: no such file")
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path!r} is a folder, expected a file")
+    try:
+        if path.endswith(".npy"):
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"{what} {path!r} cannot be loaded safely (weights_only=True): {first}") from exc
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise CLIError(f"--input-shape {text!r}: expected integers such as 3,32,32 (one sample, no batch)") from None
+    if not shape or min(shape) <= 0:
+        raise CLIError(f"--input-shape {text!r}: every size must be a positive integer")
+    return shape
+
+
+def _fit_images(x, shape: tuple[int, ...] | None):
+    """(N, C, H, W) images -> the model's (C, H, W): channel repeat / mean, bilinear resize."""
+    import torch.nn.functional as F
+
+    if shape is None or len(shape) != 3 or x.dim() != 4:
+        return x
+    c, h, w = shape
+    if x.shape[1] != c:
+        x = x.mean(1, keepdim=True).expand(-1, c, -1, -1) if c != 1 else x.mean(1, keepdim=True)
+    if tuple(x.shape[2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.contiguous()
+
+
+def load_calibration(spec: str, shape: tuple[int, ...] | None, limit: int):
+    """Calibration samples (N, ...) float32 from 'digits', a folder of images or a .npy/.pt tensor file."""
+    import numpy as np
+    import torch
+
+    if spec == "digits":
+        from sklearn.datasets import load_digits
+
+        images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8)
+        x = _fit_images(images, shape)
+    elif os.path.isdir(spec):
+        files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CLIError(f"--calib {spec!r}: the folder has no image files ({', '.join(IMAGE_SUFFIXES)})")
+        if shape is None or len(shape) != 3:
+            raise CLIError(f"--calib {spec!r}: a folder of images needs --input-shape C,H,W (e.g. 3,224,224)")
+        from PIL import Image
+
+        c, h, w = shape
+        arrays = []
+        for f in files[:limit]:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                    a = np.asarray(im, dtype=np.float32) / 255.0
+            except Exception as exc:
+                raise CLIError(f"--calib: cannot read image {str(f)!r}: {exc}") from exc
+            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+            if a.shape[0] != c:
+                a = np.repeat(a.mean(0, keepdims=True), c, axis=0)
+            arrays.append(a)
+        x = torch.from_numpy(np.stack(arrays))
+    elif os.path.exists(spec) or spec.endswith((".npy", ".pt", ".pth")):
+        data = load_tensor_file(spec, "--calib")
+        if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+            data = data[0]  # (inputs, targets)
+        if isinstance(data, dict):
+            data = next((data[k] for k in ("x", "inputs", "images", "data") if k in data), None)
+        if not isinstance(data, torch.Tensor):
+            raise CLIError(f"--calib {spec!r}: expected a tensor of samples (N, ...), got {type(data).__name__}")
+        x = data.float()
+        if x.dim() < 2:
+            raise CLIError(f"--calib {spec!r}: tensor of shape {tuple(x.shape)} has no batch dimension; "
+                           "expected (N, C, H, W) or (N, ...)")
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            raise CLIError(f"--calib {spec!r}: samples have shape {tuple(x.shape[1:])} but --input-shape is {shape}")
+    else:
+        raise CLIError(f"--calib {spec!r}: not 'digits', a folder of images, or an existing .npy/.pt file")
+    if x.shape[0] == 0:
+        raise CLIError(f"--calib {spec!r}: no samples")
+    if not torch.isfinite(x).all():
+        raise CLIError(f"--calib {spec!r}: the samples contain NaN/Inf values")
+    return x[:limit].contiguous()
+
+
+def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
+    from .export.onnx_export import check_output_path
+    from .errors import ExportError
+
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise CLIError(f"--out {path!r}: use a file name ending in {' or '.join(suffixes)}")
+    try:
+        return check_output_path(p)
+    except ExportError as exc:
+        raise CLIError(f"--out: {exc}") from exc
+
+
+def _batches(x, batch_size: int) -> list:
+    return [x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)]
+
+
+def _fmt_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _prepare_quantized(args, console: _Console):
+    """Build, load, calibrate -> (float model, simulated model, calibration samples)."""
+    import torch
+
+    import quantkit
+    from quantkit.schemes.base import get_scheme
+
+    overrides = _parse_overrides(args.set or [])
+    cfg = get_scheme(args.scheme, **overrides)  # unknown scheme / bad option -> QuantkitError (one line)
+    shape = _parse_shape(args.input_shape)
+    model = build_model(args.model, args.weights, console)
+    if args.calib:
+        samples = load_calibration(args.calib, shape, args.num_calib)
+    elif shape is not None:
+        if cfg.mode == "ptq":
+            raise CLIError(f"scheme {cfg.name!r} is post-training: give --calib (digits, a folder or a tensor file)")
+        samples = torch.randn(max(2, args.batch_size), *shape)
+    else:
+        raise CLIError("give --calib (digits, an image folder or a .npy/.pt file) or --input-shape C,H,W")
+    if cfg.mode == "qat":
+        console.info(f"note: {cfg.name!r} is a quantization-aware-training scheme; without a QAT-trained "
+                     "checkpoint the binarized model is untrained")
+    example = (samples[: min(args.batch_size, samples.shape[0], 8)],)
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:
+        raise CLIError(f"the model does not accept inputs of shape {tuple(example[0].shape)}: "
+                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} "
+                       "(set --input-shape C,H,W to resize the calibration data)") from exc
+    batches = _batches(samples, args.batch_size)
+    console.debug(f"calibration: {samples.shape[0]} samples of shape {tuple(samples.shape[1:])} in "
+                  f"{len(batches)} batches")
+    qmodel = quantkit.quantize(model, cfg, batches, example, progress=not console.quiet)
+    return model, qmodel, example
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CLIError(f"--set {item!r}: expected option=value, e.g. --set groups=4")
+        k, _, v = item.partition("=")
+        try:
+            out[k.strip()] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_quantize(args, console: _Console) -> int:
+    import torch
+
+    import quantkit
+    from .export.onnx_export import atomic_write_bytes
+    from .nn.base import deploy_nbytes
+
+    out = _check_output(args.out, (".onnx", ".pt", ".pth"))
+    model, qmodel, example = _prepare_quantized(args, console)
+    report = quantkit.report(qmodel)
+    fp_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    if out.suffix.lower() == ".onnx":
+        result = quantkit.export_onnx(qmodel, example, out, opset=args.opset, binary_form=args.binary_form,
+                                      custom_ops=args.custom_ops, quiet=True)
+        deployed = quantkit.convert(qmodel)
+        console.info(str(quantkit.report(deployed)))
+        console.info(result.summary())
+        with tempfile.TemporaryDirectory() as tmp:
+            fp = quantkit.export_onnx(model, example, os.path.join(tmp, "fp32.onnx"), opset=args.opset,
+                                      verify=False, quiet=True)
+        console.info(f"size: FP32 ONNX {_fmt_size(fp.file_bytes)} -> quantized ONNX {_fmt_size(result.file_bytes)} "
+                     f"({fp.file_bytes / max(result.file_bytes, 1):.1f}x smaller)")
+        a = result.agreement
+        if a.deploy_vs_onnxruntime is not None:
+            console.info(f"onnxruntime vs PyTorch deploy: max abs difference {a.deploy_vs_onnxruntime:.3g} "
+                         f"(max |y| = {a.output_absmax:.3g})")
+    else:
+        deployed = quantkit.convert(qmodel)
+        console.info(str(quantkit.report(deployed)))
+        payload = {"format": "quantkit-deploy-v1", "quantkit_version": quantkit.__version__,
+                   "model": args.model, "scheme": report.scheme,
+                   "example_input_shape": list(example[0].shape),
+                   "simulated_state_dict": qmodel.state_dict(), "deploy_state_dict": deployed.state_dict()}
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(out, buf.getvalue())
+        dep = deploy_nbytes(deployed)
+        console.info(f"size: FP32 parameters {_fmt_size(fp_bytes)} -> deploy model tensors {_fmt_size(dep)} "
+                     f"({fp_bytes / max(dep, 1):.1f}x smaller)")
+        console.info(f"wrote {out} (PyTorch checkpoint: rebuild with quantkit.prepare(factory(), scheme), "
+                     "load_state_dict(ckpt['simulated_state_dict']), quantkit.convert)")
+    return EXIT_OK
+
+
+def cmd_schemes(args, console: _Console) -> int:
+    import quantkit
+
+    items = quantkit.schemes()
+    width = max(len(k) for k in items)
+    for name, desc in items.items():
+        print(f"{name:<{width}}  {desc}")
+    return EXIT_OK
+
+
+def cmd_inspect(args, console: _Console) -> int:
+    from .errors import ExportError
+    from .export.inspect import inspect_onnx
+
+    try:
+        summary = inspect_onnx(args.file)
+    except ExportError as exc:
+        raise CLIError(str(exc)) from exc
+    print(summary.table())
+    return EXIT_OK
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("sse4_2", "popcnt", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq",
+              "avx512vnni", "avx512_bitalg", "amx_int8")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
+
+
+def cmd_info(args, console: _Console) -> int:
+    import onnx
+    import torch
+
+    import quantkit
+    from .ops import _load
+    from .ops._dispatch import cpu_isa, supported_cpu_isas
+
+    st = _load.status()
+    lines = [f"quantkit {quantkit.__version__}  (python {platform.python_version()}, {platform.machine()})",
+             f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {_ort_version()}",
+             f"compiled kernels (quantkit._C): {'built' if st.get('loaded') else 'MISSING: ' + str(st.get('error'))}",
+             f"  sm90a kernels (quantkit._C_sm90a): {'built' if st.get('sm90a') else 'not built'}",
+             f"CPU kernel ISA: {cpu_isa()} (this CPU can run: {', '.join(supported_cpu_isas()) or 'none'})",
+             f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads "
+             f"{torch.get_num_threads()}",
+             f"CPU features: {' '.join(_cpu_flags()) or 'unknown'}"]
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        lines.append(f"CUDA: {torch.version.cuda}, devices: {', '.join(names)}")
+    else:
+        lines.append(f"CUDA: not available (torch built with CUDA {torch.version.cuda})")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:
+        return "not installed"
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int, desc: str, console: _Console) -> float:
+    from tqdm.auto import tqdm
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False, disable=console.quiet or None):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cmd_bench(args, console: _Console) -> int:
+    import torch
+
+    import quantkit
+    from .export.verify import ort_session
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, qmodel, example = _prepare_quantized(args, console)
+    deployed = quantkit.convert(qmodel)
+    x = example[0][:1].expand(args.batch_size, *example[0].shape[1:]).contiguous()
+    forms = ["unpack", "xor"] if args.binary_form == "both" else [args.binary_form]
+    rows: list[tuple[str, float]] = []
+    with torch.no_grad():
+        rows.append(("PyTorch FP32", _median_ms(lambda: model(x), args.repeats, args.warmup, "torch fp32", console)))
+        rows.append(("PyTorch deploy (quantkit kernels)",
+                     _median_ms(lambda: deployed(x), args.repeats, args.warmup, "torch deploy", console)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"onnxruntime FP32": quantkit.export_onnx(model, (x,), os.path.join(tmp, "fp32.onnx"), verify=False,
+                                                           quiet=True).path}
+        for form in forms:
+            paths[f"onnxruntime quantized ({form})"] = quantkit.export_onnx(
+                qmodel, (x,), os.path.join(tmp, f"q_{form}.onnx"), binary_form=form, quiet=True).path
+        for label, path in paths.items():
+            sess = ort_session(path, threads=args.threads or None)
+            name = sess.get_inputs()[0].name
+            feed = {name: x.numpy()}
+            size = os.path.getsize(path)
+            rows.append((f"{label} [{_fmt_size(size)}]",
+                         _median_ms(lambda: sess.run(None, feed), args.repeats, args.warmup, label, console)))
+    base = rows[0][1]
+    print(f"bench: {args.model} scheme={args.scheme} batch={args.batch_size} input={tuple(x.shape[1:])} "
+          f"threads={args.threads or torch.get_num_threads()} repeats={args.repeats} (median)")
+    width = max(len(r[0]) for r in rows)
+    for label, ms in rows:
+        print(f"  {label:<{width}}  {ms:9.3f} ms   {base / ms:6.2f}x vs PyTorch FP32")
+    print(f"  machine: {platform.machine()}, {os.cpu_count()} cores; {', '.join(_cpu_flags()[-6:])}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------- parser
+_EPILOG_MAIN = """examples:
+  quantkit schemes
+  quantkit quantize --model quantkit.models.adder_resnet:adder_cnn_digits --scheme adder_ptq4 --calib digits \\
+      --out adder4.onnx
+  quantkit quantize --model my_pkg.models:build --weights ckpt.pt --scheme w8a8 --calib images/ \\
+      --input-shape 3,224,224 --out model.pt
+  quantkit inspect adder4.onnx
+  quantkit bench --model quantkit.models.vit:vit_digits --scheme bivit --calib digits --binary-form both
+  quantkit info
+
+exit codes: 0 ok, 1 bad input (one-line error), 2 usage, 70 internal error, 130 interrupted
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
+                   help="a function returning the float nn.Module (also file.py:factory)")
+    p.add_argument("--weights", metavar="CKPT", help="state_dict to load (torch.load with weights_only=True)")
+    p.add_argument("--scheme", required=True, help="quantization scheme (see `quantkit schemes`)")
+    p.add_argument("--calib", metavar="PATH|digits",
+                   help="calibration data: 'digits' (scikit-learn), a folder of images, or a .npy/.pt tensor (N, ...)")
+    p.add_argument("--input-shape", metavar="C,H,W", help="one sample's shape (resizes images / digits to it)")
+    p.add_argument("--num-calib", type=int, default=256, metavar="N", help="calibration samples to use (256)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (32; bench: 1)")
+    p.add_argument("--set", action="append", metavar="OPTION=VALUE",
+                   help="scheme option override, repeatable (e.g. --set groups=4 --set keep_first=False)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="quantkit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Low-bit quantization and binarization of vision models (AdaBin, AdderNet PTQ, BiViT), "
+                    "with bit-packed kernels and ONNX export.", epilog=_EPILOG_MAIN)
+    parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="more detail; tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model and write ONNX or a PyTorch deploy checkpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Quantize a model (prepare + calibrate), convert it, and write it: .onnx runs in "
+                                   "stock onnxruntime (verified against PyTorch), .pt is a PyTorch checkpoint.",
+                       epilog="examples:\n  quantkit quantize --model quantkit.models.adder_resnet:adder_cnn_digits "
+                              "--scheme adder_ptq4 --calib digits --out adder4.onnx\n"
+                              "  quantkit quantize --model my_pkg.models:build --weights ckpt.pt --scheme w4a4 "
+                              "--calib calib.npy --out model.pt")
+    _add_model_args(q)
+    q.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt")
+    q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
+    q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
+                   help="ONNX form of binary layers (unpack: faster in onnxruntime)")
+    q.add_argument("--custom-ops", action="store_true",
+                   help="emit compact quantkit.* custom-domain ops (not runnable by stock onnxruntime)")
+    q.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("schemes", help="list the quantization schemes")
+    s.set_defaults(func=cmd_schemes)
+
+    i = sub.add_parser("inspect", help="show an ONNX file's operators, bit widths and sizes",
+                       epilog="example:\n  quantkit inspect model.onnx",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("file", help="an .onnx file")
+    i.set_defaults(func=cmd_inspect)
+
+    n = sub.add_parser("info", help="kernels built, CPU features, CUDA")
+    n.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="latency of PyTorch FP32, the deploy model and onnxruntime",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  quantkit bench --model quantkit.models.vit:vit_digits --scheme bivit "
+                              "--calib digits --binary-form both --repeats 50")
+    _add_model_args(b)
+    b.set_defaults(batch_size=1)
+    b.add_argument("--repeats", type=int, default=30, help="timed runs (median reported; 30)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
+    b.add_argument("--threads", type=int, default=0, help="threads for PyTorch and onnxruntime (0: default)")
+    b.add_argument("--binary-form", choices=("unpack", "xor", "both"), default="both",
+                   help="ONNX forms of binary layers to time (both)")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    for name in ("num_calib", "batch_size", "repeats"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    console = _Console(args.quiet, args.verbose)
+    if args.quiet:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    from .errors import QuantkitError
+
+    try:
+        return int(args.func(args, console) or 0)
+    except (CLIError, QuantkitError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"quantkit: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("quantkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: still one line unless --verbose
+        if args.verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"quantkit: internal error: {type(exc).__name__}: {first} (run with --verbose for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
