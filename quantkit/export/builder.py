@@ -53,7 +53,7 @@ def int4_tensor(name: str, values: np.ndarray, signed: bool = True) -> TensorPro
 class GraphBuilder:
     """Collects the nodes and initializers one layer contributes to the graph."""
 
-    #: constants up to this many elements are shared across the whole graph (shapes, axes, scalars)
+    #: int64 constants up to this many elements (shapes, axes) are shared across the whole graph
     SHARED_MAX_ELEMENTS = 16
 
     def __init__(self, prefix: str, opset: int, shared: dict | None = None) -> None:
@@ -71,7 +71,8 @@ class GraphBuilder:
     # ---- initializers ---------------------------------------------------------------------------------
     def init(self, hint: str, value: Any, dtype: Any = None) -> str:
         arr = to_numpy(value, dtype)
-        if arr.size <= self.SHARED_MAX_ELEMENTS:
+        # shapes, axes and scalar constants are shared; tensors of a layer (weights, scales) never are
+        if (arr.dtype == np.int64 and arr.size <= self.SHARED_MAX_ELEMENTS) or (arr.size == 1 and "weight" not in hint):
             key = (arr.dtype.str, arr.shape, arr.tobytes())
             name = self._shared.get(key)
             if name is None:

@@ -273,9 +273,15 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if p.is_dir():
         raise ExportError(f"output path {str(p)!r} is a folder; give a file name such as model.onnx")
     if not folder.is_dir():
-        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} is not writable")
+        why = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} {why}")
+    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} is not writable "
+                          f"({exc.strerror or exc})") from exc
     return p
 
 
@@ -425,6 +431,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     inputs = _as_inputs(example_inputs)
 
     simulated = model if _has_quant_modules(model) else None
+    if simulated is not None and not hasattr(model, "_quantkit_config"):
+        from ..nn.base import QuantModule
+
+        name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantModule))
+        raise ExportError(f"layer {name!r} ({type(layer).__name__}) is a simulated quantkit layer in a model that "
+                          "quantkit.prepare did not produce; export the prepared model, or its quantkit.convert result")
     if simulated is not None:
         try:
             deploy = convert(simulated)

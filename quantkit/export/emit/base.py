@@ -99,14 +99,18 @@ def emit_custom(m: nn.Module, b: GraphBuilder, inputs: list[str], ctx: EmitConte
         tensor_inputs.append(b.init(bname.replace(".", "_"), arr))
         names.append(bname)
         nbytes += arr.nbytes
-    attrs = {"inputs": ",".join(["x"] * len(inputs) + names)}
+    attrs = {"tensor_names": ",".join(["x"] * len(inputs) + names)}
     for k, v in vars(m).items():
         if k.startswith("_") or k == "training":
             continue
         val = _attr_value(v)
         if val is not None:
             attrs[k] = val
-    y = b.op(op_type or type(m).__name__, tensor_inputs, "custom", domain=CUSTOM_DOMAIN, **attrs)
+    from onnx import helper
+
+    y = b.name("custom")
+    b.nodes.append(helper.make_node(op_type or type(m).__name__, tensor_inputs, [y], name=y, domain=CUSTOM_DOMAIN,
+                                    **attrs))
     bits_w = getattr(m, "bits_w", None)
     return y, LayerExport("custom", "custom", bits_w, getattr(m, "bits_a", None), nbytes, 0)
 

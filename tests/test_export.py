@@ -1,0 +1,349 @@
+"""ONNX export: every scheme family exports to a file that passes onnx.checker (full_check) and runs in stock
+onnxruntime, matching the PyTorch deploy model on fresh inputs; binary weights are packed 8 a byte; errors name the
+layer and leave no file behind."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from torch import nn
+
+import quantkit
+from quantkit.errors import ExportError
+from quantkit.export import export_onnx, run_onnxruntime
+from quantkit.export.inspect import inspect_onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from tiny_models import TinyResNet  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: one thread is faster than two and immune to contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settle_bn(model: nn.Module, shape: tuple, batches: int = 3) -> nn.Module:
+    """Give BatchNorm layers running statistics from random data (a freshly built model's outputs are otherwise
+    degenerate: BN(mean 0, var 1) of adder outputs is all negative and ReLU zeroes everything)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(8, *shape))
+    return model.eval()
+
+
+def _resnet(in_channels: int = 3) -> nn.Module:
+    return _settle_bn(TinyResNet((8, 16, 24), (1, 1, 1), 10, in_channels), (in_channels, 12, 12))
+
+
+def _check_file(path: Path, deploy: nn.Module, x: torch.Tensor, rtol: float = 1e-4) -> float:
+    """The file passes the full checker and onnxruntime matches the deploy model on a fresh input."""
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    with torch.no_grad():
+        ref = deploy(x)
+    out = run_onnxruntime(str(path), ["input"], [x])[0]
+    err = float(np.abs(out - ref.numpy()).max())
+    assert err <= 1e-4 + rtol * float(ref.abs().max()), err
+    return err
+
+
+def _inits(path: Path) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in onnx.load(str(path)).graph.initializer}
+
+
+# ---------------------------------------------------------------------------------------------- uniform
+@pytest.mark.parametrize("scheme,opset", [("w8a8", 21), ("w4a4", 21), ("w4a4", 18)])
+def test_uniform_qdq_torchvision_resnet(tmp_path, scheme, opset):
+    model = _resnet()
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    q = quantkit.quantize(model, scheme, calib, progress=False)
+    path = tmp_path / "m.onnx"
+    res = export_onnx(q, (torch.randn(2, 3, 12, 12),), path, opset=opset, quiet=True)
+    assert res.agreement.simulated_vs_deploy is not None and res.agreement.deploy_vs_onnxruntime is not None
+    _check_file(path, quantkit.convert(q), torch.randn(3, 3, 12, 12))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    dq_axes = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"
+               for a in n.attribute if a.name == "axis"]
+    assert dq_axes and all(a == 0 for a in dq_axes)  # per-output-channel weights
+    weight_types = {t.data_type for name, t in _inits(path).items() if "weight_int" in name}
+    if scheme == "w4a4" and opset >= 21:
+        assert weight_types == {TensorProto.INT4}
+        assert res.quantized_weight_bytes * 8 == res.fp32_weight_bytes  # 4 of 32 bits
+    else:
+        assert weight_types == {TensorProto.INT8}
+    if scheme == "w4a4" and opset < 21:
+        assert "Clip" in ops  # 4-bit activation range on a uint8 QuantizeLinear
+
+
+# ---------------------------------------------------------------------------------------------- binary
+@pytest.mark.parametrize("form", ["unpack", "xor"])
+def test_xnor_packed_bits_and_forms(tmp_path, form):
+    model = _resnet()
+    q = quantkit.prepare(model, "xnor")
+    x = torch.randn(2, 3, 12, 12)
+    path = tmp_path / f"xnor_{form}.onnx"
+    res = export_onnx(q, (x,), path, binary_form=form, quiet=True)
+    deploy = quantkit.convert(q)
+    _check_file(path, deploy, torch.randn(3, 3, 12, 12))
+    packed = {n: t for n, t in _inits(path).items() if "weight_bits" in n}
+    binary_layers = [layer for layer in res.layers if layer.kind == "binary"]
+    assert binary_layers and len(packed) == len(binary_layers)
+    for t in packed.values():
+        assert t.data_type == TensorProto.UINT8
+    for layer in binary_layers:
+        assert layer.form == form and layer.bits_w == 1
+        assert layer.weight_bytes * 32 == layer.fp32_weight_bytes  # every C_in here is a multiple of 8
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    if form == "unpack":
+        assert {"BitShift", "BitwiseAnd"} <= ops
+    else:
+        assert {"BitwiseXor", "Gather", "ReduceSum"} <= ops and "BitShift" not in ops
+
+
+def test_binary_file_much_smaller_than_fp32(tmp_path):
+    model = _settle_bn(TinyResNet((32, 64, 128), (1, 1, 1), 10, 3), (3, 8, 8))
+    q = quantkit.prepare(model, "xnor")
+    x = torch.randn(1, 3, 8, 8)
+    fp = export_onnx(model, (x,), tmp_path / "fp32.onnx", quiet=True)
+    qb = export_onnx(q, (x,), tmp_path / "xnor.onnx", quiet=True)
+    ratio = qb.fp32_weight_bytes / qb.quantized_weight_bytes
+    assert ratio == pytest.approx(32.0)
+    # the FP stem and head stay float; the file as a whole still shrinks several times
+    print(f"FP32 file {fp.file_bytes} B, xnor file {qb.file_bytes} B ({fp.file_bytes / qb.file_bytes:.1f}x)")
+    assert qb.file_bytes * 4 < fp.file_bytes
+    summary = inspect_onnx(tmp_path / "xnor.onnx")
+    assert summary.packed_binary and "packed 1-bit weights" in summary.table()
+
+
+@pytest.mark.parametrize("form", ["unpack", "xor"])
+def test_adabin_affine_terms_exact_at_borders(tmp_path, form):
+    """AdaBin with a non-zero activation center: the weight-sum and count terms of the epilogue depend on the number
+    of valid (unpadded) taps, so the image border checks them."""
+    model = _resnet()
+    q = quantkit.prepare(model, "adabin")
+    with torch.no_grad():
+        for m in q.modules():
+            if hasattr(m, "alpha_a") and m.alpha_a is not None:
+                m.alpha_a.fill_(0.7)
+                m.beta_a.fill_(0.3)
+    path = tmp_path / "adabin.onnx"
+    x = torch.randn(2, 3, 12, 12)
+    res = export_onnx(q, (x,), path, binary_form=form, quiet=True)
+    assert any(layer.kind == "adabin" for layer in res.layers)
+    deploy = quantkit.convert(q)
+    assert any(getattr(m, "count_scale", None) is not None and float(m.count_scale.abs().sum()) > 0
+               for m in deploy.modules())
+    _check_file(path, deploy, torch.randn(3, 3, 12, 12))
+    with torch.no_grad():
+        sim = q.eval()(x)
+        dep = deploy(x)
+    assert float((sim - dep).abs().max()) < 1e-3 * float(sim.abs().max()) + 1e-4
+
+
+def test_adabin_weight_only(tmp_path):
+    q = quantkit.prepare(_resnet(), "adabin", weight_only=True)
+    path = tmp_path / "adabin_w.onnx"
+    res = export_onnx(q, (torch.randn(2, 3, 12, 12),), path, quiet=True)
+    assert all(layer.bits_a is None for layer in res.layers)
+    _check_file(path, quantkit.convert(q), torch.randn(1, 3, 12, 12))
+
+
+# ---------------------------------------------------------------------------------------------- BiViT
+@pytest.mark.parametrize("scheme", ["bivit", "bivit_full", "bibert"])
+def test_bivit_example_vit(tmp_path, scheme):
+    from quantkit.models.vit import vit_digits
+
+    torch.manual_seed(1)
+    model = vit_digits(embed_dim=32, depth=2, num_heads=4).eval()
+    q = quantkit.prepare(model, scheme)
+    path = tmp_path / f"{scheme}.onnx"
+    res = export_onnx(q, (torch.randn(2, 1, 8, 8),), path, quiet=True)
+    kinds = {layer.kind for layer in res.layers}
+    assert kinds == {"bivit"}
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Softmax" if scheme != "bibert" else "Greater", "MatMul", "BitShift"} <= ops
+    _check_file(path, quantkit.convert(q), torch.randn(3, 1, 8, 8))
+
+
+def test_bivit_torchvision_vit_multihead_attention(tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(2)
+    model = VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    q = quantkit.prepare(model, "bivit")
+    path = tmp_path / "tv_vit.onnx"
+    export_onnx(q, (torch.randn(2, 3, 8, 8),), path, quiet=True)
+    _check_file(path, quantkit.convert(q), torch.randn(2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- adder
+def test_adder_ptq_example_cnn_int4(tmp_path):
+    from quantkit.models.adder_resnet import adder_cnn_digits
+
+    torch.manual_seed(3)
+    model = _settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
+    calib = [torch.rand(8, 1, 8, 8) for _ in range(2)]
+    q = quantkit.quantize(model, "adder_ptq4", calib, progress=False)
+    path = tmp_path / "adder4.onnx"
+    res = export_onnx(q, (calib[0][:2],), path, quiet=True)
+    assert res.agreement.deploy_vs_onnxruntime <= 1e-4 + 1e-4 * res.agreement.output_absmax
+    adder_layers = [layer for layer in res.layers if layer.kind == "adder"]
+    assert adder_layers and all(layer.bits_w == 4 for layer in adder_layers)
+    types = {t.data_type for n, t in _inits(path).items() if "weight_int" in n}
+    assert types == {TensorProto.INT4}
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Sub", "Abs", "ReduceSum", "Round", "Clip"} <= ops
+    _check_file(path, quantkit.convert(q), torch.rand(3, 1, 8, 8))
+
+
+def test_adder_ptq_torchvision_resnet_adderized(tmp_path):
+    from quantkit.nn.adder import adderize
+
+    torch.manual_seed(4)
+    model = _settle_bn(adderize(TinyResNet((8, 8, 16), (1, 1, 1), 10, 3)), (3, 8, 8))
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    q = quantkit.quantize(model, "adder_ptq8", calib, progress=False)
+    path = tmp_path / "adder8.onnx"
+    res = export_onnx(q, (calib[0][:2],), path, opset=18, quiet=True, flip_rtol=5e-2)
+    types = {t.data_type for n, t in _inits(path).items() if "weight_int" in n}
+    assert types == {TensorProto.INT8}  # 8-bit codes (and opset 18 has no INT4)
+    assert res.agreement.simulated_vs_deploy is not None
+
+
+def test_fp_adder_model_exports(tmp_path):
+    from quantkit.models.adder_resnet import adder_cnn_digits
+
+    model = _settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
+    path = tmp_path / "adder_fp.onnx"
+    res = export_onnx(model, (torch.rand(2, 1, 8, 8),), path, quiet=True)
+    assert {layer.kind for layer in res.layers} == {"adder-fp"}
+    _check_file(path, model, torch.rand(2, 1, 8, 8), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def test_custom_ops_option(tmp_path):
+    q = quantkit.prepare(_resnet(), "xnor")
+    path = tmp_path / "custom.onnx"
+    res = export_onnx(q, (torch.randn(1, 3, 12, 12),), path, custom_ops=True, quiet=True)
+    model = onnx.load(str(path))
+    custom = [n for n in model.graph.node if n.domain == "quantkit"]
+    assert custom and {n.op_type for n in custom} == {"BinaryDeployConv2d"}
+    assert any(o.domain == "quantkit" for o in model.opset_import)
+    onnx.checker.check_model(model)
+    assert res.agreement.deploy_vs_onnxruntime is None and any("custom" in n for n in res.agreement.notes)
+
+
+def test_dynamic_batch_names_and_summary(tmp_path, capsys):
+    q = quantkit.prepare(_resnet(), "xnor")
+    path = tmp_path / "named.onnx"
+    export_onnx(q, (torch.randn(2, 3, 12, 12),), path, input_names=["images"], output_names=["logits"])
+    printed = capsys.readouterr().out
+    assert "three-way agreement" in printed and "deploy vs onnxruntime" in printed
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param == "batch"
+    out = run_onnxruntime(str(path), ["images"], [torch.randn(5, 3, 12, 12)])[0]
+    assert out.shape == (5, 10)
+
+    static = tmp_path / "static.onnx"
+    export_onnx(q, (torch.randn(2, 3, 12, 12),), static, dynamic_batch=False, quiet=True)
+    assert onnx.load(str(static)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_errors_leave_no_file(tmp_path):
+    q = quantkit.prepare(_resnet(), "xnor")
+    x = (torch.randn(1, 3, 12, 12),)
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(q, x, tmp_path / "a.onnx", opset=13, quiet=True)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(q, x, tmp_path / "missing" / "a.onnx", quiet=True)
+    with pytest.raises(ExportError, match="binary_form"):
+        export_onnx(q, x, tmp_path / "a.onnx", binary_form="popcnt", quiet=True)
+    with pytest.raises(ExportError, match="does not run on example_inputs"):
+        export_onnx(q, (torch.randn(1, 5, 12, 12),), tmp_path / "a.onnx", quiet=True)
+    with pytest.raises(ExportError, match="example_inputs"):
+        export_onnx(q, None, tmp_path / "a.onnx", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder(tmp_path):
+    # /proc refuses new files even for root; a chmod-ed folder would not stop root
+    with pytest.raises(ExportError, match="not writable"):
+        export_onnx(quantkit.prepare(_resnet(), "xnor"), (torch.randn(1, 3, 12, 12),), "/proc/quantkit_test.onnx",
+                    quiet=True)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        export_onnx(quantkit.prepare(_resnet(), "xnor"), (torch.randn(1, 3, 12, 12),), blocker / "m.onnx",
+                    quiet=True)
+
+
+class _UnknownDeploy(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+_UnknownDeploy.__module__ = "quantkit.nn.future_family"
+
+
+def test_layer_without_emitter_is_named(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _UnknownDeploy())
+    with pytest.raises(ExportError, match=r"layer '1' \(_UnknownDeploy\): no ONNX emitter"):
+        export_onnx(model, (torch.randn(1, 3, 8, 8),), tmp_path / "u.onnx", quiet=True)
+    assert not (tmp_path / "u.onnx").exists()
+
+
+def test_simulated_layer_inside_deploy_model_is_named(tmp_path):
+    q = quantkit.prepare(_resnet(), "xnor")
+    deploy = quantkit.convert(q)
+    sim_layer = next(m for m in q.modules() if isinstance(m, quantkit.nn.base.QuantModule))
+    deploy.layer1[0].conv1 = sim_layer
+    deploy.__dict__.pop("_quantkit_config", None)
+    with pytest.raises(ExportError, match="layer1.0.conv1"):
+        export_onnx(deploy, (torch.randn(1, 3, 12, 12),), tmp_path / "s.onnx", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
+    """A wrong emitter (here: a sign flipped on purpose) is caught by the onnxruntime check."""
+    from quantkit.export.emit import binary as binary_emit
+
+    original = binary_emit._fold_weight
+
+    def wrong(b, w, s, conv, first, second, hint):
+        return original(b, w, s, conv, None if first is None else -first, second, hint)
+
+    monkeypatch.setattr(binary_emit, "_fold_weight", wrong)
+    q = quantkit.prepare(_resnet(), "xnor")
+    with pytest.raises(ExportError, match="onnxruntime disagrees"):
+        export_onnx(q, (torch.randn(2, 3, 12, 12),), tmp_path / "bad.onnx", quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_is_atomic(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    q = quantkit.prepare(_resnet(), "xnor")
+    with pytest.raises(ExportError):
+        export_onnx(q, (torch.randn(1, 7, 12, 12),), path, quiet=True)
+    assert path.read_bytes() == b"old"
+    export_onnx(q, (torch.randn(1, 3, 12, 12),), path, quiet=True)
+    assert onnx.load(str(path)).graph.node
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
