@@ -2,6 +2,8 @@
 bitwise decomposition against a float convolution, packed-bit epilogues, opcheck, and the errors."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,12 @@ from quantkit.ops.binary import (
     binary_linear_reference,
 )
 from quantkit.ops.packing import pack_bits_reference
+
+
+def _examples(default: int) -> int:
+    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
 
 HAVE_KERNELS = _dispatch.has_op("binary_conv2d")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
@@ -50,7 +58,7 @@ def _assert_float_close(y: torch.Tensor, ref: torch.Tensor, scale_bound: float) 
 
 # ---------------------------------------------------------------------------------------------- linear
 def test_linear_every_isa(isa):
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=_examples(30), deadline=None)
     @given(
         lead=st.lists(st.integers(1, 3), max_size=2),
         m=st.integers(1, 20),
@@ -100,7 +108,7 @@ def _conv_case(data):
 
 
 def test_conv2d_every_isa(isa):
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=_examples(30), deadline=None)
     @given(
         data=st.data(),
         present=st.lists(st.booleans(), min_size=5, max_size=5),
@@ -169,7 +177,7 @@ def test_adabin_bitwise_form_equals_float_conv(stride, padding, dilation):
 
 # ---------------------------------------------------------------------------------------------- attention products
 def test_bmm_every_isa(isa):
-    @settings(max_examples=30, deadline=None)
+    @settings(max_examples=_examples(30), deadline=None)
     @given(
         batch_a=st.lists(st.integers(1, 3), max_size=2),
         broadcast=st.booleans(),

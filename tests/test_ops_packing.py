@@ -2,6 +2,8 @@
 layout itself on hand-written cases, opcheck, and the errors."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,12 @@ from quantkit import ops
 from quantkit.errors import KernelError
 from quantkit.ops import _dispatch
 from quantkit.ops.packing import pack_bits_reference, unpack_bits_reference
+
+
+def _examples(default: int) -> int:
+    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
 
 HAVE_KERNELS = _dispatch.has_op("pack_bits")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
@@ -69,7 +77,7 @@ def test_sign_convention_zero_and_nan():
 
 
 # ---------------------------------------------------------------------------------------------- kernels vs reference
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=_examples(25), deadline=None)
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool]))
 def test_pack_matches_reference_default_isa(data, dtype):
     x = _random_input(data, dtype)
@@ -78,7 +86,7 @@ def test_pack_matches_reference_default_isa(data, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.float64])
 def test_pack_unpack_every_isa(isa, dtype):
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=_examples(25), deadline=None)
     @given(data=st.data(), use_threshold=st.booleans(), layout=st.sampled_from(["contig", "transposed", "sliced"]))
     def check(data, use_threshold, layout):
         x = _random_input(data, dtype)
