@@ -49,6 +49,9 @@ TORCH_LIBRARY(quantkit, m) {
   // binary_bmm_01: a in {0,1} (B, M, W), b in {+-1} (B, N, W) -> int32 (B, M, N) = 2*popc(a & b) - popc(a)
   //   (BiViT A_b V_b with V_b transposed and packed along tokens).
   m.def("binary_bmm_01(Tensor a, Tensor b, int k) -> Tensor");
+  // binary_popcount_peak: bit-MAC/s of a register-resident XOR+POPCOUNT+ADD loop of the active CPU ISA, summed
+  //   over at::get_num_threads() concurrent threads (the ceiling benchmarks/kernels_cpu.py compares against).
+  m.def("binary_popcount_peak(int iters) -> float");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
   // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]

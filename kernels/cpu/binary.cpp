@@ -20,6 +20,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -50,6 +52,14 @@ struct Ctx {
   bool need_apop = false;
   void* out = nullptr;
   int64_t ldo = 0;  // output row stride: elements (float/int32) or 16-bit halfwords (packed bits)
+};
+
+// Facts of one output row used by the epilogue.
+struct RowInfo {
+  int32_t nv = 0;      // valid elements (valid taps * c_in; GEMM: k)
+  int32_t apop = 0;    // popcount of the activation bits over the valid taps (when need_apop)
+  float asum = 0.f;    // sum of s_a over the valid taps = 2*apop - nv (when need_apop)
+  bool border = false; // some taps are padding
 };
 
 using TileFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, const uint32_t**);
@@ -471,6 +481,101 @@ at::Tensor binary_bmm_01_cpu(const at::Tensor& a, const at::Tensor& b, int64_t k
   return binary_bmm_impl(a, b, k, true);
 }
 
+// ---------------------------------------------------------------------------------------------- peak probe
+// Register-resident XOR + POPCOUNT + ADD loop of the given ISA (16 independent accumulators, no loads): the
+// ceiling the GEMM micro-kernel is measured against. Returns bit-MAC/s of one thread.
+double popcount_peak_portable(int64_t iters) {
+  uint64_t x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  uint64_t wv = 0x9E3779B97F4A7C15ull;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+r"(wv));
+    for (int r = 0; r < 8; ++r) acc[r] += static_cast<uint64_t>(__builtin_popcountll(x[r] ^ wv));
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  volatile uint64_t sink = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+  (void)sink;
+  const double sec = std::chrono::duration<double>(t1 - t0).count();
+  return sec > 0 ? static_cast<double>(iters) * 8.0 * 64.0 / sec : 0.0;
+}
+
+#if QUANTKIT_X86
+QK_TARGET_AVX2 double popcount_peak_avx2(int64_t iters) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256i x0 = _mm256_set1_epi32(1), x1 = _mm256_set1_epi32(2), x2 = _mm256_set1_epi32(3), x3 = _mm256_set1_epi32(4);
+  __m256i w0 = _mm256_set1_epi32(5), w1 = _mm256_set1_epi32(6);
+  __m256i acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+x"(x0), "+x"(x1), "+x"(x2), "+x"(x3), "+x"(w0), "+x"(w1));
+    const __m256i xs[4] = {x0, x1, x2, x3};
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m256i v0 = _mm256_xor_si256(xs[r], w0), v1 = _mm256_xor_si256(xs[r], w1);
+      acc[2 * r] = _mm256_add_epi8(acc[2 * r], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v0, low)),
+                                                                _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low))));
+      acc[2 * r + 1] = _mm256_add_epi8(acc[2 * r + 1], _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(v1, low)),
+                                                                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v1, 4), low))));
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m256i s = acc[0];
+  for (int i = 1; i < 8; ++i) s = _mm256_add_epi8(s, acc[i]);
+  volatile int sink = _mm256_extract_epi32(s, 0);
+  (void)sink;
+  const double sec = std::chrono::duration<double>(t1 - t0).count();
+  return sec > 0 ? static_cast<double>(iters) * 8.0 * 256.0 / sec : 0.0;
+}
+
+QK_TARGET_AVX512 double popcount_peak_avx512(int64_t iters) {
+  __m512i x0 = _mm512_set1_epi32(1), x1 = _mm512_set1_epi32(2), x2 = _mm512_set1_epi32(3), x3 = _mm512_set1_epi32(4);
+  __m512i x4 = _mm512_set1_epi32(5), x5 = _mm512_set1_epi32(6), x6 = _mm512_set1_epi32(7), x7 = _mm512_set1_epi32(8);
+  __m512i w0 = _mm512_set1_epi32(9), w1 = _mm512_set1_epi32(10);
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4), "+v"(x5), "+v"(x6), "+v"(x7), "+v"(w0),
+                     "+v"(w1));
+    const __m512i xs[8] = {x0, x1, x2, x3, x4, x5, x6, x7};
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      acc[2 * r] = _mm512_add_epi32(acc[2 * r], _mm512_popcnt_epi32(_mm512_xor_si512(xs[r], w0)));
+      acc[2 * r + 1] = _mm512_add_epi32(acc[2 * r + 1], _mm512_popcnt_epi32(_mm512_xor_si512(xs[r], w1)));
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi32(s, acc[i]);
+  volatile int sink = _mm512_reduce_add_epi32(s);
+  (void)sink;
+  const double sec = std::chrono::duration<double>(t1 - t0).count();
+  return sec > 0 ? static_cast<double>(iters) * 16.0 * 512.0 / sec : 0.0;
+}
+#endif
+
+// Sum over at::get_num_threads() concurrent copies of the probe of the active ISA (bit-MAC/s).
+double binary_popcount_peak(int64_t iters) {
+  TORCH_CHECK(iters >= 1, "binary_popcount_peak: iters must be >= 1");
+  const Isa isa = active_isa();
+  double (*fn)(int64_t) = popcount_peak_portable;
+#if QUANTKIT_X86
+  if (isa == Isa::Avx512) fn = popcount_peak_avx512;
+  else if (isa == Isa::Avx2) fn = popcount_peak_avx2;
+#endif
+  const int64_t nt = at::get_num_threads();
+  std::vector<double> rates(static_cast<size_t>(nt), 0.0);
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) rates[i] = fn(iters);
+  });
+  double total = 0.0;
+  for (double r : rates) total += r;
+  return total;
+}
+
 }  // namespace binary
 }  // namespace cpu
 }  // namespace quantkit
@@ -480,4 +585,8 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("binary_conv2d", &quantkit::cpu::binary::binary_conv2d_cpu);
   m.impl("binary_bmm", &quantkit::cpu::binary::binary_bmm_cpu);
   m.impl("binary_bmm_01", &quantkit::cpu::binary::binary_bmm_01_cpu);
+}
+
+TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) {
+  m.impl("binary_popcount_peak", &quantkit::cpu::binary::binary_popcount_peak);
 }

@@ -6,129 +6,135 @@
 //                               int32_t* acc);
 // the MR x NR micro-kernel: acc[i*NR + j] = sum_{t<T, w<Cw} popcount(a[i*T+t][w] OP panel[(t*Cw + w)*NR + j]),
 // OP = AND or XOR. Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
-// vectorises with the same registers as the micro-kernel. Types (Ctx, MR, NR, Epi) come from binary.cpp.
+// vectorises with the same registers as the micro-kernel. Types (Ctx, RowInfo, MR, NR, kEpi*) come from binary.cpp.
 
 static inline int32_t popc32(uint32_t v) { return __builtin_popcount(v); }
+
+// Tap pointers of output row p (conv: indirect, padded taps -> c.zbuf; GEMM: one pointer) and its row facts.
+template <bool CONV>
+inline void setup_row(const Ctx& c, int64_t p, const uint32_t** pi, RowInfo& ri) {
+  const int64_t T = c.T, Cw = c.Cw;
+  if (CONV) {
+    const int64_t hw = c.Ho * c.Wo;
+    const int64_t n = p / hw, rem = p - n * hw, oh = rem / c.Wo, ow = rem - oh * c.Wo;
+    int64_t valid = 0;
+    for (int64_t r = 0; r < c.kh; ++r) {
+      const int64_t ih = oh * c.sh - c.ph + r * c.dh;
+      const bool row_ok = ih >= 0 && ih < c.H;
+      for (int64_t s = 0; s < c.kw; ++s) {
+        const int64_t iw = ow * c.sw - c.pw + s * c.dw;
+        if (row_ok && iw >= 0 && iw < c.W) {
+          pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
+          ++valid;
+        } else {
+          pi[r * c.kw + s] = c.zbuf;
+        }
+      }
+    }
+    ri.nv = static_cast<int32_t>(valid * c.c_in);
+    ri.border = valid != T;
+  } else {
+    pi[0] = c.x + p * Cw;
+    ri.nv = static_cast<int32_t>(c.c_in);
+    ri.border = false;
+  }
+  if (c.need_apop) {
+    int32_t s = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
+    ri.apop = s;
+    ri.asum = static_cast<float>(2 * s - ri.nv);
+  } else {
+    ri.apop = 0;
+    ri.asum = 0.f;
+  }
+}
+
+inline void setup_missing_row(const Ctx& c, const uint32_t** pi, RowInfo& ri) {
+  for (int64_t t = 0; t < c.T; ++t) pi[t] = c.zbuf;
+  ri.nv = 0;
+  ri.apop = 0;
+  ri.asum = 0.f;
+  ri.border = false;
+}
+
+// Epilogue of output row p, channel block cb (NR channels). DOT: acc holds sum s_a*s_w over the valid taps
+// (or sum a*s_w for kEpiAnd01); otherwise acc holds popcount(a OP w) over all taps, padded taps on zero words.
+template <bool CONV, int EPI, bool DOT>
+inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
+                         const int32_t* acc) {
+  const int64_t col0 = cb * NR;
+  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
+  if (EPI == kEpiFloat || EPI == kEpiBits) {
+    const float* sc = c.scale + col0;
+    const float* as = c.ass + col0;
+    const float* ws = c.wss + col0;
+    const float* cs = c.cs + col0;
+    const float* bi = c.bias + col0;
+    const int32_t* wt = c.wpop_tot + col0;
+    int32_t inv[NR];  // popcount of the weight words of this position's padded taps (conv borders)
+    for (int j = 0; j < NR; ++j) inv[j] = 0;
+    if (CONV && ri.border) {
+      const int32_t* wp = c.wpop + cb * c.T * NR;
+      for (int64_t t = 0; t < c.T; ++t)
+        if (pi[t] == c.zbuf)
+          for (int j = 0; j < NR; ++j) inv[j] += wp[t * NR + j];
+    }
+    const int32_t n_valid = ri.nv;
+    const float a_sum = ri.asum;
+    float y[NR];
+    for (int j = 0; j < NR; ++j) {
+      // XOR form: popcount(a ^ w) over the valid taps = acc - inv (padded taps saw zero activation words)
+      const int32_t dot = DOT ? acc[j] : n_valid - 2 * (acc[j] - inv[j]);
+      float v = sc[j] * static_cast<float>(dot) + bi[j];
+      v += as[j] * a_sum;
+      if (CONV) {
+        const float w_sum = static_cast<float>(2 * (wt[j] - inv[j]) - n_valid);
+        v += ws[j] * w_sum + cs[j] * static_cast<float>(n_valid);
+      }
+      y[j] = v;
+    }
+    if (EPI == kEpiFloat) {
+      float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
+      if (ncols == NR) {
+        for (int j = 0; j < NR; ++j) o[j] = y[j];
+      } else {
+        for (int j = 0; j < ncols; ++j) o[j] = y[j];
+      }
+    } else {
+      const float* th = c.thr + col0;
+      uint32_t bits = 0;
+      for (int j = 0; j < NR; ++j) bits |= static_cast<uint32_t>(y[j] >= th[j]) << j;
+      if (ncols < NR) bits &= (1u << ncols) - 1u;  // channels past C_out stay 0 (layout tail rule)
+      static_cast<uint16_t*>(c.out)[p * c.ldo + cb] = static_cast<uint16_t>(bits);
+    }
+  } else {
+    int32_t* o = static_cast<int32_t*>(c.out) + p * c.ldo + col0;
+    int32_t r[NR];
+    for (int j = 0; j < NR; ++j)
+      r[j] = DOT ? acc[j] : (EPI == kEpiAnd01 ? 2 * acc[j] - ri.apop : ri.nv - 2 * acc[j]);
+    for (int j = 0; j < ncols; ++j) o[j] = r[j];
+  }
+}
 
 // Rows [pb0*MR, pb1*MR) x channel blocks [cb0, cb1) of one problem. `ptrs` is scratch for MR*T tap pointers.
 template <bool CONV, int EPI>
 void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, const uint32_t** ptrs) {
   const int64_t T = c.T, Cw = c.Cw;
   alignas(64) int32_t acc[MR * NR];
-  int32_t nv[MR];
-  int32_t apop[MR];
-  float asum[MR];
-  bool border[MR];
+  RowInfo ri[MR];
   for (int64_t pb = pb0; pb < pb1; ++pb) {
     const int64_t p0 = pb * MR;
     const int rows = static_cast<int>(std::min<int64_t>(MR, c.P - p0));
-    // ---- tap pointers of the MR output positions (indirect GEMM; padded taps -> zero words)
     for (int i = 0; i < MR; ++i) {
-      const uint32_t** pi = ptrs + i * T;
-      if (i >= rows) {
-        for (int64_t t = 0; t < T; ++t) pi[t] = c.zbuf;
-        nv[i] = 0;
-        apop[i] = 0;
-        asum[i] = 0.f;
-        border[i] = false;
-        continue;
-      }
-      const int64_t p = p0 + i;
-      if (CONV) {
-        const int64_t hw = c.Ho * c.Wo;
-        const int64_t n = p / hw, rem = p - n * hw, oh = rem / c.Wo, ow = rem - oh * c.Wo;
-        int64_t valid = 0;
-        for (int64_t r = 0; r < c.kh; ++r) {
-          const int64_t ih = oh * c.sh - c.ph + r * c.dh;
-          const bool row_ok = ih >= 0 && ih < c.H;
-          for (int64_t s = 0; s < c.kw; ++s) {
-            const int64_t iw = ow * c.sw - c.pw + s * c.dw;
-            if (row_ok && iw >= 0 && iw < c.W) {
-              pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
-              ++valid;
-            } else {
-              pi[r * c.kw + s] = c.zbuf;
-            }
-          }
-        }
-        nv[i] = static_cast<int32_t>(valid * c.c_in);
-        border[i] = valid != T;
-      } else {
-        pi[0] = c.x + p * Cw;
-        nv[i] = static_cast<int32_t>(c.c_in);
-        border[i] = false;
-      }
-      if (c.need_apop) {
-        int32_t s = 0;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
-        apop[i] = s;
-        asum[i] = static_cast<float>(2 * s - nv[i]);
-      } else {
-        apop[i] = 0;
-        asum[i] = 0.f;
-      }
+      if (i < rows)
+        setup_row<CONV>(c, p0 + i, ptrs + i * T, ri[i]);
+      else
+        setup_missing_row(c, ptrs + i * T, ri[i]);
     }
-    // ---- all channel blocks of this row block
     for (int64_t cb = cb0; cb < cb1; ++cb) {
       mk<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, acc);
-      const int64_t col0 = cb * NR;
-      const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-      if (EPI == kEpiFloat || EPI == kEpiBits) {
-        const float* sc = c.scale + col0;
-        const float* as = c.ass + col0;
-        const float* ws = c.wss + col0;
-        const float* cs = c.cs + col0;
-        const float* bi = c.bias + col0;
-        const int32_t* wt = c.wpop_tot + col0;
-        for (int i = 0; i < rows; ++i) {
-          int32_t inv[NR];  // popcount of the weight words of this position's padded taps (conv borders)
-          for (int j = 0; j < NR; ++j) inv[j] = 0;
-          if (CONV && border[i]) {
-            const int32_t* wp = c.wpop + cb * T * NR;
-            for (int64_t t = 0; t < T; ++t)
-              if (ptrs[i * T + t] == c.zbuf)
-                for (int j = 0; j < NR; ++j) inv[j] += wp[t * NR + j];
-          }
-          const int32_t n_valid = nv[i];
-          const float a_sum = asum[i];
-          float y[NR];
-          for (int j = 0; j < NR; ++j) {
-            // popcount(a ^ w) over the valid taps; padded taps saw zero activation words, i.e. popcount(w)
-            const int32_t mismatches = acc[i * NR + j] - inv[j];
-            float v = sc[j] * static_cast<float>(n_valid - 2 * mismatches) + bi[j];
-            v += as[j] * a_sum;
-            if (CONV) {
-              const float w_sum = static_cast<float>(2 * (wt[j] - inv[j]) - n_valid);
-              v += ws[j] * w_sum + cs[j] * static_cast<float>(n_valid);
-            }
-            y[j] = v;
-          }
-          const int64_t p = p0 + i;
-          if (EPI == kEpiFloat) {
-            float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
-            if (ncols == NR) {
-              for (int j = 0; j < NR; ++j) o[j] = y[j];
-            } else {
-              for (int j = 0; j < ncols; ++j) o[j] = y[j];
-            }
-          } else {
-            const float* th = c.thr + col0;
-            uint32_t bits = 0;
-            for (int j = 0; j < NR; ++j) bits |= static_cast<uint32_t>(y[j] >= th[j]) << j;
-            if (ncols < NR) bits &= (1u << ncols) - 1u;  // channels past C_out stay 0 (layout tail rule)
-            static_cast<uint16_t*>(c.out)[p * c.ldo + cb] = static_cast<uint16_t>(bits);
-          }
-        }
-      } else {
-        for (int i = 0; i < rows; ++i) {
-          int32_t* o = static_cast<int32_t*>(c.out) + (p0 + i) * c.ldo + col0;
-          int32_t r[NR];
-          for (int j = 0; j < NR; ++j)
-            r[j] = EPI == kEpiAnd01 ? 2 * acc[i * NR + j] - apop[i] : nv[i] - 2 * acc[i * NR + j];
-          for (int j = 0; j < ncols; ++j) o[j] = r[j];
-        }
-      }
+      for (int i = 0; i < rows; ++i) epilogue_row<CONV, EPI, false>(c, cb, p0 + i, ptrs + i * T, ri[i], acc + i * NR);
     }
   }
 }

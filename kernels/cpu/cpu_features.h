@@ -4,8 +4,11 @@
 // `#pragma GCC target` regions; the extension itself is built for baseline x86-64, never -march=native) and the
 // level is picked per call by active_isa():
 //   * the best level this CPU (and OS) supports, detected once with __builtin_cpu_supports;
-//   * lowered by the environment variable QUANTKIT_CPU_ISA=portable|avx2|avx512 (read on every call, so tests can
-//     exercise every path in one process). Asking for a level the CPU lacks is an error, not a silent fallback.
+//   * lowered by the environment variable QUANTKIT_CPU_ISA=portable|avx2|avx512|amx (read on every call, so tests
+//     can exercise every path in one process). Asking for a level the CPU lacks is an error, not a silent fallback.
+// "amx" is AVX-512 plus Intel AMX-INT8 tiles (kernels that have an AMX path use it; the others run their AVX-512
+// code): active_isa() then returns Isa::Avx512 and use_amx() returns true. With QUANTKIT_CPU_ISA unset, AMX is used
+// when the CPU has it and the OS grants the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 #pragma once
 
 #include <cstdlib>
@@ -13,6 +16,12 @@
 #include <string>
 
 #include <c10/util/Exception.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace quantkit {
 namespace cpu {
@@ -55,20 +64,57 @@ inline Isa best_supported_isa() {
   return best;
 }
 
+// Whether the CPU has AMX-TILE + AMX-INT8, the OS enabled the tile state (XCR0 bits 17-18) and granted this
+// process permission to use it (Linux ARCH_REQ_XCOMP_PERM for XTILEDATA). Checked once.
+inline bool amx_supported() {
+  static const bool ok = [] {
+#if defined(__x86_64__) && defined(__linux__)
+    if (best_supported_isa() != Isa::Avx512) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, int8 = (d >> 25) & 1u;
+    if (!tile || !int8) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return false;  // OSXSAVE
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3u) != 3u) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+// Whether kernels with an AMX path should use it for this call (see QUANTKIT_CPU_ISA above).
+inline bool use_amx() {
+  const char* env = std::getenv("QUANTKIT_CPU_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return amx_supported();
+  if (std::strcmp(env, "amx") == 0) {
+    TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
+                "or choose avx512, avx2 or portable");
+    return true;
+  }
+  return false;
+}
+
 // The level to use for this call: best_supported_isa(), lowered by QUANTKIT_CPU_ISA.
 inline Isa active_isa() {
   const Isa best = best_supported_isa();
   const char* env = std::getenv("QUANTKIT_CPU_ISA");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
   Isa want;
-  if (std::strcmp(env, "portable") == 0) {
+  if (std::strcmp(env, "amx") == 0) {
+    want = Isa::Avx512;
+  } else if (std::strcmp(env, "portable") == 0) {
     want = Isa::Portable;
   } else if (std::strcmp(env, "avx2") == 0) {
     want = Isa::Avx2;
   } else if (std::strcmp(env, "avx512") == 0) {
     want = Isa::Avx512;
   } else {
-    TORCH_CHECK(false, "QUANTKIT_CPU_ISA='", env, "' is not one of auto, portable, avx2, avx512");
+    TORCH_CHECK(false, "QUANTKIT_CPU_ISA='", env, "' is not one of auto, portable, avx2, avx512, amx");
   }
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "QUANTKIT_CPU_ISA=", env,
               " asks for an instruction set this CPU does not support (best available: ", isa_name(best),

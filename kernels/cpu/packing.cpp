@@ -215,7 +215,10 @@ at::Tensor unpack_bits_cpu(const at::Tensor& words_in, int64_t k, c10::optional<
   return out;
 }
 
-std::string cpu_isa() { return isa_name(active_isa()); }
+std::string cpu_isa() {
+  const Isa isa = active_isa();
+  return (isa == Isa::Avx512 && use_amx()) ? "amx" : isa_name(isa);
+}
 
 }  // namespace
 }  // namespace cpu

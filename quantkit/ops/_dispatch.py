@@ -39,12 +39,13 @@ def register_fake(name: str) -> Callable:
     return deco
 
 
-_ISA_LEVELS = ("portable", "avx2", "avx512")
+_ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
 
 def cpu_isa() -> str:
-    """Instruction-set level the CPU kernels use now: ``"avx512"``, ``"avx2"``, ``"portable"`` (lowered by the
-    environment variable ``QUANTKIT_CPU_ISA``), or ``"reference"`` when the compiled kernels are missing."""
+    """Instruction-set level the CPU kernels use now: ``"amx"`` (AVX-512 + AMX-INT8 tiles), ``"avx512"``,
+    ``"avx2"``, ``"portable"`` (lowered by the environment variable ``QUANTKIT_CPU_ISA``), or ``"reference"`` when
+    the compiled kernels are missing."""
     if not has_op("cpu_isa"):
         return "reference"
     return torch.ops.quantkit.cpu_isa()
