@@ -276,6 +276,9 @@ class AdaBinDeployLinear(nn.Module):
     where the input-independent terms fold into b' = alpha_w c_a sum(s_w) + K beta_w c_a + bias
     (:func:`quantkit.ops.binary_linear`). Weight-only layers compute in float from the packed signs."""
 
+    def __init__(self) -> None:
+        super().__init__()
+
     @classmethod
     def from_simulated(cls, sim: AdaBinLinear) -> "AdaBinDeployLinear":
         from ..ops.packing import pack_linear_weight
@@ -299,9 +302,6 @@ class AdaBinDeployLinear(nn.Module):
         self.register_buffer("act_sum_scale", beta_w * s)
         self.register_buffer("bias", (alpha_w * ca * wsum + sim.in_features * beta_w * ca + bias).float())
         return self
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def forward(self, x: Tensor) -> Tensor:
         from ..ops.binary import binary_linear
