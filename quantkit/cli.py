@@ -131,11 +131,12 @@ def load_tensor_file(path: str, what: str, allow_dict: bool = False) -> Any:
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise CLIError(f"--input-shape {text!r}: expected integers such as 3,32,32 (one sample, no batch)") from None
-    if not shape or min(shape) <= 0:
+    import re
+
+    if not re.fullmatch(r"\s*\d+(\s*[,x]\s*\d+)*\s*", text):
+        raise CLIError(f"--input-shape {text!r}: expected integers such as 3,32,32 (one sample, no batch)")
+    shape = tuple(int(v) for v in re.split(r"[,x]", text))
+    if min(shape) <= 0:
         raise CLIError(f"--input-shape {text!r}: every size must be a positive integer")
     return shape
 
