@@ -197,5 +197,4 @@ def test_builders():
     r18 = adder_resnet18(num_classes=7)
     assert sum(isinstance(m, AdderConv2d) for m in r18.modules()) == 16 + 3
     assert isinstance(r18.conv1, nn.Conv2d) and isinstance(r18.fc, nn.Linear)
-    with torch.no_grad():
-        assert r18.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert [m.stride for m in r18.modules() if isinstance(m, AdderConv2d) and m.kernel_size == (1, 1)] == [(2, 2)] * 3

@@ -1,0 +1,337 @@
+"""Simulated and deploy layers of AdderNet post-training quantization (``adder_ptq{b}`` and its baselines).
+
+The simulated layers (:class:`QuantAdderConv2d`, :class:`QuantAdderLinear`) compute exactly the integer form of the
+paper (ALGORITHMS.md section 3.2, step 5), with float tensors holding integer codes::
+
+    for each group g (output channels o with group_index[o] == g):
+        q_x = quantize_act_codes(x, s_g)                 activations re-quantized on the group's grid
+        Y_o = -Delta_g * sum |q_x - m q_w[o]| + b_o      m = 1 (signed activations) or 2 (unsigned activations)
+
+The l1 sums of integer codes are exact in float32 while they stay below 2^24 (float64 is used otherwise), so the
+simulated output equals the integer kernels of :mod:`quantkit.ops.adder` (integer sums bit-exact, the float epilogue
+``-Delta * S + b`` within float rounding). The deploy layers (:class:`AdderDeployConv2d`, :class:`AdderDeployLinear`)
+hold int8 weight codes, the group of each channel, the group scales, the per-channel step and bias, and call
+``quantkit.ops.adder_conv2d`` / ``adder_linear``.
+
+How the group scales are chosen is the scheme's ``method`` (see :mod:`quantkit.schemes.adder`):
+
+* ``"ptq"`` -- the paper: k-means groups on ``max|W_o|``, ``s_g = min(max|W_g|, A)``, lossless weight clamp + bias;
+* ``"qssf_w"`` -- one scale per layer from the weights, ``s = max|W|`` (activations clipped at it);
+* ``"qssf_a"`` -- one scale per layer from the activations, ``s = A`` (weights clipped at it, no bias correction);
+* ``"round"`` -- one grid per layer covering both ranges, ``s = max(max|W|, max|x|)``; no clamp of any kind.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CalibrationDataError, UnsupportedModelError
+from ..quantizers.adder import (abs_percentile, grid_range, group_scales, group_step, kmeans_groups, lossless_weight_clamp,
+                                max_l1_term, quantize_act_codes, quantize_weight_codes)
+from .adder import AdderConv2d, AdderLinear, adder_conv2d_fp, adder_linear_fp
+from .base import QuantModule
+
+METHODS = ("ptq", "qssf_w", "qssf_a", "round")
+_ACT_CLAMP_FLOOR = 1e-3  # eval.py floors the calibrated clamp at 1e-3
+
+
+def _check_weights(weight: Tensor, name: str) -> None:
+    w = weight.detach()
+    if not torch.isfinite(w).all():
+        raise UnsupportedModelError(f"adder layer {name!r}: its weights contain NaN/Inf; load finite trained weights")
+    if w.numel() and bool(w.max() == w.min()):
+        raise UnsupportedModelError(
+            f"adder layer {name!r}: all {w.numel()} weights equal {float(w.flatten()[0]):.6g}, so there is nothing to "
+            "group or clamp (adder PTQ groups output channels by each filter's max|W|); this usually means the trained "
+            f"weights were not loaded. Load them, or keep the layer full precision with skip=[{name!r}]"
+        )
+
+
+class _QuantAdderMixin(QuantModule):
+    """Calibration, scale selection and the integer-form forward shared by the conv and linear layers."""
+
+    optional_state = ("act_clamp", "act_absmax", "act_min", "calib_batches", "group_index", "group_scale",
+                      "unsigned_act", "ready")
+
+    def _init_quant(self, config: Any, name: str) -> None:
+        _check_weights(self.weight, name)
+        self.layer_name = name
+        self.bits_w = self.bits_a = int(config.bits)
+        self.method = config.method
+        self.groups_requested = int(config.groups)
+        self.percentile = float(config.percentile)
+        self.act_mode = config.act_mode
+        self.round_mode = config.round_mode
+        self.weight_clamp = config.weight_clamp
+        self.kmeans_seed = int(config.kmeans_seed)
+        self.kmeans_n_init = int(config.kmeans_n_init)
+        dev = self.weight.device
+        cout = self.weight.shape[0]
+        self.register_buffer("act_clamp", torch.tensor(float("-inf"), device=dev))  # running max of percentiles -> A
+        self.register_buffer("act_absmax", torch.tensor(0.0, device=dev))
+        self.register_buffer("act_min", torch.tensor(float("inf"), device=dev))
+        self.register_buffer("calib_batches", torch.tensor(0, device=dev))
+        self.register_buffer("group_index", torch.zeros(cout, dtype=torch.int64, device=dev))
+        self.register_buffer("group_scale", torch.ones(1, device=dev))
+        self.register_buffer("unsigned_act", torch.tensor(False, device=dev))
+        self.register_buffer("ready", torch.tensor(False, device=dev))
+
+    # ---- calibration ------------------------------------------------------------------------------------------
+    def _observe(self, x: Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise CalibrationDataError(
+                f"adder layer {self.layer_name!r}: its input has {bad} NaN/Inf value(s) during calibration; check the "
+                "calibration data and the layers before it"
+            )
+        a = abs_percentile(x, self.percentile).to(self.act_clamp.device)
+        self.act_clamp.copy_(torch.maximum(self.act_clamp, a))
+        self.act_absmax.copy_(torch.maximum(self.act_absmax, x.abs().max().float()))
+        self.act_min.copy_(torch.minimum(self.act_min, x.min().float()))
+        self.calib_batches += 1
+
+    def finish_calibration(self) -> None:
+        super().finish_calibration()
+        if int(self.calib_batches) == 0:
+            return  # never ran on the calibration data: stays full precision, describe() says so
+        dev = self.weight.device
+        a = max(float(self.act_clamp), _ACT_CLAMP_FLOOR)
+        self.act_clamp.fill_(a)
+        ch_absmax = self.weight.detach().abs().flatten(1).amax(1).float().cpu()
+        cout = ch_absmax.numel()
+        if self.method == "ptq":
+            gi, g = kmeans_groups(ch_absmax, min(self.groups_requested, cout), self.kmeans_seed, self.kmeans_n_init)
+            scales = group_scales(ch_absmax, gi, g, a)
+        else:
+            gi = torch.zeros(cout, dtype=torch.int64)
+            if self.method == "qssf_w":
+                s = float(ch_absmax.max())
+            elif self.method == "qssf_a":
+                s = a
+            else:  # "round": one grid covering both ranges, no clamp
+                s = max(float(ch_absmax.max()), float(self.act_absmax))
+            scales = torch.tensor([s if s > 0 else a], dtype=torch.float32)
+        self.group_index.copy_(gi.to(dev))
+        self.group_scale = scales.to(dev)
+        mode = self.act_mode
+        self.unsigned_act.fill_(mode == "unsigned" or (mode == "auto" and float(self.act_min) >= 0.0))
+        self.ready.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "group_scale"
+        if key in state_dict and state_dict[key].shape != self.group_scale.shape:  # G is known only after calibration
+            self.group_scale = torch.empty_like(state_dict[key], device=self.group_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---- the quantized parameters -----------------------------------------------------------------------------
+    @property
+    def n_groups(self) -> int:
+        return int(self.group_scale.numel())
+
+    @property
+    def signed_act(self) -> bool:
+        return not bool(self.unsigned_act)
+
+    @property
+    def w_mult(self) -> int:
+        """1: signed form |q_x - q_w| (Fig. 3); 2: unsigned form |q_x - 2 q_w| (official code)."""
+        return 1 if self.signed_act else 2
+
+    def _state_key(self) -> tuple:
+        tensors = [self.weight, self.bias, self.group_index, self.group_scale, self.unsigned_act]
+        return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+    def quant_params(self) -> dict[str, Tensor]:
+        """The frozen integer-form parameters: ``w_codes`` (integer-valued float), per-channel ``delta`` and ``bias``
+        (weight-clamp compensation + the layer's own bias), ``group_index``, ``group_scale``. They carry no gradient
+        (post-training quantization) and are cached until one of the tensors they come from changes."""
+        key = self._state_key()
+        cached = getattr(self, "_qp_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        params = self._compute_quant_params()
+        self._qp_cache = (key, params)
+        return params
+
+    def _compute_quant_params(self) -> dict[str, Tensor]:
+        s_ch = self.group_scale[self.group_index]
+        if self.weight_clamp == "grid":
+            lo, hi = grid_range(s_ch, self.bits_w)
+            clamped, comp = lossless_weight_clamp(self.weight, hi, lo)
+        else:
+            clamped, comp = lossless_weight_clamp(self.weight, s_ch)
+        if self.method == "qssf_a":
+            comp = torch.zeros_like(comp)  # the prior single-scale method clips weights without a correction
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        w_codes = quantize_weight_codes(clamped, s_ch.view(shape).to(clamped.dtype), self.bits_w, self.round_mode)
+        bias = comp if self.bias is None else comp + self.bias.detach()
+        return {"w_codes": w_codes.detach(), "delta": group_step(s_ch, self.bits_w, self.signed_act).float(),
+                "bias": bias.float(), "group_index": self.group_index.clone(), "group_scale": self.group_scale.clone()}
+
+    def act_codes(self, x: Tensor, g: int, ste: bool = True) -> Tensor:
+        """Activation codes on group ``g``'s grid (float tensor with integer values)."""
+        return quantize_act_codes(x, self.group_scale[g].to(x.dtype), self.bits_a, self.signed_act, self.round_mode,
+                                  ste=ste)
+
+    def _sum_dtype(self, x: Tensor) -> torch.dtype:
+        reduction = self.weight[0].numel()
+        exact32 = reduction * max_l1_term(self.bits_a, self.signed_act) < 2**24
+        return torch.float32 if exact32 and x.dtype != torch.float64 else torch.float64
+
+    def _quant_forward(self, x: Tensor) -> Tensor:
+        p = self.quant_params()
+        dt = self._sum_dtype(x)
+        w_mult_codes = (p["w_codes"] * self.w_mult).to(dt)
+        outs, order = [], []
+        for g in range(self.n_groups):
+            idx = torch.nonzero(self.group_index == g).flatten()
+            if idx.numel() == 0:
+                continue
+            s = -self._neg_l1(self.act_codes(x, g).to(dt), w_mult_codes[idx])  # exact integer sums
+            shape = (1, -1) + (1,) * (s.dim() - 2) if self._channel_dim == 1 else (-1,)
+            y = s.float() * (-p["delta"][idx]).view(shape) + p["bias"][idx].view(shape)
+            outs.append(y)
+            order.append(idx)
+        y = torch.cat(outs, dim=self._channel_dim)
+        inverse = torch.argsort(torch.cat(order))
+        return y.index_select(self._channel_dim, inverse).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            self._observe(x)
+            return self._fp_forward(x)  # calibration statistics come from the full-precision network
+        if not bool(self.ready):
+            return self._fp_forward(x)
+        return self._quant_forward(x)
+
+    # ---- report -----------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        if not bool(self.ready):
+            return {"groups": self.groups_requested, "calibrated": False}
+        ch_absmax = self.weight.detach().abs().flatten(1).amax(1)
+        gmax = torch.zeros(self.n_groups, device=ch_absmax.device).scatter_reduce(
+            0, self.group_index, ch_absmax.float(), reduce="amax", include_self=True)
+        sizes = torch.bincount(self.group_index, minlength=self.n_groups).tolist()
+        info: dict[str, Any] = {"method": self.method, "groups": self.n_groups}
+        if self.method == "ptq" and self.n_groups != self.groups_requested:
+            info["groups_requested"] = self.groups_requested
+        info.update({
+            "group_sizes": sizes,
+            "scales": [round(float(s), 4) for s in self.group_scale],
+            "clamp_A": float(self.act_clamp),
+            "act": "unsigned" if bool(self.unsigned_act) else "signed",
+            "clamped_groups": int((gmax > self.group_scale * (1 + 1e-6)).sum()),
+        })
+        return info
+
+
+class QuantAdderConv2d(_QuantAdderMixin, AdderConv2d):
+    """Adder convolution quantized with AdderNet PTQ (see the module docstring); simulated in float arithmetic."""
+
+    _channel_dim = 1
+
+    @classmethod
+    def from_float(cls, module: AdderConv2d, config: Any, name: str) -> "QuantAdderConv2d":
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, 1, module.bias is not None, module.eta, device=module.weight.device,
+                  dtype=module.weight.dtype)
+        new.load_state_dict(module.state_dict())
+        new.calibrating = False
+        new._init_quant(config, name)
+        return new
+
+    def _fp_forward(self, x: Tensor) -> Tensor:
+        return AdderConv2d.forward(self, x)
+
+    def _neg_l1(self, codes: Tensor, w: Tensor) -> Tensor:
+        return adder_conv2d_fp(codes, w, None, self.stride, self.padding, self.dilation, eta=None)
+
+    def to_deploy(self) -> nn.Module:
+        return AdderDeployConv2d(self)
+
+
+class QuantAdderLinear(_QuantAdderMixin, AdderLinear):
+    """Adder linear layer quantized with AdderNet PTQ (see the module docstring); simulated in float arithmetic."""
+
+    _channel_dim = -1
+
+    @classmethod
+    def from_float(cls, module: AdderLinear, config: Any, name: str) -> "QuantAdderLinear":
+        new = cls(module.in_features, module.out_features, module.bias is not None, module.eta,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        new.load_state_dict(module.state_dict())
+        new.calibrating = False
+        new._init_quant(config, name)
+        return new
+
+    def _fp_forward(self, x: Tensor) -> Tensor:
+        return AdderLinear.forward(self, x)
+
+    def _neg_l1(self, codes: Tensor, w: Tensor) -> Tensor:
+        return adder_linear_fp(codes, w, None, eta=None)
+
+    def to_deploy(self) -> nn.Module:
+        return AdderDeployLinear(self)
+
+
+# ------------------------------------------------------------------------------------------------------- deploy
+class _AdderDeploy(nn.Module):
+    """Deploy form: int8 weight codes + per-channel group index, step and bias; activations are quantized once per
+    group (int8 codes for the signed form, uint8 for the unsigned form) and the integer l1 runs on quantkit.ops."""
+
+    def __init__(self, sim: _QuantAdderMixin) -> None:
+        super().__init__()
+        if not bool(sim.ready):
+            raise UnsupportedModelError(
+                f"adder layer {sim.layer_name!r} was not calibrated (no calibration batch reached it); run "
+                "quantkit.calibrate / quantize with data that exercises it before convert"
+            )
+        p = sim.quant_params()
+        self.layer_name = sim.layer_name
+        self.bits_w = self.bits_a = sim.bits_w
+        self.round_mode = sim.round_mode
+        self.signed_act = sim.signed_act
+        self.w_mult = sim.w_mult
+        self.register_buffer("weight_int", p["w_codes"].detach().to(torch.int8))
+        self.register_buffer("group_index", p["group_index"].to(torch.int64))
+        self.register_buffer("group_scale", p["group_scale"].float())
+        self.register_buffer("delta", p["delta"].detach().float())
+        self.register_buffer("bias", p["bias"].detach().float())
+
+    def quant_input(self, x: Tensor) -> Tensor:
+        """(G, *x.shape) integer codes: the input re-quantized on each group's grid."""
+        dtype = torch.int8 if self.signed_act else torch.uint8
+        codes = [quantize_act_codes(x, s.to(x.dtype), self.bits_a, self.signed_act, self.round_mode, ste=False)
+                 for s in self.group_scale]
+        return torch.stack(codes).to(dtype)
+
+
+class AdderDeployConv2d(_AdderDeploy):
+    def __init__(self, sim: QuantAdderConv2d) -> None:
+        super().__init__(sim)
+        self.stride, self.padding, self.dilation = sim.stride, sim.padding, sim.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ..ops.adder import adder_conv2d
+
+        y = adder_conv2d(self.quant_input(x), self.weight_int, self.group_index, self.delta, self.bias, self.stride,
+                         self.padding, self.dilation, self.w_mult)
+        return y.contiguous().to(x.dtype)
+
+
+class AdderDeployLinear(_AdderDeploy):
+    def forward(self, x: Tensor) -> Tensor:
+        from ..ops.adder import adder_linear
+
+        lead = x.shape[:-1]
+        xq = self.quant_input(x.reshape(-1, x.shape[-1]))
+        y = adder_linear(xq, self.weight_int, self.group_index, self.delta, self.bias, self.w_mult)
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+__all__ = ["QuantAdderConv2d", "QuantAdderLinear", "AdderDeployConv2d", "AdderDeployLinear", "METHODS"]

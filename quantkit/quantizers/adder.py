@@ -1,0 +1,228 @@
+"""AdderNet post-training quantization: the math of one adder layer, as small functions.
+
+Paper: Y. Nie, K. Han, H. Diao, C. Liu, E. Wu, Y. Wang, "Redistribution of Weights and Activations for AdderNet
+Quantization", NeurIPS 2022 (arXiv 2212.10200). Official code: MindSpore ``research/cv/AdderQuant`` (``adder_quant.py``
+class ``QAdder2dKmeansGroupShare`` and ``eval.py``). The steps and the places where the notes were ambiguous are in
+``ALGORITHMS.md`` section 3.2; every choice is an option of :class:`quantkit.schemes.adder.AdderPTQConfig`.
+
+The adder kernel ``|x - w|`` has an integer form only if x and w lie on one grid, so one scale ``s_g`` is shared by the
+weights of output-channel group ``g`` and by the activations re-quantized for that group:
+
+1. activation clamp ``A``: a high percentile of ``|x|`` per calibration batch, max over batches (:func:`abs_percentile`);
+2. output channels grouped by k-means on each filter's ``max|W_o|`` (:func:`kmeans_groups`);
+3. group scale ``s_g = min(max|W_g|, A)`` (:func:`group_scales`); weights clamped to ``+-s_g`` with the exact
+   per-channel bias ``b_o = -sum relu(|W_o| - s_g)`` (:func:`lossless_weight_clamp`);
+4. b-bit codes on the group grid (:func:`quantize_weight_codes`, :func:`quantize_act_codes`), step :func:`group_step`;
+5. ``Y_o = -Delta_g * sum |q_x - m q_w| + b_o`` with ``m = 1`` (signed activations, paper Fig. 3) or ``m = 2``
+   (unsigned activations, the official code) -- evaluated by :mod:`quantkit.ops.adder`.
+
+Quantizers round with a straight-through estimator (forward: exact rounding; backward: identity), so the simulated
+layer stays differentiable; the clamps of the grid pass gradients only inside the range (as ``torch.clamp``).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+ROUND_MODES = ("half_even", "half_away")
+ACT_MODES = ("auto", "signed", "unsigned")
+
+
+# ----------------------------------------------------------------------------------------------------- rounding
+def round_half(x: Tensor, mode: str = "half_even") -> Tensor:
+    """Round to the nearest integer; ties to even (``"half_even"``: ``torch.round`` and MindSpore ``ops.Round``, the
+    official code's rounding) or away from zero (``"half_away"``: ``sign(x) * floor(|x| + 1/2)``). No gradient."""
+    if mode == "half_even":
+        return torch.round(x)
+    if mode == "half_away":
+        return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    raise ConfigError(f"round_mode={mode!r}; use one of {ROUND_MODES}")
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, mode: str) -> Tensor:
+        return round_half(x, mode)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def round_ste(x: Tensor, mode: str = "half_even") -> Tensor:
+    """:func:`round_half` with the straight-through estimator: forward ``round(x)`` (exact), backward ``1``."""
+    return _RoundSTE.apply(x, mode)
+
+
+# ----------------------------------------------------------------------------------------------------- step 1
+def abs_percentile(x: Tensor, percentile: float) -> Tensor:
+    """Outlier clamp of one calibration batch: the ``percentile``-th percentile of ``|x|`` over the whole tensor.
+
+        A_batch = sort(|x|.flatten())[floor((M - 1) * p / 100)]          (M = numel, 0-based index, no interpolation)
+
+    The layer's clamp is ``A = max(max_batches A_batch, 1e-3)`` (running max, then a floor, as ``eval.py::count_scale``).
+    The official code takes index ``floor((round(M r) - 1) r)`` with ``r = 0.9997`` -- r applied twice, i.e. about the
+    99.94th percentile (``100 r^2 = 99.940009``); ``p = 99.94`` reproduces it to within one element in 10^4.
+    Selection uses ``kthvalue`` (linear time), not a full sort. ``x`` must be finite (the caller checks).
+    """
+    flat = x.detach().reshape(-1).abs().float()
+    if flat.numel() == 0:
+        raise ConfigError("abs_percentile: empty tensor")
+    k = int(np.floor((flat.numel() - 1) * float(percentile) / 100.0))
+    k = min(max(k, 0), flat.numel() - 1)
+    return torch.kthvalue(flat.cpu(), k + 1).values
+
+
+# ----------------------------------------------------------------------------------------------------- step 2
+def kmeans_groups(feature: Tensor, groups: int, seed: int = 0, n_init: int = 10) -> tuple[Tensor, int]:
+    """Group output channels by 1-D k-means on a per-channel feature (the paper uses ``max|W_o|``).
+
+    scikit-learn ``KMeans(n_clusters=G, init="k-means++", max_iter=300, tol=1e-4)`` as the official
+    ``cluster_by_kmeans``, but with a fixed ``random_state=seed`` and ``n_init`` so results are reproducible.
+
+    * ``groups`` larger than the number of channels is an error (callers cap it first; the layers do).
+    * If the feature has fewer distinct values than ``groups``, ``G`` becomes that count (k-means could not fill more
+      groups without duplicates); no group is ever empty.
+    * Groups are numbered by increasing centroid, so group 0 holds the filters with the smallest ranges.
+
+    Returns ``(group_index, G)``: a ``(C,)`` int64 tensor with values in ``[0, G)``, every value used, and ``G``.
+    """
+    values = feature.detach().double().cpu().reshape(-1)
+    n = values.numel()
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ConfigError(f"kmeans_groups: groups={groups!r} must be a positive integer")
+    if groups > n:
+        raise ConfigError(
+            f"kmeans_groups: groups={groups} is larger than the number of channels ({n}); use groups <= {n}"
+        )
+    if not torch.isfinite(values).all():
+        raise ConfigError("kmeans_groups: the feature has NaN/Inf values (are the layer's weights finite?)")
+    distinct = torch.unique(values)
+    g = min(groups, distinct.numel())
+    if g == 1:
+        return torch.zeros(n, dtype=torch.int64), 1
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    # one thread: the problem is tiny, and sklearn's OpenMP pool next to torch's can be 100x slower than serial
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore")  # ConvergenceWarning on ties is handled below by compacting the labels
+        km = KMeans(n_clusters=g, init="k-means++", n_init=n_init, max_iter=300, tol=1e-4, random_state=seed)
+        labels = km.fit_predict(values.numpy().reshape(-1, 1))
+    centers = km.cluster_centers_.reshape(-1)
+    used = [c for c in np.argsort(centers, kind="stable") if np.any(labels == c)]  # drop any empty cluster
+    remap = np.full(g, -1, dtype=np.int64)
+    remap[np.array(used)] = np.arange(len(used))
+    return torch.from_numpy(remap[labels]), len(used)
+
+
+# ----------------------------------------------------------------------------------------------------- step 3
+def group_scales(channel_absmax: Tensor, group_index: Tensor, n_groups: int, act_clamp: float | Tensor) -> Tensor:
+    """Shared scale of each group: ``s_g = min(max_{o in g} max|W_o|, A)``.
+
+    A group whose weights exceed the activation clamp ``A`` takes ``s_g = A`` (its weights are then clamped to ``+-A``
+    losslessly, see :func:`lossless_weight_clamp`); the others keep their own range. A group whose weights are all 0
+    has no range of its own and takes ``s_g = A`` (0 is on every grid).
+    """
+    absmax = channel_absmax.detach().float().reshape(-1)
+    a = torch.as_tensor(act_clamp, dtype=torch.float32)
+    scales = torch.zeros(n_groups, dtype=torch.float32)
+    scales.scatter_reduce_(0, group_index.cpu(), absmax.cpu(), reduce="amax", include_self=True)
+    scales = torch.minimum(scales, a)
+    return torch.where(scales > 0, scales, a)
+
+
+def lossless_weight_clamp(weight: Tensor, clip: Tensor, lower: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Clamp each output channel's weights to ``[l_o, c_o]`` (``l_o = -c_o`` unless ``lower`` is given) and return the
+    bias that keeps the outputs exact.
+
+        W'_o = clamp(W_o, l_o, c_o)
+        b_o  = -sum_{c,i,j} [ max(W_o(c,i,j) - c_o, 0) + max(l_o - W_o(c,i,j), 0) ]       (from the unclamped weights)
+
+    With ``l_o = -c_o`` this is the paper's ``b_o = -sum max(|W_o| - c_o, 0)``. Exact whenever every activation lies
+    in ``[l_o, c_o]``: for ``w >= c >= x``, ``|x - w| = (w - c) + |x - c|`` (and symmetrically below ``l``), so
+    ``-sum|x - W| = -sum|x - W'| + b`` (paper Fig. 3: a weight range clamped to +-1.6 with bias -126.2).
+    ``clip`` / ``lower`` are ``(C_out,)``; no gradient.
+    """
+    w = weight.detach()
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    hi = clip.detach().to(w.dtype).view(shape)
+    lo = -hi if lower is None else lower.detach().to(w.dtype).view(shape)
+    clamped = torch.maximum(torch.minimum(w, hi), lo)
+    bias = -((w - hi).clamp_min(0) + (lo - w).clamp_min(0)).flatten(1).sum(1)
+    return clamped, bias
+
+
+def grid_range(scale: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Values of the extreme signed weight codes: ``(-2^(b-1) Delta_g, (2^(b-1) - 1) Delta_g)``, ``Delta_g = 2 s_g/(2^b-1)``.
+
+    The signed grid is symmetric in step but not in range: ``+s_g`` itself is not on it (it rounds to
+    ``(2^(b-1) - 1) Delta_g = s_g (1 - 1/(2^b - 1))``) and ``-s_g`` rounds to ``-s_g (1 + 1/(2^b - 1))``. Weights clamped to
+    ``+-s_g`` therefore all move by ``s_g / (2^b - 1)`` when quantized, in the same direction for a whole filter's
+    clamped taps; clamping to this range instead (``weight_clamp="grid"``) keeps the clamp lossless after
+    quantization for activations on the same grid."""
+    step = group_step(scale, bits, signed=True)
+    return -(2 ** (bits - 1)) * step, (2 ** (bits - 1) - 1) * step
+
+
+# ----------------------------------------------------------------------------------------------------- step 4
+def group_step(scale: Tensor, bits: int, signed: bool) -> Tensor:
+    """Step that multiplies the integer l1 sum: signed form ``Delta_g = 2 s_g / (2^b - 1)`` (weights and activations on
+    the same grid); unsigned form ``Delta_x = s_g / (2^b - 1)`` (activations; the weight step is ``2 Delta_x``, which the
+    integer form absorbs as ``|q_x - 2 q_w|``)."""
+    levels = 2**bits - 1
+    return scale * (2.0 / levels) if signed else scale * (1.0 / levels)
+
+
+def _to_grid(v: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
+    """``v (2^b - 1) / (2 s)`` (signed) or ``v (2^b - 1) / s`` (unsigned), computed as ``(v / s) * c`` so that ``v = +-s``
+    lands exactly on the tie ``+-(2^b - 1) / 2`` (``s / s == 1`` in IEEE arithmetic) and rounds the same way every time."""
+    levels = 2**bits - 1
+    return (v / scale) * (levels / 2.0 if signed else float(levels))
+
+
+def quantize_weight_codes(weight: Tensor, scale: Tensor, bits: int, round_mode: str = "half_even") -> Tensor:
+    """Signed symmetric b-bit weight codes on the group grid (official ``construct``; paper Fig. 3):
+
+        q_w = clip(round(W * (2^b - 1) / (2 s_g)), -2^(b-1), 2^(b-1) - 1),   W ~= Delta_w q_w,  Delta_w = 2 s_g / (2^b - 1)
+
+    ``scale`` broadcasts against ``weight`` (per output channel: shape ``(C_out, 1, ...)``). Returns float codes
+    (integer values) with the straight-through gradient. Note the grid is symmetric in step but not in range:
+    ``+s_g`` maps to ``2^(b-1) - 1`` and ``-s_g`` to ``-2^(b-1)`` (Fig. 3: +-1.6 -> 7 / -8 at 4 bits).
+    """
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return torch.clamp(round_ste(_to_grid(weight, scale, bits, True), round_mode), lo, hi)
+
+
+def quantize_act_codes(x: Tensor, scale: Tensor, bits: int, signed: bool, round_mode: str = "half_even",
+                       ste: bool = True) -> Tensor:
+    """Activation codes on group ``g``'s grid (the activations are re-quantized once per group):
+
+        signed   (paper Fig. 3): q_x = clip(round(x (2^b - 1) / (2 s_g)), -2^(b-1), 2^(b-1) - 1)   step Delta_g
+        unsigned (official code): q_x = clip(round(x (2^b - 1) / s_g),        0,        2^b - 1)     step Delta_g / 2
+
+    The clip is the activation clamp: in a group with ``s_g = A`` it is the outlier clamp (lossless for the weights,
+    see :func:`lossless_weight_clamp`); in a group with ``s_g = max|W_g| < A`` it also clips activations between
+    ``s_g`` and ``A`` (lossy, as in the official code). Float codes; straight-through gradient unless ``ste=False``
+    (deploy layers: same values, no autograd function).
+    """
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    scaled = _to_grid(x, scale, bits, signed)
+    return torch.clamp(round_ste(scaled, round_mode) if ste else round_half(scaled, round_mode), lo, hi)
+
+
+def max_l1_term(bits: int, signed: bool) -> int:
+    """Largest ``|q_x - m q_w|`` of one tap: ``2^b - 1`` (signed, m = 1) or ``2^(b+1) - 1`` (unsigned, m = 2)."""
+    return 2**bits - 1 if signed else 2 ** (bits + 1) - 1
+
+
+__all__ = ["ROUND_MODES", "ACT_MODES", "round_half", "round_ste", "abs_percentile", "kmeans_groups", "group_scales",
+           "lossless_weight_clamp", "grid_range", "group_step", "quantize_weight_codes", "quantize_act_codes", "max_l1_term"]
