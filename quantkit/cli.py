@@ -161,10 +161,9 @@ def load_calibration(spec: str, shape: tuple[int, ...] | None, limit: int):
     import torch
 
     if spec == "digits":
-        from sklearn.datasets import load_digits
+        from .datasets import digits
 
-        images = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0).unsqueeze(1)  # (1797, 1, 8, 8)
-        x = _fit_images(images, shape)
+        x = _fit_images(digits("train")[0], shape)  # (N, 1, 8, 8), standardized as quantkit's digits models train
     elif os.path.isdir(spec):
         files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
