@@ -15,7 +15,14 @@ from quantkit.nn.base import NotQuantizable
 from quantkit.quantizers.adabin import (adabin_activation, adabin_weight, adabin_weight_params, approx_sign,
                                         approx_sign_grad, ede_schedule, ede_sign)
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small models run fastest single-threaded (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def official_approx_sign_derivative(x: torch.Tensor) -> torch.Tensor:

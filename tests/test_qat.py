@@ -14,6 +14,15 @@ from quantkit.nn.adabin import AdaBinConv2d, Maxout
 from quantkit.qat import distillation_loss, unwrap_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small models run fastest single-threaded (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyCNN(nn.Module):
     def __init__(self):
         super().__init__()

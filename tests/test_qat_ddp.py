@@ -18,6 +18,16 @@ from torch import nn
 
 import quantkit
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These small models run fastest single-threaded (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 WORLD = 2
 STEPS = 3
 
