@@ -51,7 +51,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, leaf_types: tup
             if node.op == "call_module" and node.target not in seen:
                 seen.add(node.target)
                 order.append(str(node.target))
-        return TraceResult("fx", order, None, gm)
+        return TraceResult("fx", order, None, graph_module=gm)
     except Exception as exc:  # fx raises TraceError, TypeError, ... for untraceable Python
         reason = f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     if example_inputs is not None:
