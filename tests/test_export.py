@@ -3,6 +3,7 @@ onnxruntime, matching the PyTorch deploy model on fresh inputs; binary weights a
 layer and leave no file behind."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -191,6 +192,21 @@ def test_bivit_torchvision_vit_multihead_attention(tmp_path):
     _check_file(path, quantkit.convert(q), torch.randn(2, 3, 8, 8))
 
 
+def test_bivit_torchvision_swin_shifted_windows(tmp_path):
+    """Swin: relative position bias and shift masks stay FP; its zero-initialised projection biases give exact zeros
+    before the next sign, which only an exact integer dot reproduces."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[2, 2],
+                            num_classes=5).eval()
+    q = quantkit.prepare(model, "bivit")
+    path = tmp_path / "swin.onnx"
+    res = export_onnx(q, (torch.randn(2, 3, 8, 8),), path, quiet=True)
+    assert res.agreement.deploy_vs_onnxruntime <= 1e-6
+    _check_file(path, quantkit.convert(q), torch.randn(2, 3, 8, 8))
+
+
 # ---------------------------------------------------------------------------------------------- adder
 def test_adder_ptq_example_cnn_int4(tmp_path):
     from quantkit.models.adder_resnet import adder_cnn_digits
@@ -325,12 +341,12 @@ def test_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     """A wrong emitter (here: a sign flipped on purpose) is caught by the onnxruntime check."""
     from quantkit.export.emit import binary as binary_emit
 
-    original = binary_emit._fold_weight
+    original = binary_emit._epilogue
 
-    def wrong(b, w, s, conv, first, second, hint):
-        return original(b, w, s, conv, None if first is None else -first, second, hint)
+    def wrong(b, s, dot, asum, const_terms, nchw):
+        return original(b, dataclasses.replace(s, scale=-s.scale), dot, asum, const_terms, nchw)
 
-    monkeypatch.setattr(binary_emit, "_fold_weight", wrong)
+    monkeypatch.setattr(binary_emit, "_epilogue", wrong)
     q = quantkit.prepare(_resnet(), "xnor")
     with pytest.raises(ExportError, match="onnxruntime disagrees"):
         export_onnx(q, (torch.randn(2, 3, 12, 12),), tmp_path / "bad.onnx", quiet=True)

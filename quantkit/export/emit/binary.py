@@ -5,11 +5,10 @@ reduction dimension; :mod:`quantkit.ops.layout`), so a binary layer's file footp
 Two graph forms compute the same thing:
 
 ``unpack`` (default)
-    the packed weight is unpacked in the graph (``Unsqueeze -> BitShift -> BitwiseAnd -> Reshape -> Slice -> Cast``)
-    and the per-channel epilogue is folded into it (``scale * s_w + act_sum_scale``, AdaBin's ``alpha_a W_b``); all
-    of it is constant-folded by onnxruntime when the session loads. The input is binarized with
-    ``GreaterOrEqual -> Where`` to +-1 and one float ``Conv`` / ``MatMul`` does the rest, fusable with a following
-    BatchNorm -- as fast as the FP32 layer in onnxruntime, with a 32x smaller file.
+    the packed weight is unpacked in the graph (``Unsqueeze -> BitShift -> BitwiseAnd -> Reshape -> Slice -> Cast``,
+    constant-folded by onnxruntime when the session loads), the input is binarized with ``GreaterOrEqual -> Where``
+    to +-1, and a float ``Conv`` / ``MatMul`` of +-1 values computes the integer dot products exactly (|sum| < 2^24);
+    the epilogue follows as ``Mul`` / ``Add`` (onnxruntime may fuse it into the Conv).
 ``xor``
     never unpacks to float: the input's sign bits are packed 8 a byte in the graph, patches are extracted with
     ``Pad`` + strided ``Slice`` + ``Concat`` (convolutions), ``BitwiseXor`` with the packed weights, a 256-entry
@@ -21,7 +20,7 @@ Both forms compute the layer's epilogue of the deploy kernels (quantkit.ops.bina
     y = scale * dot + act_sum_scale * sum(s_a) + weight_sum_scale * sum(s_w) + count_scale * n_valid + bias
 
 (every sum over the valid, unpadded taps), which carries the XNOR-Net scale and AdaBin's affine terms exactly, borders
-included; ``xor`` applies it term by term to the integer counts, ``unpack`` through the folded kernel.
+included (the input-independent terms as one constant map that onnxruntime folds at load time).
 Layers with float inputs (AdaBin ``weight_only``; BiViT MLPs with FP activations) unpack the weight and run a float
 Conv / MatMul with the same constants as their deploy forward.
 """
@@ -189,14 +188,14 @@ def _fold_weight(b: GraphBuilder, w: str, s: BinarySpec, conv: bool, first: np.n
 
 
 def _emit_unpack(s: BinarySpec, b: GraphBuilder, x: str, ctx: EmitContext) -> tuple[str, int]:
-    """Binary input: y = Conv/MatMul(s_a, scale * s_w + act_sum_scale) [+ border terms] + bias.
+    """Binary input: dot = Conv/MatMul(s_a, s_w) on +-1 values (exact integers, as the XNOR-popcount kernels), then
+    the deploy epilogue ``scale * dot + act_sum_scale * sum(s_a) + border terms + bias``.
 
-    Linearity of the convolution in its weight folds the epilogue into the weight:
-    ``scale * dot + act_sum_scale * sum(s_a) = conv(s_a, scale * s_w + act_sum_scale)`` (AdaBin: the kernel is
-    ``alpha_a * W_b``), and the input-independent terms ``weight_sum_scale * sum(s_w) + count_scale * n_valid`` are
-    one convolution of an all-ones (valid) input with ``weight_sum_scale * s_w + count_scale``, which onnxruntime
-    folds into a constant map when the session loads. The folded weight is computed in the graph from the packed
-    initializer (the file keeps 1 bit a weight), and the Conv stays fusable with a following BatchNorm."""
+    The dot stays an exact integer on purpose: a binary layer's output often feeds the next sign (attention
+    projections with zero bias give exact zeros), and ``sum of +-scale`` in float is not exactly 0 where the integer
+    dot is. The input-independent border terms ``weight_sum_scale * sum(s_w) + count_scale * n_valid`` are one
+    convolution of an all-ones (valid) input with ``weight_sum_scale * s_w + count_scale``, which onnxruntime folds
+    into a constant map when the session loads (as it folds the unpacking of the weight)."""
     w, nbytes = _weight_pm1(b, s)
     bias = [b.f32("bias", s.bias)] if s.bias is not None else []
     if s.input_mode == "float":
@@ -213,19 +212,25 @@ def _emit_unpack(s: BinarySpec, b: GraphBuilder, x: str, ctx: EmitContext) -> tu
             y = b.op("MatMul", [x, b.op("Transpose", [w], "weight_t", perm=[1, 0])], "matmul")
         return _epilogue(b, s, y, None, None, s.conv), nbytes
     sa = _bits_input(b, x, s, as_sign=True)
-    w_eff = _fold_weight(b, w, s, s.conv, s.scale, s.act_sum_scale, "kernel")
     if not s.conv:
-        y = b.op("MatMul", [sa, b.op("Transpose", [w_eff], "kernel_t", perm=[1, 0])], "binary_matmul")
-        return (b.op("Add", [y] + bias, "bias") if bias else y), nbytes
-    y = b.op("Conv", [sa, w_eff] + bias, "binary_conv", **_conv_attrs(s))
+        dot = b.op("MatMul", [sa, b.op("Transpose", [w], "weight_t", perm=[1, 0])], "xnor_matmul")
+        asum = None
+        if s.act_sum_scale is not None:
+            asum = b.op("ReduceSum", [sa, b.i64("axis_last", [-1])], "act_sum", keepdims=1)
+        return _epilogue(b, s, dot, asum, None, False), nbytes
+    kh, kw = s.kernel
+    dot = b.op("Conv", [sa, w], "xnor_conv", **_conv_attrs(s))
+    asum = None
+    if s.act_sum_scale is not None:
+        asum = b.op("Conv", [sa, _ones(b, (1, s.k, kh, kw), "ones_kernel")], "act_sum", **_conv_attrs(s))
+    border = None
     if s.weight_sum_scale is not None or s.count_scale is not None:
         h, wd = ctx.input_shapes[0][2], ctx.input_shapes[0][3]
         w_border = _fold_weight(b, w, s, True, s.weight_sum_scale if s.weight_sum_scale is not None
                                 else np.zeros(s.out_channels, np.float32), s.count_scale, "border_kernel")
         border = b.op("Conv", [_ones(b, (1, s.k, h, wd), "ones_input"), w_border], "border_terms",
                       **_conv_attrs(s))
-        y = b.op("Add", [y, border], "add_border_terms")
-    return y, nbytes
+    return _epilogue(b, s, dot, asum, border, True), nbytes
 
 
 # ---------------------------------------------------------------------------------------------- xor form
