@@ -370,11 +370,12 @@ template <typename E, typename TileFn>
 void run_tiles(const Problem<E>& pb, int64_t rows_per_tile, TileFn tile) {
   const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
   const int64_t tiles = nrb * pb.NB;
-  // Channel-block-major order: a thread's contiguous range of tiles reuses one packed weight block.
+  // Pixel-panel-major order: a panel's activation rows (all groups) stay in L1/L2 while every weight block passes
+  // over them, so the activations are read from memory once (the packed weights are small and stay in L2).
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tix = begin; tix < end; ++tix) {
-      const int64_t blk = tix / nrb;
-      const int64_t p0 = (tix % nrb) * rows_per_tile;
+      const int64_t blk = tix % pb.NB;
+      const int64_t p0 = (tix / pb.NB) * rows_per_tile;
       tile(pb, blk, p0, static_cast<int>(std::min(rows_per_tile, pb.P - p0)));
     }
   });
@@ -569,9 +570,10 @@ bool cache_enabled() {
 }
 
 template <typename E>
-std::shared_ptr<const PackedWeights> packed_weights(const ConvGeom& gm, const at::Tensor& wq,
+std::shared_ptr<const PackedWeights> packed_weights(const ConvGeom& gm, const at::Tensor& wq, const at::Tensor& wkey,
                                                     const at::Tensor& group_index, int64_t w_mult, int64_t lo) {
-  const bool use_cache = cache_enabled() && TensorKey::cacheable(wq) && TensorKey::cacheable(group_index);
+  // wkey: the caller's weight tensor (wq may be a fresh 4-D view of it, made by the linear op on every call).
+  const bool use_cache = cache_enabled() && TensorKey::cacheable(wkey) && TensorKey::cacheable(group_index);
   if (use_cache) {
     std::lock_guard<std::mutex> lock(cache_mutex());
     auto& l = cache_list();
@@ -581,7 +583,7 @@ std::shared_ptr<const PackedWeights> packed_weights(const ConvGeom& gm, const at
         continue;
       }
       if (it->w_mult == w_mult && it->lo == lo && it->esize == static_cast<int64_t>(sizeof(E)) && it->kh == gm.kh &&
-          it->kw == gm.kw && it->w.matches(wq) && it->g.matches(group_index)) {
+          it->kw == gm.kw && it->w.matches(wkey) && it->g.matches(group_index)) {
         l.splice(l.begin(), l, it);
         return l.front().packed;
       }
@@ -592,7 +594,7 @@ std::shared_ptr<const PackedWeights> packed_weights(const ConvGeom& gm, const at
   if (use_cache) {
     std::lock_guard<std::mutex> lock(cache_mutex());
     auto& l = cache_list();
-    l.push_front(CacheEntry{TensorKey::of(wq), TensorKey::of(group_index), w_mult, lo,
+    l.push_front(CacheEntry{TensorKey::of(wkey), TensorKey::of(group_index), w_mult, lo,
                             static_cast<int64_t>(sizeof(E)), gm.kh, gm.kw, pw});
     int64_t total = 0;
     size_t n = 0;
@@ -614,10 +616,72 @@ void clear_weight_cache() {
   cache_list().clear();
 }
 
+// One pass over the activations: channels-last u8 rows [G][rows + 1][Cp] holding (x mod 256), channel padding 0,
+// and the exact min / max of x. Reads C-contiguous (channels-last) inputs row by row and NCHW inputs channel by
+// channel, so one side of the copy is always sequential.
+at::Tensor convert_activations_u8(const ConvGeom& gm, const at::Tensor& xq, int64_t Cp, int64_t* lo_out,
+                                  int64_t* hi_out) {
+  const int64_t rows = gm.N * gm.H * gm.W;
+  at::Tensor abuf = at::empty({gm.G, rows + 1, Cp}, xq.options().dtype(at::kByte));
+  uint8_t* A = abuf.data_ptr<uint8_t>();
+  const int64_t gstride = (rows + 1) * Cp;
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  std::mutex mu;
+  AT_DISPATCH_INTEGRAL_TYPES(xq.scalar_type(), "adder_convert_activations", [&] {
+    const scalar_t* x = xq.data_ptr<scalar_t>();
+    const int64_t s0 = xq.stride(0), s1 = xq.stride(1), s2 = xq.stride(2), s3 = xq.stride(3), s4 = xq.stride(4);
+    const int64_t C = gm.C, H = gm.H, W = gm.W, N = gm.N, CP = Cp;
+    const bool channels_inner = s2 == 1 || C == 1;
+    at::parallel_for(0, gm.G * N * H, 4, [&](int64_t begin, int64_t end) {
+      scalar_t vmin = std::numeric_limits<scalar_t>::max(), vmax = std::numeric_limits<scalar_t>::lowest();
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = i / (N * H), n = (i / H) % N, h = i % H;
+        uint8_t* __restrict__ dst_row = A + g * gstride + ((n * H + h) * W) * CP;
+        const scalar_t* __restrict__ src_row = x + g * s0 + n * s1 + h * s3;
+        if (channels_inner) {
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* __restrict__ src = src_row + w * s4;
+            uint8_t* __restrict__ dst = dst_row + w * CP;
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t v = src[c];
+              vmin = v < vmin ? v : vmin;
+              vmax = v > vmax ? v : vmax;
+              dst[c] = static_cast<uint8_t>(v);
+            }
+            for (int64_t c = C; c < CP; ++c) dst[c] = 0;
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* __restrict__ src = src_row + c * s2;
+            for (int64_t w = 0; w < W; ++w) {
+              const scalar_t v = src[w * s4];
+              vmin = v < vmin ? v : vmin;
+              vmax = v > vmax ? v : vmax;
+              dst_row[w * CP + c] = static_cast<uint8_t>(v);
+            }
+          }
+          for (int64_t w = 0; w < W; ++w)
+            for (int64_t c = C; c < CP; ++c) dst_row[w * CP + c] = 0;
+        }
+      }
+      if (begin < end) {
+        std::lock_guard<std::mutex> lock(mu);
+        lo = std::min<int64_t>(lo, vmin);
+        hi = std::max<int64_t>(hi, vmax);
+      }
+    });
+  });
+  if (lo > hi) lo = hi = 0;  // no activations
+  *lo_out = lo;
+  *hi_out = hi;
+  return abuf;
+}
+
 template <typename E>
-at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& wkey,
+                    const at::Tensor& group_index,
                     int64_t w_mult, int64_t lo, int64_t xhi, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
-                    bool float_out, Isa isa) {
+                    bool float_out, Isa isa, at::Tensor abuf) {
   const int64_t T = gm.kh * gm.kw;
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   const int64_t rows = gm.N * gm.H * gm.W;
@@ -626,21 +690,25 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
   const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;  // u16 values are reinterpreted from int16 storage
 
   // Activations: [G][rows + 1][Cp], values (x - lo); padding values 0; the last row of each group is q_x = 0.
-  // ATen's copy does the (any strides, any integer dtype) -> channels-last conversion; integer conversion and the
-  // in-place shift are modular, which is exact because every shifted value lies in [0, max(E)].
-  at::Tensor abuf = at::zeros({gm.G, rows + 1, Cp}, xq.options().dtype(e_dtype));
-  E* A = reinterpret_cast<E*>(abuf.data_ptr());
+  // The u8 buffer comes from convert_activations_u8 (conv_impl); the u16 fallback converts here with ATen's copy
+  // (any strides, any integer dtype); integer conversion and the in-place shift are modular, which is exact
+  // because every shifted value lies in [0, max(E)].
   const int64_t gstride = (rows + 1) * Cp;
-  const int64_t shift_mod = sizeof(E) == 1 ? ((-lo) & 0xFF) : ((((-lo) & 0xFFFF) ^ 0x8000) - 0x8000);
-  for (int64_t g = 0; g < gm.G; ++g)
-    for (int64_t c = 0; c < gm.C; ++c) A[g * gstride + rows * Cp + c] = static_cast<E>(-lo);
-  if (rows > 0 && gm.C > 0) {
-    at::Tensor view = abuf.narrow(1, 0, rows).narrow(2, 0, gm.C).view({gm.G, gm.N, gm.H, gm.W, gm.C});
-    view.copy_(xq.permute({0, 1, 3, 4, 2}));
-    if (shift_mod != 0) view.add_(shift_mod);
+  if (!abuf.defined()) {
+    abuf = at::zeros({gm.G, rows + 1, Cp}, xq.options().dtype(e_dtype));
+    E* A0 = reinterpret_cast<E*>(abuf.data_ptr());
+    const int64_t shift_mod = sizeof(E) == 1 ? ((-lo) & 0xFF) : ((((-lo) & 0xFFFF) ^ 0x8000) - 0x8000);
+    for (int64_t g = 0; g < gm.G; ++g)
+      for (int64_t c = 0; c < gm.C; ++c) A0[g * gstride + rows * Cp + c] = static_cast<E>(-lo);
+    if (rows > 0 && gm.C > 0) {
+      at::Tensor view = abuf.narrow(1, 0, rows).narrow(2, 0, gm.C).view({gm.G, gm.N, gm.H, gm.W, gm.C});
+      view.copy_(xq.permute({0, 1, 3, 4, 2}));
+      if (shift_mod != 0) view.add_(shift_mod);
+    }
   }
+  const E* A = reinterpret_cast<const E*>(abuf.data_ptr());
 
-  const std::shared_ptr<const PackedWeights> pw = packed_weights<E>(gm, wq, group_index, w_mult, lo);
+  const std::shared_ptr<const PackedWeights> pw = packed_weights<E>(gm, wq, wkey, group_index, w_mult, lo);
   const std::vector<int32_t>& perm = pw->perm;
   const std::vector<int32_t>& corr = pw->corr;
   const std::vector<BlockInfo>& blocks = pw->blocks;
@@ -748,8 +816,8 @@ void check_epilogue(const char* fn, int64_t n_out, const at::Tensor& delta, cons
   }
 }
 
-at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
-                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
+at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& wkey,
+                     const at::Tensor& group_index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
                      const at::Tensor& delta, const c10::optional<at::Tensor>& bias, bool float_out) {
   TORCH_CHECK(xq.dim() == 5, fn, ": xq must have shape (G, N, C, H, W), got ", xq.sizes());
   TORCH_CHECK(wq.dim() == 4, fn, ": wq must have shape (Cout, C, kh, kw), got ", wq.sizes());
@@ -783,12 +851,9 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
 
   // Common grid: the activation range, plus 0 where the convolution reads padding, placed at a canonical offset
   // when possible (u8: [0, 255] or [-128, 127]) so that the packed-weight cache hits on every call.
+  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   int64_t lo = 0, hi = 0;
-  if (xq.numel() > 0) {
-    auto mm = at::aminmax(xq);
-    lo = std::get<0>(mm).item<int64_t>();
-    hi = std::get<1>(mm).item<int64_t>();
-  }
+  at::Tensor abuf = convert_activations_u8(gm, xq, Cp, &lo, &hi);
   if (gm.ph > 0 || gm.pw > 0 || xq.numel() == 0) {
     lo = std::min<int64_t>(lo, 0);
     hi = std::max<int64_t>(hi, 0);
@@ -806,8 +871,19 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
   }
   const Isa isa = cpu::active_isa();
   const at::Tensor& d = float_out ? delta : xq;  // unused when !float_out
-  if (use_u8) return run_conv<uint8_t>(gm, xq, wq, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa);
-  return run_conv<uint16_t>(gm, xq, wq, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa);
+  if (use_u8) {
+    // abuf holds x mod 256: shift it onto the grid (modular, exact) and write the zero-padding row (q_x = 0).
+    const int64_t rows = gm.N * gm.H * gm.W;
+    if (grid_lo != 0 && rows > 0 && gm.C > 0) abuf.narrow(1, 0, rows).narrow(2, 0, gm.C).add_((-grid_lo) & 0xFF);
+    uint8_t* A = abuf.data_ptr<uint8_t>();
+    for (int64_t g = 0; g < gm.G; ++g) {
+      uint8_t* zero_row = A + (g * (rows + 1) + rows) * Cp;
+      std::memset(zero_row, 0, Cp);
+      std::memset(zero_row, static_cast<int>((-grid_lo) & 0xFF), gm.C);
+    }
+    return run_conv<uint8_t>(gm, xq, wq, wkey, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, abuf);
+  }
+  return run_conv<uint16_t>(gm, xq, wq, wkey, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, at::Tensor());
 }
 
 at::Tensor linear_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
@@ -816,7 +892,7 @@ at::Tensor linear_impl(const char* fn, const at::Tensor& xq, const at::Tensor& w
   TORCH_CHECK(wq.dim() == 2, fn, ": wq must have shape (N, K), got ", wq.sizes());
   TORCH_CHECK(xq.size(2) == wq.size(1), fn, ": xq has K=", xq.size(2), " but wq has K=", wq.size(1));
   const int64_t one[2] = {1, 1}, zero[2] = {0, 0};
-  at::Tensor y = conv_impl(fn, xq.unsqueeze(-1).unsqueeze(-1), wq.unsqueeze(-1).unsqueeze(-1), group_index, one,
+  at::Tensor y = conv_impl(fn, xq.unsqueeze(-1).unsqueeze(-1), wq.unsqueeze(-1).unsqueeze(-1), wq, group_index, one,
                            zero, one, w_mult, delta, bias, float_out);
   return y.view({xq.size(1), wq.size(0)});  // channels-last (M, N, 1, 1) is row-major (M, N)
 }
@@ -833,14 +909,14 @@ at::Tensor adder_linear_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 at::Tensor adder_l1_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t w_mult) {
-  return conv_impl("adder_l1_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, at::Tensor(),
+  return conv_impl("adder_l1_conv2d", xq, wq, wq, group_index, stride, padding, dilation, w_mult, at::Tensor(),
                    c10::nullopt, false);
 }
 
 at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
                             const at::Tensor& delta, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult) {
-  return conv_impl("adder_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
+  return conv_impl("adder_conv2d", xq, wq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
 }
 
 // Register-resident SAD loop shaped like the micro-kernel (8 broadcast rows x 2 weight registers, 16 VPSADBW +
