@@ -15,7 +15,9 @@ hold int8 weight codes, the group of each channel, the group scales, the per-cha
 
 How the group scales are chosen is the scheme's ``method`` (see :mod:`quantkit.schemes.adder`):
 
-* ``"ptq"`` -- the paper: k-means groups on ``max|W_o|``, ``s_g = min(max|W_g|, A)``, lossless weight clamp + bias;
+* ``"ptq"`` -- the paper: k-means groups on ``max|W_o|``, ``s_g = min(max|W_g|, A)``, lossless weight clamp + bias
+  (to ``+-s_g`` as the paper, or with ``weight_clamp="grid"`` to the extreme weight codes, see
+  :func:`quantkit.quantizers.adder.grid_range`);
 * ``"qssf_w"`` -- one scale per layer from the weights, ``s = max|W|`` (activations clipped at it);
 * ``"qssf_a"`` -- one scale per layer from the activations, ``s = A`` (weights clipped at it, no bias correction);
 * ``"round"`` -- one grid per layer covering both ranges, ``s = max(max|W|, max|x|)``; no clamp of any kind.
@@ -227,6 +229,8 @@ class _QuantAdderMixin(QuantModule):
             "act": "unsigned" if bool(self.unsigned_act) else "signed",
             "clamped_groups": int((gmax > self.group_scale * (1 + 1e-6)).sum()),
         })
+        if self.weight_clamp != "scale":
+            info["weight_clamp"] = self.weight_clamp
         return info
 
 
