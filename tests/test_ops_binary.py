@@ -31,7 +31,7 @@ HAVE_KERNELS = _dispatch.has_op("binary_conv2d")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
 
 
-@pytest.fixture(params=["portable", "avx2", "avx512"])
+@pytest.fixture(params=["portable", "avx2", "avx512", "amx"])
 def isa(request, monkeypatch):
     """Run the test once per CPU instruction-set level this machine supports (QUANTKIT_CPU_ISA)."""
     if not HAVE_KERNELS:
@@ -39,6 +39,7 @@ def isa(request, monkeypatch):
     if request.param not in ops.supported_cpu_isas():
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
     monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
+    assert ops.cpu_isa() == request.param
     return request.param
 
 
@@ -173,6 +174,47 @@ def test_adabin_bitwise_form_equals_float_conv(stride, padding, dilation):
         count_scale=beta_w * c_a,
     )
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- many rows
+# The AMX path runs only from 128 output rows up (it expands the weights once per call); these shapes reach it,
+# with K tails, odd word counts (a half-used 64-element chunk), borders and every epilogue term.
+@pytest.mark.parametrize("m,n,k", [(257, 40, 333), (130, 16, 64), (300, 33, 96)])
+def test_linear_many_rows_every_isa(isa, m, n, k):
+    g = _gen(m + n + k)
+    x = ops.pack_bits(torch.randn(m, k, generator=g))
+    w = ops.pack_bits(torch.randn(n, k, generator=g))
+    assert torch.equal(ops.binary_linear(x, w, k), binary_linear_reference(x, w, k))
+    kw = _vecs(g, n, ["scale", "act_sum_scale", "bias"], [True, True, True])
+    y = ops.binary_linear(x, w, k, **kw)
+    _assert_float_close(y, binary_linear_reference(x, w, k, kw["scale"], kw["act_sum_scale"], kw["bias"]), 4.0 * k)
+    th = torch.randn(n, generator=g)
+    assert torch.equal(ops.binary_linear(x, w, k, **kw, threshold=th), pack_bits_reference(y, th))
+    q = ops.pack_bits(torch.randn(2, m, k, generator=g))
+    kk = ops.pack_bits(torch.randn(2, n, k, generator=g))
+    assert torch.equal(ops.binary_bmm(q, kk, k), binary_bmm_reference(q, kk, k))
+    a01 = ops.pack_bits(torch.rand(2, m, k, generator=g) > 0.5)
+    assert torch.equal(ops.binary_bmm_01(a01, kk, k), binary_bmm_01_reference(a01, kk, k))
+
+
+@pytest.mark.parametrize(
+    "batch,c_in,c_out,hw,ksize,stride,padding,dilation",
+    [(2, 100, 37, (13, 11), 3, 1, 1, 1), (1, 64, 64, (12, 12), 3, 1, 1, 1), (2, 96, 20, (15, 14), 3, 2, 2, 2),
+     (3, 33, 17, (9, 9), 1, 1, 0, 1)],
+)
+def test_conv2d_many_rows_every_isa(isa, batch, c_in, c_out, hw, ksize, stride, padding, dilation):
+    g = _gen(c_in + c_out)
+    x = ops.pack_activation_nhwc(torch.randn(batch, c_in, *hw, generator=g))
+    wt = ops.pack_conv_weight(torch.randn(c_out, c_in, ksize, ksize, generator=g))
+    assert torch.equal(ops.binary_conv2d(x, wt, c_in, stride, padding, dilation),
+                       binary_conv2d_reference(x, wt, c_in, stride, padding, dilation))
+    terms = _vecs(g, c_out, _CONV_TERMS, [True] * 5)
+    y = ops.binary_conv2d(x, wt, c_in, stride, padding, dilation, **terms)
+    ref = binary_conv2d_reference(x, wt, c_in, stride, padding, dilation, *[terms[t] for t in _CONV_TERMS])
+    _assert_float_close(y, ref, 8.0 * c_in * ksize * ksize)
+    th = torch.randn(c_out, generator=g)
+    yb = ops.binary_conv2d(x, wt, c_in, stride, padding, dilation, **terms, threshold=th)
+    assert torch.equal(yb, pack_bits_reference(y.permute(0, 2, 3, 1), th))
 
 
 # ---------------------------------------------------------------------------------------------- attention products

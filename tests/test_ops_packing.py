@@ -22,7 +22,7 @@ def _examples(default: int) -> int:
 
 HAVE_KERNELS = _dispatch.has_op("pack_bits")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
-ISAS = ["portable", "avx2", "avx512"]
+ISAS = ["portable", "avx2", "avx512", "amx"]
 
 
 @pytest.fixture(params=ISAS)

@@ -23,6 +23,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -47,6 +48,7 @@ struct Ctx {
   const uint32_t* panels = nullptr;
   const int32_t* wpop = nullptr;      // [NB][T][NR] popcount of each tap's weight words (conv)
   const int32_t* wpop_tot = nullptr;  // [NB*NR] popcount over all taps (conv)
+  const int8_t* bexp = nullptr;       // AMX: weights as int8 +-1 tiles [NB][T*ceil(Cw/2)][16][64] (VNNI order)
   int64_t NB = 0, Nout = 0;
   const float *scale = nullptr, *ass = nullptr, *wss = nullptr, *cs = nullptr, *bias = nullptr, *thr = nullptr;
   bool need_apop = false;
@@ -200,11 +202,142 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
 #include "cpu/binary_tile_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------- AMX-INT8
+// On CPUs with AMX (Sapphire Rapids and later) the products run on the tile unit: bits are expanded to int8 +-1
+// (padding and tail lanes to 0, so zero padding stays exact) and TDPBSSD does 16x16x64 int8 MACs per instruction,
+// ~3x the bit-MAC rate of the VPOPCNTD loop. Activations expand per 32-row block (once for all channel blocks),
+// weights once per call into [C_out/16][T*ceil(Cw/2)][16 rows of 4 k][16 channels x 4 k] tiles.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
+namespace amx {
+using avx512::mk;
+#include "cpu/binary_tile_impl.h"
+
+constexpr int MRA = 32;  // rows per AMX block (two 16-row A tiles); channels per block: 2 x NR
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline __mmask64 lane_mask(int64_t lanes) {
+  return lanes >= 64 ? ~static_cast<__mmask64>(0) : lanes <= 0 ? 0 : ((static_cast<__mmask64>(1) << lanes) - 1);
+}
+
+// Channel block cb of plain packed weights [Nout][T][Cw] -> int8 tiles (see above).
+void expand_weights(const uint32_t* w, int64_t Nout, int64_t T, int64_t Cw, int64_t c_in, int64_t cb, int8_t* out) {
+  const int64_t CQ = (Cw + 1) / 2;
+  const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  alignas(64) int32_t e[NR][16];
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t q = 0; q < CQ; ++q) {
+      const __mmask64 vm = lane_mask(c_in - 64 * q);
+      for (int n = 0; n < NR; ++n) {
+        const int64_t o = cb * NR + n;
+        __m512i v = _mm512_setzero_si512();
+        if (o < Nout) {
+          const uint32_t* src = w + (o * T + t) * Cw + 2 * q;
+          const uint64_t m = src[0] | (2 * q + 1 < Cw ? static_cast<uint64_t>(src[1]) << 32 : 0);
+          v = _mm512_maskz_mov_epi8(vm, _mm512_mask_blend_epi8(m, minus, plus));
+        }
+        _mm512_store_si512(e[n], v);
+      }
+      int32_t* dst = reinterpret_cast<int32_t*>(out + ((cb * T + t) * CQ + q) * 1024);
+      for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < NR; ++n) dst[r * 16 + n] = e[n][r];  // row r = k 4r..4r+3 of all 16 channels
+    }
+  }
+}
+
+// Rows [pb0*MRA, pb1*MRA) x channel blocks [cb0, cb1); `ptrs` holds MRA*T tap pointers.
+template <bool CONV, int EPI>
+void tile_amx(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, const uint32_t** ptrs) {
+  const int64_t T = c.T, Cw = c.Cw, CQ = (Cw + 1) / 2, TQ = T * CQ;
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  std::vector<int8_t> abuf_store(static_cast<size_t>(std::max<int64_t>(1, TQ)) * MRA * 64 + 64);
+  int8_t* abuf = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(abuf_store.data()) + 63) & ~uintptr_t(63));
+  alignas(64) int32_t cbuf[MRA * 2 * NR];
+  RowInfo ri[MRA];
+  const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  constexpr bool kZeroOne = EPI == kEpiAnd01;  // activations in {0,1} (BiViT attention bits)
+  for (int64_t pb = pb0; pb < pb1; ++pb) {
+    const int64_t p0 = pb * MRA;
+    const int rows = static_cast<int>(std::min<int64_t>(MRA, c.P - p0));
+    for (int i = 0; i < MRA; ++i) {
+      if (i < rows)
+        setup_row<CONV>(c, p0 + i, ptrs + i * T, ri[i]);
+      else
+        setup_missing_row(c, ptrs + i * T, ri[i]);
+    }
+    // expand the activation bits of the block: abuf[tq][row][64 bytes]
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t q = 0; q < CQ; ++q) {
+        const __mmask64 vm = lane_mask(c.c_in - 64 * q);
+        int8_t* dst = abuf + ((t * CQ + q) * MRA) * 64;
+        for (int i = 0; i < MRA; ++i) {
+          const uint32_t* src = ptrs[i * T + t];
+          __m512i v = _mm512_setzero_si512();
+          if (src != c.zbuf) {
+            const uint64_t m = src[2 * q] | (2 * q + 1 < Cw ? static_cast<uint64_t>(src[2 * q + 1]) << 32 : 0);
+            v = kZeroOne ? _mm512_maskz_mov_epi8(m & vm, plus)
+                         : _mm512_maskz_mov_epi8(vm, _mm512_mask_blend_epi8(m, minus, plus));
+          }
+          _mm512_store_si512(dst + i * 64, v);
+        }
+      }
+    }
+    for (int64_t cb = cb0; cb < cb1; cb += 2) {
+      const bool second = cb + 1 < cb1;
+      const int8_t* b0 = c.bexp + cb * TQ * 1024;
+      const int8_t* b1 = second ? b0 + TQ * 1024 : b0;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t tq = 0; tq < TQ; ++tq) {
+        _tile_loadd(4, abuf + (tq * MRA) * 64, 64);
+        _tile_loadd(5, abuf + (tq * MRA + 16) * 64, 64);
+        _tile_loadd(6, b0 + tq * 1024, 64);
+        _tile_loadd(7, b1 + tq * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+      _tile_stored(0, cbuf, 2 * NR * 4);
+      _tile_stored(1, cbuf + NR, 2 * NR * 4);
+      _tile_stored(2, cbuf + 16 * 2 * NR, 2 * NR * 4);
+      _tile_stored(3, cbuf + 16 * 2 * NR + NR, 2 * NR * 4);
+      for (int i = 0; i < rows; ++i) {
+        epilogue_row<CONV, EPI, true>(c, cb, p0 + i, ptrs + i * T, ri[i], cbuf + i * 2 * NR);
+        if (second) epilogue_row<CONV, EPI, true>(c, cb + 1, p0 + i, ptrs + i * T, ri[i], cbuf + i * 2 * NR + NR);
+      }
+    }
+  }
+  _tile_release();
+}
+}  // namespace amx
+#pragma GCC pop_options
 #endif
 
+// AMX pays for expanding the weights once per call when there are enough output rows to reuse them.
+constexpr int64_t kAmxMinRows = 128;
+
 template <bool CONV, int EPI>
-TileFn pick_tile(Isa isa) {
+TileFn pick_tile(Isa isa, bool amx = false) {
 #if QUANTKIT_X86
+  if (amx) return &amx::tile_amx<CONV, EPI>;
   if (isa == Isa::Avx512) return &avx512::tile<CONV, EPI>;
   if (isa == Isa::Avx2) return &avx2::tile<CONV, EPI>;
 #endif
@@ -261,6 +394,26 @@ void pack_panels(const uint32_t* w, int64_t Nout, int64_t T, int64_t Cw, bool wi
     body(0, NB);
 }
 
+// All channel blocks of plain packed weights [Nout][T][Cw] as AMX int8 tiles (empty without AMX support).
+std::vector<int8_t> expand_weights_amx(const uint32_t* w, int64_t Nout, int64_t T, int64_t Cw, int64_t c_in,
+                                       bool parallel) {
+  std::vector<int8_t> out;
+#if QUANTKIT_X86
+  const int64_t NB = (Nout + NR - 1) / NR, CQ = (Cw + 1) / 2;
+  out.assign(static_cast<size_t>(NB * T * CQ * 1024), 0);
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t cb = b; cb < e; ++cb) amx::expand_weights(w, Nout, T, Cw, c_in, cb, out.data());
+  };
+  if (parallel)
+    at::parallel_for(0, NB, 1, body);
+  else
+    body(0, NB);
+#else
+  (void)w, (void)Nout, (void)T, (void)Cw, (void)c_in, (void)parallel;
+#endif
+  return out;
+}
+
 // Per-channel epilogue vectors padded to NB*NR (missing scale = 1, others 0).
 struct EpiVecs {
   std::vector<float> scale, ass, wss, cs, bias, thr;
@@ -281,14 +434,18 @@ std::vector<float> padded(const c10::optional<at::Tensor>& t, int64_t n, int64_t
 }
 
 // Run the tiles of `ctxs` (one per batch item) over all threads.
-void run(const std::vector<Ctx>& ctxs, TileFn fn) {
+void run(const std::vector<Ctx>& ctxs, TileFn fn, bool amx = false) {
   if (ctxs.empty()) return;
   const Ctx& c0 = ctxs[0];
-  const int64_t PB = (c0.P + MR - 1) / MR;
+  const int64_t mr = amx ? 32 : MR;
+  const int64_t PB = (c0.P + mr - 1) / mr;
   const int64_t NB = c0.NB;
   if (PB == 0 || NB == 0) return;
-  const int64_t panel_bytes = std::max<int64_t>(1, c0.T * c0.Cw * NR * 4);
-  const int64_t cb_per = std::max<int64_t>(1, std::min<int64_t>(NB, (256 * 1024) / panel_bytes));
+  // channel super-block: its weight panels stay in L2 while the row blocks stream past
+  const int64_t panel_bytes =
+      std::max<int64_t>(1, amx ? c0.T * ((c0.Cw + 1) / 2) * 1024 : c0.T * c0.Cw * NR * 4);
+  int64_t cb_per = std::max<int64_t>(1, std::min<int64_t>(NB, ((amx ? 768 : 256) * 1024) / panel_bytes));
+  if (amx && cb_per > 1 && cb_per < NB) cb_per &= ~int64_t(1);  // AMX blocks hold 2 channel blocks
   const int64_t n_super = (NB + cb_per - 1) / cb_per;
   const int64_t nthreads = at::get_num_threads();
   const int64_t per_batch = n_super * PB;
@@ -298,7 +455,7 @@ void run(const std::vector<Ctx>& ctxs, TileFn fn) {
   const int64_t n_pchunks = (PB + pb_per - 1) / pb_per;
   const int64_t tasks = static_cast<int64_t>(ctxs.size()) * n_super * n_pchunks;
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    std::vector<const uint32_t*> ptrs(static_cast<size_t>(MR * std::max<int64_t>(1, c0.T)));
+    std::vector<const uint32_t*> ptrs(static_cast<size_t>(mr * std::max<int64_t>(1, c0.T)));
     for (int64_t task = b; task < e; ++task) {
       const int64_t bi = task / (n_super * n_pchunks);
       const int64_t rest = task - bi * n_super * n_pchunks;
@@ -349,10 +506,17 @@ at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   ev.thr = padded(threshold, N, NB * NR, 0.f, op, "threshold");
   ev.wss.assign(NB * NR, 0.f);
   ev.cs.assign(NB * NR, 0.f);
+  const Isa isa = active_isa();
+  const bool amx = isa == Isa::Avx512 && rows >= kAmxMinRows && use_amx();
   Panels pn;
-  pack_panels(words_ptr(w), N, 1, Kw, false, pn, true);
+  std::vector<int8_t> bexp;
+  if (amx)
+    bexp = expand_weights_amx(words_ptr(w), N, 1, Kw, k, true);
+  else
+    pack_panels(words_ptr(w), N, 1, Kw, false, pn, true);
   std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Kw)), 0u);
   Ctx c;
+  c.bexp = bexp.data();
   c.x = words_ptr(x);
   c.P = rows;
   c.T = 1;
@@ -367,8 +531,7 @@ at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   c.need_apop = act_sum_scale.has_value();
   c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
   c.ldo = bits ? 2 * num_words(N) : N;
-  const Isa isa = active_isa();
-  run({c}, bits ? pick_tile<false, kEpiBits>(isa) : pick_tile<false, kEpiFloat>(isa));
+  run({c}, bits ? pick_tile<false, kEpiBits>(isa, amx) : pick_tile<false, kEpiFloat>(isa, amx), amx);
   return out;
 }
 
@@ -408,10 +571,15 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   ev.cs = padded(count_scale, Cout, NB * NR, 0.f, op, "count_scale");
   ev.bias = padded(bias, Cout, NB * NR, 0.f, op, "bias");
   ev.thr = padded(threshold, Cout, NB * NR, 0.f, op, "threshold");
+  const Isa isa = active_isa();
+  const bool amx = isa == Isa::Avx512 && Nb * Ho * Wo >= kAmxMinRows && use_amx();
   Panels pn;
-  pack_panels(words_ptr(w), Cout, T, Cw, true, pn, true);
+  pack_panels(words_ptr(w), Cout, T, Cw, true, pn, true);  // the weight popcounts serve both paths
+  std::vector<int8_t> bexp;
+  if (amx) bexp = expand_weights_amx(words_ptr(w), Cout, T, Cw, c_in, true);
   std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Cw)), 0u);
   Ctx c;
+  c.bexp = bexp.data();
   c.x = words_ptr(x);
   c.P = Nb * Ho * Wo;
   c.T = T;
@@ -430,8 +598,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   c.need_apop = act_sum_scale.has_value();
   c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
   c.ldo = bits ? 2 * num_words(Cout) : Cout;
-  const Isa isa = active_isa();
-  run({c}, bits ? pick_tile<true, kEpiBits>(isa) : pick_tile<true, kEpiFloat>(isa));
+  run({c}, bits ? pick_tile<true, kEpiBits>(isa, amx) : pick_tile<true, kEpiFloat>(isa, amx), amx);
   return out;
 }
 
@@ -448,9 +615,17 @@ at::Tensor binary_bmm_impl(const at::Tensor& a_in, const at::Tensor& b_in, int64
   at::Tensor out = at::empty({B, M, N}, a.options().dtype(at::kInt));
   if (out.numel() == 0) return out;
   const int64_t NB = (N + NR - 1) / NR;
+  const Isa isa = active_isa();
+  const bool amx = isa == Isa::Avx512 && M >= kAmxMinRows && use_amx();
   std::vector<Panels> pns(static_cast<size_t>(B));
+  std::vector<std::vector<int8_t>> bexps(static_cast<size_t>(B));
   at::parallel_for(0, B, 1, [&](int64_t s, int64_t e) {
-    for (int64_t bi = s; bi < e; ++bi) pack_panels(words_ptr(b) + bi * N * Kw, N, 1, Kw, false, pns[bi], false);
+    for (int64_t bi = s; bi < e; ++bi) {
+      if (amx)
+        bexps[bi] = expand_weights_amx(words_ptr(b) + bi * N * Kw, N, 1, Kw, k, false);
+      else
+        pack_panels(words_ptr(b) + bi * N * Kw, N, 1, Kw, false, pns[bi], false);
+    }
   });
   std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Kw)), 0u);
   std::vector<Ctx> ctxs(static_cast<size_t>(B));
@@ -463,14 +638,14 @@ at::Tensor binary_bmm_impl(const at::Tensor& a_in, const at::Tensor& b_in, int64
     c.c_in = k;
     c.zbuf = zbuf.data();
     c.panels = pns[bi].w.data();
+    c.bexp = bexps[bi].data();
     c.NB = NB;
     c.Nout = N;
     c.need_apop = and01;
     c.out = out.data_ptr<int32_t>() + bi * M * N;
     c.ldo = N;
   }
-  const Isa isa = active_isa();
-  run(ctxs, and01 ? pick_tile<false, kEpiAnd01>(isa) : pick_tile<false, kEpiXnorInt>(isa));
+  run(ctxs, and01 ? pick_tile<false, kEpiAnd01>(isa, amx) : pick_tile<false, kEpiXnorInt>(isa, amx), amx);
   return out;
 }
 
