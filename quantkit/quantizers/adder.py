@@ -28,35 +28,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from .uniform import ROUND_MODES, round_half, round_ste
 
-ROUND_MODES = ("half_even", "half_away")
 ACT_MODES = ("auto", "signed", "unsigned")
-
-
-# ----------------------------------------------------------------------------------------------------- rounding
-def round_half(x: Tensor, mode: str = "half_even") -> Tensor:
-    """Round to the nearest integer; ties to even (``"half_even"``: ``torch.round`` and MindSpore ``ops.Round``, the
-    official code's rounding) or away from zero (``"half_away"``: ``sign(x) * floor(|x| + 1/2)``). No gradient."""
-    if mode == "half_even":
-        return torch.round(x)
-    if mode == "half_away":
-        return torch.sign(x) * torch.floor(x.abs() + 0.5)
-    raise ConfigError(f"round_mode={mode!r}; use one of {ROUND_MODES}")
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, mode: str) -> Tensor:
-        return round_half(x, mode)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def round_ste(x: Tensor, mode: str = "half_even") -> Tensor:
-    """:func:`round_half` with the straight-through estimator: forward ``round(x)`` (exact), backward ``1``."""
-    return _RoundSTE.apply(x, mode)
 
 
 # ----------------------------------------------------------------------------------------------------- step 1

@@ -5,19 +5,35 @@ import torch
 from torch import Tensor
 
 
+ROUND_MODES = ("half_even", "half_away")
+
+
+def round_half(x: Tensor, mode: str = "half_even") -> Tensor:
+    """Round to the nearest integer; ties to even (``"half_even"``: ``torch.round``, and MindSpore ``ops.Round`` used
+    by the official AdderNet-PTQ code) or away from zero (``"half_away"``: ``sign(x) * floor(|x| + 1/2)``).
+    No gradient."""
+    if mode == "half_even":
+        return torch.round(x)
+    if mode == "half_away":
+        return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    from ..errors import ConfigError
+
+    raise ConfigError(f"round_mode={mode!r}; use one of {ROUND_MODES}")
+
+
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return torch.round(x)
+    def forward(ctx, x: Tensor, mode: str) -> Tensor:
+        return round_half(x, mode)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
+    def backward(ctx, grad: Tensor):
+        return grad, None
 
 
-def round_ste(x: Tensor) -> Tensor:
-    """Round to nearest (half to even) with the straight-through estimator: forward round(x), backward 1."""
-    return _RoundSTE.apply(x)
+def round_ste(x: Tensor, mode: str = "half_even") -> Tensor:
+    """Rounding with the straight-through estimator: forward ``round_half(x, mode)`` (exact), backward ``1``."""
+    return _RoundSTE.apply(x, mode)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
