@@ -1,10 +1,13 @@
 """Running exported files in onnxruntime (CPU provider) for the export's self-check, the CLI and the tests."""
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import onnx
 import torch
 
 from ..errors import ExportError
@@ -41,4 +44,65 @@ def run_onnxruntime(model: bytes | str | os.PathLike | object, input_names: Sequ
         raise ExportError(f"onnxruntime failed to run the exported model: {str(exc).strip().splitlines()[0]}") from exc
 
 
-__all__ = ["ort_session", "run_onnxruntime"]
+@dataclass
+class LayerProbe:
+    """Where one exported layer sits in the graph (for the layer-wise check)."""
+
+    name: str
+    type_name: str
+    module: object
+    input_names: list[str]
+    output_name: str
+
+
+def layerwise_check(model: onnx.ModelProto, input_names: Sequence[str], inputs: Sequence[torch.Tensor],
+                    probes: Sequence[LayerProbe]) -> list[tuple[LayerProbe, float, float]]:
+    """Run the graph once with every layer's inputs and output exposed; for each layer run its PyTorch deploy module
+    on onnxruntime's inputs and return ``(probe, max abs difference, max |output|)``. ``model`` must carry inferred
+    value_info (the types of the exposed tensors)."""
+    from onnx import helper, numpy_helper
+
+    exposed = copy.deepcopy(model)
+    graph = exposed.graph
+    value_info = {v.name: v for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    initializers = {t.name: t for t in graph.initializer}
+    have = {o.name for o in graph.output}
+    wanted = []
+    for p in probes:
+        for n in p.input_names + [p.output_name]:
+            if n in initializers or n in have or n in wanted or not n:
+                continue
+            vi = value_info.get(n)
+            if vi is None:
+                continue
+            wanted.append(n)
+            graph.output.append(vi if vi.type.HasField("tensor_type") else helper.make_value_info(n, vi.type))
+    sess = ort_session(exposed.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, run_onnxruntime(sess, input_names, inputs)))
+    values.update({n: t for n, t in zip(input_names, (i.numpy() for i in inputs))})
+    results = []
+    for p in probes:
+        args = []
+        for n in p.input_names:
+            if n in values:
+                args.append(torch.from_numpy(np.ascontiguousarray(values[n])))
+            elif n in initializers:
+                args.append(torch.from_numpy(numpy_helper.to_array(initializers[n]).copy()))
+            else:
+                break
+        if len(args) != len(p.input_names) or p.output_name not in values:
+            continue
+        with torch.no_grad():
+            ref = p.module(*args)
+        got = values[p.output_name]
+        ref_np = ref.detach().float().numpy()
+        if ref_np.shape != got.shape:
+            results.append((p, float("inf"), 0.0))
+            continue
+        results.append((p, float(np.abs(ref_np - got).max()) if got.size else 0.0,
+                        float(np.abs(ref_np).max()) if got.size else 0.0))
+    return results
+
+
+__all__ = ["ort_session", "run_onnxruntime", "LayerProbe", "layerwise_check"]
