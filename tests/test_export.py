@@ -241,6 +241,33 @@ def test_adder_ptq_torchvision_resnet_adderized(tmp_path):
     assert res.agreement.simulated_vs_deploy is not None
 
 
+@pytest.mark.parametrize("bits,signed", [(3, True), (6, False)])
+def test_adder_linear_and_conv_signed_unsigned(tmp_path, bits, signed):
+    """Both integer forms (signed |q_x - q_w|, unsigned |q_x - 2 q_w|), conv with stride and padding, adder linear."""
+    from quantkit.nn.adder import AdderConv2d, AdderLinear
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = AdderConv2d(4, 6, 3, stride=2, padding=1)
+            self.fc = AdderLinear(6 * 3 * 3, 5, bias=True)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1) / 50)
+
+    torch.manual_seed(5)
+    calib = [torch.randn(6, 4, 6, 6) for _ in range(2)]
+    if not signed:
+        calib = [c.abs() for c in calib]
+    q = quantkit.quantize(Net().eval(), f"adder_ptq{bits}", calib, progress=False, keep_first=False, keep_last=False)
+    path = tmp_path / "adder_lin.onnx"
+    res = export_onnx(q, (calib[0][:2],), path, quiet=True)
+    assert [layer.type_name for layer in res.layers] == ["AdderDeployConv2d", "AdderDeployLinear"]
+    assert res.agreement.deploy_vs_onnxruntime <= 1e-4 + 1e-4 * res.agreement.output_absmax
+    x = torch.randn(3, 4, 6, 6)
+    _check_file(path, quantkit.convert(q), x.abs() if not signed else x)
+
+
 def test_fp_adder_model_exports(tmp_path):
     from quantkit.models.adder_resnet import adder_cnn_digits
 

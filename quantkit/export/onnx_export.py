@@ -439,6 +439,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         raise ExportError(f"binary_form={binary_form!r}; use one of {BINARY_FORMS}")
     out_path = check_output_path(path)
     inputs = _as_inputs(example_inputs)
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type != "cpu" for t in tensors):
+        model = copy.deepcopy(model).cpu()  # the export and its onnxruntime check run on the CPU; the input is kept
 
     simulated = model if _has_quant_modules(model) else None
     if simulated is not None and not hasattr(model, "_quantkit_config"):
