@@ -99,6 +99,14 @@ def test_quantize_pt_checkpoint_from_npy_with_weights(tmp_path, capsys):
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["format"] == "quantkit-deploy-v1" and ckpt["scheme"] == "w8a8"
     assert any(k.endswith("weight_int") for k in ckpt["deploy_state_dict"])
+    # the documented round trip: prepare the factory's model, load the simulated state, convert
+    import quantkit
+
+    sim = quantkit.prepare(tiny_resnet_digits(), ckpt["scheme"])
+    sim.load_state_dict(ckpt["simulated_state_dict"])
+    deployed = quantkit.convert(sim)
+    for k, v in ckpt["deploy_state_dict"].items():
+        assert torch.equal(deployed.state_dict()[k], v), k
 
 
 def test_quantize_image_folder_xnor_to_onnx(tmp_path, capsys):
