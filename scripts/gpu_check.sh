@@ -84,24 +84,17 @@ else
 fi
 tail -40 "$OUT/tests.log"
 
-step "compute-sanitizer (memcheck, racecheck) on representative tests"
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-SAN_TESTS="tests/test_cuda_kernels.py::test_binary_conv2d_resnet_layer_and_channels_last_input tests/test_cuda_kernels.py::test_binary_linear_noncontiguous_and_batch1 tests/test_cuda_kernels.py::test_adder_uint8_and_wide_values"
-if QUANTKIT_CUDA_TEST_EXAMPLES=3 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    $PY -m pytest -q -x $SAN_TESTS -p no:cacheprovider > "$OUT/memcheck.log" 2>&1; then
-  record memcheck PASS
-else
-  record memcheck "FAIL (see memcheck.log)"; grep -m20 -E "ERROR SUMMARY|Invalid|failed|Error" "$OUT/memcheck.log"
-fi
-tail -3 "$OUT/memcheck.log"
-if timeout 150 compute-sanitizer --tool racecheck --error-exitcode 99 \
-    $PY -m pytest -q -x "tests/test_cuda_kernels.py::test_binary_linear_noncontiguous_and_batch1" -p no:cacheprovider \
-    > "$OUT/racecheck.log" 2>&1; then
-  record racecheck PASS
-else
-  record racecheck "FAIL (see racecheck.log)"; grep -m20 -E "RACECHECK SUMMARY|Race|hazard|Error" "$OUT/racecheck.log"
-fi
-tail -3 "$OUT/racecheck.log"
+step "compute-sanitizer (memcheck, racecheck, synccheck) on scripts/cuda_sanitize_case.py (every kernel path once)"
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # so memcheck sees the true bounds of each tensor
+for tool in memcheck racecheck synccheck; do
+  if timeout 150 compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_sanitize_case.py \
+      > "$OUT/$tool.log" 2>&1; then
+    record $tool PASS
+  else
+    record $tool "FAIL rc=$? (see $tool.log)"; grep -m15 -E "ERROR SUMMARY|Invalid|Race|hazard|Barrier|failures|Error" "$OUT/$tool.log"
+  fi
+  tail -2 "$OUT/$tool.log"
+done
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 
 step "ptxas report"

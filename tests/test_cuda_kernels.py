@@ -81,7 +81,9 @@ def adder_path(request, monkeypatch):
 
 def _poison() -> None:
     """Fill and free a block of device memory so that unwritten output elements hold garbage, not zeros."""
-    junk = torch.full((1 << 22,), -123456789, dtype=torch.int32, device=DEV)
+    # both pools of the caching allocator: large blocks (>= 1 MiB) and the 2 MiB segments of small blocks
+    junk = [torch.full((n,), -123456789, dtype=torch.int32, device=DEV)
+            for n in [1 << 22] + [1 << 16] * 8 + [1 << 13] * 16 + [1 << 10] * 32 + [64] * 32]
     del junk
 
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
 
 #include <string>
 
@@ -29,6 +31,23 @@ at::Tensor row_popcount(const at::Tensor& words, int64_t rows, int64_t wc);
 // values (rows, c) -> words (rows, ceil(c * code_bits / 32)); value v sets the low v bits of its code_bits-bit
 // field; value c of a row occupies bits [c*code_bits, (c+1)*code_bits) of the row. Tail bits are 0.
 at::Tensor thermometer_pack(const at::Tensor& values, int64_t code_bits);
+
+namespace detail {
+#if defined(__CUDACC__)
+// Launch `kernel(p, z_base)` over the batch in chunks of 65535 (the grid's z limit).
+template <typename Kernel>
+void launch_batches(Kernel kernel, const BgemmParams& p, dim3 grid_xy, int block, size_t smem, cudaStream_t stream) {
+  for (int zb = 0; zb < p.batch; zb += 65535) {
+    const int nz = p.batch - zb < 65535 ? p.batch - zb : 65535;
+    kernel<<<dim3(grid_xy.x, grid_xy.y, nz), block, smem, stream>>>(p, zb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+#endif
+
+// The CUDA-core kernel (bgemm_simt.cu); launch_bgemm decides when it runs.
+void launch_simt(const BgemmParams& p, cudaStream_t stream);
+}  // namespace detail
 
 // Summary of the CUDA kernel configuration (sm_90a library status, self-check result) for diagnostics.
 std::string backend_info();

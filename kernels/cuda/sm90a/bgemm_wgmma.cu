@@ -28,7 +28,12 @@ constexpr int kBKW = 16;  // words per stage (2 wgmma k-steps of 256 bits)
 constexpr int kStages = 4;
 constexpr int kPrefetch = kStages - 2;
 constexpr int kStageWordsA = kBM * kBKW, kStageWordsB = kBN * kBKW;
-constexpr int kSmemBytes = kStages * (kStageWordsA + kStageWordsB) * 4 + kBM * (int)sizeof(RowInfo) + kBN * 4;
+// A 32 KB guard after the tables keeps every descriptor interpretation inside the allocation: with the LBO/SBO
+// roles swapped (descriptor variant 1, or a misread of the layout rules) the tensor cores would read wrong data
+// (caught by the self-check) but never fault on an out-of-range shared address, which would kill the context.
+constexpr int kGuardBytes = 32 * 1024;
+constexpr int kSmemBytes =
+    kStages * (kStageWordsA + kStageWordsB) * 4 + kBM * (int)sizeof(RowInfo) + kBN * 4 + kGuardBytes;
 
 __device__ __forceinline__ uint64_t make_desc(const void* smem_ptr, unsigned lbo_bytes, unsigned sbo_bytes) {
   const uint64_t addr = smem_u32(smem_ptr);
