@@ -489,6 +489,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                           "tensor(s)")
 
     work = copy.deepcopy(deploy).eval()
+    if emitter_for(work) is not None or isinstance(work, _attention_types()):
+        work = nn.Sequential(work)  # a single quantized layer exported on its own
     _ACTIVE.clear()
     _DYNAMIC_BATCH[0] = dynamic_batch
     try:
