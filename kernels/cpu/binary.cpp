@@ -204,10 +204,11 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------- AMX-INT8
-// On CPUs with AMX (Sapphire Rapids and later) the products run on the tile unit: bits are expanded to int8 +-1
-// (padding and tail lanes to 0, so zero padding stays exact) and TDPBSSD does 16x16x64 int8 MACs per instruction,
-// ~3x the bit-MAC rate of the VPOPCNTD loop. Activations expand per 32-row block (once for all channel blocks),
-// weights once per call into [C_out/16][T*ceil(Cw/2)][16 rows of 4 k][16 channels x 4 k] tiles.
+// Opt-in (QUANTKIT_CPU_ISA=amx) on CPUs with AMX (Sapphire Rapids and later): bits are expanded to int8 +-1
+// (padding and tail lanes to 0, so zero padding stays exact) and TDPBSSD does 16x16x64 int8 MACs per instruction
+// (nominally ~3x the bit-MAC rate of the VPOPCNTD loop). Activations expand per 32-row block (once for all channel
+// blocks), weights once per call into [C_out/16][T*ceil(Cw/2)][16 rows of 4 k][16 channels x 4 k] tiles.
+// Not the default: as written (A/B tiles streamed from L2, no K blocking for L1) it measured slower than AVX-512.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
 namespace amx {

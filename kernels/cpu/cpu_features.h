@@ -7,8 +7,9 @@
 //   * lowered by the environment variable QUANTKIT_CPU_ISA=portable|avx2|avx512|amx (read on every call, so tests
 //     can exercise every path in one process). Asking for a level the CPU lacks is an error, not a silent fallback.
 // "amx" is AVX-512 plus Intel AMX-INT8 tiles (kernels that have an AMX path use it; the others run their AVX-512
-// code): active_isa() then returns Isa::Avx512 and use_amx() returns true. With QUANTKIT_CPU_ISA unset, AMX is used
-// when the CPU has it and the OS grants the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
+// code): active_isa() then returns Isa::Avx512 and use_amx() returns true. AMX is opt-in (QUANTKIT_CPU_ISA=amx):
+// the binary kernels' AMX path is exact but not yet faster than their AVX-512 VPOPCNTD path on the machines we
+// measured (its tile loads are not blocked for L1 yet), so the default ("auto") does not pick it.
 #pragma once
 
 #include <cstdlib>
@@ -90,8 +91,8 @@ inline bool amx_supported() {
 // Whether kernels with an AMX path should use it for this call (see QUANTKIT_CPU_ISA above).
 inline bool use_amx() {
   const char* env = std::getenv("QUANTKIT_CPU_ISA");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return amx_supported();
-  if (std::strcmp(env, "amx") == 0) {
+  if (env == nullptr || std::strcmp(env, "amx") != 0) return false;
+  {
     TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
                 "or choose avx512, avx2 or portable");
     return true;

@@ -43,9 +43,9 @@ _ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
 
 def cpu_isa() -> str:
-    """Instruction-set level the CPU kernels use now: ``"amx"`` (AVX-512 + AMX-INT8 tiles), ``"avx512"``,
-    ``"avx2"``, ``"portable"`` (lowered by the environment variable ``QUANTKIT_CPU_ISA``), or ``"reference"`` when
-    the compiled kernels are missing."""
+    """Instruction-set level the CPU kernels use now: ``"avx512"``, ``"avx2"``, ``"portable"`` (the best the CPU
+    has, lowered by the environment variable ``QUANTKIT_CPU_ISA``), ``"amx"`` (AVX-512 + the opt-in AMX-INT8 path of
+    the binary kernels, only with ``QUANTKIT_CPU_ISA=amx``), or ``"reference"`` when the kernels are missing."""
     if not has_op("cpu_isa"):
         return "reference"
     return torch.ops.quantkit.cpu_isa()
@@ -57,10 +57,21 @@ def supported_cpu_isas() -> list[str]:
 
     if not has_op("cpu_isa"):
         return []
-    saved = os.environ.pop("QUANTKIT_CPU_ISA", None)
+    saved = os.environ.get("QUANTKIT_CPU_ISA")
     try:
+        os.environ.pop("QUANTKIT_CPU_ISA", None)
         best = torch.ops.quantkit.cpu_isa()
+        levels = list(_ISA_LEVELS[: _ISA_LEVELS.index(best) + 1])
+        if best == "avx512":
+            os.environ["QUANTKIT_CPU_ISA"] = "amx"
+            try:
+                torch.ops.quantkit.cpu_isa()
+                levels.append("amx")
+            except RuntimeError:  # no AMX tiles on this CPU/OS
+                pass
     finally:
-        if saved is not None:
+        if saved is None:
+            os.environ.pop("QUANTKIT_CPU_ISA", None)
+        else:
             os.environ["QUANTKIT_CPU_ISA"] = saved
-    return list(_ISA_LEVELS[: _ISA_LEVELS.index(best) + 1])
+    return levels
