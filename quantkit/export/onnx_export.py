@@ -98,7 +98,9 @@ class ExportResult:
 
     def summary(self) -> str:
         binary = any(layer.form in ("unpack", "xor") for layer in self.layers)
-        extra = ", custom quantkit ops" if self.custom_ops else (f", binary form '{self.binary_form}'" if binary else "")
+        extra = f", binary form '{self.binary_form}'" if binary else ""
+        if self.custom_ops:
+            extra = ", custom quantkit ops"
         lines = [f"exported {self.path} (opset {self.opset}, {self.file_bytes / 1024:.1f} KiB{extra})"]
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
