@@ -436,8 +436,12 @@ def cmd_bench(args, console: _Console) -> int:
         paths = {"onnxruntime FP32": quantkit.export_onnx(model, (x,), os.path.join(tmp, "fp32.onnx"), verify=False,
                                                            quiet=True).path}
         for form in forms:
-            paths[f"onnxruntime quantized ({form})"] = quantkit.export_onnx(
-                qmodel, (x,), os.path.join(tmp, f"q_{form}.onnx"), binary_form=form, quiet=True).path
+            res = quantkit.export_onnx(qmodel, (x,), os.path.join(tmp, f"q_{form}.onnx"), binary_form=form,
+                                       quiet=True)
+            if not any(layer.form in ("unpack", "xor") for layer in res.layers):
+                paths["onnxruntime quantized"] = res.path  # no binary layer: the forms are the same graph
+                break
+            paths[f"onnxruntime quantized ({form})"] = res.path
         for label, path in paths.items():
             sess = ort_session(path, threads=args.threads or None)
             name = sess.get_inputs()[0].name
