@@ -423,3 +423,52 @@ def test_every_op_has_a_cuda_kernel():
     for name in ["pack_bits", "unpack_bits", "binary_linear", "binary_conv2d", "binary_bmm", "binary_bmm_01",
                  "adder_l1", "adder_linear", "adder_l1_conv2d", "adder_conv2d"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{name}", "CUDA"), name
+
+
+# ---------------------------------------------------------------------------------------------- deploy on GPU
+def _scheme_case(scheme: str):
+    """(simulated model, input) for a scheme, small enough for a test; built and calibrated on the CPU."""
+    import torchvision
+
+    import quantkit
+    from quantkit.models import adder_cnn_digits, vit_digits
+
+    torch.manual_seed(0)
+    if scheme in ("xnor", "adabin"):
+        q = quantkit.prepare(torchvision.models.resnet18(num_classes=10), scheme).eval()
+        return q, torch.randn(2, 3, 32, 32)
+    if scheme == "bivit":
+        q = quantkit.prepare(vit_digits(depth=2, embed_dim=32, num_heads=2), scheme).eval()
+        return q, torch.randn(4, 1, 8, 8)
+    model = adder_cnn_digits(width=16)
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(32, 1, 8, 8))
+    model.eval()
+    q = quantkit.quantize(model, scheme, [torch.randn(32, 1, 8, 8) for _ in range(2)], progress=False)
+    return q, torch.randn(8, 1, 8, 8)
+
+
+@needs_gpu
+@pytest.mark.parametrize("scheme", ["xnor", "adabin", "bivit", "adder_ptq4", "adder_ptq8"])
+def test_deploy_on_gpu_equals_simulated_and_runs_quantkit_kernels(scheme, monkeypatch):
+    import quantkit
+    from torch.profiler import ProfilerActivity, profile
+
+    # the simulated model's float convs/matmuls must be true fp32 (TF32 would round the scaled +-1 operands)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    sim, x = _scheme_case(scheme)
+    dep = quantkit.convert(sim).to(DEV).eval()
+    sim = sim.to(DEV).eval()
+    xd = x.to(DEV)
+    with torch.no_grad():
+        ref = sim(xd)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = dep(xd)
+            torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    names = [e.key for e in prof.key_averages()]
+    assert any("bgemm" in n for n in names), f"no quantkit GEMM kernel ran for {scheme}: {names[:20]}"
