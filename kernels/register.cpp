@@ -65,9 +65,10 @@ TORCH_LIBRARY(quantkit, m) {
         "int[2] dilation=1, int w_mult=1) -> Tensor");
   m.def("adder_conv2d(Tensor xq, Tensor wq, Tensor group_index, Tensor delta, Tensor? bias, int[2] stride=1, "
         "int[2] padding=0, int[2] dilation=1, int w_mult=1) -> Tensor");
-  // Benchmark helper: abs-differences per second of a register-resident VPSADBW+VPADDQ loop on the calling thread
-  // (the SAD peak the adder kernels are measured against); 0 when the CPU has no AVX-512BW.
-  m.def("adder_sad_peak(int iters) -> float");
+  // Benchmark helper: rate of a register-resident loop on the calling thread (AVX-512; 0 without it): "sad"
+  // (VPSADBW+VPADDQ, abs-differences/s), "minsum" (VPMINUB+VPADDB, the <= 4-bit alternative, abs-differences/s),
+  // "fp32_fma" (VFMADD231PS, FMAs/s): the ceilings the adder kernels are compared with.
+  m.def("adder_isa_peak(int iters, str loop) -> float");
   // Drop the CPU kernels' cache of packed weights (only needed after writing weights without bumping their version).
   m.def("adder_clear_weight_cache() -> ()");
 }

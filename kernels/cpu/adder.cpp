@@ -919,23 +919,27 @@ at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
   return conv_impl("adder_conv2d", xq, wq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
 }
 
-// Register-resident SAD loop shaped like the micro-kernel (8 broadcast rows x 2 weight registers, 16 VPSADBW +
-// 16 VPADDQ per step, no memory operands). The empty asm makes the inputs opaque each step, so nothing is hoisted.
-QK_TARGET_AVX512 double sad_peak_avx512(int64_t iters) {
-  __m512i acc[16];
-  __m512i x0 = _mm512_set1_epi8(1), x1 = _mm512_set1_epi8(2), x2 = _mm512_set1_epi8(3), x3 = _mm512_set1_epi8(4);
-  __m512i x4 = _mm512_set1_epi8(5), x5 = _mm512_set1_epi8(6), x6 = _mm512_set1_epi8(7), x7 = _mm512_set1_epi8(8);
+// Register-resident loops shaped like the micro-kernel (8 broadcast rows x 2 weight registers, no memory operands;
+// the empty asm makes the inputs opaque on every step, so nothing is hoisted). They measure the instruction ceilings
+// the kernels are compared with (KERNELS.md §4.1):
+//   "sad":      16 VPSADBW + 16 VPADDQ per step                        -> abs-differences / s
+//   "minsum":   16 VPMINUB + 16 VPADDB per step, widened by VPSADBW every 16 steps (the <= 4-bit alternative)
+//   "fp32_fma": 16 independent VFMADD231PS zmm chains                   -> FP32 FMAs / s
+#define QK_OPAQUE8(x, w0, w1) \
+  __asm__ volatile("" : "+v"(x[0]), "+v"(x[1]), "+v"(x[2]), "+v"(x[3]), "+v"(x[4]), "+v"(x[5]), "+v"(x[6]), "+v"(x[7]), "+v"(w0), "+v"(w1))
+
+QK_TARGET_AVX512 double peak_sad_avx512(int64_t iters) {
+  __m512i acc[16], x[8];
   __m512i w0 = _mm512_set1_epi8(9), w1 = _mm512_set1_epi8(10);
+  for (int i = 0; i < 8; ++i) x[i] = _mm512_set1_epi8(static_cast<char>(i + 1));
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t it = 0; it < iters; ++it) {
-    __asm__ volatile("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(x4), "+v"(x5), "+v"(x6), "+v"(x7), "+v"(w0),
-                     "+v"(w1));
-    const __m512i xs[8] = {x0, x1, x2, x3, x4, x5, x6, x7};
+    QK_OPAQUE8(x, w0, w1);
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) {
-      acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_sad_epu8(xs[r], w0));
-      acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_sad_epu8(xs[r], w1));
+      acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_sad_epu8(x[r], w0));
+      acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_sad_epu8(x[r], w1));
     }
   }
   const auto t1 = std::chrono::steady_clock::now();
@@ -943,16 +947,64 @@ QK_TARGET_AVX512 double sad_peak_avx512(int64_t iters) {
   for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, acc[i]);
   volatile int64_t sink = _mm512_reduce_add_epi64(s);
   (void)sink;
-  const double sec = std::chrono::duration<double>(t1 - t0).count();
-  return sec > 0 ? static_cast<double>(iters) * 16.0 * 64.0 / sec : 0.0;
+  return static_cast<double>(iters) * 16.0 * 64.0 / std::chrono::duration<double>(t1 - t0).count();
+}
+
+QK_TARGET_AVX512 double peak_minsum_avx512(int64_t iters) {
+  __m512i acc[16], wide[16], x[8];
+  __m512i w0 = _mm512_set1_epi8(9), w1 = _mm512_set1_epi8(10);
+  for (int i = 0; i < 8; ++i) x[i] = _mm512_set1_epi8(static_cast<char>(i + 1));
+  for (int i = 0; i < 16; ++i) acc[i] = wide[i] = _mm512_setzero_si512();
+  const int64_t outer = (iters + 15) / 16;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < outer; ++it) {
+    for (int step = 0; step < 16; ++step) {  // 16 x min <= 15 fits a byte for 4-bit operands
+      QK_OPAQUE8(x, w0, w1);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        acc[2 * r] = _mm512_add_epi8(acc[2 * r], _mm512_min_epu8(x[r], w0));
+        acc[2 * r + 1] = _mm512_add_epi8(acc[2 * r + 1], _mm512_min_epu8(x[r], w1));
+      }
+    }
+    for (int i = 0; i < 16; ++i) {
+      wide[i] = _mm512_add_epi64(wide[i], _mm512_sad_epu8(acc[i], _mm512_setzero_si512()));
+      acc[i] = _mm512_setzero_si512();
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512i s = wide[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, wide[i]);
+  volatile int64_t sink = _mm512_reduce_add_epi64(s);
+  (void)sink;
+  return static_cast<double>(outer) * 16.0 * 16.0 * 64.0 / std::chrono::duration<double>(t1 - t0).count();
+}
+
+QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
+  __m512 acc[16];
+  __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    __asm__ volatile("" : "+v"(a), "+v"(b));
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512 s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_ps(s, acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(s);
+  (void)sink;
+  return static_cast<double>(iters) * 16.0 * 16.0 / std::chrono::duration<double>(t1 - t0).count();
 }
 
 void adder_clear_weight_cache() { clear_weight_cache(); }
 
-double adder_sad_peak(int64_t iters) {
-  TORCH_CHECK(iters >= 1, "adder_sad_peak: iters must be >= 1");
+double adder_isa_peak(int64_t iters, c10::string_view loop) {
+  TORCH_CHECK(iters >= 1, "adder_isa_peak: iters must be >= 1");
+  const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma";
+  TORCH_CHECK(sad || minsum || fma, "adder_isa_peak: loop must be 'sad', 'minsum' or 'fp32_fma', got '", loop, "'");
   if (cpu::best_supported_isa() != kAvx512) return 0.0;
-  return sad_peak_avx512(iters);
+  return sad ? peak_sad_avx512(iters) : minsum ? peak_minsum_avx512(iters) : peak_fma_avx512(iters);
 }
 
 }  // namespace
@@ -967,6 +1019,6 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) {
-  m.impl("adder_sad_peak", &quantkit::adder::adder_sad_peak);
+  m.impl("adder_isa_peak", &quantkit::adder::adder_isa_peak);
   m.impl("adder_clear_weight_cache", &quantkit::adder::adder_clear_weight_cache);
 }
