@@ -106,7 +106,7 @@ def test_reference_matches_unfold_float_adder():
 # kernels == references
 # ------------------------------------------------------------------------------------------------------------
 @needs_kernels
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(
     groups=st.integers(1, 4),
     m=st.integers(1, 21),
@@ -139,7 +139,7 @@ def test_linear_kernel_equals_reference(groups, m, k, n, bits, code_form, dtype,
 
 
 @needs_kernels
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(
     groups=st.integers(1, 3),
     batch=st.integers(1, 2),
