@@ -275,11 +275,15 @@ void tile_amx(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, 
   for (int64_t pb = pb0; pb < pb1; ++pb) {
     const int64_t p0 = pb * MRA;
     const int rows = static_cast<int>(std::min<int64_t>(MRA, c.P - p0));
+    PixelCursor pc;
+    if (CONV) pc.seek(c, p0);
     for (int i = 0; i < MRA; ++i) {
-      if (i < rows)
-        setup_row<CONV>(c, p0 + i, ptrs + i * T, ri[i]);
-      else
+      if (i < rows) {
+        setup_row<CONV>(c, p0 + i, pc, ptrs + i * T, ri[i]);
+        if (CONV) pc.next(c);
+      } else {
         setup_missing_row(c, ptrs + i * T, ri[i]);
+      }
     }
     // expand the activation bits of the block: abuf[tq][row][64 bytes]
     for (int64_t t = 0; t < T; ++t) {
@@ -491,10 +495,8 @@ at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   TORCH_CHECK(w_in.dim() == 2, op, ": w must be 2-D (N, words), got ", w_in.sizes());
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t Kw = num_words(k), N = w.size(0), NB = (N + NR - 1) / NR;
-  const int64_t M = Kw > 0 ? x.numel() / Kw : x.numel() / std::max<int64_t>(1, x.size(-1));
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
-  (void)M;
   auto out_sizes = x.sizes().vec();
   const bool bits = threshold.has_value();
   out_sizes.back() = bits ? num_words(N) : N;

@@ -10,24 +10,55 @@
 
 static inline int32_t popc32(uint32_t v) { return __builtin_popcount(v); }
 
+// Output pixel coordinates of consecutive rows without a division per row.
+struct PixelCursor {
+  int64_t n = 0, oh = 0, ow = 0;
+  void seek(const Ctx& c, int64_t p) {
+    const int64_t hw = c.Ho * c.Wo;
+    n = p / hw;
+    const int64_t rem = p - n * hw;
+    oh = rem / c.Wo;
+    ow = rem - oh * c.Wo;
+  }
+  void next(const Ctx& c) {
+    if (++ow == c.Wo) {
+      ow = 0;
+      if (++oh == c.Ho) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
+};
+
 // Tap pointers of output row p (conv: indirect, padded taps -> c.zbuf; GEMM: one pointer) and its row facts.
+// For conv, `pc` holds the coordinates of p.
 template <bool CONV>
-inline void setup_row(const Ctx& c, int64_t p, const uint32_t** pi, RowInfo& ri) {
+inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint32_t** pi, RowInfo& ri) {
   const int64_t T = c.T, Cw = c.Cw;
   if (CONV) {
-    const int64_t hw = c.Ho * c.Wo;
-    const int64_t n = p / hw, rem = p - n * hw, oh = rem / c.Wo, ow = rem - oh * c.Wo;
+    const int64_t n = pc.n, oh = pc.oh, ow = pc.ow;
+    const int64_t ih0 = oh * c.sh - c.ph, iw0 = ow * c.sw - c.pw;
     int64_t valid = 0;
-    for (int64_t r = 0; r < c.kh; ++r) {
-      const int64_t ih = oh * c.sh - c.ph + r * c.dh;
-      const bool row_ok = ih >= 0 && ih < c.H;
-      for (int64_t s = 0; s < c.kw; ++s) {
-        const int64_t iw = ow * c.sw - c.pw + s * c.dw;
-        if (row_ok && iw >= 0 && iw < c.W) {
-          pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
-          ++valid;
-        } else {
-          pi[r * c.kw + s] = c.zbuf;
+    if (ih0 >= 0 && ih0 + (c.kh - 1) * c.dh < c.H && iw0 >= 0 && iw0 + (c.kw - 1) * c.dw < c.W) {
+      // interior: every tap is valid, pointers are a fixed stencil around the first tap
+      const uint32_t* base = c.x + ((n * c.H + ih0) * c.W + iw0) * Cw;
+      const int64_t row_step = c.dh * c.W * Cw, col_step = c.dw * Cw;
+      for (int64_t r = 0; r < c.kh; ++r)
+        for (int64_t s = 0; s < c.kw; ++s) pi[r * c.kw + s] = base + r * row_step + s * col_step;
+      valid = T;
+    } else {
+      for (int64_t r = 0; r < c.kh; ++r) {
+        const int64_t ih = oh * c.sh - c.ph + r * c.dh;
+        const bool row_ok = ih >= 0 && ih < c.H;
+        for (int64_t s = 0; s < c.kw; ++s) {
+          const int64_t iw = ow * c.sw - c.pw + s * c.dw;
+          if (row_ok && iw >= 0 && iw < c.W) {
+            pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
+            ++valid;
+          } else {
+            pi[r * c.kw + s] = c.zbuf;
+          }
         }
       }
     }
@@ -126,11 +157,15 @@ void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, cons
   for (int64_t pb = pb0; pb < pb1; ++pb) {
     const int64_t p0 = pb * MR;
     const int rows = static_cast<int>(std::min<int64_t>(MR, c.P - p0));
+    PixelCursor pc;
+    if (CONV) pc.seek(c, p0);
     for (int i = 0; i < MR; ++i) {
-      if (i < rows)
-        setup_row<CONV>(c, p0 + i, ptrs + i * T, ri[i]);
-      else
+      if (i < rows) {
+        setup_row<CONV>(c, p0 + i, pc, ptrs + i * T, ri[i]);
+        if (CONV) pc.next(c);
+      } else {
         setup_missing_row(c, ptrs + i * T, ri[i]);
+      }
     }
     for (int64_t cb = cb0; cb < cb1; ++cb) {
       mk<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, acc);
