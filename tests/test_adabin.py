@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from quantkit.nn.adabin import AdaBinConv2d, AdaBinDeployConv2d, AdaBinDeployLinear, AdaBinLinear, Maxout
+from quantkit.nn.adabin import AdaBinConv2d, AdaBinLinear, Maxout
+from quantkit.nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from quantkit.nn.base import NotQuantizable
 from quantkit.quantizers.adabin import (adabin_activation, adabin_weight, adabin_weight_params, approx_sign,
                                         approx_sign_grad, ede_schedule, ede_sign)
@@ -314,9 +315,9 @@ def test_deploy_conv_equals_simulated(c_in, c_out, k, stride, padding, dilation,
     sim = AdaBinConv2d.from_float(conv, _Cfg(act_form=form)).eval()
     _randomize_act(sim, alpha, beta)
     dep = sim.to_deploy()
-    assert isinstance(dep, AdaBinDeployConv2d)
+    assert isinstance(dep, BinaryDeployConv2d)
     # the deploy layer holds packed weights and per-channel constants, no float weight
-    assert dep.weight_bits.dtype == torch.int32 and not any(True for _ in dep.parameters())
+    assert dep.weight_packed.dtype == torch.int32 and not any(True for _ in dep.parameters())
     x = torch.randn(batch, c_in, hw, hw) + beta
     with torch.no_grad():
         ref = sim(x)
@@ -335,7 +336,7 @@ def test_deploy_linear_equals_simulated(k, n, bias, form, alpha, beta, seed):
     sim = AdaBinLinear.from_float(lin, _Cfg(act_form=form)).eval()
     _randomize_act(sim, alpha, beta)
     dep = sim.to_deploy()
-    assert isinstance(dep, AdaBinDeployLinear)
+    assert isinstance(dep, BinaryDeployLinear)
     x = torch.randn(3, 2, k)
     with torch.no_grad():
         ref, out = sim(x), dep(x)

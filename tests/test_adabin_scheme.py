@@ -8,7 +8,8 @@ from torch import nn
 
 import quantkit
 from quantkit.errors import ConfigError
-from quantkit.nn.adabin import AdaBinConv2d, AdaBinDeployConv2d, AdaBinLinear, Maxout
+from quantkit.nn.adabin import AdaBinConv2d, AdaBinLinear, Maxout
+from quantkit.nn.binary_deploy import BinaryDeployConv2d
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +82,7 @@ def test_resnet18_deploy_equals_simulated():
     torch.manual_seed(0)
     q = quantkit.prepare(torchvision.models.resnet18(num_classes=10), "adabin").eval()
     dep = quantkit.convert(q)
-    assert isinstance(dep.layer2[0].conv1, AdaBinDeployConv2d)
+    assert isinstance(dep.layer2[0].conv1, BinaryDeployConv2d)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref, out = q(x), dep(x)

@@ -12,8 +12,9 @@ from torch import nn
 import quantkit
 from quantkit.errors import ConfigError
 from quantkit.models.vit import VisionTransformer, vit_digits
-from quantkit.nn.bivit import (BinaryAttentionDeploy, BinaryLinearPWS, BinaryLinearPWSDeploy, BinaryQKVAttention,
-                               binary_attention, binary_attention_packed)
+from quantkit.nn.binary_deploy import BinaryDeployLinear
+from quantkit.nn.bivit import (BinaryAttentionDeploy, BinaryLinearPWS, BinaryQKVAttention, binary_attention,
+                               binary_attention_packed)
 from quantkit.quantizers.softmax import (attention_binarization_errors, bibert_bool, pws_binarize_weight,
                                         sab_binarize, sab_optimal_threshold, sab_select)
 from quantkit.schemes.bivit import BiViTConfig
@@ -137,7 +138,7 @@ def test_binary_linear_pws_deploy_equals_simulated(binary_input):
     x = torch.randn(2, 5, 70)
     y = b(x)
     d = b.to_deploy()
-    assert isinstance(d, BinaryLinearPWSDeploy) and d.weight_packed.dtype == torch.int32
+    assert isinstance(d, BinaryDeployLinear) and d.weight_packed.dtype == torch.int32
     assert d.weight_packed.shape == (9, 3)
     assert torch.allclose(d(x), y, atol=1e-5, rtol=1e-6)
 

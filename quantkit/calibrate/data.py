@@ -7,7 +7,7 @@ does not fit the model raises :class:`~quantkit.errors.CalibrationDataError` nam
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn

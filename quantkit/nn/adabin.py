@@ -18,6 +18,7 @@ from ..quantizers.adabin import (adabin_activation, adabin_activation_affine, ad
                                  adabin_weight_signs, ede_schedule)
 from ..quantizers.binary import binary_sign
 from .base import NotQuantizable, QuantModule
+from .binary_deploy import BinaryDeployConv2d, BinaryDeployLinear, affine_epilogue
 
 #: module defaults of the official AdaBin_Conv2d when no EDE schedule runs
 DEFAULT_EDE_K = 10.0
@@ -100,6 +101,19 @@ class _AdaBinMixin:
                        scale_a=scale_a, center_a=center_a)
         return out
 
+    def _deploy_form(self) -> tuple[Tensor, dict, Tensor | None]:
+        """Weight signs, epilogue constants and input threshold of the packed deploy layer (ALGORITHMS.md 2.4).
+
+        The kernel packs bit = (a >= beta_a). The simulated sign is that of (a - beta_a) / alpha_a: the same bit when
+        alpha_a > 0, the opposite when alpha_a < 0 -- then the activation scale changes sign instead (the two forms
+        differ only at an exact tie a == beta_a). Weight-only layers take a float input (threshold None)."""
+        c = self._frozen_constants()
+        bias = None if self.bias is None else self.bias.detach()
+        if self.weight_only:
+            return c["signs"], affine_epilogue(c["alpha_w"], c["beta_w"], bias=bias), None
+        scale_a = c["scale_a"] if float(c["alpha_a"]) >= 0 else -c["scale_a"]
+        return c["signs"], affine_epilogue(c["alpha_w"], c["beta_w"], scale_a, c["center_a"], bias), c["beta_a"]
+
 
 class AdaBinConv2d(_AdaBinMixin, QuantModule, nn.Conv2d):
     """AdaBin binary convolution (official ``AdaBin_Conv2d``): y = conv(a_b, W_b) (+ bias), zero padding applied
@@ -143,8 +157,10 @@ class AdaBinConv2d(_AdaBinMixin, QuantModule, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.binarize_input(x), self.binarized_weight(), self.bias)
 
-    def to_deploy(self) -> nn.Module:
-        return AdaBinDeployConv2d.from_simulated(self)
+    def to_deploy(self) -> BinaryDeployConv2d:
+        signs, epilogue, threshold = self._deploy_form()
+        return BinaryDeployConv2d.from_signs(signs, epilogue, stride=self.stride, padding=self.padding,
+                                             dilation=self.dilation, in_threshold=threshold)
 
 
 class AdaBinLinear(_AdaBinMixin, QuantModule, nn.Linear):
@@ -165,8 +181,9 @@ class AdaBinLinear(_AdaBinMixin, QuantModule, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.binarize_input(x), self.binarized_weight(), self.bias)
 
-    def to_deploy(self) -> nn.Module:
-        return AdaBinDeployLinear.from_simulated(self)
+    def to_deploy(self) -> BinaryDeployLinear:
+        signs, epilogue, threshold = self._deploy_form()
+        return BinaryDeployLinear.from_signs(signs, epilogue, in_threshold=threshold)
 
 
 def _explicit_padding(module: nn.Conv2d) -> tuple[int, int] | None:
@@ -208,117 +225,5 @@ class Maxout(nn.Module):
         return f"{self.channels}"
 
 
-# ---------------------------------------------------------------------------------------------- deploy forms
-
-
-class AdaBinDeployConv2d(nn.Module):
-    """Frozen AdaBin conv on packed bits (ALGORITHMS.md 2.4). With a_b = scale_a s_a + c_a and
-    W_b = alpha_w s_w + beta_w, over the valid (unpadded) taps of each output position::
-
-        y = alpha_w scale_a sum(s_w s_a) + alpha_w c_a sum(s_w) + beta_w scale_a sum(s_a) + n beta_w c_a + bias
-
-    with sum(s_w s_a) = n - 2 popcount(B_w XOR B_a), computed by :func:`quantkit.ops.binary_conv2d`. The input signs
-    are those of the simulated layer, s_a = sign((a - beta_a) / alpha_a).
-
-    Weight-only layers (full-precision activations) have no bitwise product: they keep the packed signs and the
-    per-channel constants and compute conv(a, alpha_w s_w + beta_w) in float.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @classmethod
-    def from_simulated(cls, sim: AdaBinConv2d) -> "AdaBinDeployConv2d":
-        from ..ops.packing import pack_conv_weight
-
-        c = sim._frozen_constants()
-        self = cls()
-        self.in_channels, self.out_channels = sim.in_channels, sim.out_channels
-        self.kernel_size, self.stride = tuple(sim.kernel_size), tuple(sim.stride)
-        self.padding, self.dilation = tuple(sim.padding), tuple(sim.dilation)
-        self.weight_only = sim.weight_only
-        self.register_buffer("weight_bits", pack_conv_weight(c["signs"]))
-        self.register_buffer("alpha_w", c["alpha_w"])
-        self.register_buffer("beta_w", c["beta_w"])
-        self.register_buffer("bias", None if sim.bias is None else sim.bias.detach().float().clone())
-        if not self.weight_only:
-            alpha_w, beta_w, s, ca = c["alpha_w"], c["beta_w"], c["scale_a"], c["center_a"]
-            self.register_buffer("act_alpha", c["alpha_a"].clone())
-            self.register_buffer("act_beta", c["beta_a"].clone())
-            self.register_buffer("scale", alpha_w * s)
-            self.register_buffer("act_sum_scale", beta_w * s)
-            self.register_buffer("weight_sum_scale", alpha_w * ca)
-            self.register_buffer("count_scale", beta_w * ca)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        from ..ops.binary import binary_conv2d
-        from ..ops.packing import pack_activation_nhwc, unpack_bits
-
-        x = x.float()
-        if self.weight_only:
-            signs = unpack_bits(self.weight_bits, self.in_channels).permute(0, 3, 1, 2)
-            w = self.alpha_w.view(-1, 1, 1, 1) * signs + self.beta_w.view(-1, 1, 1, 1)
-            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
-        a_hat = (x - self.act_beta) / self.act_alpha  # the simulated layer's threshold, bit for bit
-        y = binary_conv2d(pack_activation_nhwc(a_hat), self.weight_bits, self.in_channels, self.stride,
-                          self.padding, self.dilation, scale=self.scale, act_sum_scale=self.act_sum_scale,
-                          weight_sum_scale=self.weight_sum_scale, count_scale=self.count_scale, bias=self.bias)
-        return y
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, weight_only={self.weight_only}")
-
-
-class AdaBinDeployLinear(nn.Module):
-    """Frozen AdaBin linear layer on packed bits: y = alpha_w scale_a sum(s_w s_a) + beta_w scale_a sum(s_a) + b',
-    where the input-independent terms fold into b' = alpha_w c_a sum(s_w) + K beta_w c_a + bias
-    (:func:`quantkit.ops.binary_linear`). Weight-only layers compute in float from the packed signs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    @classmethod
-    def from_simulated(cls, sim: AdaBinLinear) -> "AdaBinDeployLinear":
-        from ..ops.packing import pack_linear_weight
-
-        c = sim._frozen_constants()
-        self = cls()
-        self.in_features, self.out_features = sim.in_features, sim.out_features
-        self.weight_only = sim.weight_only
-        self.register_buffer("weight_bits", pack_linear_weight(c["signs"]))
-        self.register_buffer("alpha_w", c["alpha_w"])
-        self.register_buffer("beta_w", c["beta_w"])
-        bias = torch.zeros(sim.out_features) if sim.bias is None else sim.bias.detach().float().clone()
-        if self.weight_only:
-            self.register_buffer("bias", None if sim.bias is None else bias)
-            return self
-        alpha_w, beta_w, s, ca = c["alpha_w"], c["beta_w"], c["scale_a"], c["center_a"]
-        wsum = c["signs"].sum(dim=1)
-        self.register_buffer("act_alpha", c["alpha_a"].clone())
-        self.register_buffer("act_beta", c["beta_a"].clone())
-        self.register_buffer("scale", alpha_w * s)
-        self.register_buffer("act_sum_scale", beta_w * s)
-        self.register_buffer("bias", (alpha_w * ca * wsum + sim.in_features * beta_w * ca + bias).float())
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        from ..ops.binary import binary_linear
-        from ..ops.packing import pack_bits, unpack_bits
-
-        x = x.float()
-        if self.weight_only:
-            signs = unpack_bits(self.weight_bits, self.in_features)
-            w = self.alpha_w.view(-1, 1) * signs + self.beta_w.view(-1, 1)
-            return F.linear(x, w, self.bias)
-        a_hat = (x - self.act_beta) / self.act_alpha
-        return binary_linear(pack_bits(a_hat), self.weight_bits, self.in_features, scale=self.scale,
-                             act_sum_scale=self.act_sum_scale, bias=self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight_only={self.weight_only}"
-
-
-__all__ = ["AdaBinConv2d", "AdaBinLinear", "Maxout", "AdaBinDeployConv2d", "AdaBinDeployLinear",
+__all__ = ["AdaBinConv2d", "AdaBinLinear", "Maxout",
            "is_downsample_conv", "DEFAULT_EDE_K", "DEFAULT_EDE_T"]

@@ -11,7 +11,7 @@ Simulated layers (float math, trainable):
   (timm-style modules with a ``qkv`` and a ``proj`` Linear), :class:`BinaryShiftedWindowAttention` (torchvision Swin;
   relative position bias and shift masks stay full precision).
 
-Deploy layers (packed bits, :mod:`quantkit.ops` kernels): :class:`BinaryLinearPWSDeploy` and
+Deploy layers (packed bits, :mod:`quantkit.ops` kernels): :class:`BinaryDeployLinear` and
 :class:`BinaryAttentionDeploy` (``binary_bmm`` for ``Q_b K_b^T``, ``binary_bmm_01`` for ``A_b V_b``).
 
 Every attention wrapper computes the same thing as the module it replaced when ``binarize=False`` (used by the tests
@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..ops.binary import binary_bmm, binary_bmm_01, binary_linear
-from ..ops.packing import pack_bits, pack_linear_weight, unpack_bits
+from ..ops.binary import binary_bmm, binary_bmm_01
+from ..ops.packing import pack_bits
 from ..quantizers.binary import sign_ste
 from ..quantizers.softmax import bibert_bool, pws_binarize_weight, pws_sign, sab_binarize, sab_select
 from .base import NotQuantizable, QuantModule
+from .binary_deploy import BinaryDeployLinear, affine_epilogue
 
 ATTENTION_METHODS = ("sab", "bibert")
 
@@ -121,45 +122,18 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
                 "scale": "PWS (learned)" if self.learned_scale else "mean|W| (fixed)",
                 "binarized_now": bool(self.binarize)}
 
-    def to_deploy(self) -> "BinaryLinearPWSDeploy":
+    def to_deploy(self) -> BinaryDeployLinear:
+        """Packed deploy layer: y = s * (x_b . sign(W_c)) + b (binary input, threshold 0) or s * (x . sign(W_c)) + b
+        (float input), the same order of operations as the simulated forward."""
         with torch.no_grad():
-            scale = self.current_scale().detach().reshape(-1)
-            centred = self.weight.detach() - self.weight.detach().mean(dim=1, keepdim=True)
-            return BinaryLinearPWSDeploy(pack_linear_weight(centred), self.in_features, scale,
-                                         None if self.bias is None else self.bias.detach(), self.binary_input)
+            epilogue = affine_epilogue(self.current_scale().detach().reshape(-1),
+                                       bias=None if self.bias is None else self.bias.detach())
+            return BinaryDeployLinear.from_signs(pws_sign(self.weight.detach()), epilogue,
+                                                 in_threshold=0.0 if self.binary_input else None)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, binary_input={self.binary_input}, learned_scale={self.learned_scale}, "
                 f"role={self.role}, binarize={self.binarize}")
-
-
-class BinaryLinearPWSDeploy(nn.Module):
-    """Deployed :class:`BinaryLinearPWS`: packed sign bits of ``W - mean_row(W)``, a float scale per row, float bias.
-
-    Binary input: ``y = scale * (sign(x) . sign(W_c)) + b`` on :func:`quantkit.ops.binary_linear` (XNOR-popcount).
-    Float input (MLP "1/32"): ``y = scale * (x @ sign(W_c)^T) + b`` with the +-1 weight unpacked from its bits.
-    """
-
-    def __init__(self, weight_packed: Tensor, in_features: int, scale: Tensor, bias: Tensor | None,
-                 binary_input: bool) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = weight_packed.shape[0]
-        self.binary_input = binary_input
-        self.register_buffer("weight_packed", weight_packed.contiguous())
-        self.register_buffer("scale", scale.to(torch.float32).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.to(torch.float32).contiguous())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.binary_input:
-            return binary_linear(pack_bits(x), self.weight_packed, self.in_features, scale=self.scale,
-                                 bias=self.bias)
-        w = unpack_bits(self.weight_packed, self.in_features, x.dtype)
-        y = F.linear(x, w) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, binary_input={self.binary_input}"
 
 
 # ================================================================================================ attention core
@@ -573,10 +547,10 @@ class BinaryShiftedWindowAttention(_AttentionCoreMixin, QuantModule):
 # ================================================================================================ deploy
 class BinaryAttentionDeploy(nn.Module):
     """Deployed binary attention of any of the three forms (``layout`` = "mha", "qkv" or "swin"): packed projections
-    (:class:`BinaryLinearPWSDeploy`) and :func:`binary_attention_packed`; FP parts (Swin's relative position bias,
+    (:class:`BinaryDeployLinear`) and :func:`binary_attention_packed`; FP parts (Swin's relative position bias,
     masks) as float tensors. Inference only (no dropout)."""
 
-    def __init__(self, layout: str, num_heads: int, in_proj: BinaryLinearPWSDeploy, out_proj: BinaryLinearPWSDeploy,
+    def __init__(self, layout: str, num_heads: int, in_proj: BinaryDeployLinear, out_proj: BinaryDeployLinear,
                  *, method: str, beta: float, sab_scale: bool, batch_first: bool = True,
                  logit_scale: float | None = None, relative_position_bias: Tensor | None = None,
                  window_size: list[int] | None = None, shift_size: list[int] | None = None) -> None:
@@ -622,6 +596,6 @@ class BinaryAttentionDeploy(nn.Module):
         return f"layout={self.layout}, heads={self.num_heads}, method={self.method}, beta={self.beta:g}"
 
 
-__all__ = ["BinaryLinearPWS", "BinaryLinearPWSDeploy", "binary_attention", "binary_attention_packed",
+__all__ = ["BinaryLinearPWS", "binary_attention", "binary_attention_packed",
            "BinaryMultiheadAttention", "BinaryQKVAttention", "BinaryShiftedWindowAttention", "BinaryAttentionDeploy",
            "shifted_window_attention_forward", "ATTENTION_METHODS"]

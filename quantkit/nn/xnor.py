@@ -6,8 +6,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quantizers.binary import sign_ste, xnor_weight
+from ..quantizers.binary import binary_sign, sign_ste, xnor_weight
 from .base import NotQuantizable, QuantModule
+from .binary_deploy import BinaryDeployConv2d, BinaryDeployLinear, affine_epilogue
 
 
 class XnorConv2d(QuantModule, nn.Conv2d):
@@ -31,13 +32,11 @@ class XnorConv2d(QuantModule, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(sign_ste(x), xnor_weight(self.weight), self.bias)
 
-    def to_deploy(self) -> nn.Module:
-        from .binary_deploy import BinaryDeployConv2d
-
+    def to_deploy(self) -> BinaryDeployConv2d:
         w = self.weight.detach()
-        scale = w.abs().flatten(1).mean(dim=1)
-        return BinaryDeployConv2d.from_weight(w, scale=scale, bias=self.bias, stride=self.stride,
-                                              padding=self.padding, dilation=self.dilation)
+        epilogue = affine_epilogue(w.abs().flatten(1).mean(dim=1), bias=None if self.bias is None else self.bias.detach())
+        return BinaryDeployConv2d.from_signs(binary_sign(w), epilogue, stride=self.stride, padding=self.padding,
+                                             dilation=self.dilation)
 
 
 class XnorLinear(QuantModule, nn.Linear):
@@ -56,8 +55,7 @@ class XnorLinear(QuantModule, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(sign_ste(x), xnor_weight(self.weight), self.bias)
 
-    def to_deploy(self) -> nn.Module:
-        from .binary_deploy import BinaryDeployLinear
-
+    def to_deploy(self) -> BinaryDeployLinear:
         w = self.weight.detach()
-        return BinaryDeployLinear.from_weight(w, scale=w.abs().mean(dim=1), bias=self.bias)
+        epilogue = affine_epilogue(w.abs().mean(dim=1), bias=None if self.bias is None else self.bias.detach())
+        return BinaryDeployLinear.from_signs(binary_sign(w), epilogue)

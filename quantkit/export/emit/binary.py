@@ -43,10 +43,8 @@ class BinarySpec:
     conv: bool
     words: object  # int32 packed words: conv OHWI (O, kh, kw, W), linear (O, W)
     k: int  # C_in (conv) / in_features (linear)
-    input_mode: str  # "threshold" (bit = x >= t), "affine" (bit = (x - beta) / alpha >= 0), "float" (no binarization)
+    input_mode: str  # "threshold" (bit = x >= t) or "float" (no binarization)
     threshold: np.ndarray | None = None
-    act_beta: float = 0.0
-    act_alpha: float = 1.0
     scale: np.ndarray | None = None
     act_sum_scale: np.ndarray | None = None
     weight_sum_scale: np.ndarray | None = None
@@ -72,55 +70,34 @@ def _opt(m, name: str):
 
 # ---------------------------------------------------------------------------------------------- spec extraction
 def spec_binary_deploy(m) -> BinarySpec:
-    """quantkit.nn.binary_deploy.BinaryDeployConv2d / BinaryDeployLinear (XNOR-Net and any affine binary layer)."""
-    conv = hasattr(m, "kernel_size")
-    t = to_numpy(m.in_threshold, np.float32)
-    common = dict(input_mode="threshold", threshold=t, scale=_opt(m, "scale"), act_sum_scale=_opt(m, "act_sum_scale"),
-                  bias=_opt(m, "bias"))
-    if conv:
-        return BinarySpec(True, m.weight_packed, m.in_channels, weight_sum_scale=_opt(m, "weight_sum_scale"),
-                          count_scale=_opt(m, "count_scale"), kernel=tuple(m.kernel_size), stride=tuple(m.stride),
-                          padding=tuple(m.padding), dilation=tuple(m.dilation), **common)
-    return BinarySpec(False, m.weight_packed, m.in_features, **common)
-
-
-def spec_adabin(m) -> BinarySpec:
-    """quantkit.nn.adabin.AdaBinDeployConv2d / AdaBinDeployLinear."""
+    """quantkit.nn.binary_deploy.BinaryDeployConv2d / BinaryDeployLinear: every binary-weight deploy layer (XNOR,
+    AdaBin incl. weight-only, BiViT's PWS linears)."""
     conv = hasattr(m, "kernel_size")
     geo = dict(kernel=tuple(m.kernel_size), stride=tuple(m.stride), padding=tuple(m.padding),
                dilation=tuple(m.dilation)) if conv else {}
     k = m.in_channels if conv else m.in_features
-    if m.weight_only:
-        return BinarySpec(conv, m.weight_bits, k, "float", float_weight="affine", w_alpha=vec(m.alpha_w),
-                          w_beta=vec(m.beta_w), bias=_opt(m, "bias"), **geo)
+    if m.float_input:
+        if m.act_sum_scale is not None:  # W = alpha_w s_w + beta_w (AdaBin weight-only)
+            return BinarySpec(conv, m.weight_packed, k, "float", float_weight="affine", w_alpha=_opt(m, "scale"),
+                              w_beta=_opt(m, "act_sum_scale"), bias=_opt(m, "bias"), **geo)
+        return BinarySpec(conv, m.weight_packed, k, "float", float_weight="pm1", scale=_opt(m, "scale"),
+                          bias=_opt(m, "bias"), **geo)
     extra = dict(weight_sum_scale=_opt(m, "weight_sum_scale"), count_scale=_opt(m, "count_scale")) if conv else {}
-    return BinarySpec(conv, m.weight_bits, k, "affine", act_beta=float(m.act_beta), act_alpha=float(m.act_alpha),
+    return BinarySpec(conv, m.weight_packed, k, "threshold", threshold=to_numpy(m.in_threshold, np.float32),
                       scale=_opt(m, "scale"), act_sum_scale=_opt(m, "act_sum_scale"), bias=_opt(m, "bias"),
                       **extra, **geo)
-
-
-def spec_bivit_linear(m) -> BinarySpec:
-    """quantkit.nn.bivit.BinaryLinearPWSDeploy (binary or float input)."""
-    mode = "threshold" if m.binary_input else "float"
-    return BinarySpec(False, m.weight_packed, m.in_features, mode, threshold=np.zeros((), np.float32),
-                      scale=_opt(m, "scale"), bias=_opt(m, "bias"), float_weight="pm1")
 
 
 # ---------------------------------------------------------------------------------------------- graph pieces
 def _bits_input(b: GraphBuilder, x: str, s: BinarySpec, as_sign: bool) -> str:
     """The layer's input binarization: +-1 float (``as_sign``) or the bit as float 1/0."""
-    if s.input_mode == "affine":
-        x = b.op("Sub", [x, b.f32("act_beta", np.float32(s.act_beta))], "act_center")
-        x = b.op("Div", [x, b.f32("act_alpha", np.float32(s.act_alpha))], "act_normalize")
+    tv = np.asarray(s.threshold, np.float32)
+    if tv.size == 1 and float(tv.reshape(-1)[0]) == 0.0:
         t = None
+    elif tv.size == 1:
+        t = b.f32("in_threshold", np.float32(tv.reshape(-1)[0]))
     else:
-        tv = np.asarray(s.threshold, np.float32)
-        if tv.size == 1 and float(tv.reshape(-1)[0]) == 0.0:
-            t = None
-        elif tv.size == 1:
-            t = b.f32("in_threshold", np.float32(tv.reshape(-1)[0]))
-        else:
-            t = b.f32("in_threshold", tv.reshape((1, -1, 1, 1) if s.conv else (-1,)))
+        t = b.f32("in_threshold", tv.reshape((1, -1, 1, 1) if s.conv else (-1,)))
     if as_sign:
         return b.sign_pm1(x, t, "act_sign")
     ge = b.op("GreaterOrEqual", [x, t if t is not None else b.f32("zero", np.float32(0.0))], "act_bit")
@@ -349,19 +326,6 @@ def _register() -> None:
 
     register_emitter(BinaryDeployConv2d, _make(spec_binary_deploy, "binary"))
     register_emitter(BinaryDeployLinear, _make(spec_binary_deploy, "binary"))
-    try:
-        from ...nn.adabin import AdaBinDeployConv2d, AdaBinDeployLinear
-    except ImportError:
-        pass
-    else:
-        register_emitter(AdaBinDeployConv2d, _make(spec_adabin, "adabin"))
-        register_emitter(AdaBinDeployLinear, _make(spec_adabin, "adabin"))
-    try:
-        from ...nn.bivit import BinaryLinearPWSDeploy
-    except ImportError:
-        pass
-    else:
-        register_emitter(BinaryLinearPWSDeploy, _make(spec_bivit_linear, "bivit"))
 
 
 _register()
