@@ -33,10 +33,12 @@ cpu_sources = _rel([os.path.join(HERE, "kernels", "register.cpp")] + glob.glob(o
 cuda_sources = _rel(glob.glob(os.path.join(HERE, "kernels", "cuda", "*.cu")))
 sm90a_sources = _rel(glob.glob(os.path.join(HERE, "kernels", "cuda", "sm90a", "*.cu")))
 
-cxx_flags = ["-O3", "-fno-strict-aliasing"]
+# -fopenmp: at::parallel_for is inline in ATen's headers and runs serially in a translation unit built without
+# OpenMP; the extension then shares torch's libgomp (same soname), so torch.set_num_threads governs our kernels too.
+cxx_flags = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
 if os.environ.get("QUANTKIT_ASAN") == "1":
     cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
-link_flags = ["-fsanitize=address"] if os.environ.get("QUANTKIT_ASAN") == "1" else []
+link_flags = ["-fopenmp"] + (["-fsanitize=address"] if os.environ.get("QUANTKIT_ASAN") == "1" else [])
 
 ext_modules = []
 use_cuda = _want_cuda() and bool(cuda_sources)
