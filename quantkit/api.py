@@ -15,6 +15,7 @@ from torch import nn
 
 from .calibrate.data import run_calibration
 from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
+from .graph.fold import fold_batchnorms
 from .graph.passes import PassContext, PassManager, refresh_report
 from .graph.trace import trace
 from .nn.base import QuantModule, deploy_nbytes
@@ -172,8 +173,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             rec.bytes_after = deploy_nbytes(deployed)
         except KeyError:
             pass
-    report.stage = "deployed"
     work.eval()
+    for layer, bn in fold_batchnorms(work):
+        report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
+    report.stage = "deployed"
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)

@@ -307,6 +307,13 @@ class _AdderDeploy(nn.Module):
         self.register_buffer("delta", p["delta"].detach().float())
         self.register_buffer("bias", p["bias"].detach().float())
 
+    def fold_affine(self, g: Tensor, h: Tensor) -> None:
+        """Absorb ``y -> g * y + h`` (per output channel, e.g. a following BatchNorm): the epilogue
+        ``-delta * S + bias`` becomes ``-(g delta) * S + (g bias + h)``."""
+        g, h = g.float().flatten(), h.float().flatten()
+        self.delta = self.delta * g
+        self.bias = self.bias * g + h
+
     def quant_input(self, x: Tensor) -> Tensor:
         """(G, *x.shape) integer codes: the input re-quantized on each group's grid."""
         dtype = torch.int8 if self.signed_act else torch.uint8

@@ -69,6 +69,15 @@ class _BinaryDeploy(nn.Module):
         for name in EPILOGUE_TERMS:
             self.register_buffer(name, _vec(epilogue.get(name), n))
 
+    def fold_affine(self, g: Tensor, h: Tensor) -> None:
+        """Absorb ``y -> g * y + h`` (per output channel, e.g. a following BatchNorm) into the epilogue."""
+        g, h = g.float().flatten(), h.float().flatten()
+        self.scale = g.clone() if self.scale is None else self.scale * g
+        for name in ("act_sum_scale", "weight_sum_scale", "count_scale"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name) * g)
+        self.bias = h.clone() if self.bias is None else self.bias * g + h
+
     def _epilogue_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in EPILOGUE_TERMS}
 
