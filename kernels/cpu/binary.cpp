@@ -68,6 +68,9 @@ using TileFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, const ui
 
 // ---------------------------------------------------------------------------------------------- portable
 namespace portable {
+constexpr bool kHasMk2 = false;
+template <bool AND>
+inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
 template <bool AND>
 inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel, int32_t* acc) {
   for (int q = 0; q < MR * NR; ++q) acc[q] = 0;
@@ -92,6 +95,9 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
 namespace avx2 {
+constexpr bool kHasMk2 = false;
+template <bool AND>
+inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
 static inline __m256i popcnt_bytes(__m256i v, __m256i lut, __m256i low) {
   const __m256i lo = _mm256_and_si256(v, low);
   const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -199,6 +205,62 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
   _mm512_storeu_si512(acc + 6 * NR, c6);
   _mm512_storeu_si512(acc + 7 * NR, c7);
 }
+// Two channel blocks at once (MR x 2*NR, 16 accumulators): each broadcast activation word feeds two XORs, and the
+// per-tap pointer loads are shared by twice the work.
+constexpr bool kHasMk2 = true;
+template <bool AND>
+inline void mk2(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel0, const uint32_t* panel1,
+                int32_t* acc0, int32_t* acc1) {
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  __m512i d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint32_t* a0 = a[0 * T + t];
+    const uint32_t* a1 = a[1 * T + t];
+    const uint32_t* a2 = a[2 * T + t];
+    const uint32_t* a3 = a[3 * T + t];
+    const uint32_t* a4 = a[4 * T + t];
+    const uint32_t* a5 = a[5 * T + t];
+    const uint32_t* a6 = a[6 * T + t];
+    const uint32_t* a7 = a[7 * T + t];
+    const uint32_t* wp0 = panel0 + t * Cw * NR;
+    const uint32_t* wp1 = panel1 + t * Cw * NR;
+    for (int64_t w = 0; w < Cw; ++w) {
+      const __m512i wv0 = _mm512_loadu_si512(wp0 + w * NR);
+      const __m512i wv1 = _mm512_loadu_si512(wp1 + w * NR);
+#define QK_AVX512_ROW2(ap, c, d)                                                                               \
+  {                                                                                                            \
+    const __m512i av = _mm512_set1_epi32(static_cast<int>(ap[w]));                                             \
+    c = _mm512_add_epi32(c, _mm512_popcnt_epi32(AND ? _mm512_and_si512(av, wv0) : _mm512_xor_si512(av, wv0)));    \
+    d = _mm512_add_epi32(d, _mm512_popcnt_epi32(AND ? _mm512_and_si512(av, wv1) : _mm512_xor_si512(av, wv1)));    \
+  }
+      QK_AVX512_ROW2(a0, c0, d0)
+      QK_AVX512_ROW2(a1, c1, d1)
+      QK_AVX512_ROW2(a2, c2, d2)
+      QK_AVX512_ROW2(a3, c3, d3)
+      QK_AVX512_ROW2(a4, c4, d4)
+      QK_AVX512_ROW2(a5, c5, d5)
+      QK_AVX512_ROW2(a6, c6, d6)
+      QK_AVX512_ROW2(a7, c7, d7)
+#undef QK_AVX512_ROW2
+    }
+  }
+  _mm512_storeu_si512(acc0 + 0 * NR, c0);
+  _mm512_storeu_si512(acc0 + 1 * NR, c1);
+  _mm512_storeu_si512(acc0 + 2 * NR, c2);
+  _mm512_storeu_si512(acc0 + 3 * NR, c3);
+  _mm512_storeu_si512(acc0 + 4 * NR, c4);
+  _mm512_storeu_si512(acc0 + 5 * NR, c5);
+  _mm512_storeu_si512(acc0 + 6 * NR, c6);
+  _mm512_storeu_si512(acc0 + 7 * NR, c7);
+  _mm512_storeu_si512(acc1 + 0 * NR, d0);
+  _mm512_storeu_si512(acc1 + 1 * NR, d1);
+  _mm512_storeu_si512(acc1 + 2 * NR, d2);
+  _mm512_storeu_si512(acc1 + 3 * NR, d3);
+  _mm512_storeu_si512(acc1 + 4 * NR, d4);
+  _mm512_storeu_si512(acc1 + 5 * NR, d5);
+  _mm512_storeu_si512(acc1 + 6 * NR, d6);
+  _mm512_storeu_si512(acc1 + 7 * NR, d7);
+}
 #include "cpu/binary_tile_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -212,7 +274,9 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
 namespace amx {
+using avx512::kHasMk2;
 using avx512::mk;
+using avx512::mk2;
 #include "cpu/binary_tile_impl.h"
 
 constexpr int MRA = 32;  // rows per AMX block (two 16-row A tiles); channels per block: 2 x NR

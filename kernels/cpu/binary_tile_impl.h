@@ -5,7 +5,7 @@
 //   template <bool AND> void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel,
 //                               int32_t* acc);
 // the MR x NR micro-kernel: acc[i*NR + j] = sum_{t<T, w<Cw} popcount(a[i*T+t][w] OP panel[(t*Cw + w)*NR + j]),
-// OP = AND or XOR. Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
+// OP = AND or XOR, and `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
 // vectorises with the same registers as the micro-kernel. Types (Ctx, RowInfo, MR, NR, kEpi*) come from binary.cpp.
 
 static inline int32_t popc32(uint32_t v) { return __builtin_popcount(v); }
@@ -153,6 +153,7 @@ template <bool CONV, int EPI>
 void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, const uint32_t** ptrs) {
   const int64_t T = c.T, Cw = c.Cw;
   alignas(64) int32_t acc[MR * NR];
+  alignas(64) int32_t acc2[MR * NR];
   RowInfo ri[MR];
   for (int64_t pb = pb0; pb < pb1; ++pb) {
     const int64_t p0 = pb * MR;
@@ -167,7 +168,18 @@ void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, cons
         setup_missing_row(c, ptrs + i * T, ri[i]);
       }
     }
-    for (int64_t cb = cb0; cb < cb1; ++cb) {
+    int64_t cb = cb0;
+    if (kHasMk2) {
+      for (; cb + 1 < cb1; cb += 2) {
+        mk2<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, c.panels + (cb + 1) * T * Cw * NR, acc,
+                              acc2);
+        for (int i = 0; i < rows; ++i) {
+          epilogue_row<CONV, EPI, false>(c, cb, p0 + i, ptrs + i * T, ri[i], acc + i * NR);
+          epilogue_row<CONV, EPI, false>(c, cb + 1, p0 + i, ptrs + i * T, ri[i], acc2 + i * NR);
+        }
+      }
+    }
+    for (; cb < cb1; ++cb) {
       mk<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, acc);
       for (int i = 0; i < rows; ++i) epilogue_row<CONV, EPI, false>(c, cb, p0 + i, ptrs + i * T, ri[i], acc + i * NR);
     }
