@@ -513,8 +513,10 @@ void run(const std::vector<Ctx>& ctxs, TileFn fn, bool amx = false) {
   // channel super-block: its weight panels stay in L2 while the row blocks stream past
   const int64_t panel_bytes =
       std::max<int64_t>(1, amx ? c0.T * ((c0.Cw + 1) / 2) * 1024 : c0.T * c0.Cw * NR * 4);
-  int64_t cb_per = std::max<int64_t>(1, std::min<int64_t>(NB, ((amx ? 768 : 256) * 1024) / panel_bytes));
-  if (amx && cb_per > 1 && cb_per < NB) cb_per &= ~int64_t(1);  // AMX blocks hold 2 channel blocks
+  const int64_t cb_max = std::max<int64_t>(1, std::min<int64_t>(NB, ((amx ? 768 : 256) * 1024) / panel_bytes));
+  // equal super-blocks (threads split the task list evenly), an even count where blocks are taken in pairs
+  int64_t cb_per = (NB + (NB + cb_max - 1) / cb_max - 1) / ((NB + cb_max - 1) / cb_max);
+  if (cb_per > 1 && cb_per < NB) cb_per += cb_per & 1;
   const int64_t n_super = (NB + cb_per - 1) / cb_per;
   const int64_t nthreads = at::get_num_threads();
   const int64_t per_batch = n_super * PB;
