@@ -4,7 +4,8 @@
 // Design (KERNELS.md section 6.2):
 //  * one GEMM core for everything: a broadcast outer-product micro-kernel of MR = 8 output rows (pixels) x
 //    NR = 16 output channels in 32-bit lanes; per K-word it loads 16 channels' weight words (one zmm), broadcasts
-//    one activation word per row and accumulates popcount(a XOR w) (or AND) -- no horizontal reductions;
+//    one activation word per row and accumulates popcount(a XOR w) (or AND) -- no horizontal reductions; the
+//    AVX-512 path runs two channel blocks per call (8 x 32, 16 accumulators);
 //  * weights are repacked per call into panels [C_out/16][T][Cw][16] (T taps of Cw words), O(weight size);
 //  * conv2d is an indirect GEMM: per output pixel a list of T tap pointers into the NHWC input, padded taps
 //    pointing at a buffer of zero words (no im2col copy). A padded tap then adds popcount(w) to the XOR count;
@@ -12,7 +13,8 @@
 //  * the epilogue (AdaBin/XNOR affine terms, float NHWC store or thresholded packed bits) runs on the
 //    accumulator tile while it is hot, compiled for the same ISA as the micro-kernel;
 //  * ISA levels (cpu_features.h): AVX-512 VPOPCNTDQ, AVX2 (vpshufb nibble-LUT byte popcounts, widened every
-//    31 words), portable C++; threads: at::parallel_for over (row blocks x channel super-blocks).
+//    31 words), portable C++, and an opt-in AMX-INT8 path; threads: at::parallel_for over (row blocks x equal
+//    channel super-blocks sized to keep their weight panels in L2).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
