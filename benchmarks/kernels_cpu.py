@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from quantkit.sysinfo import cpu_model
 import torch.nn.functional as F
 
 from quantkit import ops
@@ -53,18 +54,6 @@ def median_time(fn: Callable[[], object], repeats: int, min_time: float = 0.2, m
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-        extra = [f for f in ("avx512_vpopcntdq", "avx512bw", "avx2", "amx_int8") if f in flags]
-        return f"{model} [{' '.join(extra)}]"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def popcount_peak(threads: int) -> float:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from quantkit.sysinfo import cpu_model
 import torch.nn.functional as F
 
 from quantkit.ops import adder as A
@@ -55,17 +56,6 @@ def _median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[st
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _operands(bits: int, groups: int, x_shape, w_shape, gen: torch.Generator):
@@ -212,7 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", default=f"1,{os.cpu_count() or 1}", help="comma-separated thread counts")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     args = parser.parse_args()
-    print(f"# CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, ISA {cpu_isa()}")
+    print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, ISA {cpu_isa()}")
     cols = ["threads", "name", "shape", "ours_ms", "fp32_matmul_ms", "fp32_conv2d_ms", "cdist_ms",
             "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "G_absdiff_per_s", "fraction_of_sad_peak"]
     print("| " + " | ".join(cols) + " |")

@@ -18,22 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 
-import numpy as np
 import torch
 from torch import nn
 
 import quantkit
-from quantkit.datasets import accuracy, digits
-from quantkit.export import ort_session
+from quantkit.datasets import accuracy, digits, onnx_accuracy
 from quantkit.models.vit import vit_digits
 
-
-def onnx_accuracy(path: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    preds = np.concatenate([sess.run(None, {name: x[i:i + 256].numpy()})[0].argmax(-1)
-                            for i in range(0, len(y), 256)])
-    return 100.0 * float((preds == y.numpy()).mean()), preds
 
 
 def main(argv: list[str] | None = None) -> None:

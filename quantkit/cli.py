@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .sysinfo import cpu_flags
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -353,21 +355,8 @@ def cmd_inspect(args, console: _Console) -> int:
     return EXIT_OK
 
 
-def _cpu_flags() -> list[str]:
-    wanted = ("sse4_2", "popcnt", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq",
-              "avx512vnni", "avx512_bitalg", "amx_int8")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
 def cmd_info(args, console: _Console) -> int:
+
     import onnx
     import torch
 
@@ -383,7 +372,7 @@ def cmd_info(args, console: _Console) -> int:
              f"CPU kernel ISA: {cpu_isa()} (this CPU can run: {', '.join(supported_cpu_isas()) or 'none'})",
              f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads "
              f"{torch.get_num_threads()}",
-             f"CPU features: {' '.join(_cpu_flags()) or 'unknown'}"]
+             f"CPU features: {' '.join(cpu_flags()) or 'unknown'}"]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         lines.append(f"CUDA: {torch.version.cuda}, devices: {', '.join(names)}")
@@ -455,7 +444,7 @@ def cmd_bench(args, console: _Console) -> int:
     width = max(len(r[0]) for r in rows)
     for label, ms in rows:
         print(f"  {label:<{width}}  {ms:9.3f} ms   {base / ms:6.2f}x vs PyTorch FP32")
-    print(f"  machine: {platform.machine()}, {os.cpu_count()} cores; {', '.join(_cpu_flags()[-6:])}")
+    print(f"  machine: {platform.machine()}, {os.cpu_count()} cores; {', '.join(cpu_flags()[-6:])}")
     return EXIT_OK
 
 

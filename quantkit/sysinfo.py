@@ -1,0 +1,31 @@
+"""What machine this is (for `quantkit info` and the benchmark headers)."""
+from __future__ import annotations
+
+import platform
+
+_ISA_FLAGS = ("sse4_2", "popcnt", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq",
+              "avx512vnni", "avx512_bitalg", "amx_int8")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags(wanted: tuple[str, ...] = _ISA_FLAGS) -> list[str]:
+    """The ISA extensions of ``wanted`` that this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
+    have = set((_cpuinfo_field("flags") or "").split())
+    return [w for w in wanted if w in have]
+
+
+def cpu_model() -> str:
+    """CPU model name with its popcount-relevant ISA extensions, e.g. ``Intel(R) Xeon(R) ... [avx512_vpopcntdq ...]``."""
+    model = _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+    extra = cpu_flags(("avx512_vpopcntdq", "avx512bw", "avx2", "amx_int8"))
+    return f"{model} [{' '.join(extra)}]" if extra else model
