@@ -53,6 +53,10 @@ TORCH_LIBRARY(quantkit, m) {
   //   over at::get_num_threads() concurrent threads (the ceiling benchmarks/kernels_cpu.py compares against).
   m.def("binary_popcount_peak(int iters) -> float");
 
+  // ---- fused elementwise ops of deploy models -----------------------------------------------------------
+  // maxout: y = x * (x > 0 ? pos[c] : neg[c]) per channel c = dim 1 (AdaBin's Maxout, one memory pass)
+  m.def("maxout(Tensor x, Tensor pos, Tensor neg) -> Tensor");
+
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
   // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]
   // (float32). xq carries a leading group dim G (activations re-quantized once per group); w_mult is 1 (signed form

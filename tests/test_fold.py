@@ -72,3 +72,12 @@ def test_adder_bn_folded():
     with torch.no_grad():
         a, b = dep(x), sim(x)
     assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-4
+
+
+def test_adabin_resnet_folds_every_block_batchnorm():
+    import torchvision
+
+    torch.manual_seed(0)
+    dep = quantkit.QAT(torchvision.models.resnet18(), "adabin").convert()
+    folded = [n for n in quantkit.report(dep).notes if "folded" in n]
+    assert len(folded) == 16  # bn1/bn2 after each of the 16 binary 3x3 convs (fx traces through Maxout)

@@ -16,9 +16,13 @@ from torch import Tensor, nn
 
 from ..quantizers.adabin import (adabin_activation, adabin_activation_affine, adabin_weight_params,
                                  adabin_weight_signs, ede_schedule)
+from ..ops.elementwise import maxout
 from ..quantizers.binary import binary_sign
 from .base import NotQuantizable, QuantModule
 from .binary_deploy import BinaryDeployConv2d, BinaryDeployLinear, affine_epilogue
+
+# torch.fx records maxout as one call (its kernel/reference choice is Python control flow)
+torch.fx.wrap("maxout")
 
 #: module defaults of the official AdaBin_Conv2d when no EDE schedule runs
 DEFAULT_EDE_K = 10.0
@@ -203,11 +207,10 @@ class Maxout(nn.Module):
     """AdaBin's nonlinearity (official ``Maxout``), per channel c (dim 1 of the input):
 
     forward:  f(x) = gamma+_c * max(x, 0) - gamma-_c * max(-x, 0)  =  x * (gamma+_c if x > 0 else gamma-_c)
-    backward: df/dx = gamma+_c for x > 0, gamma-_c for x <= 0;  df/dgamma+_c = max(x, 0);  df/dgamma-_c = -max(-x, 0)
+    backward: df/dx = gamma+_c for x > 0, gamma-_c for x < 0;  df/dgamma+_c = max(x, 0);  df/dgamma-_c = -max(-x, 0)
 
-    The second form gives bit-identical values in three memory passes instead of six (it matters at deploy time,
-    where this elementwise op costs more than the binary convolution around it); it differs from the official code
-    only in df/dx at exactly x = 0 (gamma- instead of 0).
+    At inference the second form runs as one fused pass (:func:`quantkit.ops.maxout`, bit-identical values): at deploy
+    time this elementwise op would otherwise cost more than the binary convolutions around it.
 
     ``gamma+`` (``pos_scale``) starts at 1.0 and ``gamma-`` (``neg_scale``) at 0.25; both are learnable and
     unconstrained (some become negative in the released checkpoint).
@@ -220,10 +223,9 @@ class Maxout(nn.Module):
         self.neg_scale = nn.Parameter(torch.full((channels,), neg_init, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = (1, self.channels) + (1,) * (x.dim() - 2)
-        # scales follow the input's dtype so a bf16 activation under autocast stays bf16
-        pos, neg = self.pos_scale.to(x.dtype).view(shape), self.neg_scale.to(x.dtype).view(shape)
-        return x * torch.where(x > 0, pos, neg)
+        # scales follow the input's dtype so a bf16 activation under autocast stays bf16; at inference a fused
+        # one-pass kernel (quantkit.ops.maxout, same values)
+        return maxout(x, self.pos_scale, self.neg_scale)
 
     def extra_repr(self) -> str:
         return f"{self.channels}"
