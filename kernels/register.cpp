@@ -56,6 +56,8 @@ TORCH_LIBRARY(quantkit, m) {
   // ---- fused elementwise ops of deploy models -----------------------------------------------------------
   // maxout: y = x * (x > 0 ? pos[c] : neg[c]) per channel c = dim 1 (AdaBin's Maxout, one memory pass)
   m.def("maxout(Tensor x, Tensor pos, Tensor neg) -> Tensor");
+  // quantize_groups: (G, *x.shape) int8 (signed) / uint8 codes of x on each group's grid (AdderNet PTQ activations)
+  m.def("quantize_groups(Tensor x, Tensor scale, int bits, bool is_signed, bool half_even) -> Tensor");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
   // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]

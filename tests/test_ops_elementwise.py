@@ -59,3 +59,31 @@ def test_maxout_opcheck():
     torch.library.opcheck(torch.ops.quantkit.maxout.default, (x, torch.randn(5), torch.randn(5)))
     xc = x.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.quantkit.maxout.default, (xc, torch.randn(5), torch.randn(5)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.sampled_from([(2, 3, 5, 4), (1, 40, 3, 3), (7, 33), (5,)]), groups=st.integers(1, 4),
+       bits=st.integers(2, 8), signed=st.booleans(), round_mode=st.sampled_from(["half_even", "half_away"]),
+       channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_groups_kernel_equals_reference(shape, groups, bits, signed, round_mode, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    scale = torch.rand(groups, generator=g) * 3 + 0.1
+    flat = x.view(-1)
+    # exact ties and clamp edges: +-s, and points that land on k + 1/2 of a grid
+    flat[: groups] = scale * torch.where(torch.arange(groups) % 2 == 0, 1.0, -1.0)
+    c = (2**bits - 1) / (2.0 if signed else 1.0)
+    if flat.numel() > groups + 1:
+        flat[groups] = 2.5 * scale[0] / c
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got = ops.quantize_groups(x, scale, bits, signed, round_mode)
+    ref = ops.quantize_groups_reference(x, scale, bits, signed, round_mode)
+    assert got.dtype == ref.dtype == (torch.int8 if signed else torch.uint8)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+def test_quantize_groups_opcheck():
+    for x in (torch.randn(2, 6, 4, 3), torch.randn(5, 9)):
+        torch.library.opcheck(torch.ops.quantkit.quantize_groups.default, (x, torch.tensor([0.5, 1.5]), 4, True, True))
+        torch.library.opcheck(torch.ops.quantkit.quantize_groups.default, (x, torch.tensor([2.0]), 8, False, False))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CalibrationDataError, UnsupportedModelError
+from ..ops.elementwise import quantize_groups
 from ..quantizers.adder import (abs_percentile, grid_range, group_scales, group_step, kmeans_groups, lossless_weight_clamp,
                                 max_l1_term, quantize_act_codes, quantize_weight_codes)
 from .adder import AdderConv2d, AdderLinear, adder_conv2d_fp, adder_linear_fp
@@ -315,11 +316,8 @@ class _AdderDeploy(nn.Module):
         self.bias = self.bias * g + h
 
     def quant_input(self, x: Tensor) -> Tensor:
-        """(G, *x.shape) integer codes: the input re-quantized on each group's grid."""
-        dtype = torch.int8 if self.signed_act else torch.uint8
-        codes = [quantize_act_codes(x, s.to(x.dtype), self.bits_a, self.signed_act, self.round_mode, ste=False)
-                 for s in self.group_scale]
-        return torch.stack(codes).to(dtype)
+        """(G, *x.shape) integer codes: the input re-quantized on each group's grid (int8 signed / uint8 unsigned)."""
+        return quantize_groups(x, self.group_scale, self.bits_a, self.signed_act, self.round_mode)
 
 
 class AdderDeployConv2d(_AdderDeploy):
