@@ -22,6 +22,8 @@ def use_kernel(name: str, device: torch.device) -> bool:
     if not has_op(name):
         _load.warn_missing_once()
         return False
+    if torch.compiler.is_compiling():  # the dispatcher query below is not traceable; the op itself is
+        return True
     key = _DISPATCH_KEY.get(device.type)
     if key is None:
         return False

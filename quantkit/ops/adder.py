@@ -307,13 +307,6 @@ def adder_conv2d_reference(
 # ---------------------------------------------------------------------------------------------------------------
 # public ops: compiled kernel when available, reference otherwise
 # ---------------------------------------------------------------------------------------------------------------
-def _op_for(name: str, device: torch.device):
-    """The compiled op ``torch.ops.quantkit.<name>`` if it can run on ``device``, else None (use the reference)."""
-    if torch.compiler.is_compiling():  # the dispatcher query below is not traceable; the op itself is
-        return getattr(torch.ops.quantkit, name) if has_op(name) else None
-    return getattr(torch.ops.quantkit, name) if use_kernel(name, device) else None
-
-
 def clear_weight_cache() -> None:
     """Drop the CPU kernels' cache of packed weights.
 
@@ -342,10 +335,9 @@ def adder_l1(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor, w_mu
         (M, N) int32, exact.
     """
     _check_linear(xq, wq, group_index, w_mult, "adder_l1")
-    op = _op_for("adder_l1", xq.device)
-    if op is None:
+    if not use_kernel("adder_l1", xq.device):
         return adder_l1_reference(xq, wq, group_index, w_mult)
-    return op(xq, wq, group_index, w_mult)
+    return torch.ops.quantkit.adder_l1(xq, wq, group_index, w_mult)
 
 
 def adder_linear(
@@ -371,10 +363,9 @@ def adder_linear(
     """
     _check_linear(xq, wq, group_index, w_mult, "adder_linear")
     _check_epilogue("adder_linear", wq.shape[0], xq.device, delta, bias)
-    op = _op_for("adder_linear", xq.device)
-    if op is None:
+    if not use_kernel("adder_linear", xq.device):
         return adder_linear_reference(xq, wq, group_index, delta, bias, w_mult)
-    return op(xq, wq, group_index, _f32(delta), _f32(bias), w_mult)
+    return torch.ops.quantkit.adder_linear(xq, wq, group_index, _f32(delta), _f32(bias), w_mult)
 
 
 def adder_l1_conv2d(
@@ -400,10 +391,9 @@ def adder_l1_conv2d(
         (N, Cout, Ho, Wo) int32, exact. The compiled kernel returns it in channels-last memory format.
     """
     s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_l1_conv2d")
-    op = _op_for("adder_l1_conv2d", xq.device)
-    if op is None:
+    if not use_kernel("adder_l1_conv2d", xq.device):
         return adder_l1_conv2d_reference(xq, wq, group_index, s, p, d, w_mult)
-    return op(xq, wq, group_index, list(s), list(p), list(d), w_mult)
+    return torch.ops.quantkit.adder_l1_conv2d(xq, wq, group_index, list(s), list(p), list(d), w_mult)
 
 
 def adder_conv2d(
@@ -425,10 +415,9 @@ def adder_conv2d(
     """
     s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_conv2d")
     _check_epilogue("adder_conv2d", wq.shape[0], xq.device, delta, bias)
-    op = _op_for("adder_conv2d", xq.device)
-    if op is None:
+    if not use_kernel("adder_conv2d", xq.device):
         return adder_conv2d_reference(xq, wq, group_index, delta, bias, s, p, d, w_mult)
-    return op(xq, wq, group_index, _f32(delta), _f32(bias), list(s), list(p), list(d), w_mult)
+    return torch.ops.quantkit.adder_conv2d(xq, wq, group_index, _f32(delta), _f32(bias), list(s), list(p), list(d), w_mult)
 
 
 # ---------------------------------------------------------------------------------------------------------------
