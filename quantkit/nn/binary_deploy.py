@@ -81,11 +81,11 @@ class _BinaryDeploy(nn.Module):
     def _epilogue_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in EPILOGUE_TERMS}
 
-    def _pack_threshold(self, channels: int) -> Tensor | None:
+    def _pack_threshold(self, channels: int) -> Tensor:
+        # always a per-channel tensor: no data-dependent branch (a device sync on GPU, a graph break when compiled);
+        # packing against a zero threshold costs the same as packing the plain sign
         t = self.in_threshold
-        if t.numel() == 1:
-            return None if float(t) == 0.0 else t.expand(channels).contiguous()
-        return t
+        return t.expand(channels).contiguous() if t.numel() == 1 else t
 
     def _float_epilogue(self, dot: Tensor, asum: Tensor | None, shape: tuple) -> Tensor:
         y = dot if self.scale is None else dot * self.scale.view(shape)
