@@ -162,8 +162,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
     from .graph.passes import replace_module
 
-    for name, m in quant_modules(work):
-        if any(name.startswith(other + ".") for other, _ in quant_modules(work) if other != name):
+    layers = quant_modules(work)
+    names = [name for name, _ in layers]
+    for name, m in layers:
+        if any(name.startswith(other + ".") for other in names):
             continue  # nested: converted by its parent
         deployed = m.to_deploy()
         replace_module(work, name, deployed)
