@@ -47,7 +47,12 @@ class _AdaBinMixin:
 
     optional_state = ("alpha_a", "beta_a", "ede_k", "ede_t")
 
-    def _init_adabin(self, config: Any) -> None:
+    def _init_adabin(self, config: Any, source: nn.Module) -> None:
+        """Set up the AdaBin state and copy the float layer's weight and bias (same names: checkpoints load)."""
+        with torch.no_grad():
+            self.weight.copy_(source.weight)
+            if source.bias is not None:
+                self.bias.copy_(source.bias)
         p = self.weight
         self.act_form: str = _option(config, "act_form", "code")
         self.weight_only: bool = bool(_option(config, "weight_only", False))
@@ -151,11 +156,7 @@ class AdaBinConv2d(_AdaBinMixin, QuantModule, nn.Conv2d):
                     "symmetric integer padding")
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, padding,
                   module.dilation, 1, module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
-        new._init_adabin(config)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
+        new._init_adabin(config, module)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,11 +176,7 @@ class AdaBinLinear(_AdaBinMixin, QuantModule, nn.Linear):
     def from_float(cls, module: nn.Linear, config: Any = None, name: str = "") -> "AdaBinLinear":
         new = cls(module.in_features, module.out_features, module.bias is not None, device=module.weight.device,
                   dtype=module.weight.dtype)
-        new._init_adabin(config)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
+        new._init_adabin(config, module)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
