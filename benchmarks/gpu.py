@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from quantkit import ops  # noqa: E402
 from quantkit.ops import _load  # noqa: E402
+from kernels_cpu import RESNET18_3X3  # noqa: E402  (ResNet-18's 3x3 shapes, shared with the CPU benchmark)
 
 ROWS: list[dict] = []
 
@@ -159,17 +160,6 @@ def bench_gemm(quick: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- binary conv
-RESNET18_3X3 = [  # (C_in, C_out, H, stride) of the 3x3 convs of ResNet-18 (first conv of each stage strided)
-    (64, 64, 56, 1),
-    (64, 128, 56, 2),
-    (128, 128, 28, 1),
-    (128, 256, 28, 2),
-    (256, 256, 14, 1),
-    (256, 512, 14, 2),
-    (512, 512, 7, 1),
-]
-
-
 def bench_conv(quick: bool, batch: int = 64) -> None:
     print(f"\n[binary conv2d] ResNet-18 3x3 layers, batch {batch}, vs cuDNN FP16 channels_last (cudnn.benchmark)")
     torch.backends.cudnn.benchmark = True
