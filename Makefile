@@ -20,7 +20,7 @@ $(STAMPS)/deps: pyproject.toml Makefile
 	@mkdir -p $(STAMPS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" numpy scipy scikit-learn "onnx>=1.15" \
-	    "onnxruntime>=1.17" tqdm pytest pytest-timeout hypothesis ninja "setuptools>=77" wheel
+	    "onnxruntime>=1.17" "openvino>=2025.0" timm tqdm pytest pytest-timeout hypothesis ninja "setuptools>=77" wheel
 	@touch $@
 
 $(STAMPS)/install: $(STAMPS)/deps pyproject.toml
