@@ -5,7 +5,11 @@ CPU/CUDA kernels and ONNX export.
     qat = quantkit.QAT(model, "adabin")                                   # quantization-aware training
     deployed = quantkit.convert(qmodel)                                   # packed / integer kernels
     quantkit.export_onnx(qmodel, (x,), "model.onnx")                      # runs in stock onnxruntime
+
+``import quantkit`` loads the compiled kernels, so ``torch.ops.quantkit.*`` (the ops of :mod:`quantkit.ops`) can be
+called directly right after it; without a build, quantkit still imports and runs every op's PyTorch reference.
 """
+from . import ops  # noqa: F401  (loads the compiled kernels: registers torch.ops.quantkit.* and their fake impls)
 from .api import calibrate, convert, prepare, quantize, report, schemes
 from .errors import (CalibrationDataError, ConfigError, ExportError, KernelError, NoQuantizableLayerError,
                      QuantkitError, UnknownSchemeError, UnsupportedModelError)

@@ -23,6 +23,7 @@
 
 #include <immintrin.h>
 
+#include "conv_shape.h"
 #include "cpu/cpu_features.h"
 
 // GCC 12 reports false "may be used uninitialized" inside its own AVX-512 intrinsic headers.
@@ -464,6 +465,17 @@ std::shared_ptr<PackedWeights> pack_weights(const ConvGeom& gm, const at::Tensor
     lane_group[j] = static_cast<int32_t>(gidx[o]);
   }
 
+  // |w_mult * w| must stay in int32 (so the clamp arithmetic below and the sum bound in run_conv cannot overflow).
+  if (wq.numel() > 0) {
+    auto mm = at::aminmax(wq);
+    const int64_t wmin = std::get<0>(mm).item<int64_t>(), wmax = std::get<1>(mm).item<int64_t>();
+    constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
+    TORCH_CHECK(wmin >= -kI32Max / w_mult && wmax <= kI32Max / w_mult, "adder: the weights span [", wmin, ", ", wmax,
+                "]; with w_mult=", w_mult, " they leave the int32 range, so their l1 sums cannot be represented in "
+                "int32 (integer l1 kernels are for 2-8-bit operands)");
+    pw->wabs_max = std::max(-wmin, wmax) * w_mult;
+  }
+
   // Weights: clamp into [lo, hi_bound] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
   pw->wbuf = at::zeros({NB, T, Cp / kKB, kNR, kKB}, wq.options().dtype(e_dtype));
   E* Wp = reinterpret_cast<E*>(pw->wbuf.data_ptr());
@@ -505,10 +517,6 @@ std::shared_ptr<PackedWeights> pack_weights(const ConvGeom& gm, const at::Tensor
   TORCH_CHECK(!corr_overflow, "adder: a weight clamp correction overflows int32; the operands are far outside 2-8 bits");
   for (int64_t j = 0; j < gm.Cout; ++j) pw->max_corr = std::max<int64_t>(pw->max_corr, corr[j]);
   pw->blocks = make_blocks(lane_group, perm, NB, gm.Cout);
-  if (wq.numel() > 0) {
-    auto mm = at::aminmax(wq);
-    pw->wabs_max = std::max(std::abs(std::get<0>(mm).item<int64_t>()), std::abs(std::get<1>(mm).item<int64_t>())) * w_mult;
-  }
 
   return pw;
 }
@@ -823,11 +831,6 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
   TORCH_CHECK(wq.dim() == 4, fn, ": wq must have shape (Cout, C, kh, kw), got ", wq.sizes());
   check_common(fn, xq, wq, group_index, w_mult);
   TORCH_CHECK(xq.size(2) == wq.size(1), fn, ": xq has C=", xq.size(2), " but wq has C=", wq.size(1));
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, fn,
-              ": stride, padding and dilation must have two entries");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              fn, ": stride and dilation must be >= 1 and padding >= 0");
   ConvGeom gm{};
   gm.G = xq.size(0);
   gm.N = xq.size(1);
@@ -837,16 +840,17 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
   gm.Cout = wq.size(0);
   gm.kh = wq.size(2);
   gm.kw = wq.size(3);
+  const ConvOut osz = conv2d_out_hw(fn, gm.H, gm.W, gm.kh, gm.kw, stride, padding, dilation);
   gm.sh = stride[0];
   gm.sw = stride[1];
   gm.ph = padding[0];
   gm.pw = padding[1];
   gm.dh = dilation[0];
   gm.dw = dilation[1];
-  gm.Ho = (gm.H + 2 * gm.ph - gm.dh * (gm.kh - 1) - 1) / gm.sh + 1;
-  gm.Wo = (gm.W + 2 * gm.pw - gm.dw * (gm.kw - 1) - 1) / gm.sw + 1;
-  TORCH_CHECK(gm.kh >= 1 && gm.kw >= 1 && gm.Ho >= 1 && gm.Wo >= 1, fn, ": empty output (", gm.Ho, "x", gm.Wo,
-              ") for this input size, kernel, stride, padding and dilation");
+  gm.Ho = osz.h;
+  gm.Wo = osz.w;
+  checked_numel(fn, "output elements", {gm.N, gm.Ho, gm.Wo, std::max<int64_t>(gm.Cout, 1)});
+  checked_numel(fn, "tap offsets", {gm.N, gm.Ho, gm.Wo, gm.kh, gm.kw});
   if (float_out) check_epilogue(fn, gm.Cout, delta, bias);
 
   // Common grid: the activation range, plus 0 where the convolution reads padding, placed at a canonical offset
@@ -858,6 +862,12 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
     lo = std::min<int64_t>(lo, 0);
     hi = std::max<int64_t>(hi, 0);
   }
+  // Every l1 sum is an int32: operands outside the int32 range cannot be summed exactly (and would overflow the
+  // int64 range arithmetic below), so they are rejected before any of it.
+  constexpr int64_t kI32Max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(lo >= -kI32Max && hi <= kI32Max, fn, ": the activations span [", lo, ", ", hi,
+              "], outside [-(2^31 - 1), 2^31 - 1]; their l1 sums cannot be represented in int32 (integer l1 kernels "
+              "are for 2-8-bit operands)");
   const int64_t range = hi - lo;
   TORCH_CHECK(range <= 65535, fn, ": the activations span ", range + 1,
               " integer values; at most 65536 are supported (integer l1 kernels are for 2-8-bit operands)");

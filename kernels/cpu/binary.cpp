@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "conv_shape.h"
 #include "cpu/cpu_features.h"
 
 namespace quantkit {
@@ -546,10 +547,36 @@ inline const uint32_t* words_ptr(const at::Tensor& t) {
 }
 
 void check_words(const at::Tensor& t, const char* op, const char* name, int64_t k) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must hold packed int32 words, got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 1 && t.size(-1) == num_words(k), op, ": ", name, " must have num_words(k)=", num_words(k),
               " words in its last dimension (k=", k, "), got shape ", t.sizes());
+}
+
+// The bits of the last word past k (k % 32 != 0) carry no element: the kernels ignore them, as the references do
+// (they unpack k bits). The micro-kernels rely on zero tails (popcount(a XOR w) must not see them), so a
+// contiguous operand whose tails are not all zero -- never the case for words from pack_bits -- is copied with
+// its tails cleared. One word per row is read; the copy is O(operand), outside the GEMM loops.
+at::Tensor clear_tail_bits(const at::Tensor& t, int64_t k) {
+  const int64_t nw = num_words(k);
+  if (k % 32 == 0 || t.numel() == 0) return t;
+  const uint32_t keep = (1u << (k % 32)) - 1u;
+  const int64_t rows = t.numel() / nw;
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>()) + (nw - 1);
+  uint32_t dirty = 0;
+  for (int64_t r = 0; r < rows; ++r) dirty |= p[r * nw] & ~keep;
+  if (dirty == 0) return t;
+  at::Tensor c = t.clone(at::MemoryFormat::Contiguous);
+  uint32_t* q = reinterpret_cast<uint32_t*>(c.data_ptr<int32_t>()) + (nw - 1);
+  for (int64_t r = 0; r < rows; ++r) q[r * nw] &= keep;
+  return c;
+}
+
+// The int32 accumulators and the epilogue's element counts hold sums over a whole reduction of T taps x k bits.
+void check_reduction(const char* op, int64_t taps, int64_t k) {
+  int64_t n = 0;
+  TORCH_CHECK(mul_nonneg(taps, k, &n) && n <= std::numeric_limits<int32_t>::max(), op, ": the reduction length (",
+              taps, " taps x ", k, " bits) exceeds the int32 range of the kernel's counts");
 }
 
 // ---------------------------------------------------------------------------------------------- ops
@@ -561,7 +588,8 @@ at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   check_words(x_in, op, "x", k);
   check_words(w_in, op, "w", k);
   TORCH_CHECK(w_in.dim() == 2, op, ": w must be 2-D (N, words), got ", w_in.sizes());
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  check_reduction(op, 1, k);
+  const at::Tensor x = clear_tail_bits(x_in.contiguous(), k), w = clear_tail_bits(w_in.contiguous(), k);
   const int64_t Kw = num_words(k), N = w.size(0), NB = (N + NR - 1) / NR;
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
@@ -618,18 +646,13 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   check_words(w_in, op, "w", c_in);
   TORCH_CHECK(x_in.dim() == 4, op, ": x must be NHWC packed (N, H, W, words), got ", x_in.sizes());
   TORCH_CHECK(w_in.dim() == 4, op, ": w must be OHWI packed (C_out, kh, kw, words), got ", w_in.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": stride, padding and dilation must have 2 values");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              op, ": need stride >= 1, dilation >= 1, padding >= 0");
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t Nb = x.size(0), H = x.size(1), W = x.size(2), Cw = x.size(3);
-  const int64_t Cout = w.size(0), kh = w.size(1), kw = w.size(2);
-  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(Ho >= 1 && Wo >= 1 && kh >= 1 && kw >= 1, op, ": input ", H, "x", W, " is too small for kernel ", kh,
-              "x", kw, " with this padding/dilation (output ", Ho, "x", Wo, ")");
+  const int64_t Nb = x_in.size(0), H = x_in.size(1), W = x_in.size(2), Cw = x_in.size(3);
+  const int64_t Cout = w_in.size(0), kh = w_in.size(1), kw = w_in.size(2);
+  const ConvOut o = conv2d_out_hw(op, H, W, kh, kw, stride, padding, dilation);
+  const int64_t Ho = o.h, Wo = o.w;
+  checked_numel(op, "output elements", {Nb, Ho, Wo, std::max<int64_t>(Cout, 1)});
+  check_reduction(op, kh * kw, c_in);
+  const at::Tensor x = clear_tail_bits(x_in.contiguous(), c_in), w = clear_tail_bits(w_in.contiguous(), c_in);
   const bool bits = threshold.has_value();
   at::Tensor out = bits ? at::zeros({Nb, Ho, Wo, num_words(Cout)}, x.options().dtype(at::kInt))
                         : at::empty({Nb, Cout, Ho, Wo}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
@@ -681,7 +704,8 @@ at::Tensor binary_bmm_impl(const at::Tensor& a_in, const at::Tensor& b_in, int64
   TORCH_CHECK(a_in.dim() == 3 && b_in.dim() == 3 && a_in.size(0) == b_in.size(0), op,
               ": a and b must be (B, M, words) and (B, N, words) with the same B, got ", a_in.sizes(), " and ",
               b_in.sizes());
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  check_reduction(op, 1, k);
+  const at::Tensor a = clear_tail_bits(a_in.contiguous(), k), b = clear_tail_bits(b_in.contiguous(), k);
   const int64_t B = a.size(0), M = a.size(1), N = b.size(1), Kw = num_words(k);
   at::Tensor out = at::empty({B, M, N}, a.options().dtype(at::kInt));
   if (out.numel() == 0) return out;

@@ -92,12 +92,9 @@ inline bool amx_supported() {
 inline bool use_amx() {
   const char* env = std::getenv("QUANTKIT_CPU_ISA");
   if (env == nullptr || std::strcmp(env, "amx") != 0) return false;
-  {
-    TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
-                "or choose avx512, avx2 or portable");
-    return true;
-  }
-  return false;
+  TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
+              "or choose avx512, avx2 or portable");
+  return true;
 }
 
 // The level to use for this call: best_supported_isa(), lowered by QUANTKIT_CPU_ISA.
@@ -107,6 +104,9 @@ inline Isa active_isa() {
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
   Isa want;
   if (std::strcmp(env, "amx") == 0) {
+    // refused here, at selection, so that no op (whatever its size) runs with an unavailable level
+    TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
+                "or choose avx512, avx2 or portable");
     want = Isa::Avx512;
   } else if (std::strcmp(env, "portable") == 0) {
     want = Isa::Portable;

@@ -1,7 +1,8 @@
 // Fused per-channel elementwise ops of deploy models (one memory pass instead of several ATen ops).
 //
-// maxout(x, pos, neg): y = x * (x > 0 ? pos[c] : neg[c]) with c the channel (dim 1), for contiguous (NCHW / (N, C))
-// and channels_last inputs. Bit-identical to the reference in quantkit/ops/elementwise.py.
+// maxout(x, pos, neg): y = pos[c] * relu(x) - neg[c] * relu(-x) with c the channel (dim 1), for contiguous
+// (NCHW / (N, C)) and channels_last inputs: the reference's formula in quantkit/ops/elementwise.py, term by term, so
+// the result is bit-identical to it (up to the sign of a zero) for every input, NaN and Inf slopes included.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,21 +17,19 @@ namespace quantkit {
 namespace cpu {
 namespace {
 
-// Branch-free (both factors loaded, then a select) so the compiler emits vector blends: signs of activations are
-// random, and a branch per element mispredicts half the time.
+// Branch-free (max, multiply, subtract) so the compiler vectorises it: signs of activations are random. Exactly the
+// reference's operations: relu(NaN) = NaN (std::max(v, 0) returns v unless v < 0), and p * 0 is NaN for p = +-Inf
+// or NaN, so a non-finite slope poisons the output as it does in pos * relu(x) - neg * relu(-x). One of the two
+// products is always 0 (or NaN), so contracting the subtraction into an FMA cannot change the rounding.
+inline float maxout_one(float v, float p, float q) { return p * std::max(v, 0.f) - q * std::max(-v, 0.f); }
+
 inline void maxout_row(const float* __restrict x, float* __restrict y, const float* __restrict pos,
                        const float* __restrict neg, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float p = pos[i], q = neg[i], v = x[i];
-    y[i] = v * (v > 0.f ? p : q);
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = maxout_one(x[i], pos[i], neg[i]);
 }
 
 inline void maxout_plane(const float* __restrict x, float* __restrict y, float p, float q, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    y[i] = v * (v > 0.f ? p : q);
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = maxout_one(x[i], p, q);
 }
 
 }  // namespace
@@ -38,8 +37,13 @@ inline void maxout_plane(const float* __restrict x, float* __restrict y, float p
 at::Tensor maxout_cpu(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& neg) {
   TORCH_CHECK(x.dim() >= 2, "quantkit::maxout: x must be (N, C, ...), got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "quantkit::maxout: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && pos.device().is_cpu() && neg.device().is_cpu(),
+              "quantkit::maxout: x, pos and neg must all be CPU tensors, got ", x.device(), ", ", pos.device(), ", ",
+              neg.device());
+  TORCH_CHECK(pos.is_floating_point() && neg.is_floating_point(), "quantkit::maxout: pos and neg must be float tensors");
   const int64_t C = x.size(1);
-  TORCH_CHECK(pos.numel() == C && neg.numel() == C, "quantkit::maxout: pos/neg need ", C, " values (one per channel)");
+  TORCH_CHECK(pos.numel() == C && neg.numel() == C, "quantkit::maxout: pos/neg need ", C,
+              " values (one per channel), got shapes ", pos.sizes(), " and ", neg.sizes());
   at::Tensor p = pos.to(at::kFloat).contiguous(), n = neg.to(at::kFloat).contiguous();
   const bool channels_last = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor xc = channels_last ? x : x.contiguous();
@@ -68,7 +72,8 @@ at::Tensor maxout_cpu(const at::Tensor& x, const at::Tensor& pos, const at::Tens
 
 // quantize_groups: codes[g] = clamp(round((x / scale[g]) * c), lo, hi) for every group g (AdderNet PTQ re-quantizes
 // the activation once per group), c = (2^b - 1) / 2 (signed) or 2^b - 1 (unsigned), round half to even (nearbyint)
-// or half away from zero. Same float operations, in the same order, as quantkit.quantizers.adder.quantize_act_codes,
+// or half away from zero; NaN has no integer code and becomes code 0 (deploy layers propagate NaN to their output
+// separately). Same float operations, in the same order, as quantkit.quantizers.adder.quantize_act_codes,
 // so the codes are identical. A 4-D input gives each group's codes in channels_last memory (what the adder kernels
 // read); other ranks are contiguous.
 at::Tensor quantize_groups_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t bits, bool is_signed,
@@ -77,6 +82,10 @@ at::Tensor quantize_groups_cpu(const at::Tensor& x, const at::Tensor& scale, int
   TORCH_CHECK(bits >= 2 && bits <= 8, "quantkit::quantize_groups: bits must be in 2..8, got ", bits);
   TORCH_CHECK(scale.dim() == 1 && scale.numel() >= 1, "quantkit::quantize_groups: scale must be (G,), got ",
               scale.sizes());
+  TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu(), "quantkit::quantize_groups: x and scale must be CPU ",
+              "tensors, got ", x.device(), " and ", scale.device());
+  TORCH_CHECK(scale.is_floating_point(), "quantkit::quantize_groups: scale must be a float tensor, got ",
+              scale.scalar_type());
   const int64_t G = scale.numel();
   const float levels = static_cast<float>((1 << bits) - 1);
   const float c = is_signed ? levels / 2.0f : levels;
@@ -92,6 +101,9 @@ at::Tensor quantize_groups_cpu(const at::Tensor& x, const at::Tensor& scale, int
   const int64_t n = xv.numel();
   const float* xs = xv.data_ptr<float>();
   const float* ss = s.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(std::isfinite(ss[g]) && ss[g] > 0.f, "quantkit::quantize_groups: scale[", g, "] = ", ss[g],
+                "; every group scale must be finite and > 0");
   // Clamp first, then round: the bounds are integers, so round(clamp(v)) == clamp(round(v)), and |v| <= 255 lets
   // both roundings avoid libm calls: half-to-even by the 1.5 * 2^23 trick (exact for |v| < 2^22, IEEE default
   // rounding, no -ffast-math), half-away by truncation of |v| + 0.5.
@@ -111,12 +123,13 @@ at::Tensor quantize_groups_cpu(const at::Tensor& x, const at::Tensor& scale, int
             const float a = static_cast<float>(static_cast<int32_t>(std::fabs(v) + 0.5f));
             r = v < 0.f ? -a : a;
           }
-          out_g[i] = static_cast<T>(r);
+          out_g[i] = static_cast<T>(r == r ? r : 0.f);  // NaN has no code: 0, as in the reference (no UB cast)
         }
       });
     }
   };
   if (is_signed) run(out.data_ptr<int8_t>()); else run(out.data_ptr<uint8_t>());
+
   return nhwc ? out.permute({0, 1, 4, 2, 3}) : out;
 }
 

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_shape.h"
 #include "cuda/bgemm_common.cuh"
 #include "cuda/bgemm_host.h"
 
@@ -314,11 +315,13 @@ Geometry conv_geometry(const char* op, const at::Tensor& xq, const at::Tensor& w
   g.px = padding[1];
   g.dy = dilation[0];
   g.dx = dilation[1];
-  g.ho = (g.h + 2 * g.py - g.dy * (g.kh - 1) - 1) / g.sy + 1;
-  g.wo = (g.w + 2 * g.px - g.dx * (g.kw - 1) - 1) / g.sx + 1;
-  TORCH_CHECK(g.ho >= 1 && g.wo >= 1, op, ": the output would be empty (", g.ho, "x", g.wo, ")");
+  const quantkit::ConvOut osz = quantkit::conv2d_out_hw(op, g.h, g.w, g.kh, g.kw, stride, padding, dilation);
+  g.ho = osz.h;
+  g.wo = osz.w;
   const int64_t lim = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(g.nb * g.h * g.w * std::max<int64_t>(g.c, 1) <= lim / 2 && g.nb * g.ho * g.wo <= lim, op,
+  TORCH_CHECK(g.nb * g.h * g.w * std::max<int64_t>(g.c, 1) <= lim / 2 &&
+                  quantkit::checked_numel(op, "output pixels", {g.nb, g.ho, g.wo}) <= lim,
+              op,
               ": tensor too large for the CUDA kernel's 32-bit pixel indices");
   return g;
 }

@@ -13,6 +13,7 @@
 
 #include <limits>
 
+#include "conv_shape.h"
 #include "cuda/bgemm_common.cuh"
 #include "cuda/bgemm_host.h"
 
@@ -45,6 +46,17 @@ void check_int32_range(const char* op, int64_t v, const char* what) {
               ") exceeds the int32 range of the CUDA kernels");
 }
 
+// Bits of the last word past k carry no element and are ignored, as on the CPU and in the references; the
+// kernels assume zero tails, so an operand with k % 32 != 0 gets a contiguous copy with its tails cleared (packed
+// words are 1/32 of the float activations; operands with whole words are used as they are).
+at::Tensor clear_tail_bits(const at::Tensor& t, int64_t k) {
+  const at::Tensor c = t.contiguous();
+  if (k % 32 == 0 || c.numel() == 0) return c;
+  at::Tensor m = c.clone(at::MemoryFormat::Contiguous);
+  m.select(-1, m.size(-1) - 1).bitwise_and_(static_cast<int64_t>((1u << (k % 32)) - 1u));
+  return m;
+}
+
 const uint32_t* words_ptr(const at::Tensor& t) {
   return t.numel() ? reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>()) : nullptr;
 }
@@ -71,8 +83,8 @@ at::Tensor binary_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in, in
   TORCH_CHECK(k >= 0 && x_in.size(-1) == num_words(k) && w_in.size(1) == num_words(k), op, ": x and w need ",
               num_words(k), " words for k=", k, ", got ", x_in.size(-1), " and ", w_in.size(1));
   const c10::cuda::CUDAGuard guard(dev);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor w = w_in.contiguous();
+  const at::Tensor x = clear_tail_bits(x_in, k);
+  const at::Tensor w = clear_tail_bits(w_in, k);
   const int64_t wc = num_words(k);
   const int64_t n = w.size(0);
   int64_t mrows = 1;  // product of the leading dims (works for wc == 0 too)
@@ -140,14 +152,13 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& w_in, in
   const int64_t cout = w_in.size(0), kh = w_in.size(1), kw = w_in.size(2);
   TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= 32 && kw <= 32, op, ": the CUDA kernel supports kernels up to 32x32, got ",
               kh, "x", kw);
-  const int64_t ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(ho >= 1 && wo >= 1, op, ": input ", h, "x", wd, " is too small for kernel ", kh, "x", kw);
+  const quantkit::ConvOut osz = quantkit::conv2d_out_hw(op, h, wd, kh, kw, stride, padding, dilation);
+  const int64_t ho = osz.h, wo = osz.w;
   const c10::cuda::CUDAGuard guard(dev);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor w = w_in.contiguous();
+  const at::Tensor x = clear_tail_bits(x_in, c_in);
+  const at::Tensor w = clear_tail_bits(w_in, c_in);
   check_int32_range(op, nb * h * wd, "input pixels");
-  check_int32_range(op, nb * ho * wo, "output pixels");
+  check_int32_range(op, quantkit::checked_numel(op, "output pixels", {nb, ho, wo}), "output pixels");
   check_int32_range(op, cout, "C_out");
   check_int32_range(op, kh * kw * wc, "reduction words");
   check_int32_range(op, kh * kw * std::max<int64_t>(c_in, 1), "reduction length");
@@ -208,8 +219,8 @@ at::Tensor bmm_common(const char* op, const at::Tensor& a_in, const at::Tensor& 
   const int64_t wc = num_words(k);
   TORCH_CHECK(k >= 0 && a_in.size(2) == wc && b_in.size(2) == wc, op, ": a and b need ", wc, " words for k=", k);
   const c10::cuda::CUDAGuard guard(dev);
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = b_in.contiguous();
+  const at::Tensor a = clear_tail_bits(a_in, k);
+  const at::Tensor b = clear_tail_bits(b_in, k);
   const int64_t batch = a.size(0), m = a.size(1), n = b.size(1);
   check_int32_range(op, batch, "batch");
   check_int32_range(op, m, "M");

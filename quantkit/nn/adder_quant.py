@@ -27,9 +27,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CalibrationDataError, UnsupportedModelError
+from ..errors import CalibrationDataError, KernelError, UnsupportedModelError
 from ..ops.elementwise import quantize_groups
 from ..quantizers.adder import (abs_percentile, grid_range, group_scales, group_step, kmeans_groups, lossless_weight_clamp,
                                 max_l1_term, quantize_act_codes, quantize_weight_codes)
@@ -319,6 +320,28 @@ class _AdderDeploy(nn.Module):
         """(G, *x.shape) integer codes: the input re-quantized on each group's grid (int8 signed / uint8 unsigned)."""
         return quantize_groups(x, self.group_scale, self.bits_a, self.signed_act, self.round_mode)
 
+    def _check_input(self, x: Tensor, rank_ok: bool, expected: str, channels: int, got_channels: int) -> None:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise KernelError(f"adder layer {self.layer_name!r}: expects a float input, got {got}")
+        if not rank_ok:
+            raise KernelError(f"adder layer {self.layer_name!r}: expects {expected} input, got shape {tuple(x.shape)}")
+        if got_channels != channels:
+            raise KernelError(
+                f"adder layer {self.layer_name!r}: was built for {channels} input channels but the input "
+                f"{tuple(x.shape)} has {got_channels}"
+            )
+
+    def _propagate_nan(self, x: Tensor, y: Tensor, nan_taps) -> Tensor:
+        """NaN outputs where the simulated model has them: there ``|NaN - w|`` poisons every sum that reads a NaN
+        input; here the integer codes cannot carry it (``quantize_groups`` gives it code 0), so the outputs whose
+        sums read a NaN are set to NaN afterwards. ``nan_taps(mask)`` maps the input's NaN mask to a boolean mask
+        broadcastable to ``y``. Eager CPU pays one pass over ``x`` when it holds no NaN."""
+        nan = torch.isnan(x)
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and not bool(nan.any()):
+            return y
+        return y.masked_fill(nan_taps(nan), float("nan"))
+
 
 class AdderDeployConv2d(_AdderDeploy):
     def __init__(self, sim: QuantAdderConv2d) -> None:
@@ -328,19 +351,31 @@ class AdderDeployConv2d(_AdderDeploy):
     def forward(self, x: Tensor) -> Tensor:
         from ..ops.adder import adder_conv2d
 
+        rank_ok = isinstance(x, Tensor) and x.dim() == 4
+        self._check_input(x, rank_ok, "an (N, C, H, W)", self.weight_int.shape[1], x.shape[1] if rank_ok else -1)
         y = adder_conv2d(self.quant_input(x), self.weight_int, self.group_index, self.delta, self.bias, self.stride,
                          self.padding, self.dilation, self.w_mult)
-        return y.contiguous().to(x.dtype)
+        kh, kw = self.weight_int.shape[2:]
+
+        def taps(nan: Tensor) -> Tensor:  # an output is NaN when any tap of its window (any channel) is NaN
+            hits = nan.any(1, keepdim=True).to(y.dtype)
+            ones = hits.new_ones((1, 1, kh, kw))
+            return F.conv2d(hits, ones, None, self.stride, self.padding, self.dilation) > 0
+
+        return self._propagate_nan(x, y, taps).contiguous().to(x.dtype)
 
 
 class AdderDeployLinear(_AdderDeploy):
     def forward(self, x: Tensor) -> Tensor:
         from ..ops.adder import adder_linear
 
+        rank_ok = isinstance(x, Tensor) and x.dim() >= 1
+        self._check_input(x, rank_ok, "an (..., in_features)", self.weight_int.shape[1], x.shape[-1] if rank_ok else -1)
         lead = x.shape[:-1]
-        xq = self.quant_input(x.reshape(-1, x.shape[-1]))
-        y = adder_linear(xq, self.weight_int, self.group_index, self.delta, self.bias, self.w_mult)
-        return y.reshape(*lead, -1).to(x.dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = adder_linear(self.quant_input(x2), self.weight_int, self.group_index, self.delta, self.bias, self.w_mult)
+        y = self._propagate_nan(x2, y, lambda nan: nan.any(-1, keepdim=True))  # a row with a NaN is all NaN
+        return y.reshape(*lead, self.weight_int.shape[0]).to(x.dtype)  # explicit N: batch 0 cannot infer -1
 
 
 __all__ = ["QuantAdderConv2d", "QuantAdderLinear", "AdderDeployConv2d", "AdderDeployLinear", "METHODS"]

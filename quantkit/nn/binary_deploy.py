@@ -16,6 +16,11 @@ XNOR-Net is alpha_a = 1, c_a = 0, beta_w = 0; AdaBin uses all four terms; BiViT'
 Binary input: bit = (x >= ``in_threshold``), packed by the kernel, then the XNOR/popcount product.
 Float input (``in_threshold is None``: AdaBin weight-only, BiViT MLP "1/32"): the same epilogue with
 SUM(s_w a) and SUM(a) taken over the float input, ``y = scale * (a * s_w) + act_sum_scale * SUM(a) + bias``.
+
+Inputs: float32 only, ``(N, C_in, H, W)`` for the conv and ``(..., in_features)`` for the linear, with exactly the
+channel count the layer was built for. Any other dtype (float16, bfloat16, float64, bool, integers), rank or
+channel count raises :class:`~quantkit.errors.KernelError` naming the layer -- the same inputs the simulated
+(float32) model rejects, so a deploy model never returns an answer its simulated model would not.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..errors import KernelError
 
 EPILOGUE_TERMS = ("scale", "act_sum_scale", "weight_sum_scale", "count_scale", "bias")
 
@@ -78,6 +84,23 @@ class _BinaryDeploy(nn.Module):
                 setattr(self, name, getattr(self, name) * g)
         self.bias = h.clone() if self.bias is None else self.bias * g + h
 
+    def _check_input(self, x: Tensor, rank_ok: bool, expected: str, channels: int, got_channels: int) -> None:
+        """float32, the right rank and channel count (module docstring)."""
+        layer = f"{type(self).__name__}({self.extra_repr()})"
+        if not isinstance(x, Tensor):
+            raise KernelError(f"{layer}: expected a tensor input, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise KernelError(
+                f"{layer}: expects a float32 input (as its simulated model does), got {x.dtype}; convert it with "
+                "x.float()"
+            )
+        if not rank_ok:
+            raise KernelError(f"{layer}: expects {expected} input, got shape {tuple(x.shape)}")
+        if got_channels != channels:
+            raise KernelError(
+                f"{layer}: was built for {channels} input channels but the input {tuple(x.shape)} has {got_channels}"
+            )
+
     def _epilogue_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in EPILOGUE_TERMS}
 
@@ -119,6 +142,8 @@ class BinaryDeployConv2d(_BinaryDeploy):
         return ops.unpack_bits(self.weight_packed, self.in_channels, dtype).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        rank_ok = isinstance(x, Tensor) and x.dim() == 4
+        self._check_input(x, rank_ok, "an (N, C, H, W)", self.in_channels, x.shape[1] if rank_ok else -1)
         if self.float_input:
             geo = (self.stride, self.padding, self.dilation)
             dot = F.conv2d(x, self.weight_signs(x.dtype), None, *geo)
@@ -167,6 +192,8 @@ class BinaryDeployLinear(_BinaryDeploy):
         return ops.unpack_bits(self.weight_packed, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        rank_ok = isinstance(x, Tensor) and x.dim() >= 1
+        self._check_input(x, rank_ok, "an (..., in_features)", self.in_features, x.shape[-1] if rank_ok else -1)
         if self.float_input:
             dot = F.linear(x, self.weight_signs(x.dtype))
             asum = x.sum(dim=-1, keepdim=True) if self.act_sum_scale is not None else None

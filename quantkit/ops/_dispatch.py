@@ -41,6 +41,19 @@ def register_fake(name: str) -> Callable:
     return deco
 
 
+def check_devices(name: str, **tensors) -> None:
+    """Raise KernelError unless every given tensor (``None`` skipped) is on one device. The fake (meta)
+    implementations call it: the dispatcher runs them for any call with a meta tensor among its arguments, and
+    without the check a mix of meta and CPU tensors would return an uninitialized CPU tensor."""
+    from quantkit.errors import KernelError
+
+    present = {k: t for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in present.items())
+        raise KernelError(f"{name}: all tensor arguments must be on one device, got {where}; move them with .to()")
+
+
 _ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
 

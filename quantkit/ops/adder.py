@@ -31,6 +31,10 @@ Integer inputs may have any integer dtype (int8/uint8/int16/int32/int64) and any
 * picks AVX-512BW, AVX2 or portable code at run time (``QUANTKIT_CPU_ISA=portable|avx2|avx512`` lowers it) and
   runs on PyTorch's intra-op thread pool.
 
+Sums must fit int32: the kernels and the references reject, with the reason, operands outside the int32 range or
+with ``(max|x| + max|w_mult * w|) * K > 2^31 - 1`` (``K`` = taps x channels) before any arithmetic that could
+overflow (for example int64 operands near +-2^63).
+
 Each op has a pure-PyTorch reference (``*_reference``, int64 math, chunked so memory stays bounded), used when the
 compiled kernels are missing (with one loud warning) and by the tests.
 """
@@ -41,7 +45,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from quantkit.errors import KernelError
-from quantkit.ops._dispatch import has_op, register_fake, use_kernel
+from quantkit.ops._dispatch import check_devices, has_op, register_fake, use_kernel
+from quantkit.ops.layout import conv2d_output_hw, conv2d_output_size
 
 __all__ = [
     "adder_l1",
@@ -151,11 +156,11 @@ def _check_linear(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor,
 def adder_conv2d_output_size(
     height: int, width: int, kernel: Tuple[int, int], stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1
 ) -> Tuple[int, int]:
-    """(Ho, Wo) of a convolution: ``(H + 2 p - d (k - 1) - 1) // s + 1`` per spatial dimension."""
+    """(Ho, Wo) of a convolution: ``(H + 2 p - d (k - 1) - 1) // s + 1`` per spatial dimension (floor division;
+    <= 0 when the kernel does not fit). :func:`quantkit.ops.layout.conv2d_output_hw` is the checked form."""
     s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    ho = (height + 2 * p[0] - d[0] * (kernel[0] - 1) - 1) // s[0] + 1
-    wo = (width + 2 * p[1] - d[1] * (kernel[1] - 1) - 1) // s[1] + 1
-    return ho, wo
+    return (conv2d_output_size(height, kernel[0], s[0], p[0], d[0]),
+            conv2d_output_size(width, kernel[1], s[1], p[1], d[1]))
 
 
 def _check_conv(
@@ -184,12 +189,7 @@ def _check_conv(
     if wq.device != xq.device:
         raise KernelError(f"{fn}: xq is on {xq.device} and wq on {wq.device}; put them on one device")
     s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-    ho, wo = adder_conv2d_output_size(xq.shape[3], xq.shape[4], (wq.shape[2], wq.shape[3]), s, p, d)
-    if ho < 1 or wo < 1:
-        raise KernelError(
-            f"{fn}: the output would be empty ({ho}x{wo}) for input {xq.shape[3]}x{xq.shape[4]}, kernel "
-            f"{wq.shape[2]}x{wq.shape[3]}, stride {s}, padding {p}, dilation {d}; enlarge the input or the padding"
-        )
+    conv2d_output_hw(fn, xq.shape[3:5], wq.shape[2:4], s, p, d)
     _check_groups(fn, group_index, wq.shape[0], xq.shape[0], xq.device)
     return s, p, d
 
@@ -197,6 +197,35 @@ def _check_conv(
 # ---------------------------------------------------------------------------------------------------------------
 # references (int64 math, chunked)
 # ---------------------------------------------------------------------------------------------------------------
+def _check_sum_range(fn: str, xq: torch.Tensor, wq: torch.Tensor, w_mult: int, taps: int, padded: bool) -> None:
+    """The kernels' rule, before any int64 arithmetic: operands within int32 and ``(max|x| + max|w_mult w|) * K``
+    within int32 (so no |x - w| term and no sum can overflow)."""
+    i32 = _INT32_MAX
+    xlo = int(xq.min()) if xq.numel() else 0
+    xhi = int(xq.max()) if xq.numel() else 0
+    if padded:
+        xlo, xhi = min(xlo, 0), max(xhi, 0)
+    if xlo < -i32 or xhi > i32:
+        raise KernelError(
+            f"{fn}: the activations span [{xlo}, {xhi}], outside [-(2^31 - 1), 2^31 - 1]; their l1 sums cannot be "
+            "represented in int32 (integer l1 kernels are for 2-8-bit operands)"
+        )
+    wlo = int(wq.min()) if wq.numel() else 0
+    whi = int(wq.max()) if wq.numel() else 0
+    if wlo < -(i32 // w_mult) or whi > i32 // w_mult:
+        raise KernelError(
+            f"{fn}: the weights span [{wlo}, {whi}]; with w_mult={w_mult} they leave the int32 range, so their l1 "
+            "sums cannot be represented in int32 (integer l1 kernels are for 2-8-bit operands)"
+        )
+    k = taps * wq.shape[1] if wq.dim() > 1 else 0
+    xmax, wmax = max(-xlo, xhi), max(-wlo, whi) * w_mult
+    if k and xmax + wmax > i32 // k:
+        raise KernelError(
+            f"{fn}: the l1 sums could overflow int32 (K={k}, |x| <= {xmax}, |w_mult*w| <= {wmax}); the operands are "
+            "far outside 2-8 bits"
+        )
+
+
 def _to_int32_checked(s: torch.Tensor, fn: str) -> torch.Tensor:
     if s.numel() and int(s.max()) > _INT32_MAX:
         raise KernelError(f"{fn}: an l1 sum exceeds int32 ({int(s.max())}); the operands are far outside 2-8 bits")
@@ -215,6 +244,7 @@ def _epilogue_reference(s: torch.Tensor, delta: torch.Tensor, bias: Optional[tor
 def adder_l1_reference(xq: torch.Tensor, wq: torch.Tensor, group_index: torch.Tensor, w_mult: int = 1) -> torch.Tensor:
     """Reference of :func:`adder_l1`: ``S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|`` (int32)."""
     _check_linear(xq, wq, group_index, w_mult, "adder_l1_reference")
+    _check_sum_range("adder_l1_reference", xq, wq, w_mult, 1, False)
     groups, m, k = xq.shape
     n = wq.shape[0]
     out = torch.zeros(m, n, dtype=torch.int64, device=xq.device)
@@ -260,6 +290,7 @@ def adder_l1_conv2d_reference(
 ) -> torch.Tensor:
     """Reference of :func:`adder_l1_conv2d`: per tap, a strided view of the zero-padded input, int64 |x - w| sums."""
     s, p, d = _check_conv(xq, wq, group_index, stride, padding, dilation, w_mult, "adder_l1_conv2d_reference")
+    _check_sum_range("adder_l1_conv2d_reference", xq, wq, w_mult, wq.shape[2] * wq.shape[3], max(p) > 0)
     groups, batch, chans, height, width = xq.shape
     cout, _, kh, kw = wq.shape
     ho, wo = adder_conv2d_output_size(height, width, (kh, kw), s, p, d)
@@ -274,10 +305,12 @@ def adder_l1_conv2d_reference(
         if outs.numel() == 0:
             continue
         o_step = max(1, _REF_CHUNK_ELEMS // max(1, per_image * min(b_step, batch)))
+        # a single output row/column needs no step (and a huge step would overflow the slicing arithmetic)
+        sh, sw = (s[0] if ho > 1 else 1), (s[1] if wo > 1 else 1)
         for i in range(kh):
             for j in range(kw):
                 r0, c0 = i * d[0], j * d[1]
-                tap = xp[g, :, :, r0 : r0 + s[0] * (ho - 1) + 1 : s[0], c0 : c0 + s[1] * (wo - 1) + 1 : s[1]]
+                tap = xp[g, :, :, r0 : r0 + sh * (ho - 1) + 1 : sh, c0 : c0 + sw * (wo - 1) + 1 : sw]
                 for o0 in range(0, outs.numel(), o_step):
                     oc = outs[o0 : o0 + o_step]
                     wt = w64[oc, :, i, j][None, :, :, None, None]  # (1, oc, C, 1, 1)
@@ -425,29 +458,32 @@ def adder_conv2d(
 # ---------------------------------------------------------------------------------------------------------------
 @register_fake("adder_l1")
 def _adder_l1_fake(xq, wq, group_index, w_mult=1):
+    check_devices("adder_l1", xq=xq, wq=wq, group_index=group_index)
     torch._check(xq.dim() == 3 and wq.dim() == 2 and xq.shape[2] == wq.shape[1])
     return xq.new_empty((xq.shape[1], wq.shape[0]), dtype=torch.int32)
 
 
 @register_fake("adder_linear")
 def _adder_linear_fake(xq, wq, group_index, delta, bias=None, w_mult=1):
+    check_devices("adder_linear", xq=xq, wq=wq, group_index=group_index, delta=delta, bias=bias)
     torch._check(xq.dim() == 3 and wq.dim() == 2 and xq.shape[2] == wq.shape[1])
     return xq.new_empty((xq.shape[1], wq.shape[0]), dtype=torch.float32)
 
 
-def _conv_fake_out(xq, wq, stride, padding, dilation, dtype):
+def _conv_fake_out(name, xq, wq, stride, padding, dilation, dtype):
     torch._check(xq.dim() == 5 and wq.dim() == 4 and xq.shape[2] == wq.shape[1])
-    ho = (xq.shape[3] + 2 * padding[0] - dilation[0] * (wq.shape[2] - 1) - 1) // stride[0] + 1
-    wo = (xq.shape[4] + 2 * padding[1] - dilation[1] * (wq.shape[3] - 1) - 1) // stride[1] + 1
+    ho, wo = conv2d_output_hw(name, xq.shape[3:5], wq.shape[2:4], stride, padding, dilation)
     out = xq.new_empty((xq.shape[1], wq.shape[0], ho, wo), dtype=dtype)
     return out.contiguous(memory_format=torch.channels_last)
 
 
 @register_fake("adder_l1_conv2d")
 def _adder_l1_conv2d_fake(xq, wq, group_index, stride=(1, 1), padding=(0, 0), dilation=(1, 1), w_mult=1):
-    return _conv_fake_out(xq, wq, stride, padding, dilation, torch.int32)
+    check_devices("adder_l1_conv2d", xq=xq, wq=wq, group_index=group_index)
+    return _conv_fake_out("adder_l1_conv2d", xq, wq, stride, padding, dilation, torch.int32)
 
 
 @register_fake("adder_conv2d")
 def _adder_conv2d_fake(xq, wq, group_index, delta, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), w_mult=1):
-    return _conv_fake_out(xq, wq, stride, padding, dilation, torch.float32)
+    check_devices("adder_conv2d", xq=xq, wq=wq, group_index=group_index, delta=delta, bias=bias)
+    return _conv_fake_out("adder_conv2d", xq, wq, stride, padding, dilation, torch.float32)

@@ -37,6 +37,13 @@ is no padding: ``wsum`` and ``n_valid`` are constants that fold into ``bias``.)
 
 With ``threshold`` given, the op returns packed bits ``y >= threshold[o]`` along the output channels instead of
 ``y`` (int32 ``(..., ceil(N/32))``; NHWC for conv), ready for the next binary layer.
+
+Tail bits: when the reduction length ``k`` is not a multiple of 32, the bits of the last word past ``k`` are
+**ignored** (masked) by every op, kernel and reference alike -- words from :func:`~quantkit.ops.pack_bits` have them
+zero; words from elsewhere may carry anything there without changing the result. (The compiled kernels check one
+word per row and clear the tails in a copy only when some are set, so packed inputs pay nothing.)
+
+Empty operands are fine (``M``, ``N``, batch or ``k`` equal to 0): ``k = 0`` gives sums of 0.
 """
 from __future__ import annotations
 
@@ -47,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quantkit.errors import KernelError
-from quantkit.ops._dispatch import register_fake, use_kernel
-from quantkit.ops.layout import WORD_DTYPE, conv2d_output_size, num_words
+from quantkit.ops._dispatch import check_devices, register_fake, use_kernel
+from quantkit.ops.layout import WORD_DTYPE, conv2d_output_hw, num_words
 from quantkit.ops.packing import bits_to_words_reference, check_words, unpack_bits_reference, words_to_bits_reference
 
 
@@ -239,15 +246,7 @@ def binary_conv2d(
     if w.device != x.device:
         raise KernelError(f"{name}: w is on {w.device} but x is on {x.device}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise KernelError(f"{name}: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
-    ho = conv2d_output_size(x.shape[1], w.shape[1], stride[0], padding[0], dilation[0])
-    wo = conv2d_output_size(x.shape[2], w.shape[2], stride[1], padding[1], dilation[1])
-    if ho < 1 or wo < 1:
-        raise KernelError(
-            f"{name}: input {tuple(x.shape[1:3])} is too small for kernel {tuple(w.shape[1:3])} with padding "
-            f"{padding} and dilation {dilation} (output would be {ho}x{wo})"
-        )
+    conv2d_output_hw(name, x.shape[1:3], w.shape[1:3], stride, padding, dilation)
     cout = w.shape[0]
     vecs = [_channel_vec(name, a, t, cout, x.device) for a, t in (
         ("scale", scale), ("act_sum_scale", act_sum_scale), ("weight_sum_scale", weight_sum_scale),
@@ -270,8 +269,12 @@ def _bmm_operands(name: str, a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tens
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except RuntimeError as exc:
         raise KernelError(f"{name}: batch dims {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast") from exc
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:]).contiguous()
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:]).contiguous()
+    nbatch = 1
+    for d in batch:
+        nbatch *= d
+    # explicit batch count: reshape(-1, ...) cannot infer it when M, N or the word count is 0
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(nbatch, *a.shape[-2:]).contiguous()
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(nbatch, *b.shape[-2:]).contiguous()
     return a3, b3, tuple(batch)
 
 
@@ -301,6 +304,8 @@ def binary_bmm_01(a: Tensor, b: Tensor, k: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------- fake impls
 @register_fake("binary_linear")
 def _binary_linear_fake(x, w, k, scale=None, act_sum_scale=None, bias=None, threshold=None):
+    check_devices("binary_linear", x=x, w=w, scale=scale, act_sum_scale=act_sum_scale, bias=bias, threshold=threshold)
+    torch._check(x.dim() >= 1 and w.dim() == 2 and x.shape[-1] == num_words(k) and w.shape[1] == num_words(k))
     n = w.shape[0]
     if threshold is not None:
         return x.new_empty((*x.shape[:-1], num_words(n)), dtype=WORD_DTYPE)
@@ -310,8 +315,10 @@ def _binary_linear_fake(x, w, k, scale=None, act_sum_scale=None, bias=None, thre
 @register_fake("binary_conv2d")
 def _binary_conv2d_fake(x, w, c_in, stride, padding, dilation, scale=None, act_sum_scale=None,
                         weight_sum_scale=None, count_scale=None, bias=None, threshold=None):
-    ho = conv2d_output_size(x.shape[1], w.shape[1], stride[0], padding[0], dilation[0])
-    wo = conv2d_output_size(x.shape[2], w.shape[2], stride[1], padding[1], dilation[1])
+    check_devices("binary_conv2d", x=x, w=w, scale=scale, act_sum_scale=act_sum_scale,
+                  weight_sum_scale=weight_sum_scale, count_scale=count_scale, bias=bias, threshold=threshold)
+    torch._check(x.dim() == 4 and w.dim() == 4 and x.shape[3] == num_words(c_in) and w.shape[3] == num_words(c_in))
+    ho, wo = conv2d_output_hw("binary_conv2d", x.shape[1:3], w.shape[1:3], stride, padding, dilation)
     if threshold is not None:
         return x.new_empty((x.shape[0], ho, wo, num_words(w.shape[0])), dtype=WORD_DTYPE)
     return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32).contiguous(
@@ -319,14 +326,21 @@ def _binary_conv2d_fake(x, w, c_in, stride, padding, dilation, scale=None, act_s
     )
 
 
+def _bmm_fake(name, a, b, k):
+    check_devices(name, a=a, b=b)
+    torch._check(a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0])
+    torch._check(a.shape[2] == num_words(k) and b.shape[2] == num_words(k))
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.int32)
+
+
 @register_fake("binary_bmm")
 def _binary_bmm_fake(a, b, k):
-    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.int32)
+    return _bmm_fake("binary_bmm", a, b, k)
 
 
 @register_fake("binary_bmm_01")
 def _binary_bmm_01_fake(a, b, k):
-    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.int32)
+    return _bmm_fake("binary_bmm_01", a, b, k)
 
 
 __all__ = [

@@ -10,9 +10,12 @@ weight) into ``num_words(K) = ceil(K / 32)`` little-endian ``int32`` words:
 * element ``k`` sits in bit ``k % 32`` of word ``k // 32`` (bit 0 = least significant);
 * bit 1 means ``+1`` and bit 0 means ``-1``; from a float tensor the bit is ``x >= 0`` (so ``sign(0) = +1`` and
   ``-0.0`` gives +1, NaN gives -1), from a bool tensor the bit is the bool itself;
-* the unused high bits of the last word (``K`` not a multiple of 32) are **zero in every operand** -- kernels rely
-  on it: ``popcount(a XOR w)`` and ``popcount(a AND w)`` never see tail bits;
-* words are stored as ``torch.int32`` (bit 31 set gives a negative int32; treat words as raw 32-bit patterns).
+* the unused high bits of the last word (``K`` not a multiple of 32) are written **zero** by the packer, so
+  ``popcount(a XOR w)`` and ``popcount(a AND w)`` never see tail bits;
+* words are stored as ``torch.int32`` (bit 31 set gives a negative int32; treat words as raw 32-bit patterns);
+* words that did not come from the packer may have tail bits set: every op **ignores** them (the compiled kernels
+  clear them in a copy of such an operand first, the references unpack only ``K`` bits), so a result never
+  depends on the tail.
 
 Products
 --------
@@ -38,6 +41,8 @@ micro-kernel order; the layout above is the only one crossing an API boundary.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 WORD_BITS: int = 32
@@ -54,11 +59,54 @@ def num_words(k: int) -> int:
     return (k + WORD_BITS - 1) // WORD_BITS
 
 
-def conv2d_output_size(
-    size: int, kernel: int, stride: int, padding: int, dilation: int
-) -> int:
-    """Output length of one spatial axis of a convolution (PyTorch's formula)."""
+_INT64_MAX = 2**63 - 1
+
+
+def conv2d_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of one spatial axis of a convolution, PyTorch's formula with FLOOR division:
+    ``(size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1`` (<= 0 when the kernel does not fit).
+    Works on symbolic sizes; :func:`conv2d_output_hw` adds the checks."""
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-__all__ = ["WORD_BITS", "WORD_DTYPE", "num_words", "conv2d_output_size"]
+def conv2d_output_hw(
+    name: str,
+    in_hw: Sequence[int],
+    kernel_hw: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    """Checked ``(Ho, Wo)`` of a 2-D convolution: the one definition behind every op wrapper and fake (meta)
+    implementation, with the rules of the C++ kernels (``kernels/conv_shape.h``): kernel >= 1, stride >= 1,
+    dilation >= 1, padding >= 0, the intermediates ``size + 2 * padding`` and ``dilation * (kernel - 1) + 1`` within
+    int64, and a non-empty output. Raises :class:`~quantkit.errors.KernelError` naming ``name`` otherwise."""
+    from quantkit.errors import KernelError
+
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
+        raise KernelError(f"{name}: stride, padding and dilation must have 2 values each")
+    out = []
+    for axis, size, k, s, p, d in zip(("height", "width"), in_hw, kernel_hw, stride, padding, dilation):
+        if k < 1:
+            raise KernelError(f"{name}: the kernel has {k} taps along {axis}; it needs at least 1")
+        if s < 1 or d < 1 or p < 0:
+            raise KernelError(
+                f"{name}: need stride >= 1, dilation >= 1 and padding >= 0 along {axis}, got stride {s}, "
+                f"dilation {d}, padding {p}"
+            )
+        if size + 2 * p > _INT64_MAX:
+            raise KernelError(f"{name}: padding {p} along {axis} overflows int64 (input size {size})")
+        if d * (k - 1) >= _INT64_MAX:
+            raise KernelError(f"{name}: dilation {d} x (kernel {k} - 1) along {axis} overflows int64")
+        out.append(conv2d_output_size(size, k, s, p, d))
+    ho, wo = out
+    if ho < 1 or wo < 1:
+        raise KernelError(
+            f"{name}: input {in_hw[0]}x{in_hw[1]} is too small for kernel {kernel_hw[0]}x{kernel_hw[1]} with stride "
+            f"{tuple(stride)}, padding {tuple(padding)} and dilation {tuple(dilation)}: the output would be {ho}x{wo}; "
+            "enlarge the input or the padding"
+        )
+    return ho, wo
+
+
+__all__ = ["WORD_BITS", "WORD_DTYPE", "num_words", "conv2d_output_size", "conv2d_output_hw"]

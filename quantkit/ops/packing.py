@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from quantkit.errors import KernelError
-from quantkit.ops._dispatch import register_fake, use_kernel
+from quantkit.ops._dispatch import check_devices, register_fake, use_kernel
 from quantkit.ops.layout import WORD_BITS, WORD_DTYPE, num_words
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -123,7 +123,7 @@ def pack_bits(x: Tensor, threshold: Tensor | None = None) -> Tensor:
 
 def unpack_bits(words: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Unpack int32 words ``(..., ceil(k/32))`` into ``(..., k)`` values: +1 for bit 1, -1 for bit 0, in ``dtype``
-    (``torch.bool`` returns the raw bits)."""
+    (``torch.bool`` returns the raw bits). Bits of the last word past ``k`` are ignored."""
     check_words("unpack_bits", "words", words, k)
     if dtype not in _FLOAT_DTYPES + (torch.bool, torch.int8, torch.int32, torch.int64):
         raise KernelError(f"unpack_bits: unsupported dtype {dtype}; use a float, int or bool dtype")
@@ -162,6 +162,7 @@ def pack_linear_weight(weight: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- fake impls
 @register_fake("pack_bits")
 def _pack_bits_fake(x: Tensor, threshold: Tensor | None = None) -> Tensor:
+    check_devices("pack_bits", x=x, threshold=threshold)
     return x.new_empty((*x.shape[:-1], num_words(x.shape[-1])), dtype=WORD_DTYPE)
 
 
