@@ -5,7 +5,8 @@
 // Bit layout shared by CPU, CUDA and ONNX export (also documented in quantkit/ops/layout.py):
 //   values are packed along the reduction dimension (the last dimension; channels for NHWC activations)
 //   into little-endian int32 words: element k sits in bit (k % 32) of word (k / 32);
-//   bit 1 means +1 (x >= 0), bit 0 means -1; the tail of the last word is zero in every operand.
+//   bit 1 means +1 (x >= 0), bit 0 means -1; pack_bits writes the tail of the last word zero, and every op
+//   ignores (masks) the tail bits of words from elsewhere, as the references do.
 #include <torch/library.h>
 #include <Python.h>
 
@@ -50,7 +51,8 @@ TORCH_LIBRARY(quantkit, m) {
   //   (BiViT A_b V_b with V_b transposed and packed along tokens).
   m.def("binary_bmm_01(Tensor a, Tensor b, int k) -> Tensor");
   // binary_popcount_peak: bit-MAC/s of a register-resident XOR+POPCOUNT+ADD loop of the active CPU ISA, summed
-  //   over at::get_num_threads() concurrent threads (the ceiling benchmarks/kernels_cpu.py compares against).
+  //   over at::get_num_threads() concurrent threads (the ceiling benchmarks/kernels_cpu.py compares against);
+  //   iters in [1, 1e9] (so a call ends within seconds), the same for adder_isa_peak.
   m.def("binary_popcount_peak(int iters) -> float");
 
   // ---- fused elementwise ops of deploy models -----------------------------------------------------------

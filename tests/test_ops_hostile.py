@@ -530,3 +530,13 @@ def test_direct_calls_with_one_bad_argument_raise_or_answer(isa, op, pos, kind, 
     except CLEAN_ERRORS:
         return
     assert isinstance(out, torch.Tensor)
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
+def test_benchmark_probes_refuse_unbounded_loops():
+    for call in (lambda n: Q.binary_popcount_peak(n), lambda n: Q.adder_isa_peak(n, "sad")):
+        for n in (0, -1, 2**62):
+            with pytest.raises(RuntimeError, match="iters must be in"):
+                call(n)
+    with pytest.raises(RuntimeError, match="loop must be"):
+        Q.adder_isa_peak(10, "nope")

@@ -1010,7 +1010,8 @@ QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
 void adder_clear_weight_cache() { clear_weight_cache(); }
 
 double adder_isa_peak(int64_t iters, c10::string_view loop) {
-  TORCH_CHECK(iters >= 1, "adder_isa_peak: iters must be >= 1");
+  // bounded so that no argument makes the call run for more than a few seconds
+  TORCH_CHECK(iters >= 1 && iters <= 1000000000, "adder_isa_peak: iters must be in [1, 1e9], got ", iters);
   const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma";
   TORCH_CHECK(sad || minsum || fma, "adder_isa_peak: loop must be 'sad', 'minsum' or 'fp32_fma', got '", loop, "'");
   if (cpu::best_supported_isa() != kAvx512) return 0.0;

@@ -829,7 +829,8 @@ QK_TARGET_AVX512 double popcount_peak_avx512(int64_t iters) {
 
 // Sum over at::get_num_threads() concurrent copies of the probe of the active ISA (bit-MAC/s).
 double binary_popcount_peak(int64_t iters) {
-  TORCH_CHECK(iters >= 1, "binary_popcount_peak: iters must be >= 1");
+  // bounded so that no argument makes the call run for more than a few seconds
+  TORCH_CHECK(iters >= 1 && iters <= 1000000000, "binary_popcount_peak: iters must be in [1, 1e9], got ", iters);
   const Isa isa = active_isa();
   double (*fn)(int64_t) = popcount_peak_portable;
 #if QUANTKIT_X86

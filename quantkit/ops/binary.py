@@ -196,7 +196,8 @@ def binary_linear(
 
         y[..., n] = scale[n] * sum_k s_x s_w + act_sum_scale[n] * sum_k s_x + bias[n]
 
-    or, with ``threshold (N,)``, int32 packed bits ``(..., ceil(N/32))`` of ``y >= threshold``.
+    or, with ``threshold (N,)``, int32 packed bits ``(..., ceil(N/32))`` of ``y >= threshold``. Bits of the last
+    word past ``k`` are ignored (module docstring, "Tail bits").
     """
     name = "binary_linear"
     check_words(name, "x", x, k)
@@ -233,7 +234,8 @@ def binary_conv2d(
     ``x``: channel-packed NHWC activations ``(N, H, W, num_words(c_in))`` (:func:`pack_activation_nhwc`);
     ``w``: packed OHWI weights ``(C_out, kh, kw, num_words(c_in))`` (:func:`pack_conv_weight`).
     Returns float32 ``(N, C_out, Ho, Wo)`` in channels_last memory, or with ``threshold`` the packed bits
-    ``(N, Ho, Wo, ceil(C_out/32))`` of ``y >= threshold[o]``.
+    ``(N, Ho, Wo, ceil(C_out/32))`` of ``y >= threshold[o]``. Bits of each tap's last word past ``c_in`` are
+    ignored; ``Ho``/``Wo`` follow :func:`quantkit.ops.layout.conv2d_output_hw` (an empty output raises).
     """
     name = "binary_conv2d"
     check_words(name, "x", x, c_in)
@@ -280,7 +282,8 @@ def _bmm_operands(name: str, a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tens
 
 def binary_bmm(a: Tensor, b: Tensor, k: int) -> Tensor:
     """``Q_b @ K_b^T`` for +-1 operands: ``a (..., M, W)``, ``b (..., N, W)`` (leading dims broadcast) ->
-    exact int32 ``(..., M, N)`` with ``out = sum_k s_a s_b = k - 2 popcount(a XOR b)``."""
+    exact int32 ``(..., M, N)`` with ``out = sum_k s_a s_b = k - 2 popcount(a XOR b)`` (tail bits past ``k``
+    ignored; ``M``, ``N``, ``k`` or the batch may be 0)."""
     a3, b3, batch = _bmm_operands("binary_bmm", a, b, k)
     if use_kernel("binary_bmm", a.device):
         out = torch.ops.quantkit.binary_bmm(a3, b3, k)
@@ -292,7 +295,7 @@ def binary_bmm(a: Tensor, b: Tensor, k: int) -> Tensor:
 def binary_bmm_01(a: Tensor, b: Tensor, k: int) -> Tensor:
     """``A_b @ V_b`` with ``A_b in {0, 1}`` packed along the reduction (token) axis ``a (..., M, W)`` and
     ``V_b in {-1, +1}`` given transposed ``b (..., D, W)`` -> exact int32 ``(..., M, D)``,
-    ``out = 2 popcount(a AND b) - popcount(a)``."""
+    ``out = 2 popcount(a AND b) - popcount(a)`` (tail bits past ``k`` ignored; empty operands allowed)."""
     a3, b3, batch = _bmm_operands("binary_bmm_01", a, b, k)
     if use_kernel("binary_bmm_01", a.device):
         out = torch.ops.quantkit.binary_bmm_01(a3, b3, k)
