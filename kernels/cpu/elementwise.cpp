@@ -17,19 +17,27 @@ namespace quantkit {
 namespace cpu {
 namespace {
 
-// Branch-free (max, multiply, subtract) so the compiler vectorises it: signs of activations are random. Exactly the
-// reference's operations: relu(NaN) = NaN (std::max(v, 0) returns v unless v < 0), and p * 0 is NaN for p = +-Inf
-// or NaN, so a non-finite slope poisons the output as it does in pos * relu(x) - neg * relu(-x). One of the two
-// products is always 0 (or NaN), so contracting the subtraction into an FMA cannot change the rounding.
-inline float maxout_one(float v, float p, float q) { return p * std::max(v, 0.f) - q * std::max(-v, 0.f); }
+// Two exact forms of the reference's pos * relu(x) - neg * relu(-x), both branch-free so they vectorise (signs of
+// activations are random):
+//  * finite slopes: x * (x > 0 ? p : q) -- for x > 0 the reference is p * x - 0, for x < 0 it is 0 - q * (-x), and
+//    NaN / +-Inf / zero inputs give the same NaN, infinities and zeros (inf * 0 = NaN in both);
+//  * a NaN or infinite slope: the reference's operations themselves (relu(NaN) = NaN: std::max(v, 0) returns v unless
+//    v < 0), since p * 0 is NaN there and poisons every output of the channel. One of the two products is always 0
+//    (or NaN), so contracting the subtraction into an FMA cannot change the rounding.
+// The form is chosen per channel plane (or once per call for channels_last), outside the element loops.
+inline float maxout_finite(float v, float p, float q) { return v * (v > 0.f ? p : q); }
+inline float maxout_general(float v, float p, float q) { return p * std::max(v, 0.f) - q * std::max(-v, 0.f); }
 
+template <bool kFinite>
 inline void maxout_row(const float* __restrict x, float* __restrict y, const float* __restrict pos,
                        const float* __restrict neg, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = maxout_one(x[i], pos[i], neg[i]);
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = kFinite ? maxout_finite(x[i], pos[i], neg[i]) : maxout_general(x[i], pos[i], neg[i]);
 }
 
+template <bool kFinite>
 inline void maxout_plane(const float* __restrict x, float* __restrict y, float p, float q, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = maxout_one(x[i], p, q);
+  for (int64_t i = 0; i < n; ++i) y[i] = kFinite ? maxout_finite(x[i], p, q) : maxout_general(x[i], p, q);
 }
 
 }  // namespace
@@ -54,17 +62,30 @@ at::Tensor maxout_cpu(const at::Tensor& x, const at::Tensor& pos, const at::Tens
   const float* ns = n.data_ptr<float>();
   const int64_t total = xc.numel();
   if (total == 0) return y;
+  auto finite = [](float a, float b) { return std::isfinite(a) && std::isfinite(b); };
   if (channels_last) {
     // memory order (N, H, W, C): the channel is the innermost index
+    bool all_finite = true;
+    for (int64_t c = 0; c < C; ++c) all_finite = all_finite && finite(ps[c], ns[c]);
     at::parallel_for(0, total / C, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) maxout_row(xs + r * C, ys + r * C, ps, ns, C);
+      for (int64_t r = begin; r < end; ++r) {
+        if (all_finite)
+          maxout_row<true>(xs + r * C, ys + r * C, ps, ns, C);
+        else
+          maxout_row<false>(xs + r * C, ys + r * C, ps, ns, C);
+      }
     });
   } else {
     // memory order (N, C, inner): one (n, c) plane at a time
     const int64_t inner = total / (x.size(0) * C);
     at::parallel_for(0, x.size(0) * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane)
-        maxout_plane(xs + plane * inner, ys + plane * inner, ps[plane % C], ns[plane % C], inner);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const float pc = ps[plane % C], qc = ns[plane % C];
+        if (finite(pc, qc))
+          maxout_plane<true>(xs + plane * inner, ys + plane * inner, pc, qc, inner);
+        else
+          maxout_plane<false>(xs + plane * inner, ys + plane * inner, pc, qc, inner);
+      }
     });
   }
   return y;
