@@ -7,6 +7,7 @@ CPU/CUDA kernels and ONNX export.
     quantkit.export_onnx(qmodel, (x,), "model.onnx")                      # runs in stock onnxruntime
 """
 from .api import calibrate, convert, prepare, quantize, report, schemes
+from .calibrate.sources import calibration_samples
 from .errors import (CalibrationDataError, ConfigError, ExportError, KernelError, NoQuantizableLayerError,
                      QuantkitError, UnknownSchemeError, UnsupportedModelError)
 from .qat import QAT, distillation_loss
@@ -22,7 +23,7 @@ def export_onnx(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "QAT", "distillation_loss",
+__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "calibration_samples", "QAT", "distillation_loss",
            "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
            "ConfigError", "CalibrationDataError", "NoQuantizableLayerError", "UnsupportedModelError", "KernelError",
            "ExportError", "__version__"]
