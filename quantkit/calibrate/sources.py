@@ -227,13 +227,16 @@ def _to_float(x: torch.Tensor, label: str, steps: list[str]) -> torch.Tensor:
                      "the model's scale)")
         return x.float()
     # another integer type: 8-bit pixels saved wider are scaled like uint8; anything else has no known scale
+    dtype = x.dtype
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        x = x.to(torch.int64)  # torch's wide unsigned types have few kernels (no min/max)
     lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
     if lo < 0 or hi > 255:
         raise CalibrationDataError(
-            f"calibration data {label}: {str(x.dtype).replace('torch.', '')} values span {lo}..{hi}, not 8-bit "
+            f"calibration data {label}: {str(dtype).replace('torch.', '')} values span {lo}..{hi}, not 8-bit "
             "pixels (0..255); integer data is scaled like images (/ 255), so save these samples as floats in the "
             "scale the model expects")
-    steps.append(f"{str(x.dtype).replace('torch.', '')} values in 0..255 / 255 (8-bit pixels, like image files)")
+    steps.append(f"{str(dtype).replace('torch.', '')} values in 0..255 / 255 (8-bit pixels, like image files)")
     return x.double().div(255.0).float()
 
 
