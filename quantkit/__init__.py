@@ -23,7 +23,7 @@ def export_onnx(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "calibration_samples", "QAT", "distillation_loss",
-           "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
+__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "calibration_samples", "QAT",
+           "distillation_loss", "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
            "ConfigError", "CalibrationDataError", "NoQuantizableLayerError", "UnsupportedModelError", "KernelError",
            "ExportError", "__version__"]
