@@ -81,7 +81,7 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
     report = QuantReport(scheme=cfg.name, trace_method=tr.method, trace_note=tr.reason)
     ctx = PassContext(cfg, tr, report)
     PassManager(passes).run(work, ctx)
-    ctx.selector.check_all_matched((n for n, _ in model.named_modules() if n), (r.name for r in report.records))
+    ctx.selector.check_all_matched(model, (r.name for r in report.records))
     if not report.records:
         raise NoQuantizableLayerError(
             f"scheme {cfg.name!r} found no candidate layer in {type(model).__name__}; it rewrites layers of type(s) "

@@ -242,10 +242,24 @@ def test_rules_that_match_nothing_are_errors(rules, needles):
     assert_untouched(model, snap)
 
 
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 1)
+        self.blocks = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
 def test_rule_naming_a_module_the_scheme_does_not_rewrite():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
     with pytest.raises(ConfigError, match=r"'1' names a layer that scheme 'w8a8' does not consider.*Conv2d, Linear"):
         quantkit.prepare(model, "w8a8", skip=["1"])
+    with pytest.raises(ConfigError, match=r"'blocks' names a block.*'re:blocks\[\.\]\.\*'.*'blocks\.0'"):
+        quantkit.prepare(_Blocks(), "w8a8", skip=["blocks"])
+    rep = quantkit.report(quantkit.prepare(_Blocks(), "w8a8", skip=["re:blocks[.].*"]))
+    assert [r.name for r in rep.kept_fp] == ["blocks.0", "blocks.1"]
     # rules that do match, and type rules (generic: a type need not occur), are fine
     rep = quantkit.report(quantkit.prepare(model, "w8a8", skip=["0"], only=[nn.Linear, nn.Conv1d]))
     assert [r.name for r in rep.quantized] == ["4"]

@@ -89,14 +89,15 @@ class LayerSelector:
             return Decision(False, "scheme default", {}, "last layer kept full precision (scheme default; override with rules={name: {}})")
         return Decision(True, f"scheme default (type {type(module).__name__})", {})
 
-    def check_all_matched(self, module_names: Iterable[str], recorded: Iterable[str]) -> None:
+    def check_all_matched(self, model: nn.Module, recorded: Iterable[str]) -> None:
         """Raise ConfigError for a name or regex in ``rules`` / ``skip`` / ``only`` that matched no layer: a typo
         there would otherwise change nothing, silently. ``recorded`` are the layers the report lists (a rule naming
         one of them is not an error even when no pass asked about it, e.g. a layer kept FP by the graph).
         Type keys are exempt: a type rule is generic and may legitimately not occur in a model."""
         candidates = list(dict.fromkeys(self.seen))
         recorded = set(recorded)
-        modules = list(module_names)
+        modules = [n for n, _ in model.named_modules() if n]
+        tensors = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         for where, keys in (("rules/skip", list(self.rules)), ("only", list(self.only or ()))):
             for key in keys:
                 if id(key) in self._matched or isinstance(key, type):
@@ -104,6 +105,13 @@ class LayerSelector:
                 pattern = _as_pattern(key)
                 if pattern is None and key in recorded:
                     continue
+                inside = [n for n in candidates if n.startswith(f"{key}.")] if pattern is None else []
+                if inside:
+                    raise ConfigError(
+                        f"{where} entry {key!r} names a block, not a layer (rules match layer names exactly); for "
+                        f"every layer inside it use the regex {'re:' + re.escape(key) + '[.].*'!r} (it matches "
+                        f"{', '.join(map(repr, inside[:5]))}{' ...' if len(inside) > 5 else ''})"
+                    )
                 if pattern is None and key in modules:
                     raise ConfigError(
                         f"{where} entry {key!r} names a layer that scheme {self.config.label()!r} does not consider "
@@ -111,7 +119,7 @@ class LayerSelector:
                         f"{_close(key, candidates)}"
                     )
                 owner = key.rpartition(".")[0] if pattern is None else ""
-                if owner and owner in modules:
+                if key in tensors:
                     raise ConfigError(f"{where} entry {key!r} names a parameter or buffer, not a layer; use the "
                                       f"layer's name {owner!r}")
                 what = f"regex {pattern.pattern!r}" if pattern is not None else f"layer name {key!r}"
