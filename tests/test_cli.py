@@ -372,3 +372,16 @@ def test_clear_messages_for_bad_checkpoints_options_and_files(tmp_path, capsys):
     assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "only=['re:[']")), "not a valid regular")
     assert_one_line_error(run_here(capsys, "inspect", str(tmp_path)), "is a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full_model.pt", "noise.pt", "wrong_shape.pt"]
+
+
+def test_api_export_respects_the_umask(tmp_path):
+    import quantkit
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    q = quantkit.quantize(model, "w8a8", [torch.randn(4, 1, 8, 8)], progress=False)
+    old = os.umask(0o027)
+    try:
+        quantkit.export_onnx(q, (torch.randn(1, 1, 8, 8),), tmp_path / "m.onnx", quiet=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o640
