@@ -266,7 +266,7 @@ def test_rule_naming_a_module_the_scheme_does_not_rewrite():
 
 
 @pytest.mark.parametrize("override, needles", [
-    (dict(bits_w="abc"), ["bits_w='abc'", "int"]),
+    (dict(bits_w="abc"), ["bits_w='abc' must be of type int"]),
     (dict(percentile=None), ["percentile=None", "float"]),
     (dict(observer=3), ["observer=3", "str"]),
     (dict(keep_first="yes"), ["keep_first='yes'", "bool"]),

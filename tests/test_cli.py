@@ -364,7 +364,7 @@ def test_clear_messages_for_bad_checkpoints_options_and_files(tmp_path, capsys):
                           "bits=1", "2 to 8")
     p = run_here(capsys, *_args(tmp_path, "--set", "bits=1"))
     assert "adder_ptq1" not in p.stderr
-    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "bits=abc")), "bits='abc'", "integer")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "bits=abc")), "bits='abc' must be an integer")
     assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "percentile=None")), "percentile=None",
                           "float")
     assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "skip=['conv9']")), "'conv9'",
