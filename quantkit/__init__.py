@@ -11,6 +11,7 @@ called directly right after it; without a build, quantkit still imports and runs
 """
 from . import ops  # noqa: F401  (loads the compiled kernels: registers torch.ops.quantkit.* and their fake impls)
 from .api import calibrate, convert, prepare, quantize, report, schemes
+from .calibrate.sources import calibration_samples
 from .errors import (CalibrationDataError, ConfigError, ExportError, KernelError, NoQuantizableLayerError,
                      QuantkitError, UnknownSchemeError, UnsupportedModelError)
 from .qat import QAT, distillation_loss
@@ -26,7 +27,7 @@ def export_onnx(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "QAT", "distillation_loss",
-           "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
+__all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "calibration_samples", "QAT",
+           "distillation_loss", "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
            "ConfigError", "CalibrationDataError", "NoQuantizableLayerError", "UnsupportedModelError", "KernelError",
            "ExportError", "__version__"]

@@ -62,7 +62,8 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
 
     ``example_inputs`` (a tuple of positional inputs) is optional; it lets tracing fall back to a real forward pass
     when torch.fx cannot trace the model. ``overrides`` are fields of the scheme's config (bits, skip=, only=,
-    rules=, ...). See ``quantkit.schemes()``.
+    rules=, ...). See ``quantkit.schemes()``. The simulated model keeps the input's train/eval mode (train it with
+    :class:`quantkit.QAT`, or :func:`calibrate` it, which leaves it in eval mode).
     """
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
@@ -80,6 +81,7 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
     report = QuantReport(scheme=cfg.name, trace_method=tr.method, trace_note=tr.reason)
     ctx = PassContext(cfg, tr, report)
     PassManager(passes).run(work, ctx)
+    ctx.selector.check_all_matched(model, (r.name for r in report.records))
     if not report.records:
         raise NoQuantizableLayerError(
             f"scheme {cfg.name!r} found no candidate layer in {type(model).__name__}; it rewrites layers of type(s) "
@@ -111,10 +113,14 @@ def _config_of(model: nn.Module) -> SchemeConfig:
 
 def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | None = None,
               max_batches: int | None = None, progress: bool = True, example_inputs: tuple | None = None) -> nn.Module:
-    """Run calibration data through a prepared model's observers and fix its quantization parameters (in place)."""
+    """Run calibration data through a prepared model's observers and fix its quantization parameters (in place).
+
+    Calibration runs in eval mode, and the calibrated model is left in eval mode: it is an inference model
+    (BatchNorm uses its running statistics, dropout is off), whatever mode it was prepared in; call ``.train()`` to
+    fine-tune it. After an error every module's train/eval mode is as it was."""
     cfg = _config_of(model)
     layers = quant_modules(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     for _, m in layers:
         m.start_calibration()
@@ -126,7 +132,8 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
     except BaseException:
         for _, m in layers:
             m.calibrating = False
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
         raise
 
     def run_batches(n: int | None) -> int:
@@ -134,7 +141,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
                                desc="re-estimating")
 
     cfg.calibrate_finish(model, run_batches)
-    model.train(was_training)
+    model.eval()
     report = getattr(model, _REPORT_ATTR)
     report.stage = "calibrated"
     refresh_report(model, report)
@@ -144,8 +151,9 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
 def quantize(model: nn.Module, scheme: str | SchemeConfig, calib_data: Any, example_inputs: tuple | None = None, *,
              inplace: bool = False, transform_fn: Callable | None = None, max_batches: int | None = None,
              progress: bool = True, **overrides: Any) -> nn.Module:
-    """Post-training quantization in one call: prepare + calibrate. Returns the calibrated simulated model; pass it
-    to :func:`convert` for the deploy model or to :func:`quantkit.export_onnx`."""
+    """Post-training quantization in one call: prepare + calibrate. Returns the calibrated simulated model in eval
+    mode (an inference model, whatever the input's mode; the input model keeps its own); pass it to :func:`convert`
+    for the deploy model or to :func:`quantkit.export_onnx`."""
     if calib_data is None:
         raise ConfigError("quantize needs calib_data (an iterable of batches or a callable that runs the model)")
     prepared = prepare(model, scheme, example_inputs, inplace=False, **overrides)
@@ -156,7 +164,8 @@ def quantize(model: nn.Module, scheme: str | SchemeConfig, calib_data: Any, exam
 
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Freeze a prepared (calibrated or trained) model into its deploy form: every simulated layer becomes a deploy
-    layer holding only packed / integer tensors that runs on quantkit's kernels."""
+    layer holding only packed / integer tensors that runs on quantkit's kernels. The deploy model is in eval mode
+    (it is inference-only)."""
     cfg = _config_of(model)
     work = copy.deepcopy(model)
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))

@@ -23,7 +23,6 @@ from typing import Any, Callable, Sequence
 from .sysinfo import cpu_flags
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 class CLIError(Exception):
@@ -97,6 +96,12 @@ def build_model(spec: str, weights: str | None, console: _Console):
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CLIError(f"--weights {weights!r}: expected a state_dict (a dict of tensors), got "
                            f"{type(state).__name__}")
+        own = model.state_dict()
+        mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                      if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if mismatched:
+            raise CLIError(f"--weights {weights!r} does not fit the model: size mismatch for {_few(mismatched)} "
+                           "(a checkpoint of another model or configuration?)")
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CLIError(f"--weights {weights!r} does not fit the model: missing {_few(result.missing_keys)}, "
@@ -126,8 +131,23 @@ def load_tensor_file(path: str, what: str, allow_dict: bool = False) -> Any:
             return torch.from_numpy(np.load(path, allow_pickle=False))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"{what} {path!r} cannot be loaded safely (weights_only=True): {first}") from exc
+        raise CLIError(f"{what} {path!r} {_unloadable_reason(exc)}") from exc
+
+
+def _unloadable_reason(exc: Exception) -> str:
+    """Why torch.load / np.load refused a file, in one line: without torch's advice to turn off weights_only (never
+    right for a file of unknown origin) and without its terminal colour codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"holds pickled Python objects ({found.group(1)}), e.g. a whole model saved with torch.save(model): "
+                "quantkit loads only plain tensors (weights_only=True); save model.state_dict() instead")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
+    first = detail.group(1) if detail else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    return (f"is not a readable tensor file ({first.rstrip('.')}); expected a state_dict saved with "
+            "torch.save(model.state_dict(), path) or an array saved with numpy.save")
 
 
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -143,85 +163,118 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
-def _fit_images(x, shape: tuple[int, ...] | None):
-    """(N, C, H, W) images -> the model's (C, H, W): channel repeat / mean, bilinear resize."""
-    import torch.nn.functional as F
-
-    if shape is None or len(shape) != 3 or x.dim() != 4:
-        return x
-    c, h, w = shape
-    if x.shape[1] != c:
-        x = x.mean(1, keepdim=True).expand(-1, c, -1, -1) if c != 1 else x.mean(1, keepdim=True)
-    if tuple(x.shape[2:]) != (h, w):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    return x.contiguous()
+def _parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected one number or one per channel, comma-separated "
+                       "(e.g. 0.485,0.456,0.406)") from None
+    return values
 
 
-def load_calibration(spec: str, shape: tuple[int, ...] | None, limit: int):
-    """Calibration samples (N, ...) float32 from 'digits', a folder of images or a .npy/.pt tensor file."""
-    import numpy as np
-    import torch
+def load_calibration(spec: str, shape: tuple[int, ...] | None, limit: int, mean: Sequence[float] | None = None,
+                     std: Sequence[float] | None = None, console: _Console | None = None):
+    """Calibration samples (N, ...) float32 from 'digits', a folder of images or a .npy/.pt tensor file, with the
+    preprocessing documented in :mod:`quantkit.calibrate.sources` (the API's ``quantkit.calibration_samples``)."""
+    from .calibrate.sources import load_samples
 
-    if spec == "digits":
-        from .datasets import digits
-
-        x = _fit_images(digits("train")[0], shape)  # (N, 1, 8, 8), standardized as quantkit's digits models train
-    elif os.path.isdir(spec):
-        files = sorted(p for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise CLIError(f"--calib {spec!r}: the folder has no image files ({', '.join(IMAGE_SUFFIXES)})")
-        if shape is None or len(shape) != 3:
-            raise CLIError(f"--calib {spec!r}: a folder of images needs --input-shape C,H,W (e.g. 3,224,224)")
-        from PIL import Image
-
-        c, h, w = shape
-        arrays = []
-        for f in files[:limit]:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-                    a = np.asarray(im, dtype=np.float32) / 255.0
-            except Exception as exc:
-                raise CLIError(f"--calib: cannot read image {str(f)!r}: {exc}") from exc
-            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-            if a.shape[0] != c:
-                a = np.repeat(a.mean(0, keepdims=True), c, axis=0)
-            arrays.append(a)
-        x = torch.from_numpy(np.stack(arrays))
-    elif os.path.exists(spec) or spec.endswith((".npy", ".pt", ".pth")):
-        data = load_tensor_file(spec, "--calib")
-        if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
-            data = data[0]  # (inputs, targets)
-        if isinstance(data, dict):
-            data = next((data[k] for k in ("x", "inputs", "images", "data") if k in data), None)
-        if not isinstance(data, torch.Tensor):
-            raise CLIError(f"--calib {spec!r}: expected a tensor of samples (N, ...), got {type(data).__name__}")
-        x = data.float()
-        if x.dim() < 2:
-            raise CLIError(f"--calib {spec!r}: tensor of shape {tuple(x.shape)} has no batch dimension; "
-                           "expected (N, C, H, W) or (N, ...)")
-        if shape is not None and tuple(x.shape[1:]) != shape:
-            raise CLIError(f"--calib {spec!r}: samples have shape {tuple(x.shape[1:])} but --input-shape is {shape}")
-    else:
-        raise CLIError(f"--calib {spec!r}: not 'digits', a folder of images, or an existing .npy/.pt file")
-    if x.shape[0] == 0:
-        raise CLIError(f"--calib {spec!r}: no samples")
-    if not torch.isfinite(x).all():
-        raise CLIError(f"--calib {spec!r}: the samples contain NaN/Inf values")
-    return x[:limit].contiguous()
+    loaded = load_samples(spec, shape, limit=limit, mean=mean, std=std)
+    if console is not None:
+        console.info(f"calibration data {spec}: {loaded.describe()}")
+    return loaded.samples
 
 
-def _check_output(path: str, suffixes: tuple[str, ...]) -> Path:
-    from .export.onnx_export import check_output_path
+# ---------------------------------------------------------------------------------------------- output files
+def _check_output(path: str, suffixes: tuple[str, ...], args) -> Path:
+    """``--out``, checked before any work: a known suffix, a writable folder, not one of the command's input files,
+    and not an existing file unless ``--force``."""
     from .errors import ExportError
+    from .export.onnx_export import check_output_path
 
     p = Path(path)
     if p.suffix.lower() not in suffixes:
         raise CLIError(f"--out {path!r}: use a file name ending in {' or '.join(suffixes)}")
     try:
-        return check_output_path(p)
+        p = check_output_path(p)
     except ExportError as exc:
         raise CLIError(f"--out: {exc}") from exc
+    for flag, given in _input_files(args):
+        if os.path.exists(given) and os.path.exists(p) and os.path.samefile(given, p):
+            raise CLIError(f"--out {path!r} is the {flag} input {given!r}: quantkit never writes over its inputs; "
+                           "choose another output file name")
+    _refuse_existing(p, getattr(args, "force", False))
+    return p
+
+
+def _input_files(args) -> list[tuple[str, str]]:
+    """(flag, path) of every file the command reads."""
+    files = []
+    if getattr(args, "weights", None):
+        files.append(("--weights", args.weights))
+    calib = getattr(args, "calib", None)
+    if calib and calib != "digits" and os.path.isfile(calib):
+        files.append(("--calib", calib))
+    model = getattr(args, "model", None) or ""
+    if model.rpartition(":")[0].endswith(".py"):
+        files.append(("--model", model.rpartition(":")[0]))
+    return files
+
+
+def _refuse_existing(out: Path, force: bool) -> None:
+    if force or not os.path.lexists(out):
+        return
+    read_only = os.path.exists(out) and not os.stat(out).st_mode & 0o222  # by its mode bits (root may write anyway)
+    what = "a read-only file" if read_only else "a file"
+    raise CLIError(f"--out {str(out)!r} exists ({what}); pass --force to replace it, or choose another name")
+
+
+def _write_output(out: Path, force: bool, write: Callable[[Path], Any]) -> Any:
+    """Run ``write(tmp)`` on a temporary file beside ``out``, then publish it as ``out``: in one rename (never a
+    partial file), with the permissions the umask gives new files, and without replacing a file that appeared
+    meanwhile unless ``force``. On any failure nothing is left behind. Returns what ``write`` returned."""
+    from .export.onnx_export import new_file_mode
+
+    folder = out.parent if str(out.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        result = write(tmp)
+        os.chmod(tmp, new_file_mode())
+        if force:
+            os.replace(tmp, out)
+        else:
+            _refuse_existing(out, False)  # again: the work took a while
+            try:
+                os.link(tmp, out)  # fails if ``out`` exists: no check-then-write race
+            except FileExistsError:
+                _refuse_existing(out, False)
+                raise
+            except OSError:  # a file system without hard links
+                _refuse_existing(out, False)
+                os.replace(tmp, out)
+            else:
+                os.unlink(tmp)
+        return result
+    except OSError as exc:
+        raise CLIError(f"--out: cannot write {str(out)!r}: {exc.strerror or exc}") from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _save_bytes(data: bytes) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write
 
 
 def _batches(x, batch_size: int) -> list:
@@ -247,8 +300,11 @@ def _prepare_quantized(args, console: _Console):
     cfg = get_scheme(args.scheme, **overrides)  # unknown scheme / bad option -> QuantkitError (one line)
     shape = _parse_shape(args.input_shape)
     model = build_model(args.model, args.weights, console)
+    mean, std = _parse_floats(getattr(args, "mean", None), "--mean"), _parse_floats(getattr(args, "std", None), "--std")
+    if (mean is not None or std is not None) and not args.calib:
+        raise CLIError("--mean/--std normalize calibration data: give --calib as well")
     if args.calib:
-        samples = load_calibration(args.calib, shape, args.num_calib)
+        samples = load_calibration(args.calib, shape, args.num_calib, mean, std, console)
     elif shape is not None:
         if cfg.mode == "ptq":
             raise CLIError(f"scheme {cfg.name!r} is post-training: give --calib (digits, a folder or a tensor file)")
@@ -293,16 +349,17 @@ def cmd_quantize(args, console: _Console) -> int:
     import torch
 
     import quantkit
-    from .export.onnx_export import atomic_write_bytes
     from .nn.base import deploy_nbytes
 
-    out = _check_output(args.out, (".onnx", ".pt", ".pth"))
+    out = _check_output(args.out, (".onnx", ".pt", ".pth"), args)
     model, qmodel, example = _prepare_quantized(args, console)
     report = quantkit.report(qmodel)
     fp_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     if out.suffix.lower() == ".onnx":
-        result = quantkit.export_onnx(qmodel, example, out, opset=args.opset, binary_form=args.binary_form,
-                                      custom_ops=args.custom_ops, quiet=True)
+        result = _write_output(out, args.force, lambda tmp: quantkit.export_onnx(
+            qmodel, example, tmp, opset=args.opset, binary_form=args.binary_form, custom_ops=args.custom_ops,
+            quiet=True))
+        result.path = str(out)
         deployed = quantkit.convert(qmodel)
         console.info(str(quantkit.report(deployed)))
         console.info(result.summary())
@@ -324,7 +381,7 @@ def cmd_quantize(args, console: _Console) -> int:
                    "simulated_state_dict": qmodel.state_dict(), "deploy_state_dict": deployed.state_dict()}
         buf = io.BytesIO()
         torch.save(payload, buf)
-        atomic_write_bytes(out, buf.getvalue())
+        _write_output(out, args.force, _save_bytes(buf.getvalue()))
         dep = deploy_nbytes(deployed)
         console.info(f"size: FP32 parameters {_fmt_size(fp_bytes)} -> deploy model tensors {_fmt_size(dep)} "
                      f"({fp_bytes / max(dep, 1):.1f}x smaller)")
@@ -469,8 +526,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="CKPT", help="state_dict to load (torch.load with weights_only=True)")
     p.add_argument("--scheme", required=True, help="quantization scheme (see `quantkit schemes`)")
     p.add_argument("--calib", metavar="PATH|digits",
-                   help="calibration data: 'digits' (scikit-learn), a folder of images, or a .npy/.pt tensor (N, ...)")
+                   help="calibration data: 'digits' (scikit-learn), a folder of images, or a .npy/.pt tensor (N, ...); "
+                        "images and uint8 (any integer 0..255) data are scaled to [0, 1], float data is used as "
+                        "it is, then --mean/--std apply (digits: its own mean/std unless given)")
     p.add_argument("--input-shape", metavar="C,H,W", help="one sample's shape (resizes images / digits to it)")
+    p.add_argument("--mean", metavar="M[,M...]",
+                   help="normalize calibration data: (x - mean) / std, one value or one per channel, on the [0, 1] "
+                        "scale images and uint8 data are brought to (e.g. 0.485,0.456,0.406)")
+    p.add_argument("--std", metavar="S[,S...]", help="see --mean (e.g. 0.229,0.224,0.225)")
     p.add_argument("--num-calib", type=int, default=256, metavar="N", help="calibration samples to use (256)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="batch size (32; bench: 1)")
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
@@ -499,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  quantkit quantize --model my_pkg.models:build --weights ckpt.pt --scheme w4a4 "
                               "--calib calib.npy --out model.pt")
     _add_model_args(q)
-    q.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt")
+    q.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt (never one of the inputs)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
     q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
                    help="ONNX form of binary layers (unpack: faster in onnxruntime)")

@@ -13,10 +13,11 @@ if TYPE_CHECKING:
     import numpy
 
 
-def digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, upsample: int = 1
-           ) -> tuple[Tensor, Tensor]:
-    """Digits images as float32 ``(N, 1, 8*upsample, 8*upsample)`` scaled to [0, 1] then standardized with the
-    training split's mean/std, and int64 labels. The train/test split is stratified and fixed by ``seed``."""
+def digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, upsample: int = 1,
+           standardize: bool = True) -> tuple[Tensor, Tensor]:
+    """Digits images as float32 ``(N, 1, 8*upsample, 8*upsample)`` scaled to [0, 1] then (``standardize=True``)
+    standardized with the training split's mean/std, and int64 labels. The train/test split is stratified and fixed
+    by ``seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -27,8 +28,9 @@ def digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, 
     y = torch.tensor(data.target, dtype=torch.int64)
     idx = torch.arange(len(y)).numpy()
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=data.target)
-    mean, std = x[tr].mean(), x[tr].std()
-    x = (x - mean) / std
+    if standardize:
+        mean, std = x[tr].mean(), x[tr].std()
+        x = (x - mean) / std
     if upsample > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=upsample, mode="nearest")
     pick = {"train": tr, "test": te, "all": idx}[split]

@@ -1,6 +1,7 @@
 """The per-layer record every stage leaves, and its table."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,9 +98,10 @@ class QuantReport:
         fmt = "  ".join("{:<%d}" % w for w in widths[:-1]) + "  {}"
         lines.append(fmt.format(*head))
         lines.append("  ".join("-" * w for w in widths[:-1]) + "  " + "-" * 7)
-        for row in rows:
-            row[5] = row[5] if len(row[5]) <= 60 else row[5][:57] + "..."
-            lines.append(fmt.format(*row))
+        for row in rows:  # a long reason wraps inside its column: every word of it is shown
+            pieces = textwrap.wrap(row[5], widths[5], break_on_hyphens=False) or [""]
+            lines.append(fmt.format(*row[:5], pieces[0], *row[6:]).rstrip())
+            lines += [fmt.format(*([""] * 5), piece, *([""] * 3)).rstrip() for piece in pieces[1:]]
         b, a = self.size_before(), self.size_after()
         ratio = f" ({b / a:.1f}x smaller)" if a else ""
         lines.append(f"{len(self.quantized)} of {len(self.records)} candidate layers quantized; "

@@ -198,3 +198,16 @@ def test_builders():
     assert sum(isinstance(m, AdderConv2d) for m in r18.modules()) == 16 + 3
     assert isinstance(r18.conv1, nn.Conv2d) and isinstance(r18.fc, nn.Linear)
     assert [m.stride for m in r18.modules() if isinstance(m, AdderConv2d) and m.kernel_size == (1, 1)] == [(2, 2)] * 3
+
+
+def test_adderize_skip_names_must_exist():
+    import torchvision
+
+    from quantkit.errors import ConfigError
+    from quantkit.nn import adderize
+
+    model = torchvision.models.resnet18(num_classes=4)
+    with pytest.raises(ConfigError, match=r"skip entry 'layer1.0.conv3' names no layer of ResNet.*'layer1.0.conv1'"):
+        adderize(model, skip=["layer1.0.conv3"])
+    kept = adderize(model, skip="layer1.0.conv1")  # one name, not its characters
+    assert type(kept.layer1[0].conv1) is torch.nn.Conv2d and type(kept.layer1[0].conv2).__name__ == "AdderConv2d"

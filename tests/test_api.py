@@ -224,6 +224,127 @@ def test_config_errors():
         quantkit.convert(SmallCNN())
 
 
+@pytest.mark.parametrize("rules, needles", [
+    (dict(skip=["conv4"]), ["'conv4'", "matches no layer", "'conv1'"]),             # a typo: the close matches
+    (dict(only=["convv2"]), ["only entry 'convv2'", "'conv2'"]),
+    (dict(rules={"re:layer[0-9]": None}), ["regex 'layer[0-9]' matches no layer"]),
+    (dict(rules={"conv2.weight": {"bits_w": 4}}), ["names a parameter", "'conv2'"]),
+    (dict(skip=["re:["]), ["'re:['", "not a valid regular expression", "re.escape"]),
+    (dict(only=["re:conv(1"]), ["not a valid regular expression"]),
+])
+def test_rules_that_match_nothing_are_errors(rules, needles):
+    model = SmallCNN()
+    snap = snapshot(model)
+    with pytest.raises(ConfigError) as exc:
+        quantkit.prepare(model, "w8a8", **rules)
+    for needle in needles:
+        assert needle in str(exc.value), str(exc.value)
+    assert_untouched(model, snap)
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 1)
+        self.blocks = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def test_rule_naming_a_module_the_scheme_does_not_rewrite():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+    with pytest.raises(ConfigError, match=r"'1' names a layer that scheme 'w8a8' does not consider.*Conv2d, Linear"):
+        quantkit.prepare(model, "w8a8", skip=["1"])
+    with pytest.raises(ConfigError, match=r"'blocks' names a block.*'re:blocks\[\.\]\.\*'.*'blocks\.0'"):
+        quantkit.prepare(_Blocks(), "w8a8", skip=["blocks"])
+    rep = quantkit.report(quantkit.prepare(_Blocks(), "w8a8", skip=["re:blocks[.].*"]))
+    assert [r.name for r in rep.kept_fp] == ["blocks.0", "blocks.1"]
+    # rules that do match, and type rules (generic: a type need not occur), are fine
+    rep = quantkit.report(quantkit.prepare(model, "w8a8", skip=["0"], only=[nn.Linear, nn.Conv1d]))
+    assert [r.name for r in rep.quantized] == ["4"]
+
+
+@pytest.mark.parametrize("override, needles", [
+    (dict(bits_w="abc"), ["bits_w='abc' must be of type int"]),
+    (dict(percentile=None), ["percentile=None", "float"]),
+    (dict(observer=3), ["observer=3", "str"]),
+    (dict(keep_first="yes"), ["keep_first='yes'", "bool"]),
+])
+def test_option_of_the_wrong_type_is_a_config_error(override, needles):
+    with pytest.raises(ConfigError) as exc:
+        quantkit.prepare(SmallCNN(), "w8a8", **override)
+    for needle in needles:
+        assert needle in str(exc.value), str(exc.value)
+
+
+def test_family_member_with_bad_bits_is_named_as_requested():
+    with pytest.raises(ConfigError) as exc:
+        quantkit.get_scheme("adder_ptq4", bits=1)
+    assert "scheme 'adder_ptq4': bits=1 is out of range" in str(exc.value) and "adder_ptq1" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"scheme 'adder_ptq4': bits='abc' must be an integer"):
+        quantkit.get_scheme("adder_ptq4", bits="abc")
+    assert quantkit.get_scheme("adder_ptq4", bits=3).name == "adder_ptq3"  # a valid override still renames
+
+
+def test_meta_device_calibration_data_is_a_calibration_error():
+    with pytest.raises(CalibrationDataError, match="meta device"):
+        quantkit.quantize(SmallCNN(), "w8a8", [torch.empty(2, 1, 8, 8, device="meta")], progress=False)
+
+
+class BNDropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_ptq_returns_an_eval_model_and_keeps_the_input_mode(mode):
+    model = BNDropNet().train(mode == "train")
+    q = quantkit.quantize(model, "w8a8", batches(), progress=False)
+    assert not any(m.training for m in q.modules())  # an inference model: deterministic, running BN statistics
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(q(x), q(x))
+    assert all(m.training == (mode == "train") for m in model.modules())  # the input keeps its mode
+    p = quantkit.prepare(model, "w8a8")  # prepare keeps the input's mode (QAT trains it)
+    assert all(m.training == (mode == "train") for m in p.modules())
+    quantkit.calibrate(p, batches(), progress=False)
+    assert not p.training and not p.bn.training
+    assert not quantkit.convert(q).training
+
+
+def test_failed_calibration_restores_every_module_mode():
+    p = quantkit.prepare(BNDropNet().train(), "w8a8")
+    p.drop.eval()  # a mixed mode is restored as it was
+    with pytest.raises(CalibrationDataError):
+        quantkit.calibrate(p, [torch.randn(2, 3, 8, 8)], progress=False)
+    assert p.training and p.bn.training and not p.drop.training
+
+
+def test_report_table_shows_whole_reasons():
+    rep = quantkit.report(quantkit.prepare(SmallCNN(), "xnor"))
+    lines = rep.table().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    column = lines[start + 1].split("  ")[5]  # the dashes under "rule / kept-FP reason"
+    col0 = lines[start + 1].index(column)
+    for r in rep.kept_fp:
+        assert len(r.kept_fp_reason) > len(column)  # the reasons here are longer than the column
+        row = next(i for i, line in enumerate(lines) if line.startswith(r.name + " "))
+        pieces = [lines[row][col0:col0 + len(column)].strip()]
+        for line in lines[row + 1:]:
+            if line[:col0].strip():
+                break  # the next layer's row
+            pieces.append(line[col0:col0 + len(column)].strip())
+        assert " ".join(p for p in pieces if p) == r.kept_fp_reason
+    assert "..." not in rep.table()
+
+
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("mobilenet_v2", 64), ("swin_t", 64), ("vit_b_16", 224)])
 def test_torchvision_models_quantize(name, size):
     model = getattr(torchvision.models, name)().eval()

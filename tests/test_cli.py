@@ -209,3 +209,179 @@ def test_console_script_installed():
     p = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert p.returncode == 0 and p.stdout.startswith("quantkit ")
+
+
+# ---------------------------------------------------------------------------------------------- output files
+def _pt_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    return ["-q", "quantize", "--model", f"{TINY}:tiny_resnet_digits", "--scheme", "w8a8", "--calib", "digits",
+            "--num-calib", "8", "--out", str(out), *extra]
+
+
+def test_output_is_never_an_input(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    from tiny_models import tiny_resnet_digits
+
+    weights = tmp_path / "ckpt.pt"
+    torch.save(tiny_resnet_digits().state_dict(), weights)
+    before = weights.read_bytes()
+    for extra in ([], ["--force"]):  # not even with --force
+        p = run_here(capsys, *_pt_args(tmp_path, weights, "--weights", str(weights), *extra))
+        assert_one_line_error(p, "is the --weights input", "never writes over its inputs")
+    link = tmp_path / "link.pt"  # another name of the same file
+    os.symlink(weights, link)
+    assert_one_line_error(run_here(capsys, *_pt_args(tmp_path, link, "--weights", str(weights), "--force")),
+                          "--weights input")
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.rand(8, 1, 8, 8), calib)
+    args = _pt_args(tmp_path, calib, "--force")
+    args[args.index("digits")] = str(calib)
+    assert_one_line_error(run_here(capsys, *args), "is the --calib input")
+    assert weights.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt", "ckpt.pt", "link.pt"]
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"precious")
+    assert_one_line_error(run_here(capsys, *_pt_args(tmp_path, out)), "exists", "--force")
+    out.chmod(0o444)
+    assert_one_line_error(run_here(capsys, *_pt_args(tmp_path, out)), "read-only", "--force")
+    assert out.read_bytes() == b"precious"
+    p = run_here(capsys, *_pt_args(tmp_path, out, "--force"))
+    assert p.returncode == 0, p.stderr
+    assert torch.load(out, weights_only=True)["format"] == "quantkit-deploy-v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_respect_the_umask(tmp_path, capsys, umask):
+    old = os.umask(umask)
+    try:
+        p = run_here(capsys, *_pt_args(tmp_path, tmp_path / "m.pt"))
+        assert p.returncode == 0, p.stderr
+        p = run_here(capsys, "-q", "quantize", "--model", ADDER_CNN, "--scheme", "adder_ptq4", "--calib", "digits",
+                     "--num-calib", "16", "--out", str(tmp_path / "m.onnx"))
+        assert p.returncode == 0, p.stderr
+    finally:
+        os.umask(old)
+    for name in ("m.pt", "m.onnx"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A failure while the output is written (here: the disk fills up) leaves neither the output nor a temporary."""
+    import quantkit.cli as cli
+
+    def full(data):
+        def write(path):
+            path.write_bytes(data[:10])
+            raise OSError(28, "No space left on device")
+        return write
+
+    monkeypatch.setattr(cli, "_save_bytes", full)
+    assert_one_line_error(run_here(capsys, *_pt_args(tmp_path, tmp_path / "m.pt")), "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- calibration data
+def _stats_model_file(tmp_path: Path) -> str:
+    """A model whose only layer is a linear over 3 channels, so the calibration range shows the preprocessing."""
+    path = tmp_path / "stats_model.py"
+    path.write_text("import torch\nfrom torch import nn\n\n\nclass Pool(nn.Module):\n"
+                    "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(3, 2)\n\n"
+                    "    def forward(self, x):\n        return self.fc(x.mean((2, 3)))\n\n\n"
+                    "def build():\n    return Pool()\n")
+    return f"{path}:build"
+
+
+def test_calibration_sources_are_preprocessed_alike(tmp_path, capsys):
+    """The same pixels as PNG files, a uint8 .npy and an int64 .pt calibrate the same observer ranges; --mean/--std
+    apply to each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)  # N, H, W, C
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(pixels):
+        Image.fromarray(a).save(folder / f"{i}.png")
+    chw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    np.save(tmp_path / "u8.npy", chw)
+    torch.save(torch.from_numpy(chw.astype(np.int64)), tmp_path / "i64.pt")
+    model = _stats_model_file(tmp_path)
+    ranges = {}
+    for name, src in (("folder", folder), ("uint8", tmp_path / "u8.npy"), ("int64", tmp_path / "i64.pt")):
+        for norm in ([], ["--mean", "0.5,0.4,0.3", "--std", "0.2"]):
+            out = tmp_path / f"{name}{len(norm)}.pt"
+            p = run_here(capsys, "quantize", "--model", model, "--scheme", "w8a8", "--calib", str(src),
+                         "--input-shape", "3,4,4", "--out", str(out), *norm)
+            assert p.returncode == 0, p.stderr
+            assert "/ 255" in p.stdout and (("normalize" in p.stdout) == bool(norm)), p.stdout
+            sd = torch.load(out, weights_only=True)["simulated_state_dict"]
+            ranges[name, bool(norm)] = torch.stack([v for k, v in sd.items() if "act" in k and v.numel() == 1])
+    x = torch.from_numpy(chw).float().div(255).mean((2, 3))
+    for norm in (False, True):
+        for name in ("uint8", "int64"):
+            torch.testing.assert_close(ranges[name, norm], ranges["folder", norm])
+    assert not torch.allclose(ranges["uint8", False], ranges["uint8", True])
+    assert float(x.max()) <= 1.0  # the plain range is the [0, 1] one
+
+
+def test_calibration_mean_std_errors(tmp_path, capsys):
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--mean", "a,b")), "--mean", "comma-separated")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--mean", "0.1,0.2")), "2 values", "1 channel")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--std", "0")), "std", "positive")
+    signed = tmp_path / "signed.npy"
+    np.save(signed, np.full((4, 1, 8, 8), -3, np.int16))
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, calib=str(signed))), "int16", "save these samples as")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["signed.npy"]
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def test_clear_messages_for_bad_checkpoints_options_and_files(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    import quantkit.models.adder_resnet as ar
+
+    wrong = tmp_path / "wrong_shape.pt"
+    state = ar.adder_cnn_digits().state_dict()
+    key = next(k for k, v in state.items() if v.dim() == 4)
+    state[key] = torch.zeros(3, *state[key].shape[1:])
+    torch.save(state, wrong)
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--weights", str(wrong))), "size mismatch", key,
+                          "(3,")
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    p = run_here(capsys, *_args(tmp_path, "--weights", str(noise)))
+    assert_one_line_error(p, "not a readable tensor file")
+    assert "weights_only=False" not in p.stderr and "weights_only` set to `False" not in p.stderr
+    full = tmp_path / "full_model.pt"
+    torch.save(ar.adder_cnn_digits(), full)
+    p = run_here(capsys, *_args(tmp_path, "--weights", str(full)))
+    assert_one_line_error(p, "pickled Python objects", "state_dict()")
+    assert "\x1b" not in p.stderr
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "bits=1")), "scheme 'adder_ptq4'",
+                          "bits=1", "2 to 8")
+    p = run_here(capsys, *_args(tmp_path, "--set", "bits=1"))
+    assert "adder_ptq1" not in p.stderr
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "bits=abc")), "bits='abc' must be an integer")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "percentile=None")), "percentile=None",
+                          "float")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "skip=['conv9']")), "'conv9'",
+                          "matches no layer")
+    assert_one_line_error(run_here(capsys, *_args(tmp_path, "--set", "only=['re:[']")), "not a valid regular")
+    assert_one_line_error(run_here(capsys, "inspect", str(tmp_path)), "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full_model.pt", "noise.pt", "wrong_shape.pt"]
+
+
+def test_api_export_respects_the_umask(tmp_path):
+    import quantkit
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    q = quantkit.quantize(model, "w8a8", [torch.randn(4, 1, 8, 8)], progress=False)
+    old = os.umask(0o027)
+    try:
+        quantkit.export_onnx(q, (torch.randn(1, 1, 8, 8),), tmp_path / "m.onnx", quiet=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o640

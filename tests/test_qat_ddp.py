@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -75,10 +77,15 @@ def _train(qat, model, x, y):
     return torch.stack(losses)
 
 
+RENDEZVOUS_TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails with an error, never hangs
+RUN_TIMEOUT_S = 300.0  # both workers together, start-up included (the suite may share 2 cores with other jobs)
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=RENDEZVOUS_TIMEOUT)
     try:
         qat, x, y = _setup()
         half = x.shape[0] // WORLD
@@ -87,8 +94,28 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.all_reduce(losses)  # mean of the two half-batch losses = full-batch loss
         torch.save({"state": qat.model.state_dict(), "losses": losses / WORLD},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp  # its reducer holds the process group: release it before the group goes
+        # Every rank finishes its last collective before any rank tears the group down: a rank that destroys its
+        # group while the other still talks to it makes gloo's background thread abort that other process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _run_workers(tmp: str) -> None:
+    """Spawn the workers with a fresh rendezvous file of their own, and fail (not hang) if they do not finish."""
+    init_file = os.path.join(tempfile.mkdtemp(prefix="rendezvous-", dir=tmp), "init")
+    ctx = mp.start_processes(_worker, args=(init_file, tmp), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} DDP workers did not finish within {RUN_TIMEOUT_S:.0f} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo "
@@ -96,7 +123,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.skipif(sys.platform == "win32", reason="file:// rendezvous with gloo is POSIX-only here")
 def test_ddp_two_processes_equals_single_process():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        _run_workers(tmp)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
     qat, x, y = _setup()

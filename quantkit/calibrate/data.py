@@ -41,6 +41,11 @@ def batch_to_args(batch: Any, transform_fn: Callable | None = None) -> tuple[tup
 def _check_finite(index: int, args: tuple, kwargs: dict) -> None:
     items = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
     for label, t in items:
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise CalibrationDataError(
+                f"calibration batch {index}, {label} is on the meta device (a shape without values); calibration "
+                "needs real data on the model's device"
+            )
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CalibrationDataError(

@@ -65,6 +65,8 @@ def _nbytes(t: TensorProto) -> int:
 def inspect_onnx(path: str | os.PathLike) -> OnnxSummary:
     """Summarize an ONNX file (raises ExportError if it is missing or not an ONNX model)."""
     p = os.fspath(path)
+    if os.path.isdir(p):
+        raise ExportError(f"{p!r} is a folder; give an .onnx file")
     if not os.path.isfile(p):
         raise ExportError(f"no such file: {p!r}")
     try:

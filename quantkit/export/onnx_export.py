@@ -289,12 +289,32 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def new_file_mode() -> int:
+    """The permission bits a newly created file gets from the process umask (0o666 & ~umask), as ``open()`` would
+    give it (``mkstemp`` always creates 0o600)."""
+    mask = None
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it, racing other threads)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+                    break
+    except (OSError, ValueError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never a partial file)."""
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never a partial file); the
+    file gets the permissions the umask gives new files."""
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), new_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -582,4 +602,4 @@ def _max_diff(a: list, b: list) -> float:
 
 
 __all__ = ["export_onnx", "ExportResult", "Agreement", "DEFAULT_OPSET", "DEFAULT_BINARY_FORM", "atomic_write_bytes",
-           "check_output_path"]
+           "check_output_path", "new_file_mode"]

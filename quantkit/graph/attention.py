@@ -189,6 +189,7 @@ class BiViTPass:
                 record.kept_fp_reason = exc.reason
                 ctx.report.add(record)
                 continue
+            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
             replace_module(model, name, new)
             self._fill(record, new)
             ctx.report.add(record)
@@ -223,6 +224,7 @@ class BiViTPass:
             layer_cfg = _with_overrides(cfg, decision.overrides)
             new = BinaryLinearPWS.from_float(module, layer_cfg, name, binary_input=layer_cfg.mlp_binary_act,
                                              role="mlp" if in_mlp else "other")
+            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
             replace_module(model, name, new)
             self._fill(record, new)
             ctx.report.add(record)

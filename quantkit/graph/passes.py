@@ -104,6 +104,7 @@ class SwapPass:
                 record.kept_fp_reason = exc.reason
                 ctx.report.add(record)
                 continue
+            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
             replace_module(model, name, new)
             record.new_type = type(new).__name__
             record.bits_w, record.bits_a = new.bits_w, new.bits_a

@@ -4,11 +4,14 @@ Precedence (documented in :mod:`quantkit.schemes.base`): exact name > regex > ty
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -60,8 +63,14 @@ class LayerSelector:
             rules[key] = None
         self.rules = rules
         self.only = tuple(config.only) if config.only is not None else None
+        self.seen: list[str] = []  # every layer a pass asked about, in order
+        self._matched: set[int] = set()  # id() of the keys that matched at least one of them
 
     def decide(self, name: str, module: nn.Module, is_first: bool, is_last: bool) -> Decision:
+        self.seen.append(name)
+        for key in list(self.rules) + list(self.only or ()):
+            if id(key) not in self._matched and _matches(key, name, module) is not None:
+                self._matched.add(id(key))
         best = None
         for key, value in self.rules.items():
             cls = _matches(key, name, module)
@@ -79,3 +88,61 @@ class LayerSelector:
         if is_last and self.config.keep_last:
             return Decision(False, "scheme default", {}, "last layer kept full precision (scheme default; override with rules={name: {}})")
         return Decision(True, f"scheme default (type {type(module).__name__})", {})
+
+    def check_all_matched(self, model: nn.Module, recorded: Iterable[str]) -> None:
+        """Raise ConfigError for a name or regex in ``rules`` / ``skip`` / ``only`` that matched no layer: a typo
+        there would otherwise change nothing, silently. ``recorded`` are the layers the report lists (a rule naming
+        one of them is not an error even when no pass asked about it, e.g. a layer kept FP by the graph).
+        Type keys are exempt: a type rule is generic and may legitimately not occur in a model."""
+        candidates = list(dict.fromkeys(self.seen))
+        recorded = set(recorded)
+        modules = [n for n, _ in model.named_modules() if n]
+        tensors = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        for where, keys in (("rules/skip", list(self.rules)), ("only", list(self.only or ()))):
+            for key in keys:
+                if id(key) in self._matched or isinstance(key, type):
+                    continue
+                pattern = _as_pattern(key)
+                if pattern is None and key in recorded:
+                    continue
+                inside = [n for n in candidates if n.startswith(f"{key}.")] if pattern is None else []
+                if inside:
+                    raise ConfigError(
+                        f"{where} entry {key!r} names a block, not a layer (rules match layer names exactly); for "
+                        f"every layer inside it use the regex {'re:' + re.escape(key) + '[.].*'!r} (it matches "
+                        f"{', '.join(map(repr, inside[:5]))}{' ...' if len(inside) > 5 else ''})"
+                    )
+                if pattern is None and key in modules:
+                    raise ConfigError(
+                        f"{where} entry {key!r} names a layer that scheme {self.config.label()!r} does not consider "
+                        f"(it rewrites {_types_of(self.config)}); candidate layers include "
+                        f"{_close(key, candidates)}"
+                    )
+                owner = key.rpartition(".")[0] if pattern is None else ""
+                if key in tensors:
+                    raise ConfigError(f"{where} entry {key!r} names a parameter or buffer, not a layer; use the "
+                                      f"layer's name {owner!r}")
+                what = f"regex {pattern.pattern!r}" if pattern is not None else f"layer name {key!r}"
+                text = pattern.pattern if pattern is not None else key
+                raise ConfigError(
+                    f"{where} entry {key!r}: {what} matches no layer of the model; close matches: "
+                    f"{_close(text, candidates or modules)} (names are qualified module names, as in "
+                    "model.named_modules(); regexes must match the whole name)"
+                )
+
+
+def _close(text: str, names: list[str]) -> str:
+    picks = difflib.get_close_matches(text, names, n=5, cutoff=0.5)
+    if picks:
+        return ", ".join(repr(n) for n in picks)
+    if not names:
+        return "none (the model has no such layer)"
+    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+    return "none; the layers are " + ", ".join(repr(n) for n in names[:5]) + more
+
+
+def _types_of(config: Any) -> str:
+    try:
+        return ", ".join(sorted(t.__name__ for t in config.targets())) or "no layer type"
+    except Exception:
+        return "its own layer types"

@@ -199,6 +199,15 @@ def adderize(model: nn.Module, *, keep_first: bool = True, keep_last: bool = Tru
     from ..graph.passes import replace_module
     from ..graph.trace import trace
 
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    unknown = [n for n in skip if n not in dict(model.named_modules())]
+    if unknown:
+        import difflib
+
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        close = difflib.get_close_matches(unknown[0], names, n=5, cutoff=0.5) or names[:5]
+        raise ConfigError(f"adderize: skip entry {unknown[0]!r} names no layer of {type(model).__name__}; "
+                          f"close matches: {', '.join(map(repr, close)) or 'none'}")
     work = model if inplace else copy.deepcopy(model)
     order = trace(work, None, ()).order
     modules = dict(work.named_modules())

@@ -85,8 +85,8 @@ class AdderPTQConfig(SchemeConfig):
         return {AdderConv2d: QuantAdderConv2d, AdderLinear: QuantAdderLinear}
 
     def validate(self) -> None:
+        check_bits(self.label(), "bits", self.bits, 2, 8)  # first: the name is built from bits
         super().validate()
-        check_bits(self.name, "bits", self.bits, 2, 8)
         if self.method not in METHODS:
             raise ConfigError(f"scheme {self.name!r}: method={self.method!r}; use one of {METHODS}")
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:

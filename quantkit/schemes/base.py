@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -55,18 +56,50 @@ class SchemeConfig:
 
         return [SwapPass(self.targets())]
 
+    def label(self) -> str:
+        """The scheme name for messages: the name the config was requested by (an override such as ``bits=`` can
+        rename a family member, and an invalid one would name a scheme that does not exist)."""
+        return getattr(self, "_requested_name", None) or self.name
+
+    def _check_field_types(self) -> None:
+        """Every bool / int / float / str field holds a value of that type (int accepted for float)."""
+        expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+        for f in dataclasses.fields(self):
+            hint = _field_hints(type(self)).get(f.name)
+            value = getattr(self, f.name)
+            if hint not in expected:
+                continue
+            ok = isinstance(value, expected[hint]) and (hint is bool or not isinstance(value, bool))
+            if not ok:
+                raise ConfigError(
+                    f"scheme {self.label()!r}: {f.name}={value!r} must be of type {hint.__name__} "
+                    f"(got {type(value).__name__}; default {f.default!r})"
+                )
+
     def validate(self) -> None:
         """Raise ConfigError for out-of-range fields. Subclasses extend (and call super)."""
+        self._check_field_types()
+        if not isinstance(self.rules, dict):
+            raise ConfigError(f"scheme {self.label()!r}: rules= must be a dict {{layer key: None | overrides}}, "
+                              f"got {type(self.rules).__name__}")
         for key in list(self.rules) + list(self.skip) + list(self.only or ()):
             if not isinstance(key, (str, re.Pattern, type)):
                 raise ConfigError(
-                    f"scheme {self.name!r}: layer rule key {key!r} must be a qualified name, a regex "
+                    f"scheme {self.label()!r}: layer rule key {key!r} must be a qualified name, a regex "
                     "(re.compile(...) or 're:<pattern>') or a module type"
                 )
+            if isinstance(key, str) and key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise ConfigError(
+                        f"scheme {self.label()!r}: layer rule key {key!r} is not a valid regular expression "
+                        f"({exc}); for a literal layer name drop the 're:' prefix, or escape it with re.escape()"
+                    ) from None
         for key, value in self.rules.items():
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(
-                    f"scheme {self.name!r}: rule for {key!r} must be None (keep full precision) or a dict of "
+                    f"scheme {self.label()!r}: rule for {key!r} must be None (keep full precision) or a dict of "
                     f"overrides, got {value!r}"
                 )
 
@@ -89,12 +122,26 @@ class SchemeConfig:
             overrides["skip"] = tuple(overrides["skip"]) if not isinstance(overrides["skip"], (str, type)) else (overrides["skip"],)
         if "only" in overrides and overrides["only"] is not None:
             overrides["only"] = tuple(overrides["only"]) if not isinstance(overrides["only"], (str, type)) else (overrides["only"],)
-        return dataclasses.replace(self, **overrides)
+        new = dataclasses.replace(self, **overrides)
+        new._requested_name = self.label()
+        return new
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: no type check for that config
+        return {}
 
 
 def check_bits(scheme: str, field_name: str, value: Any, lo: int, hi: int) -> None:
     """Shared bit-width check: integer in [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"scheme {scheme!r}: {field_name}={value!r} must be an integer from {lo} to {hi} "
+            f"(got {type(value).__name__})"
+        )
+    if not lo <= value <= hi:
         raise ConfigError(
             f"scheme {scheme!r}: {field_name}={value!r} is out of range; use an integer from {lo} to {hi}"
         )
