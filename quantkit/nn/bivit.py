@@ -232,6 +232,18 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _self_attention_mask(attn_mask: Tensor | None, is_causal: bool, q: Tensor) -> Tensor | None:
+    """The additive FP mask of a self-attention call: the given bool/additive ``attn_mask`` plus, when
+    ``is_causal``, -inf above the diagonal (token i attends to tokens <= i, as ``scaled_dot_product_attention``)."""
+    bias = _additive_mask(attn_mask, q.dtype)
+    if is_causal:
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        causal = torch.zeros(n, n, dtype=q.dtype, device=q.device).masked_fill(causal, float("-inf"))
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
 class _AttentionCoreMixin:
     """Attention settings shared by the simulated wrappers."""
 
@@ -380,7 +392,8 @@ def _mha_inputs(mod: Any, in_proj: Callable[[Tensor], Tensor], query: Tensor, ke
 class BinaryQKVAttention(_AttentionCoreMixin, QuantModule):
     """Binary replacement of a timm-style self-attention module: ``qkv`` Linear (C -> 3C, [q|k|v] x heads), scores
     ``q k^T * scale``, softmax, ``@ v`` (explicitly or via ``F.scaled_dot_product_attention``), ``proj`` Linear.
-    ``forward(x, attn_mask=None)`` with ``x (B, N, C)``; an optional bool/additive ``attn_mask`` stays FP."""
+    ``forward(x, attn_mask=None, is_causal=False)`` with ``x (B, N, C)`` (timm's signature); an optional
+    bool/additive ``attn_mask`` and the causal mask stay FP."""
 
     bits_w = 1
     bits_a = 1
@@ -404,9 +417,9 @@ class BinaryQKVAttention(_AttentionCoreMixin, QuantModule):
         proj = BinaryLinearPWS.from_float(module.proj, config, name + ".proj", binary_input=True)
         return cls(num_heads, qkv, proj, scale, attn_drop, proj_drop, config)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         q, k, v = _split_qkv(self.qkv(x), self.num_heads)
-        bias = _additive_mask(attn_mask, q.dtype)
+        bias = _self_attention_mask(attn_mask, is_causal, q)
         out, _ = self._attend(q, k, v, bias, self.attn_drop_p, self.logit_scale)
         return F.dropout(self.proj(_merge_heads(out)), self.proj_drop_p, self.training)
 
@@ -577,9 +590,9 @@ class BinaryAttentionDeploy(nn.Module):
                                                 self.relative_position_bias, self.window_size, self.shift_size,
                                                 self.num_heads, 0.0, False)
 
-    def _forward_qkv(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def _forward_qkv(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         q, k, v = _split_qkv(self.in_proj(x), self.num_heads)
-        return self.out_proj(_merge_heads(self._attend(q, k, v, _additive_mask(attn_mask, q.dtype))))
+        return self.out_proj(_merge_heads(self._attend(q, k, v, _self_attention_mask(attn_mask, is_causal, q))))
 
     def _forward_mha(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                      need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
