@@ -154,10 +154,32 @@ def quantize(model: nn.Module, scheme: str | SchemeConfig, calib_data: Any, exam
     return _commit(model, prepared, inplace)
 
 
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Raise UnsupportedModelError naming the first layer whose parameters or buffers hold NaN/Inf (a quantized
+    model derived from them is meaningless, and comparisons with NaN would pass silently)."""
+    for mod_name, mod in model.named_modules():
+        tensors = list(mod.named_parameters(recurse=False))
+        if not type(mod).__module__.startswith("quantkit."):  # quantkit's observers keep +-inf sentinels
+            tensors += list(mod.named_buffers(recurse=False))
+        for t_name, t in tensors:
+            if t is None or not t.is_floating_point() or t.device.type == "meta":
+                continue
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                layer = mod_name or type(model).__name__
+                raise UnsupportedModelError(
+                    f"layer {layer!r} ({type(mod).__name__}): {t_name} has {bad} NaN/Inf value(s) in {what}; fix the "
+                    "checkpoint or the training run that produced them (quantkit cannot quantize or verify them)")
+
+
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Freeze a prepared (calibrated or trained) model into its deploy form: every simulated layer becomes a deploy
-    layer holding only packed / integer tensors that runs on quantkit's kernels."""
+    layer holding only packed / integer tensors that runs on quantkit's kernels.
+
+    Refuses (UnsupportedModelError, naming the layer) a PTQ model that was not calibrated and a model with NaN/Inf
+    parameters."""
     cfg = _config_of(model)
+    check_finite(model, "the model to convert")
     work = copy.deepcopy(model)
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
     from .graph.passes import replace_module
@@ -178,6 +200,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     work.eval()
     for layer, bn in fold_batchnorms(work):
         report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
+        report.folded.append((layer, bn))
     report.stage = "deployed"
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)

@@ -50,6 +50,8 @@ class QuantReport:
     stage: str = "prepared"  # prepared | calibrated | deployed
     records: list[LayerRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: (deploy layer, BatchNorm) pairs that convert folded together (the BatchNorm became an Identity)
+    folded: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, record: LayerRecord) -> None:
         self.records.append(record)
