@@ -91,9 +91,25 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
             f"scheme {cfg.name!r} left every candidate layer of {type(model).__name__} in full precision ({reasons}); "
             "relax skip=/only=/rules or keep_first/keep_last"
         )
+    _report_shared_calls(report, tr.repeated_calls)
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)
+
+
+def _report_shared_calls(report: QuantReport, repeated: dict[str, int]) -> None:
+    """A quantized layer called several times in one forward pass shares one set of quantization parameters (one
+    observer, one learned scale) between its calls: say so per layer and in a note."""
+    shared = []
+    for rec in report.quantized:
+        n = repeated.get(rec.name)
+        if n:
+            rec.info["calls"] = n
+            shared.append(f"{rec.name!r} ({n} calls)")
+    if shared:
+        report.notes.append(f"layer(s) called more than once in forward share one set of quantization parameters "
+                            f"(observer / scales) between their calls: {', '.join(shared)}; the export writes each "
+                            "call as its own nodes")
 
 
 def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
@@ -191,10 +207,17 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             continue  # nested: converted by its parent
         deployed = m.to_deploy()
         replace_module(work, name, deployed)
+        kept_float = type(deployed).__module__.startswith("torch.nn")
+        if kept_float:
+            report.notes.append(f"layer {name!r} runs in full precision at the current training stage (e.g. "
+                                "stage 1 of a cross-layer binarization schedule) and is deployed as the float "
+                                f"{type(deployed).__name__} it computes")
         try:
             rec = report[name]
             rec.new_type = type(deployed).__name__
             rec.bytes_after = deploy_nbytes(deployed)
+            if kept_float:
+                rec.bits_w = rec.bits_a = None
         except KeyError:
             pass
     work.eval()

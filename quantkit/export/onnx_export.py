@@ -177,7 +177,10 @@ class _Placeholder(nn.Module):
 
     def forward(self, *inputs):
         call_id = len(_ACTIVE) + 1
-        _ACTIVE[call_id] = _CallRecord(self.inner, self.layer_name)
+        # a layer called several times in forward: each call gets its own node and initializer names
+        calls = sum(1 for r in _ACTIVE.values() if r.module is self.inner) + 1
+        name = self.layer_name if calls == 1 else f"{self.layer_name}/call{calls}"
+        _ACTIVE[call_id] = _CallRecord(self.inner, name)
         tensors = [t for t in inputs if t is not None]
         return _LayerFn.apply(call_id, *tensors)
 

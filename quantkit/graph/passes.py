@@ -136,7 +136,10 @@ def refresh_report(model: nn.Module, report: QuantReport) -> QuantReport:
         if isinstance(mod, QuantModule):
             rec.bits_w, rec.bits_a = mod.bits_w, mod.bits_a
             rec.bytes_after = mod.weight_nbytes()
+            calls = rec.info.get("calls")  # set by prepare: a layer called several times in forward
             rec.info = mod.describe()
+            if calls:
+                rec.info["calls"] = calls
     return report
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..ops.binary import binary_bmm, binary_bmm_01
 from ..ops.packing import pack_bits
 from ..quantizers.binary import sign_ste
@@ -122,9 +122,19 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
                 "scale": "PWS (learned)" if self.learned_scale else "mean|W| (fixed)",
                 "binarized_now": bool(self.binarize)}
 
-    def to_deploy(self) -> BinaryDeployLinear:
+    def to_deploy(self) -> nn.Module:
         """Packed deploy layer: y = s * (x_b . sign(W_c)) + b (binary input, threshold 0) or s * (x . sign(W_c)) + b
-        (float input), the same order of operations as the simulated forward."""
+        (float input), the same order of operations as the simulated forward. A layer that is not binarized at the
+        current training stage (``binarize=False``: stage 1 of cross-layer binarization) deploys as the float
+        ``nn.Linear`` it runs as: the deploy model computes what was trained."""
+        if not self.binarize:
+            lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                            dtype=self.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(self.weight)
+                if self.bias is not None:
+                    lin.bias.copy_(self.bias)
+            return lin.requires_grad_(False)
         with torch.no_grad():
             epilogue = affine_epilogue(self.current_scale().detach().reshape(-1),
                                        bias=None if self.bias is None else self.bias.detach())
@@ -272,6 +282,10 @@ class _AttentionCoreMixin:
         return {"attention": "BiBERT Bool"}
 
     def _deploy_core(self) -> dict[str, Any]:
+        if not self.binarize:  # the deploy form is binary attention only: it would not compute what ran
+            raise UnsupportedModelError(
+                f"{type(self).__name__}: binarize=False (float attention) has no deploy form; set binarize=True "
+                "(and train) before convert")
         return {"method": self.method, "beta": self.beta, "sab_scale": self.sab_scale}
 
     def _linears_nbytes(self) -> int:
