@@ -92,9 +92,22 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
             "relax skip=/only=/rules or keep_first/keep_last"
         )
     _report_shared_calls(report, tr.repeated_calls)
+    report.other_bytes = other_parameter_bytes(work, report)
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)
+
+
+def other_parameter_bytes(model: nn.Module, report: QuantReport) -> int:
+    """Bytes of the parameters of ``model`` that belong to no layer listed in ``report`` (so that the report's totals
+    cover every parameter)."""
+    listed = [r.name for r in report.records]
+    total = 0
+    for pname, p in model.named_parameters():
+        owner = pname.rpartition(".")[0]
+        if not any(owner == n or owner.startswith(n + ".") for n in listed):
+            total += p.numel() * p.element_size()
+    return total
 
 
 def _report_shared_calls(report: QuantReport, repeated: dict[str, int]) -> None:
@@ -225,6 +238,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
         report.folded.append((layer, bn))
     report.stage = "deployed"
+    report.other_bytes = other_parameter_bytes(work, report)  # folded BatchNorms are gone
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)
