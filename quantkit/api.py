@@ -93,9 +93,38 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
             f"scheme {cfg.name!r} left every candidate layer of {type(model).__name__} in full precision ({reasons}); "
             "relax skip=/only=/rules or keep_first/keep_last"
         )
+    _report_shared_calls(report, tr.repeated_calls)
+    report.other_bytes = other_parameter_bytes(work, report)
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)
+
+
+def other_parameter_bytes(model: nn.Module, report: QuantReport) -> int:
+    """Bytes of the parameters of ``model`` that belong to no layer listed in ``report`` (so that the report's totals
+    cover every parameter)."""
+    listed = [r.name for r in report.records]
+    total = 0
+    for pname, p in model.named_parameters():
+        owner = pname.rpartition(".")[0]
+        if not any(owner == n or owner.startswith(n + ".") for n in listed):
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _report_shared_calls(report: QuantReport, repeated: dict[str, int]) -> None:
+    """A quantized layer called several times in one forward pass shares one set of quantization parameters (one
+    observer, one learned scale) between its calls: say so per layer and in a note."""
+    shared = []
+    for rec in report.quantized:
+        n = repeated.get(rec.name)
+        if n:
+            rec.info["calls"] = n
+            shared.append(f"{rec.name!r} ({n} calls)")
+    if shared:
+        report.notes.append(f"layer(s) called more than once in forward share one set of quantization parameters "
+                            f"(observer / scales) between their calls: {', '.join(shared)}; the export writes each "
+                            "call as its own nodes")
 
 
 def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
@@ -162,11 +191,33 @@ def quantize(model: nn.Module, scheme: str | SchemeConfig, calib_data: Any, exam
     return _commit(model, prepared, inplace)
 
 
+def check_finite(model: nn.Module, what: str = "the model") -> None:
+    """Raise UnsupportedModelError naming the first layer whose parameters or buffers hold NaN/Inf (a quantized
+    model derived from them is meaningless, and comparisons with NaN would pass silently)."""
+    for mod_name, mod in model.named_modules():
+        tensors = list(mod.named_parameters(recurse=False))
+        if not type(mod).__module__.startswith("quantkit."):  # quantkit's observers keep +-inf sentinels
+            tensors += list(mod.named_buffers(recurse=False))
+        for t_name, t in tensors:
+            if t is None or not t.is_floating_point() or t.device.type == "meta":
+                continue
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                layer = mod_name or type(model).__name__
+                raise UnsupportedModelError(
+                    f"layer {layer!r} ({type(mod).__name__}): {t_name} has {bad} NaN/Inf value(s) in {what}; fix the "
+                    "checkpoint or the training run that produced them (quantkit cannot quantize or verify them)")
+
+
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Freeze a prepared (calibrated or trained) model into its deploy form: every simulated layer becomes a deploy
     layer holding only packed / integer tensors that runs on quantkit's kernels. The deploy model is in eval mode
-    (it is inference-only)."""
+    (it is inference-only).
+
+    Refuses (UnsupportedModelError, naming the layer) a PTQ model that was not calibrated and a model with NaN/Inf
+    parameters."""
     cfg = _config_of(model)
+    check_finite(model, "the model to convert")
     work = copy.deepcopy(model)
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
     from .graph.passes import replace_module
@@ -178,16 +229,25 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             continue  # nested: converted by its parent
         deployed = m.to_deploy()
         replace_module(work, name, deployed)
+        kept_float = type(deployed).__module__.startswith("torch.nn")
+        if kept_float:
+            report.notes.append(f"layer {name!r} runs in full precision at the current training stage (e.g. "
+                                "stage 1 of a cross-layer binarization schedule) and is deployed as the float "
+                                f"{type(deployed).__name__} it computes")
         try:
             rec = report[name]
             rec.new_type = type(deployed).__name__
             rec.bytes_after = deploy_nbytes(deployed)
+            if kept_float:
+                rec.bits_w = rec.bits_a = None
         except KeyError:
             pass
     work.eval()
     for layer, bn in fold_batchnorms(work):
         report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
+        report.folded.append((layer, bn))
     report.stage = "deployed"
+    report.other_bytes = other_parameter_bytes(work, report)  # folded BatchNorms are gone
     setattr(work, _REPORT_ATTR, report)
     setattr(work, _CONFIG_ATTR, cfg)
     return _commit(model, work, inplace)

@@ -51,6 +51,10 @@ class QuantReport:
     stage: str = "prepared"  # prepared | calibrated | deployed
     records: list[LayerRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: (deploy layer, BatchNorm) pairs that convert folded together (the BatchNorm became an Identity)
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    #: bytes of the model's parameters outside every listed layer (norms, embeddings, tokens ...), kept FP
+    other_bytes: int = 0
 
     def add(self, record: LayerRecord) -> None:
         self.records.append(record)
@@ -106,6 +110,9 @@ class QuantReport:
         ratio = f" ({b / a:.1f}x smaller)" if a else ""
         lines.append(f"{len(self.quantized)} of {len(self.records)} candidate layers quantized; "
                      f"their parameters: {_fmt_bytes(b)} -> {_fmt_bytes(a)}{ratio}")
+        total_b, total_a = b + self.other_bytes, a + self.other_bytes
+        lines.append(f"every parameter of the model: {_fmt_bytes(total_b)} -> {_fmt_bytes(total_a)} (incl. "
+                     f"{_fmt_bytes(self.other_bytes)} outside the listed layers: norms, embeddings, ... kept FP)")
         return "\n".join(lines)
 
     __str__ = table

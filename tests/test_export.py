@@ -392,8 +392,12 @@ def test_threshold_flips_pass_when_every_layer_matches(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _ShiftInOnnx(), nn.Conv2d(16, 16, 3, padding=1),
                           nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
     q = quantkit.prepare(model, "xnor")
+    x = (torch.randn(2, 3, 6, 6),)
+    with pytest.raises(ExportError, match="each of the 2 quantized layers matches.*allow_mismatch=True"):
+        export_onnx(q, x, tmp_path / "flip.onnx", quiet=True)
+    assert list(tmp_path.iterdir()) == []
     with pytest.warns(RuntimeWarning, match="each of the 2 quantized layers matches"):
-        res = export_onnx(q, (torch.randn(2, 3, 6, 6),), tmp_path / "flip.onnx")
+        res = export_onnx(q, x, tmp_path / "flip.onnx", allow_mismatch=True)
     a = res.agreement
     assert a.deploy_vs_onnxruntime > 1e-3 and a.layerwise_max is not None and a.layerwise_max < 1e-4
 

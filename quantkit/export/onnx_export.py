@@ -34,6 +34,7 @@ import onnx
 import torch
 from onnx import helper
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ..errors import ExportError, QuantkitError
 from .builder import GraphBuilder
@@ -176,7 +177,10 @@ class _Placeholder(nn.Module):
 
     def forward(self, *inputs):
         call_id = len(_ACTIVE) + 1
-        _ACTIVE[call_id] = _CallRecord(self.inner, self.layer_name)
+        # a layer called several times in forward: each call gets its own node and initializer names
+        calls = sum(1 for r in _ACTIVE.values() if r.module is self.inner) + 1
+        name = self.layer_name if calls == 1 else f"{self.layer_name}/call{calls}"
+        _ACTIVE[call_id] = _CallRecord(self.inner, name)
         tensors = [t for t in inputs if t is not None]
         return _LayerFn.apply(call_id, *tensors)
 
@@ -331,13 +335,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 # ---------------------------------------------------------------------------------------------- the export
 def _torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list[str], output_names: list[str],
-                  dynamic_batch: bool) -> onnx.ModelProto:
+                  dynamic_batch: bool, allow_traced_branch: bool | None = None) -> onnx.ModelProto:
+    """PyTorch's (TorchScript) ONNX export; ``allow_traced_branch``: None = do not look for traced value branches,
+    False = refuse them, True = warn."""
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=min(opset, _TORCH_MAX_OPSET),
                               input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
@@ -347,7 +353,48 @@ def _torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"PyTorch's ONNX exporter failed on the model's full-precision part: {msg}") from exc
+    if allow_traced_branch is not None:
+        _check_traced_branches(caught, allow_traced_branch)
     return onnx.load_from_string(buf.getvalue())
+
+
+class _OpaqueQuantkitTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
+
+
+def _fx_control_flow(model: nn.Module) -> str | None:
+    """Why torch.fx cannot trace ``model`` when the reason is Python control flow on traced values, else None."""
+    try:
+        _OpaqueQuantkitTracer().trace(model)
+    except Exception as exc:  # fx raises TraceError (control flow) and many others for untraceable Python
+        msg = str(exc)
+        return msg.splitlines()[0] if "control flow" in msg else None
+    return None
+
+
+def _check_traced_branches(caught: list, allow_traced_branch: bool) -> None:
+    """The tracer warns when Python branches on a traced tensor: the recorded graph then holds only the branch the
+    example inputs took. Refuse, or with allow_traced_branch=True warn loudly. Called only when torch.fx too found
+    Python control flow on traced values (the tracer alone also warns for branches on shapes, e.g. in torch's own
+    asserts); branches inside torch itself are not reported."""
+    torch_dir = str(Path(torch.__file__).parent)
+    branches = []
+    for w in caught:
+        if (issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)
+                and not str(w.filename).startswith(torch_dir)):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            if where not in branches:
+                branches.append(where)
+    if not branches:
+        return
+    msg = (f"the model branches on tensor values in Python ({', '.join(branches[:5])}): the exported graph holds only "
+           "the branch the example inputs took, and inputs that take another branch would give other results")
+    if not allow_traced_branch:
+        raise ExportError(f"{msg}. Nothing was written; make the branch a tensor operation (torch.where) or pass "
+                          "allow_traced_branch=True to export the traced branch anyway")
+    warnings.warn(f"quantkit export: {msg} (exported anyway: allow_traced_branch=True)", RuntimeWarning,
+                  stacklevel=4)
 
 
 def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
@@ -394,6 +441,7 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
         probes.append(LayerProbe(rec.name, ctx.type_name, rec.module, list(node.input), node.output[0]))
     del graph.node[:]
     graph.node.extend(new_nodes)
+    _drop_unused_initializers(graph)
     del graph.value_info[:]
     imports = [op for op in proto.opset_import if op.domain not in ("", "ai.onnx", _PLACEHOLDER_DOMAIN)]
     del proto.opset_import[:]
@@ -405,6 +453,16 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
 
     proto.producer_version = __version__
     return layers, probes
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node reads (onnxruntime warns "Removing initializer ... not used" for each, and
+    they only take space in the file)."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def _check(proto: onnx.ModelProto, custom_ops: bool) -> onnx.ModelProto:
@@ -421,7 +479,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 dynamic_batch: bool = True, input_names: Sequence[str] | None = None,
                 output_names: Sequence[str] | None = None, custom_ops: bool = False,
                 binary_form: str = DEFAULT_BINARY_FORM, verify: bool = True, rtol: float = 1e-4,
-                atol: float = 1e-4, quiet: bool = False) -> ExportResult:
+                atol: float = 1e-4, quiet: bool = False, allow_mismatch: bool = False,
+                allow_traced_branch: bool = False) -> ExportResult:
     """Export a quantized model to ONNX that stock onnxruntime runs, check it, and write it atomically.
 
     Args:
@@ -438,13 +497,24 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             so the onnxruntime check is skipped. Default False: standard operators only.
         binary_form: ``"unpack"`` (default, the faster in onnxruntime) or ``"xor"`` (never unpacks to float); see
             :mod:`quantkit.export.emit.binary`.
-        verify: run onnxruntime on the example inputs and compare with the deploy model. If the outputs differ by
-            more than ``atol + rtol * max|y|``, every quantized layer is checked on its own: onnxruntime's output of
-            the layer against the deploy layer run on onnxruntime's input of that layer. A layer that differs raises
-            ExportError naming it (and nothing is written); if every layer matches, the difference comes from float
-            rounding in the full-precision parts moving a value across a quantization threshold (deep binary
-            networks amplify it), and the export passes with a warning saying so. The simulated-vs-deploy
-            difference is reported, not enforced.
+        verify: run onnxruntime on the example inputs and compare with the deploy model (``verify=False`` skips
+            onnxruntime; the simulated-vs-deploy check below always runs).
+        rtol / atol: the tolerance of every comparison: two outputs agree when ``max|a - b| <= atol + rtol *
+            max|y|`` (``y`` the deploy model's output; defaults 1e-4 and 1e-4). NaN or Inf never agrees: NaN/Inf in
+            a weight or an output raises ExportError naming the first layer that produces it.
+            The simulated model (when one was given) must agree with its deploy model, and onnxruntime with the
+            deploy model. Beyond tolerance every quantized layer is checked on its own, on the same input (the
+            simulated layer's input for simulated vs deploy, onnxruntime's input of that layer for onnxruntime vs
+            deploy). A layer that differs raises ExportError naming it. If every layer matches, the whole-model
+            difference comes from float rounding (another order of operations) moving values across quantization
+            thresholds, which deep binary networks amplify; the export still fails, with that per-layer diagnosis,
+            unless ``allow_mismatch=True``.
+        allow_mismatch: accept outputs beyond tolerance (simulated vs deploy, deploy vs onnxruntime) and warn with
+            the per-layer diagnosis instead of failing. Check accuracy on real data when you use it.
+        allow_traced_branch: PyTorch's exporter records one execution: a data-dependent Python branch
+            (``if x.sum() > 0:``) is baked in with the branch the example inputs took, and inputs that take the
+            other branch give other results. Such a model is refused (ExportError) unless
+            ``allow_traced_branch=True``, which exports it with a warning.
         quiet: do not print the summary.
 
     Returns:
@@ -478,6 +548,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         except QuantkitError as exc:
             raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
     else:
+        from ..api import check_finite
+
+        try:
+            check_finite(model, "the model to export")
+        except QuantkitError as exc:
+            raise ExportError(str(exc)) from exc
         deploy = model
     deploy_was_training = deploy.training
     deploy.eval()
@@ -499,6 +575,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                           f"{[tuple(t.shape) for t in inputs]}: {str(exc).splitlines()[0]}") from exc
     finally:
         deploy.train(deploy_was_training)
+    _check_finite_outputs(deploy, inputs, ref_deploy, "deploy")
+    if ref_sim is not None:
+        _check_finite_outputs(simulated, inputs, ref_sim, "simulated")
 
     in_names = list(input_names) if input_names else (
         ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))])
@@ -517,7 +596,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     _DYNAMIC_BATCH[0] = dynamic_batch
     try:
         _swap_placeholders(work)
-        proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch)
+        proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch,
+                              None if _fx_control_flow(deploy) is None else allow_traced_branch)
         layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops)
     finally:
         _ACTIVE.clear()
@@ -531,11 +611,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     if custom_ops:
         agreement.notes.append("custom quantkit ops: onnxruntime check skipped (stock onnxruntime does not "
                                "implement the quantkit domain)")
+    agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
+    tolerance = atol + rtol * agreement.output_absmax
     if ref_sim is not None:
         agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
+        if not agreement.simulated_vs_deploy <= tolerance:
+            _explain_simulated_difference(agreement, simulated, deploy, inputs, atol, rtol, allow_mismatch, quiet)
     else:
         agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
-    agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
     if verify and not custom_ops:
         from .verify import run_onnxruntime
 
@@ -543,9 +626,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, ort_out)
         if ref_sim is not None:
             agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
-        err, scale = agreement.deploy_vs_onnxruntime, agreement.output_absmax
-        if err > atol + rtol * scale:
-            _explain_difference(agreement, inferred, in_names, inputs, probes, atol, rtol, quiet)
+        if not agreement.deploy_vs_onnxruntime <= tolerance:  # NaN never passes
+            _explain_difference(agreement, inferred, in_names, inputs, probes, atol, rtol, allow_mismatch, quiet)
         if dynamic_batch and inputs and inputs[0].dim() > 0:
             doubled = tuple(torch.cat([t, t], 0) for t in inputs)
             try:
@@ -565,26 +647,166 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
 
 def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_names: list[str], inputs: tuple,
-                        probes: list, atol: float, rtol: float, quiet: bool) -> None:
-    """Whole-model outputs differ beyond float tolerance: check each quantized layer on onnxruntime's own inputs."""
+                        probes: list, atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
+    """Whole-model outputs differ beyond tolerance: check each quantized layer on onnxruntime's own inputs."""
     from .verify import layerwise_check
 
     checks = layerwise_check(inferred, in_names, inputs, probes)
     for probe, diff, absmax in checks:
-        if diff > atol + rtol * absmax:
-            raise ExportError(
-                f"layer {probe.name!r} ({probe.type_name}): onnxruntime's output differs from the deploy layer by "
-                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {atol + rtol * absmax:.3g}); "
-                "nothing was written. This is a bug in its ONNX emitter: please report it")
-    worst = max((d for _, d, _ in checks), default=0.0)
+        if not diff <= atol + rtol * absmax:
+            if not np.isfinite(diff) and not np.isfinite(absmax):
+                why = "its deploy layer gives NaN/Inf on onnxruntime's input of the layer"
+            else:
+                why = (f"onnxruntime's output differs from the deploy layer by {diff:.3g} on the same input (max |y| "
+                       f"= {absmax:.3g}, allowed {atol + rtol * absmax:.3g})")
+            raise ExportError(f"layer {probe.name!r} ({probe.type_name}): {why}; nothing was written. This is a bug "
+                              "in its ONNX emitter: please report it")
+    worst = _nan_max(d for _, d, _ in checks)
     agreement.layerwise_max = worst
-    agreement.notes.append(
-        f"deploy vs onnxruntime ({agreement.deploy_vs_onnxruntime:.3g}) is above float tolerance, but each of the "
-        f"{len(checks)} quantized layers matches its deploy layer on onnxruntime's own input (max difference "
-        f"{worst:.3g}): float rounding in the full-precision layers (computed in another order by onnxruntime) moved "
-        "values across quantization thresholds, which the network amplifies. Check accuracy on real data")
-    if not quiet:
-        warnings.warn(f"quantkit export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=3)
+    note = (f"deploy vs onnxruntime ({agreement.deploy_vs_onnxruntime:.3g}) is beyond the tolerance "
+            f"(atol={atol:g} + rtol={rtol:g} * max|y|), but each of the {len(checks)} quantized layers matches its "
+            f"deploy layer on onnxruntime's own input (max difference {worst:.3g}): float rounding in the "
+            "full-precision layers (computed in another order by onnxruntime) moved values across quantization "
+            "thresholds, which the network amplifies")
+    _mismatch(agreement, note, allow_mismatch, quiet)
+
+
+def _mismatch(agreement: Agreement, note: str, allow_mismatch: bool, quiet: bool) -> None:
+    """Fail (the default) or, with allow_mismatch=True, warn and record the diagnosis."""
+    if not allow_mismatch:
+        raise ExportError(f"{note}. Nothing was written; pass allow_mismatch=True to export anyway (then check "
+                          "accuracy on real data)")
+    agreement.notes.append(f"{note}; exported anyway (allow_mismatch=True): check accuracy on real data")
+    warnings.warn(f"quantkit export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=3)
+
+
+def _explain_simulated_difference(agreement: Agreement, simulated: nn.Module, deploy: nn.Module, inputs: tuple,
+                                  atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
+    """Simulated and deploy outputs differ beyond tolerance: run each deploy layer on its simulated layer's input."""
+    checks = simulated_layerwise_check(simulated, deploy, inputs)
+    bad = [(n, t, d, m) for n, t, d, m in checks if not d <= atol + rtol * m]
+    worst = _nan_max(d for _, _, d, _ in checks)
+    agreement.layerwise_max = worst
+    total = agreement.simulated_vs_deploy
+    head = (f"simulated vs deploy differs by {total:.3g} on the example inputs (max |y| = "
+            f"{agreement.output_absmax:.3g}, tolerance atol={atol:g} + rtol={rtol:g} * max|y|)")
+    if bad:
+        listed = "; ".join(f"{n!r} ({t}): {d:.3g} (max |y| {m:.3g})" for n, t, d, m in bad[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        note = (f"{head}; {len(bad)} of {len(checks)} quantized layers differ from their simulated layer on the same "
+                f"input: {listed}{more}")
+    else:
+        note = (f"{head}, but each of the {len(checks)} quantized layers matches its simulated layer on the same "
+                f"input (max difference {worst:.3g}): float rounding (the deploy kernels sum in another order) moved "
+                "values across quantization thresholds, which the network amplifies")
+    _mismatch(agreement, note, allow_mismatch, quiet)
+
+
+def simulated_layerwise_check(simulated: nn.Module, deploy: nn.Module, inputs: tuple
+                              ) -> list[tuple[str, str, float, float]]:
+    """For every converted layer: run its deploy layer on the input the simulated layer received (in one forward
+    pass of the simulated model) and compare with the simulated output (the output of the BatchNorm after it when
+    convert folded that BatchNorm into the deploy layer). Returns ``(name, deploy type, max abs diff, max |y|)``."""
+    from ..nn.base import QuantModule
+
+    report = getattr(deploy, "_quantkit_report", None)
+    folded = dict(getattr(report, "folded", []) or [])
+    names = [n for n, m in simulated.named_modules() if isinstance(m, QuantModule)]
+    top = [n for n in names if not any(n.startswith(o + ".") for o in names)]
+    sim_modules = dict(simulated.named_modules())
+    watch = set(top) | {folded[n] for n in top if n in folded}
+    seen: dict[str, list] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(_mod, args, kwargs, out):
+            # copies: later in-place ops (ReLU(inplace=True), += identity) would change the recorded tensors
+            seen.setdefault(name, []).append(tree_map(_clone, (args, kwargs, out)))
+        return fn
+
+    for n in watch:
+        if n in sim_modules:
+            handles.append(sim_modules[n].register_forward_hook(hook(n), with_kwargs=True))
+    was_training = simulated.training
+    simulated.eval()
+    try:
+        with torch.no_grad():
+            simulated(*inputs)
+    finally:
+        simulated.train(was_training)
+        for h in handles:
+            h.remove()
+    deploy_modules = dict(deploy.named_modules())
+    results = []
+    for n in top:
+        layer = deploy_modules.get(n)
+        if layer is None or n not in seen:
+            continue
+        refs = seen.get(folded[n], []) if n in folded else seen[n]
+        for (args, kwargs, _), (_, _, ref) in zip(seen[n], refs):
+            with torch.no_grad():
+                got = layer(*args, **kwargs)
+            a, b = _flatten_outputs(got)[:1], _flatten_outputs(ref)[:1]
+            if not a or not b or a[0].shape != b[0].shape:
+                continue
+            absmax = float(b[0].abs().max()) if b[0].numel() else 0.0
+            results.append((n, type(layer).__name__, _max_diff(b, a), absmax))
+    return results
+
+
+def _clone(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
+def _check_finite_outputs(model: nn.Module, inputs: tuple, outputs: list, which: str) -> None:
+    """ExportError naming the first layer (in call order) whose output holds NaN/Inf, if any model output does."""
+    if all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point()):
+        return
+    if not all(bool(torch.isfinite(t).all()) for t in inputs if t.is_floating_point()):
+        raise ExportError("example_inputs hold NaN/Inf values; give finite example inputs")
+    first: list[str] = []
+    handles = []
+
+    def hook(name: str):
+        def fn(mod, _args, out):
+            if not first and any(not bool(torch.isfinite(t).all()) for t in _flatten_outputs(out)
+                                 if t.is_floating_point()):
+                first.append(f"{name!r} ({type(mod).__name__})")
+        return fn
+
+    for name, mod in model.named_modules():
+        if name and not any(True for _ in mod.children()) or isinstance(mod, _quant_types()):
+            handles.append(mod.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception:
+        pass
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    where = f"layer {first[0]}" if first else "the model (no single layer's output)"
+    raise ExportError(f"the {which} model's output holds NaN/Inf on the example inputs; it first appears in the "
+                      f"output of {where}; nothing was written")
+
+
+def _quant_types() -> tuple:
+    from ..nn.base import QuantModule
+
+    return (QuantModule,)
+
+
+def _nan_max(values) -> float:
+    """max of ``values`` where NaN wins (Python's max drops NaN depending on the order)."""
+    worst = 0.0
+    for v in values:
+        if v != v:
+            return float("nan")
+        worst = max(worst, v)
+    return worst
 
 
 def _max_diff(a: list, b: list) -> float:
@@ -597,7 +819,10 @@ def _max_diff(a: list, b: list) -> float:
         if x.shape != y.shape:
             raise ExportError(f"output shapes differ: {x.shape} vs {y.shape}")
         if x.size:
-            worst = max(worst, float(np.max(np.abs(x - y))))
+            d = np.abs(x - y)
+            if not np.isfinite(d).all():  # NaN never counts as a match (a plain max would drop it)
+                return float("nan") if np.isnan(d).any() else float("inf")
+            worst = max(worst, float(d.max()))
     return worst
 
 

@@ -99,6 +99,12 @@ def _check_qkv_form(module: nn.Module) -> str | None:
     params = list(inspect.signature(module.forward).parameters.values())[1:]
     if any(p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return f"{what}: forward takes required arguments besides x; left FP"
+    # the replacement is called exactly as the original: it must accept every argument the original accepts
+    unknown = [p.name for p in params if p.name not in _QKV_FORWARD_ARGS or p.kind in (p.VAR_POSITIONAL,
+                                                                                       p.VAR_KEYWORD)]
+    if unknown:
+        return (f"{what}: forward accepts argument(s) {unknown} besides x that the binary qkv attention does not "
+                f"implement (it takes {list(_QKV_FORWARD_ARGS)}); left FP")
     try:
         graph = _ChildLeafTracer().trace(module)
     except Exception as exc:
@@ -133,6 +139,9 @@ def is_mlp_block(module: nn.Module) -> bool:
         return sum(isinstance(c, nn.Linear) for c in children) >= 2 and any(isinstance(c, _ACTIVATIONS) for c in children)
     return False
 
+
+#: keyword arguments of a timm-style attention forward that BinaryQKVAttention implements (timm's signature)
+_QKV_FORWARD_ARGS = ("attn_mask", "is_causal")
 
 _WRAPPERS = {"mha": BinaryMultiheadAttention, "swin": BinaryShiftedWindowAttention, "qkv": BinaryQKVAttention}
 

@@ -55,7 +55,8 @@ def candidates_in_order(model: nn.Module, trace: TraceResult, types: tuple[type,
         parent = modules.get(name.rpartition(".")[0]) if "." in name else model
         if isinstance(parent, nn.MultiheadAttention):
             skipped.append((name, mod, f"used functionally by its parent {type(parent).__name__} (weights read "
-                                       "directly, not called as a module); an attention pass handles it"))
+                                       "directly, not called as a module): kept FP by this scheme (the bivit "
+                                       "schemes rewrite whole attention blocks)"))
         elif trace.complete:
             owner = f"; its parent {type(parent).__name__} uses its weights directly" if parent is not model else ""
             skipped.append((name, mod, "not called as a module in the traced forward pass" + owner))
@@ -115,6 +116,16 @@ class SwapPass:
             ctx.report.add(LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
                                        rule="graph", kept_fp_reason=why, bytes_before=module_nbytes(module),
                                        bytes_after=module_nbytes(module)))
+        recorded = {r.name for r in ctx.report.records}
+        for name, module in model.named_modules():
+            # nn.MultiheadAttention's in-projection is a parameter of the module itself, not a Linear child
+            if isinstance(module, nn.MultiheadAttention) and name not in recorded and module_nbytes(module):
+                own = [n for n, _ in module.named_parameters(recurse=False)]
+                ctx.report.add(LayerRecord(
+                    name=name, original_type=type(module).__name__, new_type=type(module).__name__, rule="graph",
+                    kept_fp_reason=(f"{', '.join(own)} used inside nn.MultiheadAttention's own forward (no Linear "
+                                    f"layer to swap): kept FP by scheme {ctx.config.name!r}"),
+                    bytes_before=module_nbytes(module), bytes_after=module_nbytes(module)))
 
 
 class PassManager:
@@ -137,7 +148,10 @@ def refresh_report(model: nn.Module, report: QuantReport) -> QuantReport:
         if isinstance(mod, QuantModule):
             rec.bits_w, rec.bits_a = mod.bits_w, mod.bits_a
             rec.bytes_after = mod.weight_nbytes()
+            calls = rec.info.get("calls")  # set by prepare: a layer called several times in forward
             rec.info = mod.describe()
+            if calls:
+                rec.info["calls"] = calls
     return report
 
 

@@ -22,6 +22,8 @@ class TraceResult:
     #: module missing from it is not called as a module (e.g. used functionally by its parent) or not used at all
     complete: bool = True
     graph_module: fx.GraphModule | None = field(default=None, repr=False)
+    #: leaf modules called more than once in one forward pass -> number of calls (fx graph or a real forward pass)
+    repeated_calls: dict[str, int] = field(default_factory=dict)
 
 
 class _LeafTracer(fx.Tracer):
@@ -46,29 +48,37 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, leaf_types: tup
         graph = tracer.trace(model)
         gm = fx.GraphModule(model, graph)
         order: list[str] = []
-        seen = set()
+        calls: dict[str, int] = {}
         for node in graph.nodes:
-            if node.op == "call_module" and node.target not in seen:
-                seen.add(node.target)
-                order.append(str(node.target))
-        return TraceResult("fx", order, None, graph_module=gm)
+            if node.op == "call_module":
+                target = str(node.target)
+                if target not in calls:
+                    order.append(target)
+                calls[target] = calls.get(target, 0) + 1
+        return TraceResult("fx", order, None, graph_module=gm,
+                           repeated_calls={n: c for n, c in calls.items() if c > 1})
     except Exception as exc:  # fx raises TraceError, TypeError, ... for untraceable Python
         reason = f"torch.fx could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     if example_inputs is not None:
-        order = _order_by_hooks(model, example_inputs, tuple(leaf_types))
+        calls: dict[str, int] = {}
+        order = _order_by_hooks(model, example_inputs, tuple(leaf_types), calls)
         if order is not None:
-            return TraceResult("hooks", order, reason + "; used the execution order of one forward pass")
+            return TraceResult("hooks", order, reason + "; used the execution order of one forward pass",
+                               repeated_calls={n: c for n, c in calls.items() if c > 1})
     order = [n for n, m in model.named_modules() if n and _is_leaf(m, tuple(leaf_types))]
     return TraceResult("module_tree", order, reason + "; used the module tree's registration order", complete=False)
 
 
-def _order_by_hooks(model: nn.Module, example_inputs: tuple, leaf_types: tuple[type, ...]) -> list[str] | None:
+def _order_by_hooks(model: nn.Module, example_inputs: tuple, leaf_types: tuple[type, ...],
+                    calls: dict[str, int] | None = None) -> list[str] | None:
     order: list[str] = []
     seen: set[str] = set()
     handles = []
+    calls = {} if calls is None else calls
 
     def make_hook(name: str):
         def hook(_mod, _inp):
+            calls[name] = calls.get(name, 0) + 1
             if name not in seen:
                 seen.add(name)
                 order.append(name)

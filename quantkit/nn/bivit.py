@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..ops.binary import binary_bmm, binary_bmm_01
 from ..ops.packing import pack_bits
 from ..quantizers.binary import sign_ste
@@ -122,9 +122,19 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
                 "scale": "PWS (learned)" if self.learned_scale else "mean|W| (fixed)",
                 "binarized_now": bool(self.binarize)}
 
-    def to_deploy(self) -> BinaryDeployLinear:
+    def to_deploy(self) -> nn.Module:
         """Packed deploy layer: y = s * (x_b . sign(W_c)) + b (binary input, threshold 0) or s * (x . sign(W_c)) + b
-        (float input), the same order of operations as the simulated forward."""
+        (float input), the same order of operations as the simulated forward. A layer that is not binarized at the
+        current training stage (``binarize=False``: stage 1 of cross-layer binarization) deploys as the float
+        ``nn.Linear`` it runs as: the deploy model computes what was trained."""
+        if not self.binarize:
+            lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.weight.device,
+                            dtype=self.weight.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(self.weight)
+                if self.bias is not None:
+                    lin.bias.copy_(self.bias)
+            return lin.requires_grad_(False)
         with torch.no_grad():
             epilogue = affine_epilogue(self.current_scale().detach().reshape(-1),
                                        bias=None if self.bias is None else self.bias.detach())
@@ -232,6 +242,18 @@ def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _self_attention_mask(attn_mask: Tensor | None, is_causal: bool, q: Tensor) -> Tensor | None:
+    """The additive FP mask of a self-attention call: the given bool/additive ``attn_mask`` plus, when
+    ``is_causal``, -inf above the diagonal (token i attends to tokens <= i, as ``scaled_dot_product_attention``)."""
+    bias = _additive_mask(attn_mask, q.dtype)
+    if is_causal:
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        causal = torch.zeros(n, n, dtype=q.dtype, device=q.device).masked_fill(causal, float("-inf"))
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
 class _AttentionCoreMixin:
     """Attention settings shared by the simulated wrappers."""
 
@@ -260,6 +282,10 @@ class _AttentionCoreMixin:
         return {"attention": "BiBERT Bool"}
 
     def _deploy_core(self) -> dict[str, Any]:
+        if not self.binarize:  # the deploy form is binary attention only: it would not compute what ran
+            raise UnsupportedModelError(
+                f"{type(self).__name__}: binarize=False (float attention) has no deploy form; set binarize=True "
+                "(and train) before convert")
         return {"method": self.method, "beta": self.beta, "sab_scale": self.sab_scale}
 
     def _linears_nbytes(self) -> int:
@@ -380,7 +406,8 @@ def _mha_inputs(mod: Any, in_proj: Callable[[Tensor], Tensor], query: Tensor, ke
 class BinaryQKVAttention(_AttentionCoreMixin, QuantModule):
     """Binary replacement of a timm-style self-attention module: ``qkv`` Linear (C -> 3C, [q|k|v] x heads), scores
     ``q k^T * scale``, softmax, ``@ v`` (explicitly or via ``F.scaled_dot_product_attention``), ``proj`` Linear.
-    ``forward(x, attn_mask=None)`` with ``x (B, N, C)``; an optional bool/additive ``attn_mask`` stays FP."""
+    ``forward(x, attn_mask=None, is_causal=False)`` with ``x (B, N, C)`` (timm's signature); an optional
+    bool/additive ``attn_mask`` and the causal mask stay FP."""
 
     bits_w = 1
     bits_a = 1
@@ -404,9 +431,9 @@ class BinaryQKVAttention(_AttentionCoreMixin, QuantModule):
         proj = BinaryLinearPWS.from_float(module.proj, config, name + ".proj", binary_input=True)
         return cls(num_heads, qkv, proj, scale, attn_drop, proj_drop, config)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         q, k, v = _split_qkv(self.qkv(x), self.num_heads)
-        bias = _additive_mask(attn_mask, q.dtype)
+        bias = _self_attention_mask(attn_mask, is_causal, q)
         out, _ = self._attend(q, k, v, bias, self.attn_drop_p, self.logit_scale)
         return F.dropout(self.proj(_merge_heads(out)), self.proj_drop_p, self.training)
 
@@ -577,9 +604,9 @@ class BinaryAttentionDeploy(nn.Module):
                                                 self.relative_position_bias, self.window_size, self.shift_size,
                                                 self.num_heads, 0.0, False)
 
-    def _forward_qkv(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def _forward_qkv(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         q, k, v = _split_qkv(self.in_proj(x), self.num_heads)
-        return self.out_proj(_merge_heads(self._attend(q, k, v, _additive_mask(attn_mask, q.dtype))))
+        return self.out_proj(_merge_heads(self._attend(q, k, v, _self_attention_mask(attn_mask, is_causal, q))))
 
     def _forward_mha(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                      need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,

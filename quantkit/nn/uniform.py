@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..calibrate.observers import make_observer
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, UnsupportedModelError
 from ..quantizers.uniform import (affine_params, fake_quantize_affine, qrange, quantize_affine, symmetric_scale)
 from .base import QuantModule
 
@@ -114,6 +114,13 @@ class _UniformDeploy(nn.Module):
 
     def __init__(self, sim: _UniformMixin) -> None:
         super().__init__()
+        if not bool(sim.act_ready):
+            # without a calibrated activation grid there is no integer input to deploy: refuse instead of
+            # silently deploying a weights-only layer
+            raise UnsupportedModelError(
+                f"layer {sim.layer_name!r} ({type(sim).__name__}) was not calibrated (calibrate never ran, or no "
+                "calibration batch reached it); run quantkit.calibrate(model, data) (or quantkit.quantize) with data "
+                "that exercises it before convert / export")
         self.bits_w, self.bits_a = sim.bits_w, sim.bits_a
         for k, v in sim._deploy_tensors().items():
             self.register_buffer(k, v)
@@ -123,8 +130,7 @@ class _UniformDeploy(nn.Module):
         self.register_buffer("bias", None if sim.bias is None else sim.bias.detach().clone())
 
     def dequant_input(self, x: Tensor) -> Tensor:
-        if not bool(self.act_ready):
-            return x
+        # always calibrated (checked when built): no data-dependent branch, so torch.export / compile trace it
         qmin, qmax = qrange(self.bits_a, signed=False)
         q = quantize_affine(x, self.act_scale, self.act_zero_point, qmin, qmax)
         return (q - self.act_zero_point) * self.act_scale

@@ -174,9 +174,10 @@ def _emit_unpack(s: BinarySpec, b: GraphBuilder, x: str, ctx: EmitContext) -> tu
     convolution of an all-ones (valid) input with ``weight_sum_scale * s_w + count_scale``, which onnxruntime folds
     into a constant map when the session loads (as it folds the unpacking of the weight)."""
     w, nbytes = _weight_pm1(b, s)
-    bias = [b.f32("bias", s.bias)] if s.bias is not None else []
     if s.input_mode == "float":
         if s.float_weight == "affine":  # AdaBin weight_only: W = alpha_w s_w + beta_w, as its deploy forward
+            # the bias is written only on this path (the others add it in the epilogue): no unused initializer
+            bias = [b.f32("bias", s.bias)] if s.bias is not None else []
             w = _fold_weight(b, w, s, s.conv, s.w_alpha, s.w_beta, "weight")
             if s.conv:
                 return b.op("Conv", [x, w] + bias, "conv", **_conv_attrs(s)), nbytes
