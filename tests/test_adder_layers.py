@@ -198,3 +198,17 @@ def test_builders():
     assert sum(isinstance(m, AdderConv2d) for m in r18.modules()) == 16 + 3
     assert isinstance(r18.conv1, nn.Conv2d) and isinstance(r18.fc, nn.Linear)
     assert [m.stride for m in r18.modules() if isinstance(m, AdderConv2d) and m.kernel_size == (1, 1)] == [(2, 2)] * 3
+
+
+def test_init_matches_official_adder2d():
+    """Official ``adder2d``: filters ``normal_`` (N(0, 1)), bias ``uniform_`` with default bounds (U(0, 1)). Same seed,
+    same draws in the same order -> identical tensors."""
+    torch.manual_seed(7)
+    conv = AdderConv2d(3, 32, 3, bias=True)
+    torch.manual_seed(7)
+    w_ref = nn.init.normal_(torch.empty(32, 3, 3, 3))
+    b_ref = nn.init.uniform_(torch.zeros(32))
+    assert torch.equal(conv.weight, w_ref) and torch.equal(conv.bias, b_ref)
+    assert conv.bias.min() >= 0 and conv.bias.max() < 1 and conv.bias.mean() > 0.25  # U(0, 1), not centred at 0
+    lin = AdderLinear(5, 64, bias=True)
+    assert lin.bias.min() >= 0 and lin.bias.max() < 1
