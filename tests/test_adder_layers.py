@@ -19,7 +19,7 @@ from quantkit.nn.adder import (AdderConv2d, AdderLinear, adder_conv2d_fp, adder_
 
 
 def reference_conv(x, w, stride, padding, dilation):
-    """float64 unfold reference of the adder conv and of its AdderNet gradients (ALGORITHMS.md 1.1-1.2)."""
+    """float64 unfold reference of the adder conv and of its AdderNet gradients (docs/algorithms.md#addernet)."""
     n, c, h, wd = x.shape
     cout, _, kh, kw = w.shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, K, L)

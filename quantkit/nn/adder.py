@@ -5,7 +5,7 @@ Forward (per output channel ``o`` and output position ``p``; ``X_p`` the zero-pa
 
     Y[n, o, p] = -sum_{c,i,j} |X_p[n](c, i, j) - W[o](c, i, j)|
 
-Backward (not the true gradient; ALGORITHMS.md section 1.2)::
+Backward (not the true gradient; docs/algorithms.md#addernet-backward)::
 
     dY/dW = X - W                         full-precision gradient instead of sgn(X - W)
     dY/dX = HT(W - X) = clamp(W - X, -1, 1)   HardTanh-clipped

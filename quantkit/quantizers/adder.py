@@ -3,7 +3,7 @@
 Paper: Y. Nie, K. Han, H. Diao, C. Liu, E. Wu, Y. Wang, "Redistribution of Weights and Activations for AdderNet
 Quantization", NeurIPS 2022 (arXiv 2212.10200). Official code: MindSpore ``research/cv/AdderQuant`` (``adder_quant.py``
 class ``QAdder2dKmeansGroupShare`` and ``eval.py``). The steps and the places where the notes were ambiguous are in
-``ALGORITHMS.md`` section 3.2; every choice is an option of :class:`quantkit.schemes.adder.AdderPTQConfig`.
+``docs/algorithms.md#addernet-ptq``; every choice is an option of :class:`quantkit.schemes.adder.AdderPTQConfig`.
 
 The adder kernel ``|x - w|`` has an integer form only if x and w lie on one grid, so one scale ``s_g`` is shared by the
 weights of output-channel group ``g`` and by the activations re-quantized for that group:

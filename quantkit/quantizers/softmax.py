@@ -9,7 +9,7 @@ arXiv 2211.07091) and of its BiBERT baseline (Qin et al., "BiBERT: Accurate Full
 - :func:`bivit_sign`: the sign of BiViT's Q/K/V, of the binary inputs of its linears and of its centred weights.
 
 Sign of zero: quantkit's convention (``binary_sign``: x >= 0 -> +1) by default; ``sign_of_zero=0`` gives the official
-code's ``torch.sign`` (0 -> 0), for simulation only -- a packed bit has no zero. See ``ALGORITHMS.md`` section 4.
+code's ``torch.sign`` (0 -> 0), simulation only (a packed bit has no 0); ``docs/algorithms.md#bivit-binary-signs``.
 """
 from __future__ import annotations
 
