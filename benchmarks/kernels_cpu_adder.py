@@ -6,7 +6,7 @@ Rows (``adder_rows(threads)``):
 * ``adder_conv`` on ResNet-18's 3x3 layer shapes, 8 and 4 bits, vs torch FP32 ``conv2d`` (NCHW and channels-last,
   the faster one is the baseline) and vs ``F.unfold`` + ``torch.cdist(p=1)``;
 * ``sad_peak``: abs-differences/s of the kernel on a GEMM with L1-resident weights as a fraction of a
-  register-resident VPSADBW+VPADDQ loop (KERNELS.md §4.1), single thread; the same row reports the min-sum
+  register-resident VPSADBW+VPADDQ loop (docs/kernels.md#measured-cpu-limits), 1 thread; the same row reports the min-sum
   (VPMINUB+VPADDB) and FP32 FMA register loops, whose ratio to SAD bounds the adder-vs-FP32 speedups.
 
 Times are medians over repeats, ours and the FP32 baselines timed round-robin in one loop (so machine contention hits

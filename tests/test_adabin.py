@@ -1,4 +1,4 @@
-"""AdaBin quantizers and layers against the formulas of the official code (ALGORITHMS.md section 2.2-2.4)."""
+"""AdaBin quantizers and layers against the formulas of the official code (docs/algorithms.md#adabin)."""
 from __future__ import annotations
 
 import math
@@ -27,7 +27,7 @@ def _one_thread():
 
 
 def official_approx_sign_derivative(x: torch.Tensor) -> torch.Tensor:
-    """ALGORITHMS.md 2.3, written piece by piece: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere."""
+    """docs/algorithms.md#adabin-activation-binarizer: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere."""
     zero = torch.zeros_like(x)
     return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, zero))
 
@@ -53,7 +53,7 @@ def _act_inputs(n=4000, dtype=torch.float64):
 
 # ---------------------------------------------------------------------------------------------- activations
 def test_activation_code_form_levels_and_threshold_worked_example():
-    # ALGORITHMS.md 2.3: alpha = 2, beta = 0.5 gives levels {-1, 3} and threshold 0.5
+    # docs/algorithms.md#adabin-activation-binarizer: alpha = 2, beta = 0.5 gives levels {-1, 3} and threshold 0.5
     a = torch.tensor([-3.0, 0.0, 0.49, 0.5, 0.51, 7.0])
     out = adabin_activation(a, torch.tensor(2.0), torch.tensor(0.5))
     assert out.tolist() == [-1.0, -1.0, -1.0, 3.0, 3.0, 3.0]

@@ -19,7 +19,7 @@ from quantkit.nn.adder import (AdderConv2d, AdderLinear, adder_conv2d_fp, adder_
 
 
 def reference_conv(x, w, stride, padding, dilation):
-    """float64 unfold reference of the adder conv and of its AdderNet gradients (ALGORITHMS.md 1.1-1.2)."""
+    """float64 unfold reference of the adder conv and of its AdderNet gradients (docs/algorithms.md#addernet)."""
     n, c, h, wd = x.shape
     cout, _, kh, kw = w.shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, K, L)
@@ -211,3 +211,17 @@ def test_adderize_skip_names_must_exist():
         adderize(model, skip=["layer1.0.conv3"])
     kept = adderize(model, skip="layer1.0.conv1")  # one name, not its characters
     assert type(kept.layer1[0].conv1) is torch.nn.Conv2d and type(kept.layer1[0].conv2).__name__ == "AdderConv2d"
+
+
+def test_init_matches_official_adder2d():
+    """Official ``adder2d``: filters ``normal_`` (N(0, 1)), bias ``uniform_`` with default bounds (U(0, 1)). Same seed,
+    same draws in the same order -> identical tensors."""
+    torch.manual_seed(7)
+    conv = AdderConv2d(3, 32, 3, bias=True)
+    torch.manual_seed(7)
+    w_ref = nn.init.normal_(torch.empty(32, 3, 3, 3))
+    b_ref = nn.init.uniform_(torch.zeros(32))
+    assert torch.equal(conv.weight, w_ref) and torch.equal(conv.bias, b_ref)
+    assert conv.bias.min() >= 0 and conv.bias.max() < 1 and conv.bias.mean() > 0.25  # U(0, 1), not centred at 0
+    lin = AdderLinear(5, 64, bias=True)
+    assert lin.bias.min() >= 0 and lin.bias.max() < 1

@@ -33,6 +33,36 @@ def test_fig3_activation_codes_unclamped_group():
         assert quantize_act_codes(FIG3_X, torch.tensor(s, dtype=torch.float64), 4, signed=True).tolist() != fig, s
 
 
+def _official_weight_codes(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """The official ``construct``, in its order: round(w * (2^b - 1) / s / 2) (half-even), clipped to the signed range."""
+    q = torch.round(w * (2.0**bits - 1) / s / 2)
+    return q.clamp(-(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
+
+
+def test_weight_codes_follow_the_official_order_at_minus_s():
+    """float32 s = 0.3, 4 bits: (-0.3 * 15) / 0.3 / 2 = -7.4999995 -> -7 (official), where (-0.3 / 0.3) * 7.5 = -7.5
+    would round to -8; s = 1.3 lands below the tie (-7.5000005 -> -8) and 1.6 on it (-7.5 -> -8, half-even)."""
+    for s, expected in ((0.3, -7), (1.3, -8), (1.6, -8)):
+        scale = torch.tensor(s, dtype=torch.float32)
+        w = torch.tensor([-s, s, -s / 3, 0.0], dtype=torch.float32)
+        w[0], w[1] = -scale, scale
+        q = quantize_weight_codes(w, scale, 4)
+        assert q[0].item() == expected and q[1].item() == 7, s
+        assert torch.equal(q, _official_weight_codes(w, scale, 4)), s
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(2, 8), st.floats(0.015625, 10.0, width=32), st.integers(0, 10_000))
+def test_weight_codes_equal_official_formula_float32(bits, s, seed):
+    """Clamped float32 groups (weights on +-s and inside) against the official expression on identical tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor(s, dtype=torch.float32)
+    w = ((torch.rand(64, generator=gen) * 2 - 1) * scale).clamp(-scale, scale)
+    w[:8] = -scale
+    w[8:16] = scale
+    assert torch.equal(quantize_weight_codes(w, scale, bits), _official_weight_codes(w, scale, bits))
+
+
 def test_fig3_weight_codes_and_bias():
     clip = torch.tensor([1.6], dtype=torch.float64)
     clamped, bias = lossless_weight_clamp(FIG3_W3[None], clip)
@@ -85,7 +115,13 @@ def test_weight_codes_error_bound(bits, s, seed):
     assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
     step = group_step(torch.tensor(s, dtype=torch.float64), bits, signed=True)
     assert ((w - step * q).abs() <= step / 2 + 1e-12).all()
-    assert q[0] == 2 ** (bits - 1) - 1 and q[1] == -(2 ** (bits - 1))
+    assert q[0] == 2 ** (bits - 1) - 1
+    # -s: the official order ((W (2^b - 1)) / s) / 2 is the tie -(2^b - 1)/2 (half-even: -2^(b-1)) when s (2^b - 1)
+    # rounds back exactly, else one ulp off it: below the tie -> -2^(b-1), above -> -2^(b-1) + 1 (error s/(2^b-1) =
+    # step/2 either way, within the bound above)
+    levels = 2**bits - 1
+    t = (-s * levels) / s
+    assert q[1] == (-(2 ** (bits - 1)) if t <= -levels else -(2 ** (bits - 1)) + 1)
 
 
 @settings(max_examples=50, deadline=None)

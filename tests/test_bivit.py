@@ -97,7 +97,7 @@ def test_pws_forward_and_gradients():
     g = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -0.5, 1.0, 2.0]])
     (wb * g).sum().backward()
     c = (w - w.mean(1, keepdim=True)).detach()
-    h = s.detach() * g * (c.abs() <= 1)
+    h = s.detach() * g * (c.abs() < 1)  # the official window is open: c = +-1 (row 1) passes nothing
     assert torch.allclose(w.grad, h - h.mean(1, keepdim=True))          # STE through the centring
     assert torch.allclose(s.grad, (g * torch.where(c >= 0, 1.0, -1.0)).sum(1, keepdim=True))
 

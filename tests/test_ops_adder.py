@@ -74,7 +74,7 @@ def _assert_float(y: torch.Tensor, ref: torch.Tensor, s: torch.Tensor, delta: to
 # references
 # ------------------------------------------------------------------------------------------------------------
 def test_fig3_worked_vector():
-    """ALGORITHMS.md §3.2, Fig. 3 (b = 4, signed form): the clamped group's q_x and q_w give sum |q_x - q_w| = 70."""
+    """docs/algorithms.md#adder-ptq-fig-3-vector (b = 4, signed): the clamped group's q_x, q_w give sum |q_x - q_w| = 70."""
     qx = torch.tensor([-7, 6, 5, -8, 0, 3, -2, 4, 7], dtype=torch.int8).view(1, 1, 9)
     qw = torch.tensor([7, 7, -8, 7, 7, -8, -8, 7, 7], dtype=torch.int8).view(1, 9)
     gi = torch.zeros(1, dtype=torch.long)

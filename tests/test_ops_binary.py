@@ -151,7 +151,7 @@ def test_conv2d_noncontiguous_packed_operands():
 
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 1), (1, 2))])
 def test_adabin_bitwise_form_equals_float_conv(stride, padding, dilation):
-    """ALGORITHMS.md 2.4: y = a_w a_a sum(BwBa) + a_w c_a sum(Bw) + b_w a_a sum(Ba) + n b_w c_a over the valid
+    """docs/algorithms.md#adabin-bitwise-form: y = a_w a_a sum(BwBa) + a_w c_a sum(Bw) + b_w a_a sum(Ba) + n b_w c_a over the valid
     taps equals F.conv2d(a_b, w_b) with zero padding, borders included (AdaBin official-code activation form)."""
     g = _gen(7)
     c_in, c_out = 37, 19

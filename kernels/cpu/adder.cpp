@@ -1,7 +1,7 @@
 // Integer l1 (AdderNet) GEMM and conv2d on CPU:  S[p, o] = sum_k |x[g(o), p, k] - w_mult * w[o, k]|,
 // Y = -delta[o] * S + bias[o]. Schemas and semantics: kernels/register.cpp and quantkit/ops/adder.py.
 //
-// Design (KERNELS.md §6.2):
+// Design (docs/kernels.md#cpu-adder-micro-kernel):
 // * One indirect-GEMM driver serves both ops: the linear op is a 1x1 convolution over M "pixels". Activations are
 //   converted once per call to channels-last rows of unsigned bytes [G][rows + 1][Cp] (Cp = C rounded up to 8); the
 //   extra row per group is the zero-padding row (q_x = 0). A per-(pixel, tap) table of row offsets replaces im2col.
@@ -931,7 +931,7 @@ at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 
 // Register-resident loops shaped like the micro-kernel (8 broadcast rows x 2 weight registers, no memory operands;
 // the empty asm makes the inputs opaque on every step, so nothing is hoisted). They measure the instruction ceilings
-// the kernels are compared with (KERNELS.md §4.1):
+// the kernels are compared with (docs/kernels.md#measured-cpu-limits):
 //   "sad":      16 VPSADBW + 16 VPADDQ per step                        -> abs-differences / s
 //   "minsum":   16 VPMINUB + 16 VPADDB per step, widened by VPSADBW every 16 steps (the <= 4-bit alternative)
 //   "fp32_fma": 16 independent VFMADD231PS zmm chains                   -> FP32 FMAs / s

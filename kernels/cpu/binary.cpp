@@ -1,7 +1,7 @@
 // CPU binary (XNOR / AND-popcount) kernels: binary_linear, binary_conv2d, binary_bmm, binary_bmm_01.
 // Schemas and the epilogue formula: kernels/register.cpp. Layout: quantkit/ops/layout.py.
 //
-// Design (KERNELS.md section 6.2):
+// Design (docs/kernels.md#cpu-binary-micro-kernel):
 //  * one GEMM core for everything: a broadcast outer-product micro-kernel of MR = 8 output rows (pixels) x
 //    NR = 16 output channels in 32-bit lanes; per K-word it loads 16 channels' weight words (one zmm), broadcasts
 //    one activation word per row and accumulates popcount(a XOR w) (or AND) -- no horizontal reductions; the

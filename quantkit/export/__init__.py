@@ -22,7 +22,7 @@ What the file contains (standard operators, opset 18-21, default 21):
 * everything else (stems, BatchNorm, residual adds, LayerNorm, GELU, pooling, heads) exported by PyTorch's exporter.
 
 ``custom_ops=True`` writes each quantized layer as one compact node of the ``quantkit`` domain instead: op type =
-the deploy layer's class name (``BinaryDeployConv2d``, ``AdaBinDeployConv2d``, ``AdderDeployConv2d``, ...); inputs =
+the deploy layer's class name (``BinaryDeployConv2d`` for XNOR and AdaBin, ``AdderDeployConv2d``, ...); inputs =
 the layer input(s) followed by the layer's tensors as initializers in their stored dtypes (packed int32 words,
 int8 codes, float constants), listed by the string attribute ``tensor_names``; the other attributes are the layer's
 settings (stride, padding, bits, ...). Useful for a runtime that implements quantkit's kernels; stock onnxruntime

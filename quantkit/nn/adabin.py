@@ -1,4 +1,4 @@
-"""AdaBin layers (Tu et al., ECCV 2022; ALGORITHMS.md section 2): simulated ``AdaBinConv2d`` / ``AdaBinLinear``,
+"""AdaBin layers (Tu et al., ECCV 2022; docs/algorithms.md#adabin): simulated ``AdaBinConv2d`` / ``AdaBinLinear``,
 the ``Maxout`` nonlinearity, and their deploy forms running the bitwise kernels of :mod:`quantkit.ops.binary`.
 
 Parameter names follow the float layer (``weight``, ``bias``) so float checkpoints load, plus the official code's
@@ -83,7 +83,7 @@ class _AdaBinMixin:
         return alpha * signs + beta
 
     def epoch_start(self, epoch: int, total_epochs: int) -> None:
-        """EDE schedule (ALGORITHMS.md 2.2): t = 10^(log t_min + (log t_max - log t_min) e / E), k = max(1/t, 1)."""
+        """EDE schedule (docs/algorithms.md#ede-schedule): t = t_min (t_max / t_min)^(e / E), k = max(1/t, 1)."""
         if not self.progressive:
             return
         k, t = ede_schedule(epoch, total_epochs, self.t_min, self.t_max)
@@ -98,7 +98,7 @@ class _AdaBinMixin:
         return info
 
     def _frozen_constants(self) -> dict[str, Tensor]:
-        """Per-output-channel constants of the bitwise form (ALGORITHMS.md 2.4) and the packed-sign source."""
+        """Per-channel constants of the bitwise form (docs/algorithms.md#adabin-bitwise-form) and the packed-sign source."""
         w = self.weight.detach().float()
         alpha_w, beta_w = adabin_weight_params(w)
         signs = binary_sign((w - beta_w) / alpha_w)  # exactly the signs the simulated forward uses
@@ -111,7 +111,7 @@ class _AdaBinMixin:
         return out
 
     def _deploy_form(self) -> tuple[Tensor, dict, Tensor | None]:
-        """Weight signs, epilogue constants and input threshold of the packed deploy layer (ALGORITHMS.md 2.4).
+        """Signs, epilogue constants and input threshold of the deploy layer (docs/algorithms.md#adabin-bitwise-form).
 
         The kernel packs bit = (a >= beta_a). The simulated sign is that of (a - beta_a) / alpha_a: the same bit when
         alpha_a > 0, the opposite when alpha_a < 0 -- then the activation scale changes sign instead (the two forms

@@ -5,7 +5,7 @@ Forward (per output channel ``o`` and output position ``p``; ``X_p`` the zero-pa
 
     Y[n, o, p] = -sum_{c,i,j} |X_p[n](c, i, j) - W[o](c, i, j)|
 
-Backward (not the true gradient; ALGORITHMS.md section 1.2)::
+Backward (not the true gradient; docs/algorithms.md#addernet-backward)::
 
     dY/dW = X - W                         full-precision gradient instead of sgn(X - W)
     dY/dX = HT(W - X) = clamp(W - X, -1, 1)   HardTanh-clipped
@@ -128,7 +128,8 @@ def adder_conv2d_fp(x: Tensor, weight: Tensor, bias: Tensor | None = None, strid
 class AdderConv2d(nn.Module):
     """Adder convolution ``Y = -sum |X - W|`` (zero padding, stride, dilation; groups = 1), with the AdderNet
     gradients and adaptive learning-rate scaling ``eta`` (default 0.2, the official code's value; None disables it).
-    Filters are initialised i.i.d. N(0, 1) as in the official code. Follow it with BatchNorm (its output is <= 0)."""
+    Filters are initialised i.i.d. N(0, 1) and the optional bias U(0, 1), as in the official code. Follow it with
+    BatchNorm (its output is <= 0)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = False, eta: float | None = 0.2,
@@ -148,9 +149,10 @@ class AdderConv2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # official adder2d: filters N(0, 1), optional bias U(0, 1) (nn.init.uniform_ with its default bounds)
         nn.init.normal_(self.weight)
         if self.bias is not None:
-            nn.init.uniform_(self.bias, -0.1, 0.1)
+            nn.init.uniform_(self.bias, 0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return adder_conv2d_fp(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.eta)
@@ -173,9 +175,10 @@ class AdderLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # official adder2d: filters N(0, 1), optional bias U(0, 1) (nn.init.uniform_ with its default bounds)
         nn.init.normal_(self.weight)
         if self.bias is not None:
-            nn.init.uniform_(self.bias, -0.1, 0.1)
+            nn.init.uniform_(self.bias, 0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return adder_linear_fp(x, self.weight, self.bias, self.eta)

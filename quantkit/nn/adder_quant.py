@@ -1,7 +1,7 @@
 """Simulated and deploy layers of AdderNet post-training quantization (``adder_ptq{b}`` and its baselines).
 
 The simulated layers (:class:`QuantAdderConv2d`, :class:`QuantAdderLinear`) compute exactly the integer form of the
-paper (ALGORITHMS.md section 3.2, step 5), with float tensors holding integer codes::
+paper (docs/algorithms.md#adder-ptq-integer-form), with float tensors holding integer codes::
 
     for each group g (output channels o with group_index[o] == g):
         q_x = quantize_act_codes(x, s_g)                 activations re-quantized on the group's grid

@@ -5,7 +5,7 @@ epilogue constants. Any layer whose binarized operands are affine in the signs,
 
     a_b = alpha_a * s_a + c_a,     w_b[o] = alpha_w[o] * s_w[o] + beta_w[o],
 
-computes (ALGORITHMS.md §2.4; every sum over the valid, unpadded taps, so zero padding is exact)
+computes (docs/kernels.md#epilogue-algebra; every sum over the valid, unpadded taps, so zero padding is exact)
 
     y = alpha_w alpha_a SUM(s_w s_a) + beta_w alpha_a SUM(s_a) + alpha_w c_a SUM(s_w) + n beta_w c_a + bias
 

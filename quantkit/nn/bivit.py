@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedModelError
 from ..ops.binary import binary_bmm, binary_bmm_01
 from ..ops.packing import pack_bits
-from ..quantizers.binary import sign_ste
-from ..quantizers.softmax import bibert_bool, pws_binarize_weight, pws_sign, sab_binarize, sab_select
+from ..quantizers.softmax import (bibert_bool, bivit_sign, check_sign_of_zero, pws_binarize_weight, pws_sign,
+                                  sab_binarize, sab_select)
 from .base import NotQuantizable, QuantModule
 from .binary_deploy import BinaryDeployLinear, affine_epilogue
 
@@ -43,13 +43,23 @@ def _cfg(config: Any, field: str, default: Any) -> Any:
     return getattr(config, field, default) if config is not None else default
 
 
+def _check_packable(sign_of_zero: int, layer: str) -> None:
+    """A packed bit holds -1 or +1 only: a model simulated with sign(0) = 0 has no exact deploy form."""
+    if sign_of_zero != 1:
+        raise ConfigError(
+            f"{layer}: sign_of_zero=0 (the official torch.sign) cannot be deployed -- a packed bit has no 0, so the "
+            "deploy layer would map 0 to +1 and differ from the simulated model wherever a sign input is exactly 0 "
+            "(common at the projection input A_b V_b, an integer count). Set sign_of_zero=1 on the scheme (or the "
+            "layers' sign_of_zero attribute), fine-tune or re-evaluate, then convert")
+
+
 # ================================================================================================ binary linear
 class BinaryLinearPWS(QuantModule, nn.Linear):
     """Linear layer with binary weights and parameterized weight scales (BiViT Sec. 3.3.2).
 
     forward (``binarize=True``): ``y = (x_in @ sign(W - mean_row(W))^T) * s + b`` (= ``x_in @ W_b^T + b``) with ``x_in = sign(x)`` (clipped
     STE) when ``binary_input`` else ``x``; the gradients are those of :func:`quantkit.quantizers.softmax.
-    pws_binarize_weight` and :func:`quantkit.quantizers.binary.sign_ste`. ``s`` (``scale``, shape (out, 1)) is learned
+    pws_binarize_weight` and :func:`quantkit.quantizers.softmax.bivit_sign`. ``s`` (``scale``, shape (out, 1)) is learned
     when ``learned_scale`` (PWS), initialised on the first binarized forward to ``mean|W[o]|`` of the raw weight;
     otherwise ``s = mean|W[o]|`` recomputed and detached (BiViT's "ordinary" scales, ``BinaryLinear_STE``).
     ``binarize=False``: the plain float layer (cross-layer binarization, stage 1). The bias stays float.
@@ -60,9 +70,11 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
     optional_state = ("scale", "scale_initialized")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, binary_input: bool = True,
-                 learned_scale: bool = True, role: str = "attention", device=None, dtype=None) -> None:
+                 learned_scale: bool = True, role: str = "attention", sign_of_zero: int = 1, device=None,
+                 dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.binary_input = binary_input
+        self.sign_of_zero = check_sign_of_zero(sign_of_zero)
         self.learned_scale = learned_scale
         self.role = role
         self.binarize = True
@@ -77,8 +89,8 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
         if not isinstance(module, nn.Linear):
             raise NotQuantizable(f"{name or type(module).__name__}: expected an nn.Linear, got {type(module).__name__}")
         new = cls(module.in_features, module.out_features, module.bias is not None, binary_input=binary_input,
-                  learned_scale=_cfg(config, "pws", True), role=role, device=module.weight.device,
-                  dtype=module.weight.dtype)
+                  learned_scale=_cfg(config, "pws", True), role=role, sign_of_zero=_cfg(config, "sign_of_zero", 1),
+                  device=module.weight.device, dtype=module.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(module.weight)
             if module.bias is not None:
@@ -99,16 +111,16 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
 
     def binary_weight(self) -> Tensor:
         """``s * sign(W - mean_row(W))`` with its surrogate gradients."""
-        return pws_binarize_weight(self.weight, self.current_scale())
+        return pws_binarize_weight(self.weight, self.current_scale(), self.sign_of_zero)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.binarize:
             return F.linear(x, self.weight, self.bias)
-        x_in = sign_ste(x) if self.binary_input else x
+        x_in = bivit_sign(x, self.sign_of_zero) if self.binary_input else x
         # (x_in @ sign(W_c)^T) * s == x_in @ W_b^T with W_b = pws_binarize_weight(W, s), same gradients; the scale
         # comes after the product so a binary dot product is an exact integer (and a tie is exactly 0) as in the
         # packed kernel -- otherwise float rounding of sums of +-s flips signs downstream.
-        y = F.linear(x_in, pws_sign(self.weight)) * self.current_scale().reshape(-1)
+        y = F.linear(x_in, pws_sign(self.weight, self.sign_of_zero)) * self.current_scale().reshape(-1)
         return y if self.bias is None else y + self.bias
 
     def weight_nbytes(self) -> int:
@@ -135,6 +147,8 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
                 if self.bias is not None:
                     lin.bias.copy_(self.bias)
             return lin.requires_grad_(False)
+        _check_packable(self.sign_of_zero,
+                        f"BinaryLinearPWS({self.in_features}, {self.out_features}, role={self.role})")
         with torch.no_grad():
             epilogue = affine_epilogue(self.current_scale().detach().reshape(-1),
                                        bias=None if self.bias is None else self.bias.detach())
@@ -150,12 +164,13 @@ class BinaryLinearPWS(QuantModule, nn.Linear):
 def binary_attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "sab", beta: float = 0.25,
                      sab_scale: bool = False, bias: Tensor | None = None, dropout_p: float = 0.0,
                      training: bool = False, logit_scale: float | None = None,
-                     binarize: bool = True) -> tuple[Tensor, Tensor]:
+                     binarize: bool = True, sign_of_zero: int = 1) -> tuple[Tensor, Tensor]:
     """Binary attention of BiViT on ``q (..., M, d)``, ``k (..., N, d)``, ``v (..., N, d)`` (after projection biases).
 
     ``binarize=True``::
 
-        Q_b, K_b, V_b = sign(q), sign(k), sign(v)                    (clipped STE; sign(0) = +1)
+        Q_b, K_b, V_b = sign(q), sign(k), sign(v)                    (bivit_sign: STE 1[|.| < 1]; sign(0) = +1,
+                                                                       or 0 with sign_of_zero=0)
         z   = (Q_b K_b^T) * logit_scale  [+ bias]                     (logit_scale = d^-1/2; bias/masks stay FP)
         A_b = SAB(softmax(z))   (method "sab", gradient straight through to the softmax output)
             | Bool(z)           (method "bibert", clipped STE to the scores)
@@ -173,7 +188,7 @@ def binary_attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "sab", be
             z = z + bias
         p = F.dropout(torch.softmax(z, dim=-1), dropout_p, training)
         return p @ v, p
-    qb, kb, vb = sign_ste(q), sign_ste(k), sign_ste(v)
+    qb, kb, vb = bivit_sign(q, sign_of_zero), bivit_sign(k, sign_of_zero), bivit_sign(v, sign_of_zero)
     z = (qb @ kb.transpose(-2, -1)) * scale
     z = F.dropout(z, dropout_p, training)
     if bias is not None:
@@ -268,13 +283,14 @@ class _AttentionCoreMixin:
             raise ConfigError(f"attention={self.method!r}; use one of {ATTENTION_METHODS}")
         self.beta = float(_cfg(config, "beta", 0.25))
         self.sab_scale = bool(_cfg(config, "sab_scale", False))
+        self.sign_of_zero = check_sign_of_zero(_cfg(config, "sign_of_zero", 1))
         self.binarize = True
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float,
                 logit_scale: float | None = None) -> tuple[Tensor, Tensor]:
         return binary_attention(q, k, v, method=self.method, beta=self.beta, sab_scale=self.sab_scale, bias=bias,
                                 dropout_p=dropout_p, training=self.training, logit_scale=logit_scale,
-                                binarize=self.binarize)
+                                binarize=self.binarize, sign_of_zero=self.sign_of_zero)
 
     def _core_info(self) -> dict[str, Any]:
         if self.method == "sab":
@@ -286,6 +302,7 @@ class _AttentionCoreMixin:
             raise UnsupportedModelError(
                 f"{type(self).__name__}: binarize=False (float attention) has no deploy form; set binarize=True "
                 "(and train) before convert")
+        _check_packable(self.sign_of_zero, f"{type(self).__name__} (Q/K/V signs)")
         return {"method": self.method, "beta": self.beta, "sab_scale": self.sab_scale}
 
     def _linears_nbytes(self) -> int:

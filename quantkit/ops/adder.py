@@ -1,4 +1,4 @@
-"""Integer l1 ("adder") GEMM and conv2d: the deploy arithmetic of AdderNet PTQ (ALGORITHMS.md §3.2, steps 4-5).
+"""Integer l1 ("adder") GEMM and conv2d: the deploy arithmetic of AdderNet PTQ (docs/kernels.md#adder-integer-math).
 
 Math (one output channel ``o`` of group ``g = group_index[o]``)::
 

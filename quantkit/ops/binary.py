@@ -29,7 +29,7 @@ missing ``scale`` means 1, any other missing term means 0)::
               + count_scale[o] * n_valid[p] + bias[o]
 
 with, over the VALID (unpadded) taps only: ``dot = sum s_a s_w``, ``asum = sum s_a``, ``wsum = sum s_w`` and
-``n_valid`` = number of valid elements (valid taps x c_in). For AdaBin (ALGORITHMS.md section 2.4,
+``n_valid`` = number of valid elements (valid taps x c_in). For AdaBin (docs/algorithms.md#adabin-bitwise-form,
 ``a_b = alpha_a s_a + c_a``, ``w_b = alpha_w s_w + beta_w``): ``scale = alpha_w alpha_a``,
 ``act_sum_scale = beta_w alpha_a``, ``weight_sum_scale = alpha_w c_a``, ``count_scale = beta_w c_a``; then ``y``
 equals ``F.conv2d(a_b, w_b)`` with zero padding, position by position, borders included. (For the linear op there

@@ -3,7 +3,7 @@ arXiv 2208.08084) and the two sign surrogates they use.
 
 Formulas follow the official PyTorch code (huawei-noah/Efficient-Computing, ``BinaryNetworks/AdaBin``,
 ``utils/binarylib.py``: ``BinaryQuantize``, ``BinaryActivation``, ``AdaBin_Conv2d.forward``); see
-``ALGORITHMS.md`` section 2.2-2.3 for where each piece was read.
+``docs/algorithms.md#adabin`` for where each piece was read.
 
 Sign convention: every forward here uses :func:`quantkit.quantizers.binary.binary_sign` (``sign(0) = +1``), so a
 binary set always has exactly two levels. The official code uses ``torch.sign`` (``sign(0) = 0``): the two differ
@@ -105,7 +105,7 @@ def approx_sign(x: Tensor) -> Tensor:
 
 
 def adabin_weight_params(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-output-channel center and distance of AdaBin's weight binary set (ALGORITHMS.md 2.2), shaped to
+    """Per-channel center and distance of AdaBin's weight set (docs/algorithms.md#adabin-weight-binarizer), shaped to
     broadcast against ``w`` (``(C_out, 1, 1, 1)`` for a conv weight, ``(C_out, 1)`` for a linear one):
 
     beta_w[o]  = mean(W[o])
@@ -132,7 +132,7 @@ def adabin_weight_signs(w: Tensor, alpha: Tensor, beta: Tensor, k: Tensor | floa
 
 
 def adabin_weight(w: Tensor, k: Tensor | float = 10.0, t: Tensor | float = 0.1) -> Tensor:
-    """AdaBin weight binarizer, per output channel o (ALGORITHMS.md 2.2; official ``AdaBin_Conv2d.forward``).
+    """AdaBin weight binarizer per output channel o (docs/algorithms.md#adabin-weight-binarizer; ``AdaBin_Conv2d.forward``).
 
     forward:  beta_w = mean(W[o]),  alpha_w = std(W[o]) (population),  W_hat = (W - beta_w) / alpha_w,
               W_b = alpha_w * sign(W_hat) + beta_w          -> binary set {beta_w - alpha_w, beta_w + alpha_w}
@@ -179,7 +179,7 @@ class _AdaBinActivation(torch.autograd.Function):
 
 
 def adabin_activation(a: Tensor, alpha: Tensor, beta: Tensor, form: str = "code") -> Tensor:
-    """AdaBin activation binarizer with learnable distance ``alpha`` and center ``beta`` (ALGORITHMS.md 2.3).
+    """AdaBin activation binarizer, learnable distance ``alpha``, center ``beta`` (docs/algorithms.md#adabin-activation-binarizer).
 
     Both forms share a_hat = (a - beta) / alpha, b = sign(a_hat) (threshold: a = beta when alpha > 0), and the
     ApproxSign surrogate s'(a_hat) = max(0, 2 - 2|a_hat|) for db/da_hat.
@@ -205,7 +205,7 @@ def adabin_activation(a: Tensor, alpha: Tensor, beta: Tensor, form: str = "code"
 
 
 def adabin_activation_affine(alpha: Tensor, beta: Tensor, form: str = "code") -> tuple[Tensor, Tensor]:
-    """The activation levels as ``a_b = scale * b + center`` (used by the bitwise form, ALGORITHMS.md 2.4):
+    """The activation levels as ``a_b = scale * b + center`` (bitwise form, docs/algorithms.md#adabin-bitwise-form):
     code form: scale = alpha, center = alpha * beta;  paper form: scale = alpha, center = beta."""
     if form == "paper":
         return alpha, beta

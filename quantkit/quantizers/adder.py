@@ -3,7 +3,7 @@
 Paper: Y. Nie, K. Han, H. Diao, C. Liu, E. Wu, Y. Wang, "Redistribution of Weights and Activations for AdderNet
 Quantization", NeurIPS 2022 (arXiv 2212.10200). Official code: MindSpore ``research/cv/AdderQuant`` (``adder_quant.py``
 class ``QAdder2dKmeansGroupShare`` and ``eval.py``). The steps and the places where the notes were ambiguous are in
-``ALGORITHMS.md`` section 3.2; every choice is an option of :class:`quantkit.schemes.adder.AdderPTQConfig`.
+``docs/algorithms.md#addernet-ptq``; every choice is an option of :class:`quantkit.schemes.adder.AdderPTQConfig`.
 
 The adder kernel ``|x - w|`` has an integer form only if x and w lie on one grid, so one scale ``s_g`` is shared by the
 weights of output-channel group ``g`` and by the activations re-quantized for that group:
@@ -136,7 +136,9 @@ def grid_range(scale: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Values of the extreme signed weight codes: ``(-2^(b-1) Delta_g, (2^(b-1) - 1) Delta_g)``, ``Delta_g = 2 s_g/(2^b-1)``.
 
     The signed grid is symmetric in step but not in range: ``+s_g`` itself is not on it (it rounds to
-    ``(2^(b-1) - 1) Delta_g = s_g (1 - 1/(2^b - 1))``) and ``-s_g`` rounds to ``-s_g (1 + 1/(2^b - 1))``. Weights clamped to
+    ``(2^(b-1) - 1) Delta_g = s_g (1 - 1/(2^b - 1))``) and ``-s_g`` rounds to ``-s_g (1 + 1/(2^b - 1))`` (or, for the float
+    scales where the official order of operations lands one ulp above the tie, to ``-s_g (1 - 1/(2^b - 1))``; see
+    :func:`_weight_to_grid`). Weights clamped to
     ``+-s_g`` therefore all move by ``s_g / (2^b - 1)`` when quantized, in the same direction for a whole filter's
     clamped taps; clamping to this range instead (``weight_clamp="grid"``) keeps the clamp lossless after
     quantization for activations on the same grid."""
@@ -154,10 +156,27 @@ def group_step(scale: Tensor, bits: int, signed: bool) -> Tensor:
 
 
 def _to_grid(v: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
-    """``v (2^b - 1) / (2 s)`` (signed) or ``v (2^b - 1) / s`` (unsigned), computed as ``(v / s) * c`` so that ``v = +-s``
-    lands exactly on the tie ``+-(2^b - 1) / 2`` (``s / s == 1`` in IEEE arithmetic) and rounds the same way every time."""
+    """Activations: ``v (2^b - 1) / (2 s)`` (signed) or ``v (2^b - 1) / s`` (unsigned), computed as ``(v / s) * c``.
+
+    The compiled ``quantize_groups`` kernel and the ONNX export evaluate the same expression in the same order, so the
+    codes agree bit for bit. The official code evaluates ``(x (2^b - 1)) / s``; the two orders can differ by one ulp
+    before rounding, which changes a code only when ``x`` sits within an ulp of a rounding tie (an exact float
+    coincidence for real activations; unlike the weights, no activation is clamped onto ``+-s`` before rounding).
+    """
     levels = 2**bits - 1
     return (v / scale) * (levels / 2.0 if signed else float(levels))
+
+
+def _weight_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Weights: ``((W (2^b - 1)) / s) / 2``, the official order of operations (``construct``: ``w * (2^b-1) / s / 2``).
+
+    The order matters for clamped groups, whose weights sit exactly on ``-s`` (and ``+s``): ``(-s (2^b - 1)) / s`` is
+    ``-(2^b - 1)`` only when ``s (2^b - 1)`` rounds back exactly; otherwise it is one ulp off, e.g. float32 ``s = 0.3``
+    at 4 bits gives ``-7.4999995``, which rounds to ``-7`` instead of the tie's ``-8`` (about 13% of float32 scales at
+    4 bits). ``+s`` gives code ``2^(b-1) - 1`` either way (``+7.5`` rounds to 8 and is clipped to 7). Deploy codes come
+    from this function too, so simulation and deploy agree.
+    """
+    return w * float(2**bits - 1) / scale / 2.0
 
 
 def quantize_weight_codes(weight: Tensor, scale: Tensor, bits: int, round_mode: str = "half_even") -> Tensor:
@@ -167,10 +186,12 @@ def quantize_weight_codes(weight: Tensor, scale: Tensor, bits: int, round_mode: 
 
     ``scale`` broadcasts against ``weight`` (per output channel: shape ``(C_out, 1, ...)``). Returns float codes
     (integer values) with the straight-through gradient. Note the grid is symmetric in step but not in range:
-    ``+s_g`` maps to ``2^(b-1) - 1`` and ``-s_g`` to ``-2^(b-1)`` (Fig. 3: +-1.6 -> 7 / -8 at 4 bits).
+    ``+s_g`` maps to ``2^(b-1) - 1`` and ``-s_g`` to ``-2^(b-1)`` (Fig. 3: +-1.6 -> 7 / -8 at 4 bits) -- or to
+    ``-2^(b-1) + 1`` for the scales where the official order of operations lands one ulp above the tie
+    (:func:`_weight_to_grid`).
     """
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(round_ste(_to_grid(weight, scale, bits, True), round_mode), lo, hi)
+    return torch.clamp(round_ste(_weight_to_grid(weight, scale, bits), round_mode), lo, hi)
 
 
 def quantize_act_codes(x: Tensor, scale: Tensor, bits: int, signed: bool, round_mode: str = "half_even",

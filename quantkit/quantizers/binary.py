@@ -32,7 +32,10 @@ def sign_ste(x: Tensor, clip: float = 1.0) -> Tensor:
     """Sign with the clipped straight-through estimator (BinaryNet, Courbariaux et al. 2016; XNOR-Net).
 
     forward:  b = sign(x)            (+1 for x >= 0)
-    backward: db/dx = 1[|x| <= clip]  (clip = 1 by default)
+    backward: db/dx = 1[|x| <= clip]  (clip = 1 by default; closed window, as BinaryNet's 1[|r| <= 1])
+
+    BiViT's official code passes the gradient on the open window |x| < 1 instead:
+    :func:`quantkit.quantizers.softmax.bivit_sign`.
     """
     return _SignClippedSTE.apply(x, clip)
 

@@ -6,8 +6,10 @@ arXiv 2211.07091) and of its BiBERT baseline (Qin et al., "BiBERT: Accurate Full
   uses it to justify beta * max; it is not used in training or inference).
 - :func:`bibert_bool`: BiBERT's Bool binarization of the pre-softmax scores (baseline).
 - :func:`pws_binarize_weight`: binary weights with parameterized (learnable, per-output-row) weight scales (PWS).
+- :func:`bivit_sign`: the sign of BiViT's Q/K/V, of the binary inputs of its linears and of its centred weights.
 
-Every function keeps quantkit's sign convention (``binary_sign``: x >= 0 -> +1). See ``ALGORITHMS.md`` section 4.
+Sign of zero: quantkit's convention (``binary_sign``: x >= 0 -> +1) by default; ``sign_of_zero=0`` gives the official
+code's ``torch.sign`` (0 -> 0), simulation only (a packed bit has no 0); ``docs/algorithms.md#bivit-binary-signs``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,41 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .binary import sign_ste
+from .binary import binary_sign
+
+SIGN_OF_ZERO = (1, 0)
+
+
+def check_sign_of_zero(sign_of_zero: int) -> int:
+    """Validate the ``sign_of_zero`` option (1: quantkit's packable sign; 0: the official ``torch.sign``)."""
+    if isinstance(sign_of_zero, bool) or sign_of_zero not in SIGN_OF_ZERO:
+        raise ConfigError(f"sign_of_zero={sign_of_zero!r}; use 1 (sign(0) = +1, deployable) or 0 (sign(0) = 0, "
+                          "the official BiViT code's torch.sign; simulation only)")
+    return int(sign_of_zero)
+
+
+class _BiViTSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, sign_of_zero: int) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.sign(x) if sign_of_zero == 0 else binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() < 1).to(grad.dtype), None
+
+
+def bivit_sign(x: Tensor, sign_of_zero: int = 1) -> Tensor:
+    """Sign with BiViT's clipped straight-through estimator (official ``BinaryQuantizer``).
+
+    forward:  b = sign(x)  in {-1, +1}, sign(0) = +1      (``sign_of_zero=1``, default: what a packed bit can hold)
+              b = sign(x)  in {-1, 0, +1}, sign(0) = 0    (``sign_of_zero=0``: ``torch.sign``, the official forward)
+    backward: db/dx = 1[|x| < 1]                          (open window: the official code zeroes the gradient where
+                                                           x >= 1 or x <= -1; :func:`~quantkit.quantizers.binary.sign_ste`
+                                                           of BinaryNet/XNOR keeps |x| <= 1)
+    """
+    return _BiViTSign.apply(x, check_sign_of_zero(sign_of_zero))
 
 
 def _check_beta(beta: float) -> None:
@@ -105,23 +141,23 @@ def bibert_bool(z: Tensor) -> Tensor:
     return _BoolClippedSTE.apply(z)
 
 
-def pws_sign(weight: Tensor) -> Tensor:
-    """The sign part of PWS: ``sign(W - mean_row(W))`` with the latent-weight clipped STE through the centring
-    (``1[|W - mean_row(W)| <= 1]``). :func:`pws_binarize_weight` multiplies it by the per-row scale."""
-    return sign_ste(weight - weight.mean(dim=-1, keepdim=True))
+def pws_sign(weight: Tensor, sign_of_zero: int = 1) -> Tensor:
+    """The sign part of PWS: ``sign(W - mean_row(W))`` (:func:`bivit_sign`) with the latent-weight clipped STE through
+    the centring (``1[|W - mean_row(W)| < 1]``). :func:`pws_binarize_weight` multiplies it by the per-row scale."""
+    return bivit_sign(weight - weight.mean(dim=-1, keepdim=True), sign_of_zero)
 
 
-def pws_binarize_weight(weight: Tensor, scale: Tensor) -> Tensor:
+def pws_binarize_weight(weight: Tensor, scale: Tensor, sign_of_zero: int = 1) -> Tensor:
     """Binary weight with parameterized weight scales (PWS), BiViT Sec. 3.3.2 (code ``BinaryLinear_adapscaling``).
 
-    forward:  W_b[o] = s[o] * sign(W[o] - mean_j W[o, j])      (s: learnable, shape (out, 1); sign(0) = +1)
-    backward: dW_b/dW through the centring with the clipped STE 1[|W - mean_row(W)| <= 1] (latent-weight STE);
+    forward:  W_b[o] = s[o] * sign(W[o] - mean_j W[o, j])      (s: learnable, shape (out, 1); sign(0): see bivit_sign)
+    backward: dW_b/dW through the centring with the clipped STE 1[|W - mean_row(W)| < 1] (latent-weight STE);
               dW_b/ds = sign(W - mean_row(W))                   (ordinary product rule; no positivity constraint)
     Pass a detached ``mean|W[o]|`` as ``scale`` for the "ordinary" (non-learned) scales of ``BinaryLinear_STE``.
     Layers may apply ``s`` after the product (``(x @ pws_sign(W)^T) * s``, the same value and gradients) so that the
     integer dot product is exact in float, as in the packed kernel.
     """
-    return scale * pws_sign(weight)
+    return scale * pws_sign(weight, sign_of_zero)
 
 
 def attention_binarization_errors(scores: Tensor, beta: float = 0.25, reduction: str = "mean") -> dict[str, float]:
@@ -157,5 +193,6 @@ def attention_binarization_errors(scores: Tensor, beta: float = 0.25, reduction:
     return out
 
 
-__all__ = ["sab_threshold", "sab_select", "sab_binarize", "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight",
+__all__ = ["SIGN_OF_ZERO", "check_sign_of_zero", "bivit_sign", "sab_threshold", "sab_select", "sab_binarize",
+           "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight",
            "attention_binarization_errors"]

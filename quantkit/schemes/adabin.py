@@ -1,6 +1,6 @@
-"""``adabin``: AdaBin binary networks (Tu et al., ECCV 2022; ALGORITHMS.md section 2), trained with quantkit.QAT.
+"""``adabin``: AdaBin binary networks (Tu et al., ECCV 2022; docs/algorithms.md#adabin), trained with quantkit.QAT.
 
-Placement (the paper's, ALGORITHMS.md 2.5), every part configurable:
+Placement (the paper's, docs/algorithms.md#adabin-placement), every part configurable:
 
 * binarized: every Conv2d / Linear selected by the rules, as :class:`~quantkit.nn.adabin.AdaBinConv2d` /
   :class:`~quantkit.nn.adabin.AdaBinLinear` (1-bit weights and activations);

@@ -2,7 +2,7 @@
 
 * ``adder_ptq{b}`` (b = 2..8) -- "Redistribution of Weights and Activations for AdderNet Quantization" (Nie et al.,
   NeurIPS 2022): k-means groups of output channels with one scale per group shared by weights and activations,
-  activation outlier clamp, lossless weight clamp with bias compensation (ALGORITHMS.md section 3.2).
+  activation outlier clamp, lossless weight clamp with bias compensation (docs/algorithms.md#addernet-ptq).
 * ``adder_qssf{b}_w`` -- prior single shared scale per layer, taken from the weights (``s = max|W|``; "bits waste" on
   the activations, which are clipped at ``max|W|``).
 * ``adder_qssf{b}_a`` -- prior single shared scale per layer, taken from the activations (``s = A``, the same

@@ -29,7 +29,10 @@ class BiViTConfig(SchemeConfig):
       by the per-row basis v (default False: no scale, the paper's default);
     - ``pws``: learned per-row weight scales (True) or fixed mean|W| (False);
     - ``binarize_mlp``: binarize MLP weights; ``mlp_binary_act``: binarize MLP inputs too;
-    - ``clb``: cross-layer binarization schedule; ``clb_split``: fraction of the epochs in stage 1 (attention only).
+    - ``clb``: cross-layer binarization schedule; ``clb_split``: fraction of the epochs in stage 1 (attention only);
+    - ``sign_of_zero``: what the binary signs (Q/K/V, linear inputs, centred weights) give for an exact 0: ``1``
+      (default; +1, what a packed bit holds) or ``0`` (the official code's ``torch.sign``, to reproduce its training
+      numerics; simulation only -- ``convert`` refuses it, since a packed bit cannot represent 0).
     """
 
     name = "bivit"
@@ -45,6 +48,7 @@ class BiViTConfig(SchemeConfig):
     mlp_binary_act: bool = False
     clb: bool = True
     clb_split: float = 0.5
+    sign_of_zero: int = 1
 
     def targets(self) -> dict[type, type]:
         out: dict[type, type] = {nn.MultiheadAttention: BinaryMultiheadAttention, nn.Linear: BinaryLinearPWS}
@@ -70,6 +74,9 @@ class BiViTConfig(SchemeConfig):
         if isinstance(self.clb_split, bool) or not isinstance(self.clb_split, (int, float)) or not 0.0 <= self.clb_split <= 1.0:
             raise ConfigError(f"scheme {self.name!r}: clb_split={self.clb_split!r} must be a fraction of the epochs "
                               "in [0, 1] (paper: 0.5, i.e. 150 + 150 epochs)")
+        if isinstance(self.sign_of_zero, bool) or self.sign_of_zero not in (0, 1):
+            raise ConfigError(f"scheme {self.name!r}: sign_of_zero={self.sign_of_zero!r}; use 1 (sign(0) = +1, "
+                              "deployable) or 0 (sign(0) = 0 as the official code's torch.sign; simulation only)")
         for flag in ("sab_scale", "pws", "binarize_mlp", "mlp_binary_act", "clb"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"scheme {self.name!r}: {flag}={getattr(self, flag)!r} must be True or False")

@@ -1,7 +1,7 @@
 """Adder (l1-distance) layers with standard operators: quantized AdderNet PTQ deploy layers and full-precision
 AdderConv2d / AdderLinear.
 
-Quantized form (ALGORITHMS.md section 3.2, step 5; the arithmetic of ``quantkit.ops.adder``)::
+Quantized form (docs/algorithms.md#adder-ptq-integer-form; the arithmetic of ``quantkit.ops.adder``)::
 
     for each group g:   q_x = Clip(Round(Div(x, s_g) * c), lo, hi)         (the activations on group g's grid)
     S[o] = sum over taps and channels |q_x - m q_w[o]|                      (exact integers in float32)
