@@ -296,7 +296,7 @@ def cmd_quantize(args, console: _Console) -> int:
     from .export.onnx_export import atomic_write_bytes
     from .nn.base import deploy_nbytes
 
-    out = _check_output(args.out, (".onnx", ".pt", ".pth"))
+    out = _check_output(args.out, (".onnx", ".xml", ".pt", ".pth"))
     model, qmodel, example = _prepare_quantized(args, console)
     report = quantkit.report(qmodel)
     fp_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -315,6 +315,8 @@ def cmd_quantize(args, console: _Console) -> int:
         if a.deploy_vs_onnxruntime is not None:
             console.info(f"onnxruntime vs PyTorch deploy: max abs difference {a.deploy_vs_onnxruntime:.3g} "
                          f"(max |y| = {a.output_absmax:.3g})")
+    elif out.suffix.lower() == ".xml":
+        _quantize_to_openvino(qmodel, example, out, console)
     else:
         deployed = quantkit.convert(qmodel)
         console.info(str(quantkit.report(deployed)))
@@ -333,6 +335,19 @@ def cmd_quantize(args, console: _Console) -> int:
     return EXIT_OK
 
 
+def _quantize_to_openvino(qmodel, example, out: Path, console: _Console) -> None:
+    """--out model.xml: OpenVINO IR (.xml + .bin), verified in OpenVINO against the PyTorch deploy model."""
+    import quantkit
+
+    result = quantkit.export_openvino(qmodel, example, out, quiet=True)
+    console.info(str(quantkit.report(quantkit.convert(qmodel))))
+    console.info(result.summary())
+    a = result.agreement
+    if a.deploy_vs_openvino is not None:
+        console.info(f"OpenVINO vs PyTorch deploy: max abs difference {a.deploy_vs_openvino:.3g} "
+                     f"(max |y| = {a.output_absmax:.3g})")
+
+
 def cmd_schemes(args, console: _Console) -> int:
     import quantkit
 
@@ -348,7 +363,12 @@ def cmd_inspect(args, console: _Console) -> int:
     from .export.inspect import inspect_onnx
 
     try:
-        summary = inspect_onnx(args.file)
+        if Path(args.file).suffix.lower() == ".xml":
+            from .export.openvino import inspect_openvino
+
+            summary = inspect_openvino(args.file)
+        else:
+            summary = inspect_onnx(args.file)
     except ExportError as exc:
         raise CLIError(str(exc)) from exc
     print(summary.table())
@@ -499,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  quantkit quantize --model my_pkg.models:build --weights ckpt.pt --scheme w4a4 "
                               "--calib calib.npy --out model.pt")
     _add_model_args(q)
-    q.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt")
+    q.add_argument("--out", required=True, metavar="FILE",
+                   help="model.onnx, model.xml (OpenVINO IR, .bin beside it) or model.pt")
     q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
     q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
                    help="ONNX form of binary layers (unpack: faster in onnxruntime)")
@@ -510,10 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schemes", help="list the quantization schemes")
     s.set_defaults(func=cmd_schemes)
 
-    i = sub.add_parser("inspect", help="show an ONNX file's operators, bit widths and sizes",
+    i = sub.add_parser("inspect", help="show an ONNX file's or OpenVINO IR's operators, bit widths and sizes",
                        epilog="example:\n  quantkit inspect model.onnx",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("file", help="an .onnx file")
+    i.add_argument("file", help="an .onnx file or an OpenVINO .xml")
     i.set_defaults(func=cmd_inspect)
 
     n = sub.add_parser("info", help="kernels built, CPU features, CUDA")

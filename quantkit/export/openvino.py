@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import ExportError, QuantkitError
 from .emit import EmitContext, LayerExport, emitter_for
-from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, Agreement, _as_inputs, _attention_types,
+from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, _as_inputs, _attention_types,
                           _flatten_outputs, _has_quant_modules, _max_diff, _swap_placeholders, _torch_export,
                           check_output_path)
 from .verify import LayerProbe
@@ -57,13 +57,39 @@ def _openvino():
 
 # ---------------------------------------------------------------------------------------------- results
 @dataclass
+class OpenVINOAgreement:
+    """Max abs differences between the three executions on the example inputs (None: not run)."""
+
+    simulated_vs_deploy: float | None = None
+    deploy_vs_openvino: float | None = None
+    simulated_vs_openvino: float | None = None
+    output_absmax: float | None = None
+    #: when the whole-model difference exceeded float tolerance: the largest per-layer difference found
+    layerwise_max: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        def f(v: float | None) -> str:
+            return "not run" if v is None else f"{v:.3g}"
+
+        lines = ["three-way agreement on the example inputs (max abs difference):",
+                 f"  simulated vs deploy       {f(self.simulated_vs_deploy)}",
+                 f"  deploy vs OpenVINO        {f(self.deploy_vs_openvino)}",
+                 f"  simulated vs OpenVINO     {f(self.simulated_vs_openvino)}"]
+        if self.output_absmax is not None:
+            lines.append(f"  (output magnitude: max |y| = {self.output_absmax:.3g})")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
 class OpenVINOExportResult:
     xml_path: str
     bin_path: str
     xml_bytes: int
     bin_bytes: int
     layers: list[LayerExport]
-    agreement: Agreement
+    agreement: OpenVINOAgreement
     input_names: list[str]
     output_names: list[str]
     #: layer types the CPU plugin executes (``layerType`` of the compiled runtime model) and how many of each
@@ -103,7 +129,7 @@ class OpenVINOExportResult:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(self.runtime_layers.items(), key=lambda kv: -kv[1])
                               if k not in ("Input", "Output", "Const", "Reorder"))
             lines.append(f"  executed by the CPU plugin: {shown}")
-        lines.append(self.agreement.table().replace("onnxruntime", "OpenVINO   "))
+        lines.append(self.agreement.table())
         if self.dynamic_batch and self.runtime_layers.get("BinaryConvolution"):
             lines.append("  run it with quantkit.export.openvino.compile_openvino(path, batch=N) or "
                          "model.reshape before compile_model: BinaryConvolution needs a static batch")
@@ -330,7 +356,7 @@ def layerwise_check_openvino(model, inputs: Sequence[torch.Tensor], probes: Sequ
     return results
 
 
-def _explain(agreement: Agreement, model, inputs: tuple, probes: list, atol: float, rtol: float, batch: int,
+def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, atol: float, rtol: float, batch: int,
              quiet: bool) -> None:
     checks = layerwise_check_openvino(model, inputs, probes, batch)
     for probe, diff, absmax in checks:
@@ -342,7 +368,7 @@ def _explain(agreement: Agreement, model, inputs: tuple, probes: list, atol: flo
     worst = max((d for _, d, _ in checks), default=0.0)
     agreement.layerwise_max = worst
     agreement.notes.append(
-        f"deploy vs OpenVINO ({agreement.deploy_vs_onnxruntime:.3g}) is above float tolerance, but each of the "
+        f"deploy vs OpenVINO ({agreement.deploy_vs_openvino:.3g}) is above float tolerance, but each of the "
         f"{len(checks)} quantized layers matches its deploy layer on OpenVINO's own input (max difference "
         f"{worst:.3g}): float rounding in the full-precision layers moved values across quantization thresholds, "
         "which the network amplifies. Check accuracy on real data")
@@ -489,7 +515,7 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
 
     ov_model.set_rt_info(__version__, ["quantkit", "version"])
 
-    agreement = Agreement()
+    agreement = OpenVINOAgreement()
     if ref_sim is not None:
         agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
     else:
@@ -502,10 +528,10 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
         runtime = runtime_layer_types(compiled)
         got = run_openvino(compiled, inputs)
         _finite_or_fail(got, "OpenVINO's")
-        agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, got)
+        agreement.deploy_vs_openvino = _max_diff(ref_deploy, got)
         if ref_sim is not None:
-            agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, got)
-        if not agreement.deploy_vs_onnxruntime <= atol + rtol * agreement.output_absmax:
+            agreement.simulated_vs_openvino = _max_diff(ref_sim, got)
+        if not agreement.deploy_vs_openvino <= atol + rtol * agreement.output_absmax:
             _explain(agreement, ov_model, inputs, probes, atol, rtol, batch or 1, quiet)
         if doubled is not None:
             compiled2 = compile_openvino(ov_model, 2 * batch)
@@ -528,5 +554,96 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
     return result
 
 
-__all__ = ["export_openvino", "OpenVINOExportResult", "compile_openvino", "run_openvino", "runtime_layer_types",
-           "layerwise_check_openvino"]
+# ---------------------------------------------------------------------------------------------- inspect
+@dataclass
+class OpenVINOSummary:
+    """What an OpenVINO IR holds (``quantkit inspect model.xml``)."""
+
+    xml_path: str
+    xml_bytes: int
+    bin_bytes: int
+    inputs: list[str]
+    outputs: list[str]
+    op_counts: Counter
+    constants_by_type: dict[str, tuple[int, int, int]]  # element type -> (count, elements, bytes)
+    #: one row per binary layer: (layer, weight shape, u1 bytes, FP32 bytes of the same weights)
+    binary_layers: list[tuple[str, tuple, int, int]] = field(default_factory=list)
+    runtime_layers: Counter = field(default_factory=Counter)
+    runtime_note: str = ""
+
+    def table(self) -> str:
+        lines = [f"{self.xml_path}: OpenVINO IR, .xml {self.xml_bytes / 1024:.1f} KiB, "
+                 f".bin {self.bin_bytes / 1024:.1f} KiB ({self.bin_bytes} B)",
+                 f"inputs: {', '.join(self.inputs)}", f"outputs: {', '.join(self.outputs)}", "operations:"]
+        for op, n in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {op:<28} {n}")
+        lines.append("constants by element type:")
+        for t, (count, elems, nbytes) in sorted(self.constants_by_type.items(), key=lambda kv: -kv[1][2]):
+            lines.append(f"  {t:<8} {count:>5} tensors  {elems:>10} values  {nbytes / 1024:10.1f} KiB")
+        if self.binary_layers:
+            w = max(len(r[0]) for r in self.binary_layers)
+            lines.append("binary layers (BinaryConvolution, u1 weights):")
+            for name, shape, nb, fp in self.binary_layers:
+                lines.append(f"  {name:<{w}}  {'x'.join(map(str, shape)):<16} {nb:>9} B u1 vs {fp:>10} B FP32")
+            nb = sum(r[2] for r in self.binary_layers)
+            fp = sum(r[3] for r in self.binary_layers)
+            lines.append(f"  total: {nb} B of u1 weights vs {fp} B in FP32 ({fp / max(nb, 1):.1f}x smaller)")
+        if self.runtime_layers:
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(self.runtime_layers.items(), key=lambda kv: -kv[1])
+                              if k not in ("Input", "Output", "Const", "Reorder"))
+            lines.append(f"executed by the CPU plugin (batch 1): {shown}")
+        if self.runtime_note:
+            lines.append(self.runtime_note)
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def inspect_openvino(path: str | os.PathLike, *, compile_model: bool = True) -> OpenVINOSummary:
+    """Read an OpenVINO IR: operation counts, constants by element type, the binary layers' u1 weight bytes vs
+    FP32, the ``.bin`` size; with ``compile_model`` also the layer types the CPU plugin executes (at batch 1)."""
+    ov = _openvino()
+    p = Path(path)
+    bin_path = p.with_suffix(".bin")
+    if not p.is_file():
+        raise ExportError(f"no OpenVINO IR at {str(p)!r}")
+    if not bin_path.is_file():
+        raise ExportError(f"{str(p)!r}: its weights file {str(bin_path)!r} is missing (an IR is the .xml and the "
+                          ".bin beside it)")
+    core = ov.Core()
+    try:
+        model = core.read_model(str(p))
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot read {str(p)!r}: {_first_line(exc)}") from exc
+    ops_count: Counter = Counter()
+    consts: dict[str, list[int]] = {}
+    binary: list[tuple[str, tuple, int, int]] = []
+    for op in model.get_ordered_ops():
+        t = op.get_type_name()
+        ops_count[t] += 1
+        if t == "Constant":
+            et = op.get_output_element_type(0).get_type_name()
+            row = consts.setdefault(et, [0, 0, 0])
+            shape = tuple(op.get_output_shape(0))
+            row[0] += 1
+            row[1] += int(np.prod(shape)) if shape else 1
+            row[2] += int(op.get_byte_size())
+        if t == "BinaryConvolution":
+            w = op.input_value(1).get_node()
+            if w.get_type_name() == "Constant":
+                shape = tuple(w.get_output_shape(0))
+                binary.append((op.get_friendly_name(), shape, int(w.get_byte_size()), int(np.prod(shape)) * 4))
+    summary = OpenVINOSummary(str(p), p.stat().st_size, bin_path.stat().st_size,
+                              [f"{i.get_any_name()} {i.get_partial_shape()}" for i in model.inputs],
+                              [f"{o.get_any_name()} {o.get_partial_shape()}" for o in model.outputs], ops_count,
+                              {k: tuple(v) for k, v in consts.items()}, binary)
+    if compile_model:
+        try:
+            summary.runtime_layers = runtime_layer_types(compile_openvino(model, 1, core=core))
+        except ExportError as exc:
+            summary.runtime_note = f"not compiled for the CPU: {exc}"
+    return summary
+
+
+__all__ = ["export_openvino", "OpenVINOExportResult", "OpenVINOAgreement", "compile_openvino", "run_openvino",
+           "runtime_layer_types", "layerwise_check_openvino", "inspect_openvino", "OpenVINOSummary"]

@@ -9,10 +9,12 @@ deploy layers sum over the valid taps only (zero padding) and binarize with ``x 
     A    = BinaryConvolution(bits, ones_u1, pad_value=+1)     sum of s_a (only where act_sum_scale is set)
     y    = scale * B + act_sum_scale * A + K
 
-with one constant map ``K[o, y, x] = bias + weight_sum_scale * SUM_valid(s_w) + count_scale * n_valid
-- scale * SUM_pad(s_w) - act_sum_scale * n_pad`` computed here in float64 from the weight signs: every padded tap
-removed exactly, so the result equals the deploy layer (``quantkit.nn.binary_deploy.affine_epilogue``) up to float
-rounding of the epilogue. A linear layer is the same with a 1x1 kernel on ``(-1, K, 1, 1)``.
+with one input-independent map ``K[o, y, x] = bias + weight_sum_scale * SUM_valid(s_w) + count_scale * n_valid
+- scale * SUM_pad(s_w) - act_sum_scale * n_pad`` that removes every padded tap exactly, so the result equals the
+deploy layer (``quantkit.nn.binary_deploy.affine_epilogue``) up to float rounding of the epilogue. ``K`` is written
+as per-channel coefficients of two small constant convolutions (per-tap weight sums and tap counts over an all-ones
+map), which the CPU plugin evaluates once when it compiles the model: the IR holds O*kh*kw floats per layer, not an
+(O, Ho, Wo) map. A linear layer is the same with a 1x1 kernel on ``(-1, K, 1, 1)``.
 
 Bit layout, measured on OpenVINO 2026.4's CPU plugin (the tests check it): the ``u1`` weight of a
 ``BinaryConvolution`` is the OIHW tensor flattened and packed 8 a byte with element ``i`` in bit ``i % 8`` of byte
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..emit.base import EmitContext, LayerExport
 from . import register_ov_emitter
@@ -78,18 +79,28 @@ class _Geometry:
             self.h = self.w = 1
         self.c_in, self.kh, self.kw = c_in, kh, kw
 
-    def conv_maps(self, signs: np.ndarray) -> dict[str, np.ndarray]:
-        """(1, O or 1, Ho, Wo) float64 maps: SUM_valid(s_w), n_valid, SUM_pad(s_w), n_pad."""
-        s = torch.from_numpy(signs.astype(np.float64))
-        ones_k = torch.ones((1, self.c_in, self.kh, self.kw), dtype=torch.float64)
-        ones_in = torch.ones((1, self.c_in, self.h, self.w), dtype=torch.float64)
-        ph, pw = self.padding
-        pad_mask = F.pad(torch.zeros_like(ones_in), (pw, pw, ph, ph), value=1.0)
-        geo = dict(stride=self.stride, dilation=self.dilation)
-        return {"wsum_valid": F.conv2d(ones_in, s, padding=self.padding, **geo).numpy(),
-                "n_valid": F.conv2d(ones_in, ones_k, padding=self.padding, **geo).numpy(),
-                "wsum_pad": F.conv2d(pad_mask, s, **geo).numpy(),
-                "n_pad": F.conv2d(pad_mask, ones_k, **geo).numpy()}
+    def constant_terms(self, ops, signs: np.ndarray, c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, name: str):
+        """The input-independent map ``c0 + c1 * SUM_valid(s_w) + c2 * n_valid`` (per output channel o, over the
+        valid taps of every output position). Without padding both sums are constants; with padding they are two
+        small convolutions of an all-ones (1, 1, H, W) map -- with the per-tap weight sums ``SUM_c s_w`` (O, 1, kh,
+        kw) and with ones -- that OpenVINO folds when it compiles, so the IR holds O*kh*kw floats instead of the
+        full (O, Ho, Wo) map."""
+        n = signs.shape[0]
+        col = (lambda v: _f32(v.reshape(1, n, 1, 1)))
+        taps = signs.astype(np.float64).sum(axis=1, keepdims=True)  # (O, 1, kh, kw)
+        if self.padding == (0, 0):
+            return col(c0 + c1 * taps.reshape(n, -1).sum(axis=1) + c2 * (self.c_in * self.kh * self.kw))
+        ones = ops.broadcast(np.float32(1.0), np.array([1, 1, self.h, self.w], np.int64))
+        args = self.ov_conv_args()
+        k = col(c0)
+        if np.any(c1 != 0):
+            wv = _named(ops.convolution(ones, _f32(taps), *args), f"{name}/weight_sum_valid")
+            k = ops.add(k, ops.multiply(wv, col(c1)))
+        if np.any(c2 != 0):
+            nv = _named(ops.convolution(ones, np.full((1, 1, self.kh, self.kw), self.c_in, np.float32), *args),
+                        f"{name}/count_valid")
+            k = ops.add(k, ops.multiply(nv, col(c2)))
+        return _named(k, f"{name}/epilogue_constants") if not isinstance(k, np.ndarray) else k
 
     def ov_conv_args(self) -> tuple:
         ph, pw = self.padding
@@ -103,17 +114,9 @@ def _per_channel(v: np.ndarray | None, n: int) -> np.ndarray | None:
     return np.full(n, v.item()) if v.size == 1 else v
 
 
-def _squeeze_map(k: np.ndarray) -> np.ndarray:
-    """A (1, O, Ho, Wo) map that does not vary over space as (1, O, 1, 1)."""
-    if k.shape[2] * k.shape[3] > 1 and np.all(k == k[:, :, :1, :1]):
-        return k[:, :, :1, :1]
-    return k
-
-
 def _threshold(m, c: int) -> np.ndarray:
     t = m.in_threshold.detach().float().reshape(-1).numpy()
-    t = np.full(c, t.item(), np.float32) if t.size == 1 and c != 1 else t.astype(np.float32)
-    return t
+    return np.full(c, t.item(), np.float32) if t.size == 1 and c != 1 else t.astype(np.float32)
 
 
 def open_threshold(t: np.ndarray) -> np.ndarray:
@@ -132,8 +135,11 @@ def _epilogue(ops, name: str, dot, asum, scale, act_sum_scale, const_map, n: int
     if act_sum_scale is not None and asum is not None:
         t = _named(ops.multiply(asum, _f32(act_sum_scale.reshape(1, n, 1, 1))), f"{name}/act_sum_term")
         y = _named(ops.add(y, t), f"{name}/add_act_sum")
-    if const_map is not None and np.any(const_map != 0):
-        y = _named(ops.add(y, _f32(_squeeze_map(const_map))), f"{name}/epilogue_constants")
+    if isinstance(const_map, np.ndarray):
+        if np.any(const_map != 0):
+            y = _named(ops.add(y, _f32(const_map)), f"{name}/add_constants")
+    elif const_map is not None:
+        y = _named(ops.add(y, const_map), f"{name}/add_constants")
     return y
 
 
@@ -147,24 +153,19 @@ def _emit_native(ops, m, x, signs, geo: _Geometry, name: str):
     dot = _named(ops.binary_convolution(bits, u1_constant(signs > 0, lsb_first=True), *args, "xnor-popcount", 1.0),
                  f"{name}/binary_conv")
     scale, asc = _per_channel(_vec(m, "scale"), n), _per_channel(_vec(m, "act_sum_scale"), n)
-    wss, cs = _per_channel(_vec(m, "weight_sum_scale"), n), _per_channel(_vec(m, "count_scale"), n)
-    bias = _per_channel(_vec(m, "bias"), n)
-    maps = geo.conv_maps(signs)
-    col = (lambda v: v.reshape(1, n, 1, 1))
-    k = np.zeros_like(maps["wsum_valid"])
-    if bias is not None:
-        k = k + col(bias)
-    if wss is not None:
-        k = k + col(wss) * maps["wsum_valid"]
-    if cs is not None:
-        k = k + col(cs) * maps["n_valid"]
-    k = k - (col(scale) if scale is not None else 1.0) * maps["wsum_pad"]  # border taps counted as +1 * s_w
+    wss, cs, bias = (_per_channel(_vec(m, k), n) for k in ("weight_sum_scale", "count_scale", "bias"))
+    z = np.zeros(n)
+    sc, ac = (scale if scale is not None else np.ones(n)), (asc if asc is not None else z)
+    # B counts each padded tap as +1 * s_w and A as +1: K removes SUM_pad = SUM_full - SUM_valid exactly
+    c0 = (bias if bias is not None else z) - sc * signs.reshape(n, -1).sum(axis=1) - ac * signs[0].size
+    c1 = (wss if wss is not None else z) + sc
+    c2 = (cs if cs is not None else z) + ac
+    k = geo.constant_terms(ops, signs, c0, c1, c2, name)
     asum = None
     if asc is not None:
         ones = np.ones((1,) + signs.shape[1:], np.uint8)
         asum = _named(ops.binary_convolution(bits, u1_constant(ones, lsb_first=True), *args, "xnor-popcount", 1.0),
                       f"{name}/act_sum")
-        k = k - col(asc) * maps["n_pad"]
     return _epilogue(ops, name, dot, asum, scale, asc, k, n)
 
 
@@ -177,17 +178,10 @@ def _emit_pm1(ops, m, x, signs, geo: _Geometry, name: str):
     args = geo.ov_conv_args()
     dot = _named(ops.convolution(sa, _pm1_weight(ops, signs, name), *args), f"{name}/pm1_conv")
     scale, asc = _per_channel(_vec(m, "scale"), n), _per_channel(_vec(m, "act_sum_scale"), n)
-    wss, cs = _per_channel(_vec(m, "weight_sum_scale"), n), _per_channel(_vec(m, "count_scale"), n)
-    bias = _per_channel(_vec(m, "bias"), n)
-    maps = geo.conv_maps(signs)
-    col = (lambda v: v.reshape(1, n, 1, 1))
-    k = np.zeros_like(maps["wsum_valid"])
-    if bias is not None:
-        k = k + col(bias)
-    if wss is not None:
-        k = k + col(wss) * maps["wsum_valid"]
-    if cs is not None:
-        k = k + col(cs) * maps["n_valid"]
+    wss, cs, bias = (_per_channel(_vec(m, k), n) for k in ("weight_sum_scale", "count_scale", "bias"))
+    z = np.zeros(n)
+    k = geo.constant_terms(ops, signs, bias if bias is not None else z, wss if wss is not None else z,
+                           cs if cs is not None else z, name)
     asum = None
     if asc is not None:
         ones = np.ones((1,) + signs.shape[1:], np.float32)
