@@ -260,8 +260,10 @@ def _split_placeholders(proto, ov_types: dict) -> tuple[list[LayerExport], list[
     return layers, probes
 
 
-def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport]):
-    """OpenVINO's ONNX frontend with a conversion extension for the kept placeholders."""
+def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
+    """OpenVINO's ONNX frontend with a conversion extension for the kept placeholders. The intermediate ONNX file
+    lives in ``tmp``, which must outlive the returned model (OpenVINO may map its initializers instead of copying
+    them)."""
     ov = _openvino()
     from openvino.frontend.onnx import ConversionExtension
 
@@ -286,19 +288,18 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport]):
         out = y.output(0) if hasattr(y, "output") else y
         return [out]
 
-    with tempfile.TemporaryDirectory(prefix="quantkit_ov_") as tmp:
-        onnx_path = os.path.join(tmp, "graph.onnx")
-        with open(onnx_path, "wb") as f:
-            f.write(proto.SerializeToString())
-        try:
-            model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", _PLACEHOLDER_DOMAIN, convert)])
-        except Exception as exc:
-            if failures:
-                first = failures[0]
-                if isinstance(first, QuantkitError):
-                    raise first from exc
-                raise ExportError(f"an OpenVINO emitter failed: {first}") from exc
-            raise ExportError(f"OpenVINO's ONNX frontend cannot read the model's graph: {_first_line(exc)}") from exc
+    onnx_path = os.path.join(tmp, "graph.onnx")
+    with open(onnx_path, "wb") as f:
+        f.write(proto.SerializeToString())
+    try:
+        model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", _PLACEHOLDER_DOMAIN, convert)])
+    except Exception as exc:
+        if failures:
+            first = failures[0]
+            if isinstance(first, QuantkitError):
+                raise first from exc
+            raise ExportError(f"an OpenVINO emitter failed: {first}") from exc
+        raise ExportError(f"OpenVINO's ONNX frontend cannot read the model's graph: {_first_line(exc)}") from exc
     layers.extend(built[k] for k in sorted(built))
     return model
 
@@ -377,9 +378,10 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _atomic_save(model, xml_path: Path) -> tuple[int, int]:
-    """``ov.save_model`` into a temporary folder beside ``xml_path``, then rename ``.bin`` and ``.xml`` into place
-    (the previous ``.bin`` is restored if the ``.xml`` cannot be renamed). Returns (xml bytes, bin bytes)."""
+def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
+    """``ov.save_model`` into a temporary folder beside ``xml_path``; ``check(model read back from it)`` (the
+    verification runs on exactly the files that will be renamed); then rename ``.bin`` and ``.xml`` into place (the
+    previous ``.bin`` is restored if the ``.xml`` cannot be renamed). Returns (xml bytes, bin bytes)."""
     ov = _openvino()
     folder = xml_path.parent if str(xml_path.parent) else Path(".")
     bin_path = xml_path.with_suffix(".bin")
@@ -397,6 +399,13 @@ def _atomic_save(model, xml_path: Path) -> tuple[int, int]:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         sizes = (tmp_xml.stat().st_size, tmp_bin.stat().st_size)
+        if check is not None:
+            try:
+                saved = ov.Core().read_model(str(tmp_xml))
+            except Exception as exc:
+                raise ExportError(f"OpenVINO cannot read back the IR it wrote: {_first_line(exc)}") from exc
+            check(saved)
+            del saved
         if bin_path.exists():
             backup = tmp / "previous.bin"
             os.replace(bin_path, backup)
@@ -497,11 +506,19 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
     _DYNAMIC_BATCH[0] = dynamic_batch
     layers: list[LayerExport] = []
     ov_layers: dict = {}
+    with tempfile.TemporaryDirectory(prefix="quantkit_ov_") as onnx_tmp:
+        return _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim,
+                          ref_deploy, doubled, ref_doubled, verify, atol, rtol, quiet, xml_path)
+
+
+def _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim, ref_deploy,
+               doubled, ref_doubled, verify, atol, rtol, quiet, xml_path) -> OpenVINOExportResult:
+    """The rest of :func:`export_openvino`, while the intermediate ONNX file in ``onnx_tmp`` exists."""
     try:
         _swap_placeholders(work)
         proto = _torch_export(work, inputs, _ONNX_OPSET, in_names, out_names, dynamic_batch)
         layers, probes = _split_placeholders(proto, ov_layers)
-        ov_model = _to_openvino(proto, ov_layers, layers)
+        ov_model = _to_openvino(proto, ov_layers, layers, onnx_tmp)
     finally:
         _ACTIVE.clear()
     order = {p.name: i for i, p in enumerate(probes)}
@@ -522,20 +539,20 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
         agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
     agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
     runtime: Counter = Counter()
-    if verify:
+
+    def check(saved) -> None:
         batch = int(inputs[0].shape[0]) if inputs[0].dim() else None
-        compiled = compile_openvino(ov_model, batch)
-        runtime = runtime_layer_types(compiled)
+        compiled = compile_openvino(saved, batch)
+        runtime.update(runtime_layer_types(compiled))
         got = run_openvino(compiled, inputs)
         _finite_or_fail(got, "OpenVINO's")
         agreement.deploy_vs_openvino = _max_diff(ref_deploy, got)
         if ref_sim is not None:
             agreement.simulated_vs_openvino = _max_diff(ref_sim, got)
         if not agreement.deploy_vs_openvino <= atol + rtol * agreement.output_absmax:
-            _explain(agreement, ov_model, inputs, probes, atol, rtol, batch or 1, quiet)
+            _explain(agreement, saved, inputs, probes, atol, rtol, batch or 1, quiet)
         if doubled is not None:
-            compiled2 = compile_openvino(ov_model, 2 * batch)
-            got2 = run_openvino(compiled2, doubled)
+            got2 = run_openvino(compile_openvino(saved, 2 * batch), doubled)
             _finite_or_fail(got2, "OpenVINO's (batch doubled)")
             if got2 and ref_doubled[0].dim() and got2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
                 raise ExportError("the dynamic batch axis does not propagate to the output; export with "
@@ -543,10 +560,11 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
             d2 = _max_diff(ref_doubled, got2)
             scale2 = max((float(t.abs().max()) for t in ref_doubled if t.numel()), default=0.0)
             if not d2 <= atol + rtol * scale2 and agreement.layerwise_max is None:
-                _explain(agreement, ov_model, doubled, probes, atol, rtol, 2 * batch, quiet)
-    else:
+                _explain(agreement, saved, doubled, probes, atol, rtol, 2 * batch, quiet)
+
+    if not verify:
         agreement.notes.append("verify=False: OpenVINO was not run")
-    sizes = _atomic_save(ov_model, xml_path)
+    sizes = _atomic_save(ov_model, xml_path, check if verify else None)
     result = OpenVINOExportResult(str(xml_path), str(xml_path.with_suffix(".bin")), sizes[0], sizes[1], layers,
                                   agreement, in_names, out_names, runtime, dynamic_batch)
     if not quiet:
