@@ -317,8 +317,8 @@ def _finite_or_fail(arrays: Sequence, what: str) -> None:
 def layerwise_check_openvino(model, inputs: Sequence[torch.Tensor], probes: Sequence[LayerProbe],
                              batch: int) -> list[tuple[LayerProbe, float, float]]:
     """Run the OpenVINO model with every layer's inputs and output exposed; for each quantized layer run its PyTorch
-    deploy module on OpenVINO's inputs and return ``(probe, max abs difference, max |output|)`` (inf where OpenVINO
-    produced NaN/inf or another shape)."""
+    deploy module on OpenVINO's inputs and return ``(probe, max abs difference, max |output|)`` (NaN where OpenVINO
+    produced NaN/inf, inf where it produced another shape)."""
     exposed = model.clone()
     known = {n for o in exposed.outputs for n in o.get_names()}
     wanted = []
@@ -349,8 +349,11 @@ def layerwise_check_openvino(model, inputs: Sequence[torch.Tensor], probes: Sequ
         with torch.no_grad():
             ref = p.module(*args).detach().float().numpy()
         got = values[p.output_name]
-        if ref.shape != got.shape or (got.size and not np.all(np.isfinite(got))):
+        if ref.shape != got.shape:
             results.append((p, float("inf"), float(np.abs(ref).max()) if ref.size else 0.0))
+            continue
+        if got.size and not np.all(np.isfinite(got)):
+            results.append((p, float("nan"), float(np.abs(ref).max()) if ref.size else 0.0))
             continue
         results.append((p, float(np.abs(ref - got).max()) if got.size else 0.0,
                         float(np.abs(ref).max()) if got.size else 0.0))
@@ -361,6 +364,10 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
              quiet: bool) -> None:
     checks = layerwise_check_openvino(model, inputs, probes, batch)
     for probe, diff, absmax in checks:
+        if diff != diff:
+            raise ExportError(f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output has NaN/inf values where "
+                              "the deploy layer's is finite on the same input; nothing was written. This is a bug in "
+                              "its OpenVINO emitter: please report it")
         if not diff <= atol + rtol * absmax:
             raise ExportError(
                 f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output differs from the deploy layer by "
