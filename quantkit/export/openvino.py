@@ -608,11 +608,16 @@ class OpenVINOSummary:
         if self.binary_layers:
             w = max(len(r[0]) for r in self.binary_layers)
             lines.append("binary layers (BinaryConvolution, u1 weights):")
-            for name, shape, nb, fp in self.binary_layers:
+            weights = [r for r in self.binary_layers if not r[0].endswith("/act_sum")]
+            sums = [r for r in self.binary_layers if r[0].endswith("/act_sum")]
+            for name, shape, nb, fp in weights:
                 lines.append(f"  {name:<{w}}  {'x'.join(map(str, shape)):<16} {nb:>9} B u1 vs {fp:>10} B FP32")
-            nb = sum(r[2] for r in self.binary_layers)
-            fp = sum(r[3] for r in self.binary_layers)
+            nb = sum(r[2] for r in weights)
+            fp = sum(r[3] for r in weights)
             lines.append(f"  total: {nb} B of u1 weights vs {fp} B in FP32 ({fp / max(nb, 1):.1f}x smaller)")
+            if sums:
+                lines.append(f"  plus {len(sums)} all-ones u1 kernels ({sum(r[2] for r in sums)} B) computing the "
+                             "activation sums of AdaBin's epilogue")
         if self.runtime_layers:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(self.runtime_layers.items(), key=lambda kv: -kv[1])
                               if k not in ("Input", "Output", "Const", "Reorder"))
