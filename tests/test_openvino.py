@@ -3,7 +3,6 @@ on fresh inputs; binary layers execute as BinaryConvolution with u1 weights; err
 behind."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
