@@ -454,7 +454,7 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
     """
     from ..api import convert
 
-    ov = _openvino()
+    _openvino()  # a clear error before any work when the package is missing
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_openvino expects a torch.nn.Module, got {type(model).__name__}")
     xml_path = check_output_path(path)
