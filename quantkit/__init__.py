@@ -5,6 +5,7 @@ CPU/CUDA kernels and ONNX export.
     qat = quantkit.QAT(model, "adabin")                                   # quantization-aware training
     deployed = quantkit.convert(qmodel)                                   # packed / integer kernels
     quantkit.export_onnx(qmodel, (x,), "model.onnx")                      # runs in stock onnxruntime
+    quantkit.export_openvino(qmodel, (x,), "model.xml")                   # OpenVINO IR, native binary kernels
 
 ``import quantkit`` loads the compiled kernels, so ``torch.ops.quantkit.*`` (the ops of :mod:`quantkit.ops`) can be
 called directly right after it; without a build, quantkit still imports and runs every op's PyTorch reference.
@@ -27,7 +28,15 @@ def export_onnx(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
+def export_openvino(*args, **kwargs):
+    """Export a quantized model to OpenVINO IR with native BinaryConvolution / int8 kernels (see
+    :mod:`quantkit.export.openvino`; needs ``pip install quantkit[openvino]``)."""
+    from .export.openvino import export_openvino as _export
+
+    return _export(*args, **kwargs)
+
+
 __all__ = ["prepare", "calibrate", "quantize", "convert", "report", "schemes", "calibration_samples", "QAT",
-           "distillation_loss", "export_onnx", "SchemeConfig", "get_scheme", "register_scheme", "QuantkitError", "UnknownSchemeError",
-           "ConfigError", "CalibrationDataError", "NoQuantizableLayerError", "UnsupportedModelError", "KernelError",
-           "ExportError", "__version__"]
+           "distillation_loss", "export_onnx", "export_openvino", "SchemeConfig", "get_scheme", "register_scheme",
+           "QuantkitError", "UnknownSchemeError", "ConfigError", "CalibrationDataError", "NoQuantizableLayerError",
+           "UnsupportedModelError", "KernelError", "ExportError", "__version__"]

@@ -200,11 +200,14 @@ def _check_output(path: str, suffixes: tuple[str, ...], args) -> Path:
         p = check_output_path(p)
     except ExportError as exc:
         raise CLIError(f"--out: {exc}") from exc
-    for flag, given in _input_files(args):
-        if os.path.exists(given) and os.path.exists(p) and os.path.samefile(given, p):
-            raise CLIError(f"--out {path!r} is the {flag} input {given!r}: quantkit never writes over its inputs; "
-                           "choose another output file name")
-    _refuse_existing(p, getattr(args, "force", False))
+    # OpenVINO IR is two files: the .bin beside the .xml is written (and protected) just the same
+    written = [p, p.with_suffix(".bin")] if p.suffix.lower() == ".xml" else [p]
+    for target in written:
+        for flag, given in _input_files(args):
+            if os.path.exists(given) and os.path.exists(target) and os.path.samefile(given, target):
+                raise CLIError(f"--out {path!r} would write {str(target)!r}, the {flag} input: quantkit never writes "
+                               "over its inputs; choose another output file name")
+        _refuse_existing(target, getattr(args, "force", False))
     return p
 
 
@@ -351,7 +354,7 @@ def cmd_quantize(args, console: _Console) -> int:
     import quantkit
     from .nn.base import deploy_nbytes
 
-    out = _check_output(args.out, (".onnx", ".pt", ".pth"), args)
+    out = _check_output(args.out, (".onnx", ".xml", ".pt", ".pth"), args)
     model, qmodel, example = _prepare_quantized(args, console)
     report = quantkit.report(qmodel)
     fp_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -372,6 +375,8 @@ def cmd_quantize(args, console: _Console) -> int:
         if a.deploy_vs_onnxruntime is not None:
             console.info(f"onnxruntime vs PyTorch deploy: max abs difference {a.deploy_vs_onnxruntime:.3g} "
                          f"(max |y| = {a.output_absmax:.3g})")
+    elif out.suffix.lower() == ".xml":
+        _quantize_to_openvino(qmodel, example, out, console)
     else:
         deployed = quantkit.convert(qmodel)
         console.info(str(quantkit.report(deployed)))
@@ -390,6 +395,19 @@ def cmd_quantize(args, console: _Console) -> int:
     return EXIT_OK
 
 
+def _quantize_to_openvino(qmodel, example, out: Path, console: _Console) -> None:
+    """--out model.xml: OpenVINO IR (.xml + .bin), verified in OpenVINO against the PyTorch deploy model."""
+    import quantkit
+
+    result = quantkit.export_openvino(qmodel, example, out, quiet=True)
+    console.info(str(quantkit.report(quantkit.convert(qmodel))))
+    console.info(result.summary())
+    a = result.agreement
+    if a.deploy_vs_openvino is not None:
+        console.info(f"OpenVINO vs PyTorch deploy: max abs difference {a.deploy_vs_openvino:.3g} "
+                     f"(max |y| = {a.output_absmax:.3g})")
+
+
 def cmd_schemes(args, console: _Console) -> int:
     import quantkit
 
@@ -405,7 +423,12 @@ def cmd_inspect(args, console: _Console) -> int:
     from .export.inspect import inspect_onnx
 
     try:
-        summary = inspect_onnx(args.file)
+        if Path(args.file).suffix.lower() == ".xml":
+            from .export.openvino import inspect_openvino
+
+            summary = inspect_openvino(args.file)
+        else:
+            summary = inspect_onnx(args.file)
     except ExportError as exc:
         raise CLIError(str(exc)) from exc
     print(summary.table())
@@ -562,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  quantkit quantize --model my_pkg.models:build --weights ckpt.pt --scheme w4a4 "
                               "--calib calib.npy --out model.pt")
     _add_model_args(q)
-    q.add_argument("--out", required=True, metavar="FILE", help="model.onnx or model.pt (never one of the inputs)")
+    q.add_argument("--out", required=True, metavar="FILE",
+                   help="model.onnx, model.xml (OpenVINO IR, .bin beside it) or model.pt (never one of the inputs)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
     q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
@@ -574,10 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schemes", help="list the quantization schemes")
     s.set_defaults(func=cmd_schemes)
 
-    i = sub.add_parser("inspect", help="show an ONNX file's operators, bit widths and sizes",
+    i = sub.add_parser("inspect", help="show an ONNX file's or OpenVINO IR's operators, bit widths and sizes",
                        epilog="example:\n  quantkit inspect model.onnx",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    i.add_argument("file", help="an .onnx file")
+    i.add_argument("file", help="an .onnx file or an OpenVINO .xml")
     i.set_defaults(func=cmd_inspect)
 
     n = sub.add_parser("info", help="kernels built, CPU features, CUDA")

@@ -54,7 +54,10 @@ def emit_attention_core(m: AttentionCore, b: GraphBuilder, inputs: list[str], ct
         thr = b.op("Mul", [mx, b.f32("beta", np.float32(m.beta))], "sab_threshold")
         mask = b.op("GreaterOrEqual", [p, thr], "sab_select")
     elif m.method == "bibert":
-        mask = b.op("Greater", [z, b.f32("zero", np.float32(0))], "bool_select")
+        # without a bias, z > 0 <=> the exact integer count qk > 0 (scale > 0): a runtime that moves the scale
+        # into the product (OpenVINO's fused attention does) cannot turn an exact 0 into +-epsilon
+        src = qk if bias is None and scale > 0 else z
+        mask = b.op("Greater", [src, b.f32("zero", np.float32(0))], "bool_select")
     else:
         ctx.fail(f"attention method {m.method!r} has no ONNX form")
     a = b.op("Cast", [mask], "attention_bits", to=TensorProto.FLOAT)
