@@ -46,9 +46,11 @@ def test_weight_codes_follow_the_official_order_at_minus_s():
         scale = torch.tensor(s, dtype=torch.float32)
         w = torch.tensor([-s, s, -s / 3, 0.0], dtype=torch.float32)
         w[0], w[1] = -scale, scale
-        q = quantize_weight_codes(w, scale, 4)
+        q = quantize_weight_codes(w, scale, 4, order="official")
         assert q[0].item() == expected and q[1].item() == 7, s
         assert torch.equal(q, _official_weight_codes(w, scale, 4)), s
+        paper = quantize_weight_codes(w, scale, 4)  # default: -s is the tie for every scale (Fig. 3)
+        assert paper[0].item() == -8 and paper[1].item() == 7, s
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -60,7 +62,9 @@ def test_weight_codes_equal_official_formula_float32(bits, s, seed):
     w = ((torch.rand(64, generator=gen) * 2 - 1) * scale).clamp(-scale, scale)
     w[:8] = -scale
     w[8:16] = scale
-    assert torch.equal(quantize_weight_codes(w, scale, bits), _official_weight_codes(w, scale, bits))
+    assert torch.equal(quantize_weight_codes(w, scale, bits, order="official"), _official_weight_codes(w, scale, bits))
+    paper = quantize_weight_codes(w, scale, bits)
+    assert (paper[:8] == -(2 ** (bits - 1))).all() and (paper[8:16] == 2 ** (bits - 1) - 1).all()
 
 
 def test_fig3_weight_codes_and_bias():
@@ -115,13 +119,7 @@ def test_weight_codes_error_bound(bits, s, seed):
     assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
     step = group_step(torch.tensor(s, dtype=torch.float64), bits, signed=True)
     assert ((w - step * q).abs() <= step / 2 + 1e-12).all()
-    assert q[0] == 2 ** (bits - 1) - 1
-    # -s: the official order ((W (2^b - 1)) / s) / 2 is the tie -(2^b - 1)/2 (half-even: -2^(b-1)) when s (2^b - 1)
-    # rounds back exactly, else one ulp off it: below the tie -> -2^(b-1), above -> -2^(b-1) + 1 (error s/(2^b-1) =
-    # step/2 either way, within the bound above)
-    levels = 2**bits - 1
-    t = (-s * levels) / s
-    assert q[1] == (-(2 ** (bits - 1)) if t <= -levels else -(2 ** (bits - 1)) + 1)
+    assert q[0] == 2 ** (bits - 1) - 1 and q[1] == -(2 ** (bits - 1))  # paper order: -s is the tie for every s
 
 
 @settings(max_examples=50, deadline=None)
@@ -243,3 +241,27 @@ def test_grid_clamp_is_lossless_after_quantization(bits):
     clamped_s, bias_s = lossless_weight_clamp(w, s.view(1))
     y_scale = -step * (qx - quantize_weight_codes(clamped_s, s, bits)).abs().sum() + bias_s
     assert abs(y_scale.item() - y_fp.item()) > 0.5 * s.item() / (2**bits - 1)
+
+
+def test_scheme_weight_code_order_option():
+    """The scheme field reaches the layer: s = 0.3 (float32) at 4 bits, a filter clamped onto -s: code -8 by default
+    (the paper's tie), -7 with the official order; unknown values are a ConfigError naming both choices."""
+    import quantkit
+    from quantkit.errors import ConfigError
+    from torch import nn
+
+    from quantkit.nn import AdderConv2d
+
+    def codes(**over):
+        torch.manual_seed(0)
+        model = nn.Sequential(AdderConv2d(1, 2, 1, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.tensor([[[[-0.3]]], [[[0.3]]]]))
+        q = quantkit.quantize(model, "adder_ptq4", [torch.full((2, 1, 3, 3), 0.3)], groups=1, weight_clamp="scale",
+                              percentile=100.0, **over)
+        return q[0]._compute_quant_params()["w_codes"].flatten().tolist()
+
+    assert codes() == [-8.0, 7.0]
+    assert codes(weight_code_order="official") == [-7.0, 7.0]
+    with pytest.raises(ConfigError, match="weight_code_order='x'.*'paper'.*'official'"):
+        codes(weight_code_order="x")

@@ -69,6 +69,7 @@ class _QuantAdderMixin(QuantModule):
         self.act_mode = config.act_mode
         self.round_mode = config.round_mode
         self.weight_clamp = config.weight_clamp
+        self.weight_code_order = config.weight_code_order
         self.kmeans_seed = int(config.kmeans_seed)
         self.kmeans_n_init = int(config.kmeans_n_init)
         dev = self.weight.device
@@ -172,7 +173,8 @@ class _QuantAdderMixin(QuantModule):
         if self.method == "qssf_a":
             comp = torch.zeros_like(comp)  # the prior single-scale method clips weights without a correction
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
-        w_codes = quantize_weight_codes(clamped, s_ch.view(shape).to(clamped.dtype), self.bits_w, self.round_mode)
+        w_codes = quantize_weight_codes(clamped, s_ch.view(shape).to(clamped.dtype), self.bits_w, self.round_mode,
+                                        self.weight_code_order)
         bias = comp if self.bias is None else comp + self.bias.detach()
         return {"w_codes": w_codes.detach(), "delta": group_step(s_ch, self.bits_w, self.signed_act).float(),
                 "bias": bias.float(), "group_index": self.group_index.clone(), "group_scale": self.group_scale.clone()}

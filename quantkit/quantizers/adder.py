@@ -136,9 +136,9 @@ def grid_range(scale: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Values of the extreme signed weight codes: ``(-2^(b-1) Delta_g, (2^(b-1) - 1) Delta_g)``, ``Delta_g = 2 s_g/(2^b-1)``.
 
     The signed grid is symmetric in step but not in range: ``+s_g`` itself is not on it (it rounds to
-    ``(2^(b-1) - 1) Delta_g = s_g (1 - 1/(2^b - 1))``) and ``-s_g`` rounds to ``-s_g (1 + 1/(2^b - 1))`` (or, for the float
-    scales where the official order of operations lands one ulp above the tie, to ``-s_g (1 - 1/(2^b - 1))``; see
-    :func:`_weight_to_grid`). Weights clamped to
+    ``(2^(b-1) - 1) Delta_g = s_g (1 - 1/(2^b - 1))``) and ``-s_g`` rounds to ``-s_g (1 + 1/(2^b - 1))`` (or, with
+    ``order="official"`` of :func:`quantize_weight_codes`, for the float scales where the official order of operations
+    lands one ulp above the tie, to ``-s_g (1 - 1/(2^b - 1))``). Weights clamped to
     ``+-s_g`` therefore all move by ``s_g / (2^b - 1)`` when quantized, in the same direction for a whole filter's
     clamped taps; clamping to this range instead (``weight_clamp="grid"``) keeps the clamp lossless after
     quantization for activations on the same grid."""
@@ -173,25 +173,37 @@ def _weight_to_grid(w: Tensor, scale: Tensor, bits: int) -> Tensor:
     The order matters for clamped groups, whose weights sit exactly on ``-s`` (and ``+s``): ``(-s (2^b - 1)) / s`` is
     ``-(2^b - 1)`` only when ``s (2^b - 1)`` rounds back exactly; otherwise it is one ulp off, e.g. float32 ``s = 0.3``
     at 4 bits gives ``-7.4999995``, which rounds to ``-7`` instead of the tie's ``-8`` (about 13% of float32 scales at
-    4 bits). ``+s`` gives code ``2^(b-1) - 1`` either way (``+7.5`` rounds to 8 and is clipped to 7). Deploy codes come
-    from this function too, so simulation and deploy agree.
+    4 bits). ``+s`` gives code ``2^(b-1) - 1`` either way (``+7.5`` rounds to 8 and is clipped to 7). Used with
+    ``weight_code_order="official"``; deploy codes come from the same function, so simulation and deploy agree.
     """
     return w * float(2**bits - 1) / scale / 2.0
 
 
-def quantize_weight_codes(weight: Tensor, scale: Tensor, bits: int, round_mode: str = "half_even") -> Tensor:
+WEIGHT_CODE_ORDERS = ("paper", "official")
+
+
+def quantize_weight_codes(weight: Tensor, scale: Tensor, bits: int, round_mode: str = "half_even",
+                          order: str = "paper") -> Tensor:
     """Signed symmetric b-bit weight codes on the group grid (official ``construct``; paper Fig. 3):
 
         q_w = clip(round(W * (2^b - 1) / (2 s_g)), -2^(b-1), 2^(b-1) - 1),   W ~= Delta_w q_w,  Delta_w = 2 s_g / (2^b - 1)
 
     ``scale`` broadcasts against ``weight`` (per output channel: shape ``(C_out, 1, ...)``). Returns float codes
     (integer values) with the straight-through gradient. Note the grid is symmetric in step but not in range:
-    ``+s_g`` maps to ``2^(b-1) - 1`` and ``-s_g`` to ``-2^(b-1)`` (Fig. 3: +-1.6 -> 7 / -8 at 4 bits) -- or to
-    ``-2^(b-1) + 1`` for the scales where the official order of operations lands one ulp above the tie
-    (:func:`_weight_to_grid`).
+    ``+s_g`` maps to ``2^(b-1) - 1`` and ``-s_g`` to ``-2^(b-1)`` (Fig. 3: +-1.6 -> 7 / -8 at 4 bits) -- or, with
+    ``order="official"``, to ``-2^(b-1) + 1`` for the scales where that order lands one ulp above the tie.
+
+    ``order`` picks the expression before rounding: ``"paper"`` (default) ``(W / s) (2^b - 1) / 2``, where ``+-s`` lands
+    exactly on the tie for every scale (Fig. 3's -1.6 -> -8 holds whatever ``s`` is); ``"official"`` the official
+    code's ``((W (2^b - 1)) / s) / 2`` (:func:`_weight_to_grid`), whose code at ``-s`` depends on one ulp of ``s``.
+    The default is the paper's because it is scale-independent and, with the paper's clamp to ``+-s``, measured more
+    accurate (docs/algorithms.md#adder-ptq-rounding has the numbers).
     """
+    if order not in WEIGHT_CODE_ORDERS:
+        raise ValueError(f"order={order!r}; use one of {WEIGHT_CODE_ORDERS}")
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return torch.clamp(round_ste(_weight_to_grid(weight, scale, bits), round_mode), lo, hi)
+    grid = _weight_to_grid(weight, scale, bits) if order == "official" else _to_grid(weight, scale, bits, True)
+    return torch.clamp(round_ste(grid, round_mode), lo, hi)
 
 
 def quantize_act_codes(x: Tensor, scale: Tensor, bits: int, signed: bool, round_mode: str = "half_even",
@@ -220,4 +232,4 @@ def max_l1_term(bits: int, signed: bool) -> int:
 
 
 __all__ = ["ROUND_MODES", "ACT_MODES", "round_half", "round_ste", "abs_percentile", "kmeans_groups", "group_scales",
-           "lossless_weight_clamp", "grid_range", "group_step", "quantize_weight_codes", "quantize_act_codes", "max_l1_term"]
+           "lossless_weight_clamp", "grid_range", "WEIGHT_CODE_ORDERS", "group_step", "quantize_weight_codes", "quantize_act_codes", "max_l1_term"]

@@ -34,6 +34,9 @@ Defaults and why:
   not in the paper) clamps to the extreme codes ``[-2^(b-1) Delta_g, (2^(b-1)-1) Delta_g]`` instead, with the same kind
   of exact bias, so the clamp stays lossless after quantization (see :func:`quantkit.quantizers.adder.grid_range`).
   BN re-estimation also absorbs the offset.
+* ``weight_code_order="paper"``: weight codes from ``(W / s_g) (2^b-1) / 2``, so ``-s_g`` is the rounding tie for every
+  scale (Fig. 3). ``"official"`` evaluates the official code's ``((W (2^b-1)) / s_g) / 2``, whose code at ``-s_g``
+  depends on one ulp of ``s_g`` (docs/algorithms.md#adder-ptq-rounding says why it is not the default).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn.adder import AdderConv2d, AdderLinear
 from ..nn.adder_quant import METHODS, QuantAdderConv2d, QuantAdderLinear
-from ..quantizers.adder import ACT_MODES, ROUND_MODES
+from ..quantizers.adder import ACT_MODES, ROUND_MODES, WEIGHT_CODE_ORDERS
 from .base import SchemeConfig, check_bits, register_scheme
 
 _PREFIX = {"ptq": "adder_ptq{b}", "qssf_w": "adder_qssf{b}_w", "qssf_a": "adder_qssf{b}_a", "round": "adder_round{b}"}
@@ -75,6 +78,7 @@ class AdderPTQConfig(SchemeConfig):
     kmeans_seed: int = 0
     kmeans_n_init: int = 10
     weight_clamp: str = "scale"
+    weight_code_order: str = "paper"
     method: str = "ptq"
 
     @property
@@ -99,6 +103,10 @@ class AdderPTQConfig(SchemeConfig):
         if self.weight_clamp not in ("scale", "grid"):
             raise ConfigError(f"scheme {self.name!r}: weight_clamp={self.weight_clamp!r}; use 'scale' (the paper: "
                               "clamp to +-s_g) or 'grid' (clamp to the extreme weight codes)")
+        if self.weight_code_order not in WEIGHT_CODE_ORDERS:
+            raise ConfigError(f"scheme {self.name!r}: weight_code_order={self.weight_code_order!r}; use 'paper' "
+                              "((W/s)(2^b-1)/2: -s is the tie for every scale) or 'official' (the official code's "
+                              "((W (2^b-1))/s)/2, whose code at -s depends on one ulp of s)")
         if self.round_mode not in ROUND_MODES:
             raise ConfigError(f"scheme {self.name!r}: round_mode={self.round_mode!r}; use one of {ROUND_MODES}")
         for field_name in ("bn_recalib_batches", "kmeans_seed"):
