@@ -205,8 +205,9 @@ def _check_output(path: str, suffixes: tuple[str, ...], args) -> Path:
     for target in written:
         for flag, given in _input_files(args):
             if os.path.exists(given) and os.path.exists(target) and os.path.samefile(given, target):
-                raise CLIError(f"--out {path!r} would write {str(target)!r}, the {flag} input: quantkit never writes "
-                               "over its inputs; choose another output file name")
+                what = f"--out {path!r} is" if target == p else f"--out {path!r} writes {str(target)!r}, which is"
+                raise CLIError(f"{what} the {flag} input {given!r}: quantkit never writes over its inputs; choose "
+                               "another output file name")
         _refuse_existing(target, getattr(args, "force", False))
     return p
 

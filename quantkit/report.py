@@ -112,7 +112,7 @@ class QuantReport:
                      f"their parameters: {_fmt_bytes(b)} -> {_fmt_bytes(a)}{ratio}")
         total_b, total_a = b + self.other_bytes, a + self.other_bytes
         lines.append(f"every parameter of the model: {_fmt_bytes(total_b)} -> {_fmt_bytes(total_a)} (incl. "
-                     f"{_fmt_bytes(self.other_bytes)} outside the listed layers: norms, embeddings, ... kept FP)")
+                     f"{_fmt_bytes(self.other_bytes)} outside the listed layers: norms, embeddings and other parameters kept FP)")
         return "\n".join(lines)
 
     __str__ = table

@@ -352,8 +352,9 @@ def test_torchvision_models_quantize(name, size):
     q = quantkit.quantize(model, "w8a8", [x], progress=False)
     rep = quantkit.report(q)
     convs_linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert sorted(r.name for r in rep.records) == sorted(convs_linears)  # every conv/linear has a fate
+    mhas = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]  # their in_proj_weight
+    assert sorted(r.name for r in rep.records) == sorted(convs_linears + mhas)  # every conv/linear/MHA has a fate
     for r in rep.kept_fp:  # only the attention projections, which the attention modules use functionally
-        assert re.search(r"(MultiheadAttention|ShiftedWindowAttention)", r.kept_fp_reason), r
-        assert r.name.endswith(("out_proj", "qkv", "proj"))
+        assert re.search(r"(MultiheadAttention|ShiftedWindowAttention|in_proj)", r.kept_fp_reason), r
+        assert r.name.endswith(("out_proj", "qkv", "proj")) or r.name in mhas
     assert q(x).shape == model(x).shape
