@@ -109,9 +109,11 @@ def bench_model(name: str, model: nn.Module, shape: tuple, batches: list[int], t
 def bench_gemm(threads_list: list[int], repeats: int) -> None:
     # (M, N, K) of ResNet-18's 3x3 convs at batch 1 as im2col GEMMs, and the classifier at batch 16
     shapes = [(3136, 64, 576), (784, 128, 1152), (196, 256, 2304), (49, 512, 4608), (16, 1000, 512)]
-    print("\n## GEMM (M, N, K): float input -> float output; int8_linear includes quantizing the input")
+    print("\n## GEMM (M, N, K), float input -> float output: FP32 matmul; quantkit::int8_linear (quantize + u8 x s8 "
+          "GEMM + epilogue, one op); the same on torch._int_mm (quantize to s8 codes, _int_mm, epilogue as torch "
+          "ops); _int_mm alone (s8 x s8 -> s32, no quantize / epilogue). x = FP32 ms / ms")
     print(f"{'threads':>7} {'M':>5} {'N':>5} {'K':>5} {'FP32 ms':>8} {'int8_linear':>11} {'x':>5} "
-          f"{'_int_mm':>8} {'x':>5}")
+          f"{'_int_mm path':>12} {'x':>5} {'_int_mm':>8} {'x':>5}")
     g = torch.Generator().manual_seed(0)
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -123,13 +125,20 @@ def bench_gemm(threads_list: list[int], repeats: int) -> None:
             s, z = torch.tensor(0.05), torch.tensor(3.0)
             xi = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
             wt = w.t().contiguous()
+            corr = (z - 128) * wsum.float()  # codes q - 128 as s8: acc = sum (q - 128) w
+
+            def int_mm_path():
+                q = (torch.clamp(torch.round(x / s) + z, 0, 255) - 128).to(torch.int8)
+                return (torch._int_mm(q, wt).float() - corr) * (s * ws)
+
             with torch.no_grad():
                 fp = median_ms(lambda: x @ wf.t(), repeats)
                 ours = median_ms(lambda: torch.ops.quantkit.int8_linear(x, s, z, 255, packed, wsum, ws, None, n),
                                  repeats)
                 try:
+                    path = median_ms(int_mm_path, repeats)
                     mm = median_ms(lambda: torch._int_mm(xi, wt), repeats)
-                    mm_s = f"{mm:>8.3f} {fp / mm:>5.2f}"
+                    mm_s = f"{path:>12.3f} {fp / path:>5.2f} {mm:>8.3f} {fp / mm:>5.2f}"
                 except RuntimeError as exc:
                     mm_s = f"n/a ({str(exc).splitlines()[0][:40]})"
             print(f"{threads:>7} {m:>5} {n:>5} {k:>5} {fp:>8.3f} {ours:>11.3f} {fp / ours:>5.2f} {mm_s}")

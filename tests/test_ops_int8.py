@@ -183,3 +183,18 @@ def test_deploy_runs_integer_kernels_equals_simulated_and_exports(scheme):
         torch.testing.assert_close(ep.module()(x2), dep(x2))
         compiled = torch.compile(dep, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x2), dep(x2))
+
+
+def test_int8_quantization_ties_and_clamps_match_the_simulated_grid():
+    """Exact half-way points round to even and out-of-range values clamp, on every ISA (vector and scalar tails)."""
+    s, z = torch.tensor(0.125), torch.tensor(7.0)
+    x = torch.cat([(torch.arange(-12, 12) + 0.5) * 0.125, torch.tensor([-1e6, 1e6, 0.0, -0.0])]).repeat(3, 1)
+    k = x.shape[1]
+    eye = torch.eye(k, dtype=torch.int8)  # y = the codes themselves (minus z, times s)
+    ref = I.int8_linear_reference(x, s, z, 15, eye, torch.ones(k), None)
+    codes = torch.clamp(torch.round(x / s) + z, 0, 15)
+    torch.testing.assert_close(ref, (codes - z) * s, rtol=0, atol=0)
+    for isa in ISAS:
+        with _Isa(isa), torch.no_grad():
+            got = I.int8_linear(x, s, z, 15, eye, I.pack_weight(eye), I.weight_sum(eye), torch.ones(k), None)
+        assert torch.equal(got, ref), isa
