@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -86,6 +87,8 @@ struct Gemm {
   const int8_t* w = nullptr;   // packed (ceil(N/16), K4, 64)
   const Epilogue* epi = nullptr;
   float* y = nullptr;          // (M, N) row-major
+  // Conv: instead of `a`, fill(m0, rows, dst) writes im2col rows [m0, m0 + rows) to dst (stride lda) on demand.
+  std::function<void(int64_t, int64_t, uint8_t*)> fill;
 };
 
 // ------------------------------------------------------------------------------------------------ portable
@@ -244,8 +247,19 @@ QK_TARGET_VNNI void tile_vnni(const Gemm& g, int64_t m0, int64_t mrows, int64_t 
 }
 #endif
 
+void run_tile(Path path, const Gemm& g, int64_t m0, int64_t mrows, int64_t b0, int64_t nb) {
+#if QUANTKIT_X86
+  if (path == Path::Vnni) return tile_vnni(g, m0, mrows, b0, nb);
+  if (path == Path::Avx2) return tile_avx2(g, m0, mrows, b0, nb);
+#endif
+  tile_portable(g, m0, mrows, b0, nb);
+}
+
 // Tiles of (MC pixels) x (64 channels), pixel-major so consecutive tiles of a thread share the activation rows.
-void run_gemm(const Gemm& g) {
+// With an im2col `fill` and enough pixel chunks for every thread, each chunk's rows are built into a per-thread
+// buffer (cache resident) right before the GEMM reads them, for all output channels; otherwise (few pixels: split
+// the channels too) the whole im2col matrix is built first.
+void run_gemm(Gemm g) {
   if (g.M == 0 || g.N == 0) return;
   const Path path = active_path();
   const int64_t nblocks = (g.N + kNB - 1) / kNB;
@@ -253,16 +267,36 @@ void run_gemm(const Gemm& g) {
   const int64_t ngroups = (nblocks + kGroup - 1) / kGroup;
   const int64_t MC = 96;
   const int64_t mchunks = (g.M + MC - 1) / MC;
+  at::Tensor whole;
+  if (g.fill) {
+    if (mchunks >= 4 * int64_t(at::get_num_threads())) {
+      at::parallel_for(0, mchunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<uint8_t> buf(size_t(MC * g.lda));
+        for (int64_t mc = begin; mc < end; ++mc) {
+          const int64_t m0 = mc * MC, mrows = std::min(MC, g.M - m0);
+          g.fill(m0, mrows, buf.data());
+          Gemm local = g;
+          local.a = buf.data();
+          local.M = mrows;
+          local.y = g.y + m0 * g.N;
+          for (int64_t ng = 0; ng < ngroups; ++ng)
+            run_tile(path, local, 0, mrows, ng * kGroup, std::min(kGroup, nblocks - ng * kGroup));
+        }
+      });
+      return;
+    }
+    whole = at::empty({g.M, g.lda}, at::TensorOptions().dtype(at::kByte));
+    uint8_t* dst = whole.data_ptr<uint8_t>();
+    at::parallel_for(0, g.M, std::max<int64_t>(1, 4096 / g.lda), [&](int64_t b, int64_t e) {
+      g.fill(b, e - b, dst + b * g.lda);
+    });
+    g.a = dst;
+  }
   at::parallel_for(0, mchunks * ngroups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t mc = t / ngroups, ng = t % ngroups;
       const int64_t m0 = mc * MC, mrows = std::min(MC, g.M - m0);
-      const int64_t b0 = ng * kGroup, nb = std::min(kGroup, nblocks - b0);
-#if QUANTKIT_X86
-      if (path == Path::Vnni) { tile_vnni(g, m0, mrows, b0, nb); continue; }
-      if (path == Path::Avx2) { tile_avx2(g, m0, mrows, b0, nb); continue; }
-#endif
-      tile_portable(g, m0, mrows, b0, nb);
+      run_tile(path, g, m0, mrows, ng * kGroup, std::min(kGroup, nblocks - ng * kGroup));
     }
   });
 }
@@ -523,30 +557,38 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   if (B * H * W > 0 && C > 0)
     quantize_rows(xl.data_ptr<float>(), B * H * W, C, C, p, codes.data_ptr<uint8_t>(), C);
   Gemm g;
-  at::Tensor cols;
   if (direct) {
     g.a = codes.data_ptr<uint8_t>();
     g.lda = C;
   } else {
-    // 2. im2col rows (pixel, (kh, kw, c)); padded taps hold the code of 0.0 (z_x), the K tail 0
+    // 2. im2col rows (pixel, (kh, kw, c)), built by the GEMM driver per pixel chunk; padded taps hold the code of
+    //    0.0 (z_x), the K tail 0
     const int64_t ldc = std::max<int64_t>(Kp, 1);
-    cols = at::empty({M, ldc}, x.options().dtype(at::kByte));
     const uint8_t* src = codes.data_ptr<uint8_t>();
-    uint8_t* dst = cols.data_ptr<uint8_t>();
     const uint8_t zp = uint8_t(p.zp_int);
     const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
                   dw = dilation[1];
-    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / std::max<int64_t>(ldc, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
+    g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t m = m0 + r;
         const int64_t n = m / (Ho * Wo), rem = m % (Ho * Wo), oh = rem / Wo, ow = rem % Wo;
-        uint8_t* row = dst + m * ldc;
+        uint8_t* row = dst + r * ldc;
         for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * sh - ph + i * dh;
+          const int64_t ih = oh * sh - ph + i * dh, iw0 = ow * sw - pw;
+          uint8_t* trow = row + i * kw * C;
+          if (ih < 0 || ih >= H) {  // a padded kernel row
+            std::memset(trow, zp, kw * C);
+            continue;
+          }
+          if (dw == 1 && iw0 >= 0 && iw0 + kw <= W) {  // the kw taps are consecutive pixels of the source row
+            std::memcpy(trow, src + ((n * H + ih) * W + iw0) * C, kw * C);
+            continue;
+          }
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t iw = ow * sw - pw + j * dw;
             uint8_t* tap = row + (i * kw + j) * C;
             const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-            const uint8_t* from = src + ((n * H + ih) * W + iw) * C;
+            const uint8_t* from = inside ? src + ((n * H + ih) * W + iw) * C : nullptr;
             if (C >= 32) {  // library calls pay off for long runs only; the stem (C = 3) copies 3 bytes a tap
               if (inside) std::memcpy(tap, from, C); else std::memset(tap, zp, C);
             } else if (inside) {
@@ -558,8 +600,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
         }
         if (ldc > K) std::memset(row + K, 0, ldc - K);
       }
-    });
-    g.a = dst;
+    };
     g.lda = ldc;
   }
   g.M = M;
