@@ -107,9 +107,9 @@ def _optimized_op_types(path: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
 def test_uniform_export_runs_fused_integer_kernels_in_onnxruntime(tmp_path, scheme):
-    """The demo's digits CNN (conv-BN-ReLU stack + linear head): onnxruntime fuses every conv whose output (through
-    ReLU) feeds the next layer's QuantizeLinear into QLinearConv -- all but the last, which feeds a Flatten -- and the
-    head into QGemm; the INT4 form is not fused."""
+    """The demo's digits CNN (conv-BN-ReLU stack + linear head): onnxruntime fuses every conv into QLinearConv (the
+    last one through the QuantizeLinear placed before the Flatten) and the head into QGemm; no float Conv is left.
+    The INT4 form is not fused."""
     from demo import DigitsCNN
 
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def test_uniform_export_runs_fused_integer_kernels_in_onnxruntime(tmp_path, sche
     export_onnx(q, (torch.randn(2, 1, 8, 8),), path, quiet=True)
     ops = _optimized_op_types(path, tmp_path)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-    assert ops.count("QLinearConv") == convs - 1, ops
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops and "FusedConv" not in ops, ops
     assert "QGemm" in ops and "Gemm" not in ops and "BatchNormalization" not in ops, ops
     if scheme == "w4a4":
         export_onnx(q, (torch.randn(2, 1, 8, 8),), tmp_path / "m4.onnx", quiet=True, uniform_form="int4")

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Kernel test files run under ASan (every ISA level each: they parametrize over QUANTKIT_CPU_ISA).
-ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py"]
+ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tests/test_ops_int8.py"]
 
 
 def _runtime_lib(name: str) -> str | None:

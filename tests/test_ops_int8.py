@@ -15,6 +15,11 @@ pytestmark = pytest.mark.skipif(not has_op("int8_linear"), reason="quantkit._C n
 ISAS = supported_cpu_isas() or ["portable"]
 
 
+def _examples(default: int) -> int:
+    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
+
 class _Isa:
     def __init__(self, isa: str):
         self.isa = isa
@@ -41,7 +46,7 @@ def _operands(g, n_out, k, bits_w, bits_a):
     return w, w_scale, qmax, act_scale, act_zp, bias
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=_examples(40), deadline=None, derandomize=True)
 @given(rows=st.integers(0, 20), k=st.integers(1, 150), n_out=st.integers(1, 80), bits=st.sampled_from([(8, 8), (4, 4), (2, 3)]),
        with_bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_int8_linear_equals_reference_on_every_isa(rows, k, n_out, bits, with_bias, seed):
@@ -57,7 +62,7 @@ def test_int8_linear_equals_reference_on_every_isa(rows, k, n_out, bits, with_bi
         assert torch.equal(got, ref), isa
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=_examples(30), deadline=None, derandomize=True)
 @given(n=st.integers(0, 2), c=st.integers(1, 20), hw=st.integers(1, 9), n_out=st.integers(1, 40),
        kernel=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2), padding=st.integers(0, 2),
        dilation=st.integers(1, 2), channels_last=st.booleans(), seed=st.integers(0, 2**16))

@@ -505,6 +505,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         _swap_placeholders(work)
         proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch)
         layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops, uniform_form)
+        if not custom_ops:
+            from .emit.uniform import quantize_before_reshapes
+
+            quantize_before_reshapes(proto.graph)
     finally:
         _ACTIVE.clear()
     inferred = _check(proto, custom_ops)  # the file keeps no value_info: every runtime re-infers shapes anyway

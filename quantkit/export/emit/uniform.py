@@ -123,3 +123,53 @@ def _register() -> None:
 
 
 _register()
+
+
+_SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def quantize_before_reshapes(graph) -> int:
+    """Graph pass: where a uniform layer's QuantizeLinear reads a Flatten / Reshape / Squeeze / Unsqueeze whose output
+    feeds nothing else (``Conv -> Relu -> Flatten -> Q``: the classifier of a CNN), insert the same
+    ``QuantizeLinear [-> Clip] -> DequantizeLinear`` before the shape op. Exact: dequantized codes quantize back to
+    the same codes and a shape op moves values unchanged, so the later Q sees the grid it would produce anyway. It
+    lets onnxruntime fuse the producer into ``QLinearConv`` (its QDQ fusion does not look through shape ops).
+    Returns how many were inserted."""
+    from onnx import helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    before: dict[int, list] = {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        shape = producers.get(q.input[0])
+        if (shape is None or shape.op_type not in _SHAPE_OPS or q.input[0] in outputs
+                or len(consumers.get(q.input[0], [])) != 1 or shape.input[0] in outputs):
+            continue
+        after_q = consumers.get(q.output[0], [])
+        clip = after_q[0] if len(after_q) == 1 and after_q[0].op_type == "Clip" else None
+        base = f"{q.name or q.output[0]}/before_{shape.op_type.lower()}"
+        nodes = [helper.make_node("QuantizeLinear", [shape.input[0], q.input[1], q.input[2]], [base + "_q"],
+                                  name=base + "_q", **{a.name: helper.get_attribute_value(a) for a in q.attribute})]
+        codes = base + "_q"
+        if clip is not None:
+            nodes.append(helper.make_node("Clip", [codes] + list(clip.input[1:]), [base + "_clip"], name=base + "_clip"))
+            codes = base + "_clip"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, q.input[1], q.input[2]], [base + "_dq"],
+                                      name=base + "_dq"))
+        before[id(shape)] = nodes
+        shape.input[0] = base + "_dq"
+    if not before:
+        return 0
+    ordered = []
+    for n in graph.node:
+        ordered.extend(before.get(id(n), []))
+        ordered.append(n)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return len(before)
