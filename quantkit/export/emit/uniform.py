@@ -4,8 +4,10 @@ tensor), DequantizeLinear on the integer weight (per output channel, ``axis=0``)
 
 This is the pattern onnxruntime's optimizer fuses into integer kernels: ``DQ -> Gemm`` becomes ``QGemm`` (float
 output), and ``DQ -> Conv -> [Relu] -> Q`` -- a conv whose output feeds the next quantized layer's QuantizeLinear --
-becomes ``QLinearConv`` (the requantization then happens in the integer epilogue). A conv whose output goes
-elsewhere (a residual Add, pooling) stays a float Conv of dequantized values.
+becomes ``QLinearConv`` (the requantization then happens in the integer epilogue; :func:`quantize_before_reshapes`
+extends this to a conv that reaches the next QuantizeLinear through a Flatten / Reshape). A conv whose output goes
+elsewhere (a residual Add, pooling) stays a float Conv of dequantized values: quantizing its output would add a
+rounding step the simulated model does not have.
 
 Two containers (``export_onnx(uniform_form=...)``):
 
