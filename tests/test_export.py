@@ -66,28 +66,66 @@ def _inits(path: Path) -> dict[str, onnx.TensorProto]:
 
 
 # ---------------------------------------------------------------------------------------------- uniform
-@pytest.mark.parametrize("scheme,opset", [("w8a8", 21), ("w4a4", 21), ("w4a4", 18)])
-def test_uniform_qdq_torchvision_resnet(tmp_path, scheme, opset):
+@pytest.mark.parametrize("scheme,opset,form", [("w8a8", 21, "int8"), ("w4a4", 21, "int8"), ("w4a4", 21, "int4"),
+                                               ("w4a4", 18, "int4")])
+def test_uniform_qdq_torchvision_resnet(tmp_path, scheme, opset, form):
     model = _resnet()
     calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
     q = quantkit.quantize(model, scheme, calib, progress=False)
     path = tmp_path / "m.onnx"
-    res = export_onnx(q, (torch.randn(2, 3, 12, 12),), path, opset=opset, quiet=True)
+    res = export_onnx(q, (torch.randn(2, 3, 12, 12),), path, opset=opset, quiet=True, uniform_form=form)
     assert res.agreement.simulated_vs_deploy is not None and res.agreement.deploy_vs_onnxruntime is not None
     _check_file(path, quantkit.convert(q), torch.randn(3, 3, 12, 12))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert "BatchNormalization" not in ops  # folded into the convs before quantization
     dq_axes = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"
                for a in n.attribute if a.name == "axis"]
-    assert dq_axes and all(a == 0 for a in dq_axes)  # per-output-channel weights
+    assert dq_axes and all(a == 0 for a in dq_axes)  # per-output-channel weights and int32 biases
     weight_types = {t.data_type for name, t in _inits(path).items() if "weight_int" in name}
-    if scheme == "w4a4" and opset >= 21:
+    bias_types = {t.data_type for name, t in _inits(path).items() if "bias_int32" in name}
+    assert bias_types == {TensorProto.INT32}
+    if scheme == "w4a4" and opset >= 21 and form == "int4":
         assert weight_types == {TensorProto.INT4}
         assert res.quantized_weight_bytes * 8 == res.fp32_weight_bytes  # 4 of 32 bits
     else:
         assert weight_types == {TensorProto.INT8}
-    if scheme == "w4a4" and opset < 21:
+    if scheme == "w4a4" and (opset < 21 or form == "int8"):
         assert "Clip" in ops  # 4-bit activation range on a uint8 QuantizeLinear
+
+
+def _optimized_op_types(path: Path, tmp_path: Path) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (its optimizer's output, saved by the session)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
+def test_uniform_export_runs_fused_integer_kernels_in_onnxruntime(tmp_path, scheme):
+    """The demo's digits CNN (conv-BN-ReLU stack + linear head): onnxruntime fuses every conv into QLinearConv (the
+    last one through the QuantizeLinear placed before the Flatten) and the head into QGemm; no float Conv is left.
+    The INT4 form is not fused."""
+    from demo import DigitsCNN
+
+    torch.manual_seed(0)
+    model = _settle_bn(DigitsCNN(), (1, 8, 8))
+    calib = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    q = quantkit.quantize(model, scheme, calib, progress=False)
+    path = tmp_path / "m.onnx"
+    export_onnx(q, (torch.randn(2, 1, 8, 8),), path, quiet=True)
+    ops = _optimized_op_types(path, tmp_path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops and "FusedConv" not in ops, ops
+    assert "QGemm" in ops and "Gemm" not in ops and "BatchNormalization" not in ops, ops
+    if scheme == "w4a4":
+        export_onnx(q, (torch.randn(2, 1, 8, 8),), tmp_path / "m4.onnx", quiet=True, uniform_form="int4")
+        ops4 = _optimized_op_types(tmp_path / "m4.onnx", tmp_path)
+        assert "QLinearConv" not in ops4 and "Conv" in ops4
 
 
 # ---------------------------------------------------------------------------------------------- binary

@@ -18,7 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Kernel test files run under ASan (every ISA level each: they parametrize over QUANTKIT_CPU_ISA). The hostile-input
 # suite covers every op (adder, elementwise and packing included) with few examples per property.
-ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tests/test_ops_hostile.py"]
+ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tests/test_ops_hostile.py",
+                   "tests/test_ops_int8.py"]
 # Tests that only start subprocesses (nothing for ASan to see in this process, and slow under it).
 ASAN_DESELECT = "not import_quantkit_registers"
 

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import ExportError, QuantkitError
 from .builder import GraphBuilder
-from .emit import BINARY_FORMS, CUSTOM_DOMAIN, EmitContext, LayerExport, emit_custom, emitter_for, supported_types
+from .emit import BINARY_FORMS, CUSTOM_DOMAIN, UNIFORM_FORMS, EmitContext, LayerExport, emit_custom, emitter_for, supported_types
 from .emit.attention import prepare_attention
 
 #: opsets the exporter produces: 18 brings BitwiseAnd/BitwiseXor and Pad with axes; 21 brings INT4/UINT4
@@ -398,7 +398,7 @@ def _check_traced_branches(caught: list, allow_traced_branch: bool) -> None:
 
 
 def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
-                         custom_ops: bool) -> tuple[list[LayerExport], list]:
+                         custom_ops: bool, uniform_form: str = "int8") -> tuple[list[LayerExport], list]:
     """Replace every placeholder node by its emitter's nodes; returns the layers' records and, for the layer-wise
     check, (name, type, module, input names, output name) of every emitted unit."""
     from .verify import LayerProbe
@@ -415,7 +415,7 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
         call_id = next(a.i for a in node.attribute if a.name == "call_id")
         rec = _ACTIVE[call_id]
         ctx = EmitContext(rec.name, type(rec.module).__name__, opset, binary_form, rec.input_shapes,
-                          rec.output_shapes)
+                          rec.output_shapes, uniform_form)
         b = GraphBuilder(rec.name, opset, shared)
         try:
             if custom_ops:
@@ -480,7 +480,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 output_names: Sequence[str] | None = None, custom_ops: bool = False,
                 binary_form: str = DEFAULT_BINARY_FORM, verify: bool = True, rtol: float = 1e-4,
                 atol: float = 1e-4, quiet: bool = False, allow_mismatch: bool = False,
-                allow_traced_branch: bool = False) -> ExportResult:
+                allow_traced_branch: bool = False, uniform_form: str = "int8") -> ExportResult:
     """Export a quantized model to ONNX that stock onnxruntime runs, check it, and write it atomically.
 
     Args:
@@ -516,6 +516,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             other branch give other results. Such a model is refused (ExportError) unless
             ``allow_traced_branch=True``, which exports it with a warning.
         quiet: do not print the summary.
+        uniform_form: container of uniform (w8a8, w4a4) layers: ``"int8"`` (default: int8 / uint8 codes, a uint8
+            Clip below 8 bits; onnxruntime fuses it into QLinearConv / QGemm, the fast form) or ``"int4"`` (opset
+            >= 21: INT4 weights and UINT4 4-bit activations, half the weight bytes, runs unfused); see
+            :mod:`quantkit.export.emit.uniform`.
 
     Returns:
         :class:`ExportResult` (layers, sizes, the three-way :class:`Agreement`).
@@ -529,6 +533,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                           f"(default {DEFAULT_OPSET})")
     if binary_form not in BINARY_FORMS:
         raise ExportError(f"binary_form={binary_form!r}; use one of {BINARY_FORMS}")
+    if uniform_form not in UNIFORM_FORMS:
+        raise ExportError(f"uniform_form={uniform_form!r}; use one of {UNIFORM_FORMS}")
     out_path = check_output_path(path)
     inputs = _as_inputs(example_inputs)
     tensors = list(model.parameters()) + list(model.buffers())
@@ -598,7 +604,11 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         _swap_placeholders(work)
         proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch,
                               None if _fx_control_flow(deploy) is None else allow_traced_branch)
-        layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops)
+        layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops, uniform_form)
+        if not custom_ops:
+            from .emit.uniform import quantize_before_reshapes
+
+            quantize_before_reshapes(proto.graph)
     finally:
         _ACTIVE.clear()
     inferred = _check(proto, custom_ops)  # the file keeps no value_info: every runtime re-infers shapes anyway

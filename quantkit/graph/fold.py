@@ -59,3 +59,65 @@ def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
         replace_module(model, user.target, nn.Identity())
         folded.append((str(node.target), str(user.target)))
     return folded
+
+
+class _FloatTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
+            m, qualname)
+
+
+def fold_batchnorms_into_float(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
+    """Fold every inference BatchNorm that directly follows a float ``nn.Conv2d`` / ``nn.Linear`` (the only user of
+    that layer's output, each called once) into the layer's weight and bias, in place: ``W' = g * W``,
+    ``b' = g * b + h`` per output channel. Run before quantization, so the quantizers see the folded weights and the
+    simulated model computes what the exported one does. Returns the (layer, bn) pairs and, when torch.fx cannot
+    trace the model (nothing is folded then), why."""
+    try:
+        graph = _FloatTracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the model as it is"
+        return [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if type(layer) not in (nn.Conv2d, nn.Linear) or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = modules.get(user.target) if user.op == "call_module" else None
+        want = nn.BatchNorm2d if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d
+        if (type(bn) is not want or not bn.track_running_stats or bn.running_mean is None
+                or bn.num_features != layer.weight.shape[0] or calls[user.target] != 1 or user.args[0] is not node
+                or len(user.args) != 1 or user.kwargs):
+            continue
+        g, h = batchnorm_affine(bn)
+        with torch.no_grad():
+            w = layer.weight
+            g = g.to(w)
+            h = h.to(w)
+            w.mul_(g.view(-1, *([1] * (w.dim() - 1))))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(h.clone())
+            else:
+                layer.bias.mul_(g).add_(h)
+        replace_module(model, user.target, nn.Identity())
+        folded.append((str(node.target), str(user.target)))
+    return folded, None
+
+
+class FoldBatchNormPass:
+    """Graph pass: fold inference BatchNorms into the float conv / linear they follow, before the swap pass
+    quantizes those layers (see :func:`fold_batchnorms_into_float`). Recorded in the report's notes."""
+
+    label = "fold_bn"
+
+    def run(self, model: nn.Module, ctx) -> None:
+        folded, why = fold_batchnorms_into_float(model)
+        for layer, bn in folded:
+            ctx.report.notes.append(f"BatchNorm {bn!r} folded into {layer!r} before quantization")
+        if why is not None:
+            ctx.report.notes.append(f"BatchNorms not folded (torch.fx cannot trace the model: {why})")

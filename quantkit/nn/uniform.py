@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from ..calibrate.observers import make_observer
 from ..errors import CalibrationDataError, UnsupportedModelError
-from ..quantizers.uniform import (affine_params, fake_quantize_affine, qrange, quantize_affine, symmetric_scale)
+from ..ops import int8 as int8_ops
+from ..quantizers.uniform import (affine_params, fake_quantize_affine, fake_quantize_bias, qrange, quantize_affine,
+                                   symmetric_scale)
 from .base import QuantModule
 
 
@@ -43,6 +45,13 @@ class _UniformMixin(QuantModule):
         qmin, qmax = qrange(self.bits_w, signed=True)
         return fake_quantize_affine(self.weight, _weight_scale(self.weight, self.bits_w), torch.zeros(()), qmin, qmax)
 
+    def quant_bias(self) -> Tensor | None:
+        """The bias on the int32 grid of the accumulator (scale s_x * s_w[o]) once the input is calibrated, the
+        form integer runtimes (onnxruntime QLinearConv / QGemm) add; the float bias before calibration."""
+        if self.bias is None or not bool(self.act_ready):
+            return self.bias
+        return fake_quantize_bias(self.bias, self.act_scale * _weight_scale(self.weight, self.bits_w).reshape(-1))
+
     def finish_calibration(self) -> None:
         super().finish_calibration()
         if not self.observer.observed:
@@ -63,9 +72,11 @@ class _UniformMixin(QuantModule):
     def _deploy_tensors(self) -> dict[str, Tensor]:
         qmin, qmax = qrange(self.bits_w, signed=True)
         w_scale = _weight_scale(self.weight, self.bits_w)
+        bias = self.quant_bias()
         return {
             "weight_int": quantize_affine(self.weight.detach(), w_scale, torch.zeros(()), qmin, qmax).to(torch.int8),
             "weight_scale": w_scale.detach().clone(),
+            "bias": None if bias is None else bias.detach().clone(),
         }
 
 
@@ -83,7 +94,7 @@ class QuantConv2d(_UniformMixin, nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
     def to_deploy(self) -> nn.Module:
         return UniformDeployConv2d(self)
@@ -102,15 +113,24 @@ class QuantLinear(_UniformMixin, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
     def to_deploy(self) -> nn.Module:
         return UniformDeployLinear(self)
 
 
+def _refresh_after_load(module: "_UniformDeploy", _incompatible_keys: Any) -> None:
+    module._refresh()
+
+
 class _UniformDeploy(nn.Module):
-    """Deploy form: int8 weight codes (4-bit schemes use the int4 range of int8) + per-channel scale; the input is
-    quantized to its calibrated unsigned grid and both operands dequantized (exact integer values, float GEMM)."""
+    """Deploy form: int8 weight codes (4-bit schemes use the int4 range of int8), per-channel scale, the int32-grid
+    bias. A calibrated layer runs on the integer kernels (:mod:`quantkit.ops.int8`: the input is quantized to its
+    unsigned grid, u8 x s8 -> int32 products, one fused dequantizing epilogue); an uncalibrated one (weights-only
+    simulation) runs the float op on the dequantized weight.
+
+    Derived tensors (packed weight, weight sums) are non-persistent buffers rebuilt whenever a state_dict is loaded,
+    and which path runs is a Python attribute fixed at the same moments: forward has no data-dependent branch."""
 
     def __init__(self, sim: _UniformMixin) -> None:
         super().__init__()
@@ -127,13 +147,19 @@ class _UniformDeploy(nn.Module):
         self.register_buffer("act_scale", sim.act_scale.detach().clone())
         self.register_buffer("act_zero_point", sim.act_zero_point.detach().clone())
         self.register_buffer("act_ready", sim.act_ready.detach().clone())
-        self.register_buffer("bias", None if sim.bias is None else sim.bias.detach().clone())
+        self.act_qmax = qrange(self.bits_a, signed=False)[1]
+        self._refresh()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
-    def dequant_input(self, x: Tensor) -> Tensor:
-        # always calibrated (checked when built): no data-dependent branch, so torch.export / compile trace it
-        qmin, qmax = qrange(self.bits_a, signed=False)
-        q = quantize_affine(x, self.act_scale, self.act_zero_point, qmin, qmax)
-        return (q - self.act_zero_point) * self.act_scale
+    def _flat_weight(self) -> Tensor:
+        return self.weight_int.flatten(1)
+
+    def _refresh(self) -> None:
+        """Recompute the derived tensors from the stored codes (after construction and after load_state_dict)."""
+        self.integer = bool(self.act_ready)
+        flat = self._flat_weight().detach()
+        self.register_buffer("weight_packed", int8_ops.pack_weight(flat), persistent=False)
+        self.register_buffer("weight_sum", int8_ops.weight_sum(flat), persistent=False)
 
     def weight(self) -> Tensor:
         return self.weight_int.float() * self.weight_scale
@@ -146,14 +172,27 @@ class UniformDeployConv2d(_UniformDeploy):
         self.padding_mode = sim.padding_mode
         self._rp = sim._reversed_padding_repeated_twice
 
+    def _flat_weight(self) -> Tensor:
+        return int8_ops.flatten_conv_weight(self.weight_int)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.dequant_input(x)
+        padding = self.padding
         if self.padding_mode != "zeros":
-            return F.conv2d(F.pad(x, self._rp, mode=self.padding_mode), self.weight(), self.bias, self.stride, 0,
-                            self.dilation, self.groups)
-        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+            x = F.pad(x, self._rp, mode=self.padding_mode)  # the simulated layer pads the same way, then quantizes
+            padding = (0, 0)
+        if self.integer and self.groups == 1 and not isinstance(padding, str):
+            return int8_ops.int8_conv2d(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
+                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias,
+                                        self.stride, padding, self.dilation)
+        if self.integer:  # grouped / string-padded convs: the same integers through the float op
+            q = quantize_affine(x, self.act_scale, self.act_zero_point, 0, self.act_qmax)
+            x = (q - self.act_zero_point) * self.act_scale
+        return F.conv2d(x, self.weight(), self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class UniformDeployLinear(_UniformDeploy):
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.dequant_input(x), self.weight(), self.bias)
+        if self.integer:
+            return int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
+                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias)
+        return F.linear(x, self.weight(), self.bias)

@@ -60,6 +60,16 @@ def fake_quantize_affine(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int
     return (q - zero_point) * scale
 
 
+def fake_quantize_bias(bias: Tensor, scale: Tensor) -> Tensor:
+    """Bias on the int32 grid of an integer accumulator (the form QLinearConv / QGemm / TFLite add).
+
+    forward:  b_hat = clamp(round(b / s), -(2^31 - 1), 2^31 - 1) * s, with s = s_x * s_w[o] per output channel
+    backward: db_hat/db = 1 (STE on round; the clamp is never reached by real biases)
+    """
+    limit = float(2**31 - 1)
+    return torch.clamp(round_ste(bias / scale), -limit, limit) * scale
+
+
 def symmetric_scale(absmax: Tensor, bits: int) -> Tensor:
     """Scale of a symmetric signed grid that represents [-absmax, absmax]: s = absmax / (2^(b-1) - 1)."""
     return torch.clamp(absmax, min=1e-8) / (2 ** (bits - 1) - 1)

@@ -20,14 +20,25 @@ class UniformConfig(SchemeConfig):
     bits_a: int = 8
     observer: str = "minmax"  # "minmax" | "percentile"
     percentile: float = 99.99
+    #: fold each inference BatchNorm into the conv / linear before it, before quantizing (what integer runtimes run,
+    #: so the simulated model is the exported one); False keeps BatchNorms as float layers
+    fold_bn: bool = True
 
     def targets(self) -> dict[type, type]:
         return {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+    def passes(self) -> list:
+        from ..graph.fold import FoldBatchNormPass
+        from ..graph.passes import SwapPass
+
+        return ([FoldBatchNormPass()] if self.fold_bn else []) + [SwapPass(self.targets())]
 
     def validate(self) -> None:
         super().validate()
         check_bits(self.name, "bits_w", self.bits_w, 2, 8)
         check_bits(self.name, "bits_a", self.bits_a, 2, 8)
+        if not isinstance(self.fold_bn, bool):
+            raise ConfigError(f"scheme {self.name!r}: fold_bn={self.fold_bn!r} must be True or False")
         if self.observer not in ("minmax", "percentile"):
             raise ConfigError(f"scheme {self.name!r}: observer={self.observer!r}; use 'minmax' or 'percentile'")
         if not 50.0 < float(self.percentile) <= 100.0:

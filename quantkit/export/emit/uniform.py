@@ -1,10 +1,23 @@
 """Uniform (w8a8, w4a4, ...) deploy layers as standard QDQ: QuantizeLinear/DequantizeLinear on the activation (per
-tensor), DequantizeLinear on the integer weight (per output channel, ``axis=0``), then the float Conv / MatMul.
+tensor), DequantizeLinear on the integer weight (per output channel, ``axis=0``) and on the int32 bias (scale
+``s_x * s_w[o]``, the grid the simulated layer already rounds its bias to), then Conv / Gemm.
 
-Weights of 4 bits or fewer are stored as INT4 initializers when the opset allows it (>= 21), otherwise int8.
-Activations of 8 bits use a uint8 zero point; 4 bits a uint4 zero point (opset >= 21, QuantizeLinear saturates to
-[0, 15]); any other width quantizes to uint8 and clips to [0, 2^b - 1] before dequantizing -- the same integers as
-``quantkit.quantizers.uniform.quantize_affine``.
+This is the pattern onnxruntime's optimizer fuses into integer kernels: ``DQ -> Gemm`` becomes ``QGemm`` (float
+output), and ``DQ -> Conv -> [Relu] -> Q`` -- a conv whose output feeds the next quantized layer's QuantizeLinear --
+becomes ``QLinearConv`` (the requantization then happens in the integer epilogue; :func:`quantize_before_reshapes`
+extends this to a conv that reaches the next QuantizeLinear through a Flatten / Reshape). A conv whose output goes
+elsewhere (a residual Add, pooling) stays a float Conv of dequantized values: quantizing its output would add a
+rounding step the simulated model does not have.
+
+Two containers (``export_onnx(uniform_form=...)``):
+
+* ``"int8"`` (default): weights as int8, activations as uint8; widths below 8 bits clip the uint8 codes to
+  [0, 2^b - 1] with a uint8 Clip between QuantizeLinear and DequantizeLinear -- the same integers as
+  ``quantkit.quantizers.uniform.quantize_affine``. onnxruntime fuses this form (the Clip stays as a cheap uint8 op).
+  Default because it is the fast one.
+* ``"int4"`` (opset >= 21): 4-bit weights as INT4 initializers and 4-bit activations with a UINT4 zero point
+  (QuantizeLinear saturates to [0, 15]): half the weight bytes, but onnxruntime does not fuse it and runs
+  dequantize + float Conv / Gemm.
 """
 from __future__ import annotations
 
@@ -14,13 +27,17 @@ from ..builder import GraphBuilder, to_numpy
 from .base import EmitContext, LayerExport, register_emitter
 
 
+def _int4(ctx: EmitContext) -> bool:
+    return ctx.uniform_form == "int4" and ctx.opset >= 21
+
+
 def _quant_dequant_input(b: GraphBuilder, x: str, m, ctx: EmitContext) -> str:
     if not bool(m.act_ready):
         return x
     bits = int(m.bits_a)
     scale = b.f32("act_scale", np.float32(float(m.act_scale)))
     zp_val = int(round(float(m.act_zero_point)))
-    if bits == 4 and ctx.opset >= 21:
+    if bits == 4 and _int4(ctx):
         zp = b.init_int4("act_zero_point", np.array(zp_val), signed=False)
         q = b.op("QuantizeLinear", [x, scale, zp], "act_quant")
         return b.op("DequantizeLinear", [q, scale, zp], "act_dequant")
@@ -34,7 +51,7 @@ def _quant_dequant_input(b: GraphBuilder, x: str, m, ctx: EmitContext) -> str:
 def _dequant_weight(b: GraphBuilder, m, ctx: EmitContext) -> tuple[str, int]:
     w_int = to_numpy(m.weight_int, np.int8)
     scale = b.f32("weight_scale", to_numpy(m.weight_scale).reshape(-1))
-    if int(m.bits_w) <= 4 and ctx.opset >= 21:
+    if int(m.bits_w) <= 4 and _int4(ctx):
         wq = b.init_int4("weight_int4", w_int, signed=True)
         zp = b.init_int4("weight_zero_point", np.zeros(w_int.shape[0], np.int8), signed=True)
         nbytes = (w_int.size + 1) // 2
@@ -43,6 +60,21 @@ def _dequant_weight(b: GraphBuilder, m, ctx: EmitContext) -> tuple[str, int]:
         zp = b.init("weight_zero_point", np.zeros(w_int.shape[0], np.int8))
         nbytes = w_int.size
     return b.op("DequantizeLinear", [wq, scale, zp], "weight_dequant", axis=0), nbytes
+
+
+def _bias(b: GraphBuilder, m) -> str | None:
+    """The bias input: DequantizeLinear of int32 codes on the accumulator grid s_x * s_w[o] (the deploy layer's
+    bias already lies on that grid) once the input is quantized; a float initializer before calibration."""
+    if m.bias is None:
+        return None
+    if not bool(m.act_ready):
+        return b.f32("bias", m.bias)
+    scale = (np.float32(float(m.act_scale)) * to_numpy(m.weight_scale, np.float32).reshape(-1)).astype(np.float32)
+    codes = np.round(to_numpy(m.bias, np.float64) / scale.astype(np.float64))
+    codes = np.clip(codes, -(2**31 - 1), 2**31 - 1).astype(np.int32)
+    return b.op("DequantizeLinear", [b.init("bias_int32", codes), b.f32("bias_scale", scale),
+                                     b.init("bias_zero_point", np.zeros(codes.shape[0], np.int32))],
+                "bias_dequant", axis=0)
 
 
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -61,7 +93,8 @@ def emit_uniform_conv(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -
         x = b.op("Pad", [x, b.i64("pads", [top, left, bottom, right]), "", b.i64("pad_axes", [2, 3])], "pad",
                  mode=mode)
         pads = [0, 0, 0, 0]
-    inputs_conv = [x, w] + ([b.f32("bias", m.bias)] if m.bias is not None else [])
+    bias = _bias(b, m)
+    inputs_conv = [x, w] + ([bias] if bias is not None else [])
     y = b.op("Conv", inputs_conv, "conv", strides=list(m.stride), pads=pads, dilations=list(m.dilation),
              group=int(m.groups))
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
@@ -71,10 +104,15 @@ def emit_uniform_conv(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -
 def emit_uniform_linear(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -> tuple[str, LayerExport]:
     x = _quant_dequant_input(b, inputs[0], m, ctx)
     w, nbytes = _dequant_weight(b, m, ctx)
-    wt = b.op("Transpose", [w], "weight_t", perm=[1, 0])
-    y = b.op("MatMul", [x, wt], "matmul")
-    if m.bias is not None:
-        y = b.op("Add", [y, b.f32("bias", m.bias)], "bias")
+    bias = _bias(b, m)
+    rank = len(ctx.input_shapes[0]) if ctx.input_shapes else 2
+    if rank == 2:  # Gemm (transB): onnxruntime fuses DQ -> Gemm into QGemm
+        y = b.op("Gemm", [x, w] + ([bias] if bias is not None else []), "gemm", transB=1)
+    else:  # (..., K) inputs: MatMul (fused into MatMulIntegerToFloat) + Add
+        wt = b.op("Transpose", [w], "weight_t", perm=[1, 0])
+        y = b.op("MatMul", [x, wt], "matmul")
+        if bias is not None:
+            y = b.op("Add", [y, bias], "bias")
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
                           int(np.prod(m.weight_int.shape)) * 4)
 
@@ -87,3 +125,53 @@ def _register() -> None:
 
 
 _register()
+
+
+_SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def quantize_before_reshapes(graph) -> int:
+    """Graph pass: where a uniform layer's QuantizeLinear reads a Flatten / Reshape / Squeeze / Unsqueeze whose output
+    feeds nothing else (``Conv -> Relu -> Flatten -> Q``: the classifier of a CNN), insert the same
+    ``QuantizeLinear [-> Clip] -> DequantizeLinear`` before the shape op. Exact: dequantized codes quantize back to
+    the same codes and a shape op moves values unchanged, so the later Q sees the grid it would produce anyway. It
+    lets onnxruntime fuse the producer into ``QLinearConv`` (its QDQ fusion does not look through shape ops).
+    Returns how many were inserted."""
+    from onnx import helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    before: dict[int, list] = {}
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            continue
+        shape = producers.get(q.input[0])
+        if (shape is None or shape.op_type not in _SHAPE_OPS or q.input[0] in outputs
+                or len(consumers.get(q.input[0], [])) != 1 or shape.input[0] in outputs):
+            continue
+        after_q = consumers.get(q.output[0], [])
+        clip = after_q[0] if len(after_q) == 1 and after_q[0].op_type == "Clip" else None
+        base = f"{q.name or q.output[0]}/before_{shape.op_type.lower()}"
+        nodes = [helper.make_node("QuantizeLinear", [shape.input[0], q.input[1], q.input[2]], [base + "_q"],
+                                  name=base + "_q", **{a.name: helper.get_attribute_value(a) for a in q.attribute})]
+        codes = base + "_q"
+        if clip is not None:
+            nodes.append(helper.make_node("Clip", [codes] + list(clip.input[1:]), [base + "_clip"], name=base + "_clip"))
+            codes = base + "_clip"
+        nodes.append(helper.make_node("DequantizeLinear", [codes, q.input[1], q.input[2]], [base + "_dq"],
+                                      name=base + "_dq"))
+        before[id(shape)] = nodes
+        shape.input[0] = base + "_dq"
+    if not before:
+        return 0
+    ordered = []
+    for n in graph.node:
+        ordered.extend(before.get(id(n), []))
+        ordered.append(n)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return len(before)

@@ -1,0 +1,205 @@
+"""Integer u8 x s8 linear / conv2d kernels of the uniform deploy layers: bit-identical to their exact references on
+every ISA level, opcheck, bad input, and the deploy layers on them (== simulated, torch.export, torch.compile)."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quantkit
+from quantkit.ops import int8 as I
+from quantkit.ops._dispatch import has_op, supported_cpu_isas
+
+pytestmark = pytest.mark.skipif(not has_op("int8_linear"), reason="quantkit._C not built")
+ISAS = supported_cpu_isas() or ["portable"]
+
+
+def _examples(default: int) -> int:
+    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
+
+class _Isa:
+    def __init__(self, isa: str):
+        self.isa = isa
+
+    def __enter__(self):
+        self.saved = os.environ.get("QUANTKIT_CPU_ISA")
+        os.environ["QUANTKIT_CPU_ISA"] = self.isa
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("QUANTKIT_CPU_ISA", None)
+        else:
+            os.environ["QUANTKIT_CPU_ISA"] = self.saved
+
+
+def _operands(g, n_out, k, bits_w, bits_a):
+    qw = 2 ** (bits_w - 1) - 1
+    w = torch.randint(-qw, qw + 1, (n_out, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n_out, generator=g) * 0.1 + 1e-3
+    qmax = 2**bits_a - 1
+    act_scale = torch.tensor(float(torch.rand((), generator=g)) * 0.2 + 0.01)
+    act_zp = torch.tensor(float(torch.randint(0, qmax + 1, (), generator=g)))
+    bias = torch.randn(n_out, generator=g)
+    return w, w_scale, qmax, act_scale, act_zp, bias
+
+
+@settings(max_examples=_examples(40), deadline=None, derandomize=True)
+@given(rows=st.integers(0, 20), k=st.integers(1, 150), n_out=st.integers(1, 80), bits=st.sampled_from([(8, 8), (4, 4), (2, 3)]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_linear_equals_reference_on_every_isa(rows, k, n_out, bits, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    w, w_scale, qmax, s, z, bias = _operands(g, n_out, k, *bits)
+    bias = bias if with_bias else None
+    x = torch.randn(rows, k, generator=g) * 3  # beyond the grid on both sides: clamping is exercised
+    ref = I.int8_linear_reference(x, s, z, qmax, w, w_scale, bias)
+    for isa in ISAS:
+        with _Isa(isa), torch.no_grad():
+            got = I.int8_linear(x, s, z, qmax, w, I.pack_weight(w), I.weight_sum(w), w_scale, bias)
+        assert got.shape == (rows, n_out)
+        assert torch.equal(got, ref), isa
+
+
+@settings(max_examples=_examples(30), deadline=None, derandomize=True)
+@given(n=st.integers(0, 2), c=st.integers(1, 20), hw=st.integers(1, 9), n_out=st.integers(1, 40),
+       kernel=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       dilation=st.integers(1, 2), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_conv2d_equals_reference_on_every_isa(n, c, hw, n_out, kernel, stride, padding, dilation,
+                                                   channels_last, seed):
+    if hw + 2 * padding < dilation * (kernel - 1) + 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    w, w_scale, qmax, s, z, bias = _operands(g, n_out, c * kernel * kernel, 8, 8)
+    w4 = w.view(n_out, kernel, kernel, c).permute(0, 3, 1, 2).contiguous()  # (O, C, kh, kw)
+    x = torch.randn(n, c, hw, hw + 1, generator=g) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
+    packed = I.pack_weight(I.flatten_conv_weight(w4))
+    for isa in ISAS:
+        with _Isa(isa), torch.no_grad():
+            got = I.int8_conv2d(x, s, z, qmax, w4, packed, I.weight_sum(w4), w_scale, bias, (stride,) * 2,
+                                (padding,) * 2, (dilation,) * 2)
+        assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, ref), isa
+
+
+def test_reference_matches_float_math_of_the_simulated_layer():
+    """The integer formula is the simulated layer's float math: conv((q - z) s_x, q_w s_w) + b."""
+    g = torch.Generator().manual_seed(1)
+    w, w_scale, qmax, s, z, bias = _operands(g, 8, 27, 8, 8)
+    w4 = w.view(8, 3, 3, 3)
+    x = torch.randn(2, 3, 7, 7, generator=g)
+    q = torch.clamp(torch.round(x / s) + z, 0, qmax)
+    sim = torch.nn.functional.conv2d((q - z) * s, w4.float() * w_scale.view(-1, 1, 1, 1), bias, 1, 1)
+    ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(ref, sim, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_roundtrip():
+    w = torch.randint(-128, 128, (37, 13), dtype=torch.int8)
+    p = I.pack_weight(w)
+    assert p.shape == (3, 4, 64)
+    assert torch.equal(I.unpack_weight(p, 37, 13), w)
+
+
+def test_int8_opcheck():
+    g = torch.Generator().manual_seed(2)
+    w, w_scale, qmax, s, z, bias = _operands(g, 20, 18, 8, 8)
+    torch.library.opcheck(torch.ops.quantkit.int8_linear.default,
+                          (torch.randn(3, 5, 18), s, z, qmax, I.pack_weight(w), I.weight_sum(w), w_scale, bias, 20))
+    w4 = w.view(20, 2, 3, 3)
+    torch.library.opcheck(torch.ops.quantkit.int8_conv2d.default,
+                          (torch.randn(2, 2, 6, 5), s, z, qmax, I.pack_weight(I.flatten_conv_weight(w4)),
+                           I.weight_sum(w4), w_scale, None, 20, [3, 3], [2, 1], [1, 0], [1, 1]))
+
+
+def test_int8_bad_input_is_a_clear_error():
+    w = torch.ones(4, 8, dtype=torch.int8)
+    p, ws, sc = I.pack_weight(w), I.weight_sum(w), torch.ones(4)
+    s, z = torch.tensor(0.1), torch.tensor(3.0)
+    lin = torch.ops.quantkit.int8_linear
+    with pytest.raises(RuntimeError, match="w_packed must be"):
+        lin(torch.randn(2, 9), s, z, 255, p, ws, sc, None, 4)  # K mismatch
+    with pytest.raises(RuntimeError, match="act_qmax"):
+        lin(torch.randn(2, 8), s, z, 256, p, ws, sc, None, 4)
+    with pytest.raises(RuntimeError, match="act_zero_point"):
+        lin(torch.randn(2, 8), s, torch.tensor(2.5), 255, p, ws, sc, None, 4)
+    with pytest.raises(RuntimeError, match="act_scale"):
+        lin(torch.randn(2, 8), torch.tensor(0.0), z, 255, p, ws, sc, None, 4)
+    with pytest.raises(RuntimeError, match="float32"):
+        lin(torch.randn(2, 8).double(), s, z, 255, p, ws, sc, None, 4)
+    with pytest.raises(RuntimeError, match="bias"):
+        lin(torch.randn(2, 8), s, z, 255, p, ws, sc, torch.ones(3), 4)
+    with pytest.raises(RuntimeError, match="w_sum"):
+        lin(torch.randn(2, 8), s, z, 255, p, ws.float(), sc, None, 4)
+    conv = torch.ops.quantkit.int8_conv2d
+    w4 = torch.ones(4, 2, 2, 2, dtype=torch.int8)
+    p4 = I.pack_weight(I.flatten_conv_weight(w4))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        conv(torch.randn(1, 2, 1, 1), s, z, 255, p4, I.weight_sum(w4), sc, None, 4, [2, 2], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="stride"):
+        conv(torch.randn(1, 2, 4, 4), s, z, 255, p4, I.weight_sum(w4), sc, None, 4, [2, 2], [0, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"at most 2\^30"):
+        conv(torch.randn(1, 2, 4, 4), s, z, 255, p4, I.weight_sum(w4), sc, None, 4, [2, 2], [1, 1], [0, 0],
+             [2**40, 1])
+    empty = conv(torch.randn(0, 2, 4, 4), s, z, 255, p4, I.weight_sum(w4), sc, None, 4, [2, 2], [1, 1], [0, 0],
+                 [1, 1])
+    assert empty.shape == (0, 4, 3, 3)
+
+
+def _digits_cnn():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 16, 10))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
+def test_deploy_runs_integer_kernels_equals_simulated_and_exports(scheme):
+    model = _digits_cnn()
+    calib = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    sim = quantkit.quantize(model, scheme, calib, progress=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in sim.modules())  # folded before quantization
+    dep = quantkit.convert(sim)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        prof = torch.profiler.profile()
+        with prof:
+            y = dep(x)
+        torch.testing.assert_close(y, sim(x), rtol=1e-5, atol=1e-5)
+    names = {e.name for e in prof.events()}
+    assert "quantkit::int8_conv2d" in names and "quantkit::int8_linear" in names
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(dep, (x,), dynamic_shapes=({0: batch},))
+    x2 = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x2), dep(x2))
+        compiled = torch.compile(dep, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x2), dep(x2))
+
+
+def test_int8_quantization_ties_and_clamps_match_the_simulated_grid():
+    """Exact half-way points round to even and out-of-range values clamp, on every ISA (vector and scalar tails)."""
+    s, z = torch.tensor(0.125), torch.tensor(7.0)
+    x = torch.cat([(torch.arange(-12, 12) + 0.5) * 0.125, torch.tensor([-1e6, 1e6, 0.0, -0.0])]).repeat(3, 1)
+    k = x.shape[1]
+    eye = torch.eye(k, dtype=torch.int8)  # y = the codes themselves (minus z, times s)
+    ref = I.int8_linear_reference(x, s, z, 15, eye, torch.ones(k), None)
+    codes = torch.clamp(torch.round(x / s) + z, 0, 15)
+    torch.testing.assert_close(ref, (codes - z) * s, rtol=0, atol=0)
+    for isa in ISAS:
+        with _Isa(isa), torch.no_grad():
+            got = I.int8_linear(x, s, z, 15, eye, I.pack_weight(eye), I.weight_sum(eye), torch.ones(k), None)
+        assert torch.equal(got, ref), isa
