@@ -55,6 +55,8 @@ class QuantReport:
     folded: list[tuple[str, str]] = field(default_factory=list)
     #: bytes of the model's parameters outside every listed layer (norms, embeddings, tokens ...), kept FP
     other_bytes: int = 0
+    #: bytes of the input model's BatchNorm parameters folded into the layer before them before quantization
+    folded_bytes: int = 0
 
     def add(self, record: LayerRecord) -> None:
         self.records.append(record)
@@ -110,9 +112,11 @@ class QuantReport:
         ratio = f" ({b / a:.1f}x smaller)" if a else ""
         lines.append(f"{len(self.quantized)} of {len(self.records)} candidate layers quantized; "
                      f"their parameters: {_fmt_bytes(b)} -> {_fmt_bytes(a)}{ratio}")
-        total_b, total_a = b + self.other_bytes, a + self.other_bytes
+        total_b, total_a = b + self.other_bytes + self.folded_bytes, a + self.other_bytes
+        folded = f"; {_fmt_bytes(self.folded_bytes)} of BatchNorms folded away" if self.folded_bytes else ""
         lines.append(f"every parameter of the model: {_fmt_bytes(total_b)} -> {_fmt_bytes(total_a)} (incl. "
-                     f"{_fmt_bytes(self.other_bytes)} outside the listed layers: norms, embeddings and other parameters kept FP)")
+                     f"{_fmt_bytes(self.other_bytes)} outside the listed layers: norms, embeddings and other parameters "
+                     f"kept FP{folded})")
         return "\n".join(lines)
 
     __str__ = table

@@ -104,7 +104,7 @@ def fold_batchnorms_into_float(model: nn.Module) -> tuple[list[tuple[str, str]],
                 layer.bias = nn.Parameter(h.clone())
             else:
                 layer.bias.mul_(g).add_(h)
-        replace_module(model, user.target, nn.Identity())
+        replace_module(model, user.target, nn.Identity().train(bn.training))  # the model's mode stays as it was
         folded.append((str(node.target), str(user.target)))
     return folded, None
 
@@ -116,8 +116,11 @@ class FoldBatchNormPass:
     label = "fold_bn"
 
     def run(self, model: nn.Module, ctx) -> None:
+        bn_bytes = {name: sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                    for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         folded, why = fold_batchnorms_into_float(model)
         for layer, bn in folded:
             ctx.report.notes.append(f"BatchNorm {bn!r} folded into {layer!r} before quantization")
+            ctx.report.folded_bytes += bn_bytes.get(bn, 0)  # part of the input model, gone from the prepared one
         if why is not None:
             ctx.report.notes.append(f"BatchNorms not folded (torch.fx cannot trace the model: {why})")
