@@ -64,17 +64,24 @@ class Agreement:
     notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        def f(v: float | None) -> str:
-            return "not run" if v is None else f"{v:.3g}"
+        return agreement_table("onnxruntime", self.simulated_vs_deploy, self.deploy_vs_onnxruntime,
+                               self.simulated_vs_onnxruntime, self.output_absmax, self.notes)
 
-        lines = ["three-way agreement on the example inputs (max abs difference):",
-                 f"  simulated vs deploy       {f(self.simulated_vs_deploy)}",
-                 f"  deploy vs onnxruntime     {f(self.deploy_vs_onnxruntime)}",
-                 f"  simulated vs onnxruntime  {f(self.simulated_vs_onnxruntime)}"]
-        if self.output_absmax is not None:
-            lines.append(f"  (output magnitude: max |y| = {self.output_absmax:.3g})")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+
+def agreement_table(runtime: str, simulated_vs_deploy: float | None, deploy_vs_runtime: float | None,
+                    simulated_vs_runtime: float | None, output_absmax: float | None, notes: Sequence[str]) -> str:
+    """The three-way agreement as printed by every exporter (``runtime``: the engine that ran the written file)."""
+    def f(v: float | None) -> str:
+        return "not run" if v is None else f"{v:.3g}"
+
+    lines = ["three-way agreement on the example inputs (max abs difference):",
+             f"  {'simulated vs deploy':<26}{f(simulated_vs_deploy)}",
+             f"  {'deploy vs ' + runtime:<26}{f(deploy_vs_runtime)}",
+             f"  {'simulated vs ' + runtime:<26}{f(simulated_vs_runtime)}"]
+    if output_absmax is not None:
+        lines.append(f"  (output magnitude: max |y| = {output_absmax:.3g})")
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -253,6 +260,44 @@ def _as_inputs(example_inputs: Any) -> tuple:
         if not isinstance(t, torch.Tensor):
             raise ExportError(f"example_inputs[{i}] is a {type(t).__name__}; only tensor inputs are exported")
     return tuple(t.detach().cpu() for t in inputs)
+
+
+def reference_outputs(deploy: nn.Module, simulated: nn.Module | None, inputs: tuple,
+                      *more_inputs: tuple | None) -> tuple[list[torch.Tensor], ...]:
+    """The deploy model's outputs on ``inputs`` (and on each of ``more_inputs``, None where that is None) and the
+    simulated model's on ``inputs`` (None without one), both run in eval mode without gradients; each model's
+    train/eval mode is restored. A model that does not run on the inputs is an ExportError saying so."""
+    modes = [(m, m.training) for m in (deploy, simulated) if m is not None]
+    try:
+        with torch.no_grad():
+            for m, _ in modes:
+                m.eval()
+            ref_deploy = _flatten_outputs(deploy(*inputs))
+            ref_sim = None if simulated is None else _flatten_outputs(simulated(*inputs))
+            more = [None if x is None else _flatten_outputs(deploy(*x)) for x in more_inputs]
+    except QuantkitError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"the model does not run on example_inputs of shape(s) "
+                          f"{[tuple(t.shape) for t in inputs]}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    return (ref_deploy, ref_sim, *more)
+
+
+def io_names(input_names: Sequence[str] | None, output_names: Sequence[str] | None, n_inputs: int,
+             n_outputs: int) -> tuple[list[str], list[str]]:
+    """Graph input/output names: the caller's, checked against the model, or ``input``/``output`` (numbered)."""
+    in_names = list(input_names) if input_names else (
+        ["input"] if n_inputs == 1 else [f"input_{i}" for i in range(n_inputs)])
+    out_names = list(output_names) if output_names else (
+        ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)])
+    if len(in_names) != n_inputs:
+        raise ExportError(f"input_names has {len(in_names)} name(s) but the model takes {n_inputs} input(s)")
+    if len(out_names) != n_outputs:
+        raise ExportError(f"output_names has {len(out_names)} name(s) but the model returns {n_outputs} tensor(s)")
+    return in_names, out_names
 
 
 def _flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -561,39 +606,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         except QuantkitError as exc:
             raise ExportError(str(exc)) from exc
         deploy = model
-    deploy_was_training = deploy.training
-    deploy.eval()
-    try:
-        with torch.no_grad():
-            ref_deploy = _flatten_outputs(deploy(*inputs))
-            ref_sim = None
-            if simulated is not None:
-                sim_training = simulated.training
-                simulated.eval()
-                try:
-                    ref_sim = _flatten_outputs(simulated(*inputs))
-                finally:
-                    simulated.train(sim_training)
-    except QuantkitError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"the model does not run on example_inputs of shape(s) "
-                          f"{[tuple(t.shape) for t in inputs]}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        deploy.train(deploy_was_training)
+    ref_deploy, ref_sim = reference_outputs(deploy, simulated, inputs)
     _check_finite_outputs(deploy, inputs, ref_deploy, "deploy")
     if ref_sim is not None:
         _check_finite_outputs(simulated, inputs, ref_sim, "simulated")
 
-    in_names = list(input_names) if input_names else (
-        ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))])
-    out_names = list(output_names) if output_names else (
-        ["output"] if len(ref_deploy) == 1 else [f"output_{i}" for i in range(len(ref_deploy))])
-    if len(in_names) != len(inputs):
-        raise ExportError(f"input_names has {len(in_names)} name(s) but the model takes {len(inputs)} input(s)")
-    if len(out_names) != len(ref_deploy):
-        raise ExportError(f"output_names has {len(out_names)} name(s) but the model returns {len(ref_deploy)} "
-                          "tensor(s)")
+    in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
 
     work = copy.deepcopy(deploy).eval()
     if emitter_for(work) is not None or isinstance(work, _attention_types()):

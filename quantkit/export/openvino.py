@@ -38,8 +38,8 @@ from torch import nn
 from ..errors import ExportError, QuantkitError
 from .emit import EmitContext, LayerExport, emitter_for
 from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, _as_inputs, _attention_types,
-                          _flatten_outputs, _has_quant_modules, _max_diff, _swap_placeholders, _torch_export,
-                          check_output_path)
+                          _has_quant_modules, _max_diff, _swap_placeholders, _torch_export, agreement_table,
+                          check_output_path, io_names, reference_outputs)
 from .verify import LayerProbe
 
 #: the ONNX opset of the intermediate graph OpenVINO's frontend reads (int8 codes; no INT4 initializers needed)
@@ -69,17 +69,8 @@ class OpenVINOAgreement:
     notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        def f(v: float | None) -> str:
-            return "not run" if v is None else f"{v:.3g}"
-
-        lines = ["three-way agreement on the example inputs (max abs difference):",
-                 f"  simulated vs deploy       {f(self.simulated_vs_deploy)}",
-                 f"  deploy vs OpenVINO        {f(self.deploy_vs_openvino)}",
-                 f"  simulated vs OpenVINO     {f(self.simulated_vs_openvino)}"]
-        if self.output_absmax is not None:
-            lines.append(f"  (output magnitude: max |y| = {self.output_absmax:.3g})")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return agreement_table("OpenVINO", self.simulated_vs_deploy, self.deploy_vs_openvino,
+                               self.simulated_vs_openvino, self.output_absmax, self.notes)
 
 
 @dataclass
@@ -472,39 +463,11 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
         deploy = convert(simulated) if simulated is not None else model
     except QuantkitError as exc:
         raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
-    deploy_was_training = deploy.training
-    deploy.eval()
-    try:
-        with torch.no_grad():
-            ref_deploy = _flatten_outputs(deploy(*inputs))
-            ref_sim = None
-            if simulated is not None:
-                sim_training = simulated.training
-                simulated.eval()
-                try:
-                    ref_sim = _flatten_outputs(simulated(*inputs))
-                finally:
-                    simulated.train(sim_training)
-            doubled = tuple(torch.cat([t, t], 0) for t in inputs) if dynamic_batch and inputs[0].dim() else None
-            ref_doubled = _flatten_outputs(deploy(*doubled)) if (verify and doubled is not None) else None
-    except QuantkitError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"the model does not run on example_inputs of shape(s) "
-                          f"{[tuple(t.shape) for t in inputs]}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        deploy.train(deploy_was_training)
+    doubled = tuple(torch.cat([t, t], 0) for t in inputs) if dynamic_batch and inputs[0].dim() else None
+    ref_deploy, ref_sim, ref_doubled = reference_outputs(deploy, simulated, inputs, doubled if verify else None)
     _finite_or_fail(ref_deploy, "the deploy model's")
 
-    in_names = list(input_names) if input_names else (
-        ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))])
-    out_names = list(output_names) if output_names else (
-        ["output"] if len(ref_deploy) == 1 else [f"output_{i}" for i in range(len(ref_deploy))])
-    if len(in_names) != len(inputs):
-        raise ExportError(f"input_names has {len(in_names)} name(s) but the model takes {len(inputs)} input(s)")
-    if len(out_names) != len(ref_deploy):
-        raise ExportError(f"output_names has {len(out_names)} name(s) but the model returns {len(ref_deploy)} "
-                          "tensor(s)")
+    in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
 
     work = copy.deepcopy(deploy).eval()
     if emitter_for(work) is not None or isinstance(work, _attention_types()):
