@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
@@ -21,17 +20,7 @@ import torchvision
 import quantkit
 from quantkit.export.openvino import compile_openvino, export_openvino, inspect_openvino, runtime_layer_types
 from quantkit.sysinfo import cpu_model
-
-
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+from timing import median_ms
 
 
 def main(argv=None) -> None:
@@ -80,11 +69,11 @@ def main(argv=None) -> None:
                     ov_fp = compile_openvino(fres.xml_path, batch, threads=threads)
                     ov_q = compile_openvino(qres.xml_path, batch, threads=threads)
                     req_fp, req_q = ov_fp.create_infer_request(), ov_q.create_infer_request()
-                    t_fp = median_ms(lambda: req_fp.infer([xn]), args.repeats)
-                    t_q = median_ms(lambda: req_q.infer([xn]), args.repeats)
+                    t_fp = median_ms(lambda: req_fp.infer([xn]), args.repeats, warmup=3)
+                    t_q = median_ms(lambda: req_q.infer([xn]), args.repeats, warmup=3)
                     xcl = x.contiguous(memory_format=torch.channels_last)
                     with torch.no_grad():
-                        t_pt = median_ms(lambda: deploy(xcl), max(3, args.repeats // 2))
+                        t_pt = median_ms(lambda: deploy(xcl), max(3, args.repeats // 2), warmup=3)
                     out_q = np.asarray(req_q.get_output_tensor(0).data)
                     assert np.all(np.isfinite(out_q))
                     print(f"| {threads} | {batch} | {t_fp:.1f} | {t_q:.1f} | {t_pt:.1f} | {t_fp / t_q:.2f}x | "

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,9 @@ from torch import nn
 import quantkit
 from quantkit.ops import int8 as int8_ops
 from quantkit.sysinfo import cpu_model
+from timing import median_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def settle_bn(model: nn.Module, shape: tuple) -> nn.Module:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -20,12 +19,7 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 @pytest.mark.parametrize("name,kind", [("adder_ptq_export", "adder"), ("adabin_qat", "adabin"),

@@ -22,31 +22,16 @@ from quantkit.export.inspect import inspect_onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_models import TinyResNet  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is faster than two and immune to contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from conftest import settle_bn  # noqa: E402
 
 
-def _settle_bn(model: nn.Module, shape: tuple, batches: int = 3) -> nn.Module:
-    """Give BatchNorm layers running statistics from random data (a freshly built model's outputs are otherwise
-    degenerate: BN(mean 0, var 1) of adder outputs is all negative and ReLU zeroes everything)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, *shape))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
+
+
 
 
 def _resnet(in_channels: int = 3) -> nn.Module:
-    return _settle_bn(TinyResNet((8, 16, 24), (1, 1, 1), 10, in_channels), (in_channels, 12, 12))
+    return settle_bn(TinyResNet((8, 16, 24), (1, 1, 1), 10, in_channels), (in_channels, 12, 12))
 
 
 def _check_file(path: Path, deploy: nn.Module, x: torch.Tensor, rtol: float = 1e-4) -> float:
@@ -113,7 +98,7 @@ def test_uniform_export_runs_fused_integer_kernels_in_onnxruntime(tmp_path, sche
     from demo import DigitsCNN
 
     torch.manual_seed(0)
-    model = _settle_bn(DigitsCNN(), (1, 8, 8))
+    model = settle_bn(DigitsCNN(), (1, 8, 8))
     calib = [torch.randn(16, 1, 8, 8) for _ in range(2)]
     q = quantkit.quantize(model, scheme, calib, progress=False)
     path = tmp_path / "m.onnx"
@@ -154,7 +139,7 @@ def test_xnor_packed_bits_and_forms(tmp_path, form):
 
 
 def test_binary_file_much_smaller_than_fp32(tmp_path):
-    model = _settle_bn(TinyResNet((32, 64, 128), (1, 1, 1), 10, 3), (3, 8, 8))
+    model = settle_bn(TinyResNet((32, 64, 128), (1, 1, 1), 10, 3), (3, 8, 8))
     q = quantkit.prepare(model, "xnor")
     x = torch.randn(1, 3, 8, 8)
     fp = export_onnx(model, (x,), tmp_path / "fp32.onnx", quiet=True)
@@ -250,7 +235,7 @@ def test_adder_ptq_example_cnn_int4(tmp_path):
     from quantkit.models.adder_resnet import adder_cnn_digits
 
     torch.manual_seed(3)
-    model = _settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
+    model = settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
     calib = [torch.rand(8, 1, 8, 8) for _ in range(2)]
     q = quantkit.quantize(model, "adder_ptq4", calib, progress=False)
     path = tmp_path / "adder4.onnx"
@@ -269,7 +254,7 @@ def test_adder_ptq_torchvision_resnet_adderized(tmp_path):
     from quantkit.nn.adder import adderize
 
     torch.manual_seed(4)
-    model = _settle_bn(adderize(TinyResNet((8, 8, 16), (1, 1, 1), 10, 3)), (3, 8, 8))
+    model = settle_bn(adderize(TinyResNet((8, 8, 16), (1, 1, 1), 10, 3)), (3, 8, 8))
     calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     q = quantkit.quantize(model, "adder_ptq8", calib, progress=False)
     path = tmp_path / "adder8.onnx"
@@ -309,7 +294,7 @@ def test_adder_linear_and_conv_signed_unsigned(tmp_path, bits, signed):
 def test_fp_adder_model_exports(tmp_path):
     from quantkit.models.adder_resnet import adder_cnn_digits
 
-    model = _settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
+    model = settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
     path = tmp_path / "adder_fp.onnx"
     res = export_onnx(model, (torch.rand(2, 1, 8, 8),), path, quiet=True)
     assert {layer.kind for layer in res.layers} == {"adder-fp"}

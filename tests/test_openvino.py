@@ -22,29 +22,17 @@ from quantkit.export.openvino import (compile_openvino, export_openvino, inspect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_models import TinyResNet  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from conftest import settle_bn  # noqa: E402
 
 
-def _settle_bn(model: nn.Module, shape: tuple, batches: int = 3) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(8, *shape))
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
+
+
 
 
 def _resnet(widths=(8, 16, 24)) -> nn.Module:
     torch.manual_seed(0)
-    return _settle_bn(TinyResNet(widths, (1, 1, 1), 10, 3), (3, 12, 12))
+    return settle_bn(TinyResNet(widths, (1, 1, 1), 10, 3), (3, 12, 12))
 
 
 def _check_ir(path: Path, deploy: nn.Module, x: torch.Tensor, rtol: float = 1e-4) -> dict:
@@ -124,7 +112,7 @@ def test_unaligned_channels_use_pm1_convolution(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.Conv2d(12, 16, 3, padding=1),
                           nn.BatchNorm2d(16), nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(),
                           nn.Linear(8 * 6 * 6, 3))
-    model = _settle_bn(model, (3, 6, 6))
+    model = settle_bn(model, (3, 6, 6))
     q = quantkit.prepare(model, "xnor")
     path = tmp_path / "unaligned.xml"
     res = export_openvino(q, (torch.randn(2, 3, 6, 6),), path, quiet=True)
@@ -186,7 +174,7 @@ def test_adder_standard_ops(tmp_path, scheme):
     from quantkit.models.adder_resnet import adder_cnn_digits
 
     torch.manual_seed(3)
-    model = _settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
+    model = settle_bn(adder_cnn_digits(width=8), (1, 8, 8))
     calib = [torch.rand(8, 1, 8, 8) for _ in range(2)]
     q = quantkit.quantize(model, scheme, calib, progress=False)
     path = tmp_path / f"{scheme}.xml"
@@ -221,7 +209,7 @@ def test_dynamic_batch_and_static_option(tmp_path):
 def test_binary_weights_in_bin_are_one_bit(tmp_path):
     """The binary layers' weights take 1/32 of their FP32 bytes; the .bin of a binary body is far below FP32."""
     torch.manual_seed(0)
-    model = _settle_bn(TinyResNet((64, 128, 256), (1, 1, 1), 10, 3), (3, 8, 8))
+    model = settle_bn(TinyResNet((64, 128, 256), (1, 1, 1), 10, 3), (3, 8, 8))
     q = quantkit.prepare(model, "xnor")
     x = torch.randn(1, 3, 8, 8)
     fp = export_openvino(model, (x,), tmp_path / "fp32.xml", quiet=True)

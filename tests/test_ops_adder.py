@@ -4,7 +4,6 @@ Integer sums must be equal exactly; float outputs within float32 tolerance of th
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -15,27 +14,14 @@ from quantkit.errors import KernelError
 from quantkit.ops import adder as A
 from quantkit.ops._dispatch import has_op, supported_cpu_isas
 
+from conftest import cpu_isa
+
 HAVE_KERNELS = has_op("adder_l1") and has_op("adder_conv2d")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit._C adder kernels are not built")
 ISAS = supported_cpu_isas() or ["portable"]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-class _Isa:
-    """Set QUANTKIT_CPU_ISA for the duration of a block (the kernels read it on every call)."""
-
-    def __init__(self, isa: str):
-        self.isa, self.saved = isa, None
-
-    def __enter__(self):
-        self.saved = os.environ.get("QUANTKIT_CPU_ISA")
-        os.environ["QUANTKIT_CPU_ISA"] = self.isa
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("QUANTKIT_CPU_ISA", None)
-        else:
-            os.environ["QUANTKIT_CPU_ISA"] = self.saved
 
 
 def _operands(gen: torch.Generator, bits: int, code_form: bool, x_shape, w_shape, dtype):
@@ -129,7 +115,7 @@ def test_linear_kernel_equals_reference(groups, m, k, n, bits, code_form, dtype,
     s_ref = A.adder_l1_reference(x, w, gi, w_mult)
     y_ref = A.adder_linear_reference(x, w, gi, delta, bias, w_mult)
     for isa in ISAS:
-        with _Isa(isa):
+        with cpu_isa(isa):
             s = A.adder_l1(x, w, gi, w_mult)
             y = A.adder_linear(x, w, gi, delta, bias, w_mult)
         assert s.dtype == torch.int32 and s.shape == (m, n)
@@ -173,7 +159,7 @@ def test_conv2d_kernel_equals_reference(
     s_ref = A.adder_l1_conv2d_reference(x, w, gi, stride, padding, dilation, w_mult)
     y_ref = A.adder_conv2d_reference(x, w, gi, delta, bias, stride, padding, dilation, w_mult)
     for isa in ISAS:
-        with _Isa(isa):
+        with cpu_isa(isa):
             s = A.adder_l1_conv2d(x, w, gi, stride, padding, dilation, w_mult)
             y = A.adder_conv2d(x, w, gi, delta, bias, stride, padding, dilation, w_mult)
         assert s.shape == (batch, cout, ho, wo) and s.dtype == torch.int32
@@ -191,7 +177,7 @@ def test_wide_activation_range_and_clamped_weights(isa):
     w = torch.randint(-1000, 1001, (19, 37), generator=gen).to(torch.int16)
     gi = torch.randint(0, 2, (19,), generator=gen)
     x_small = torch.randint(0, 4, (2, 7, 37), generator=gen).to(torch.uint8)  # 2-bit activations, 16-bit weights
-    with _Isa(isa):
+    with cpu_isa(isa):
         for xx in (x, x_small):
             for w_mult in (1, 2):
                 assert torch.equal(A.adder_l1(xx, w, gi, w_mult), A.adder_l1_reference(xx, w, gi, w_mult))
@@ -218,7 +204,7 @@ def test_group_layouts(isa, group_index):
     x = torch.randint(0, 256, (4, 13, 70), generator=gen).to(torch.uint8)
     w = torch.randint(-128, 128, (40, 70), generator=gen).to(torch.int8)
     delta = torch.rand(40, generator=gen)
-    with _Isa(isa):
+    with cpu_isa(isa):
         for w_mult in (1, 2):
             s = A.adder_l1(x, w, gi, w_mult)
             assert torch.equal(s, A.adder_l1_reference(x, w, gi, w_mult))
@@ -333,7 +319,7 @@ def test_cpp_checks_raise_runtime_error():
         torch.ops.quantkit.adder_l1(torch.tensor([[[0, 70000]]]), torch.zeros(1, 2, dtype=torch.long),
                                     torch.zeros(1, dtype=torch.long), 1)
     with pytest.raises(RuntimeError, match="QUANTKIT_CPU_ISA"):
-        with _Isa("sse9"):
+        with cpu_isa("sse9"):
             torch.ops.quantkit.adder_l1(x, w, torch.zeros(4, dtype=torch.long), 1)
 
 

@@ -11,6 +11,8 @@ import quantkit
 from quantkit.ops import int8 as I
 from quantkit.ops._dispatch import has_op, supported_cpu_isas
 
+from conftest import cpu_isa
+
 pytestmark = pytest.mark.skipif(not has_op("int8_linear"), reason="quantkit._C not built")
 ISAS = supported_cpu_isas() or ["portable"]
 
@@ -20,19 +22,6 @@ def _examples(default: int) -> int:
     return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
 
 
-class _Isa:
-    def __init__(self, isa: str):
-        self.isa = isa
-
-    def __enter__(self):
-        self.saved = os.environ.get("QUANTKIT_CPU_ISA")
-        os.environ["QUANTKIT_CPU_ISA"] = self.isa
-
-    def __exit__(self, *exc):
-        if self.saved is None:
-            os.environ.pop("QUANTKIT_CPU_ISA", None)
-        else:
-            os.environ["QUANTKIT_CPU_ISA"] = self.saved
 
 
 def _operands(g, n_out, k, bits_w, bits_a):
@@ -56,7 +45,7 @@ def test_int8_linear_equals_reference_on_every_isa(rows, k, n_out, bits, with_bi
     x = torch.randn(rows, k, generator=g) * 3  # beyond the grid on both sides: clamping is exercised
     ref = I.int8_linear_reference(x, s, z, qmax, w, w_scale, bias)
     for isa in ISAS:
-        with _Isa(isa), torch.no_grad():
+        with cpu_isa(isa), torch.no_grad():
             got = I.int8_linear(x, s, z, qmax, w, I.pack_weight(w), I.weight_sum(w), w_scale, bias)
         assert got.shape == (rows, n_out)
         assert torch.equal(got, ref), isa
@@ -79,7 +68,7 @@ def test_int8_conv2d_equals_reference_on_every_isa(n, c, hw, n_out, kernel, stri
     ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, (stride,) * 2, (padding,) * 2, (dilation,) * 2)
     packed = I.pack_weight(I.flatten_conv_weight(w4))
     for isa in ISAS:
-        with _Isa(isa), torch.no_grad():
+        with cpu_isa(isa), torch.no_grad():
             got = I.int8_conv2d(x, s, z, qmax, w4, packed, I.weight_sum(w4), w_scale, bias, (stride,) * 2,
                                 (padding,) * 2, (dilation,) * 2)
         assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
@@ -200,6 +189,6 @@ def test_int8_quantization_ties_and_clamps_match_the_simulated_grid():
     codes = torch.clamp(torch.round(x / s) + z, 0, 15)
     torch.testing.assert_close(ref, (codes - z) * s, rtol=0, atol=0)
     for isa in ISAS:
-        with _Isa(isa), torch.no_grad():
+        with cpu_isa(isa), torch.no_grad():
             got = I.int8_linear(x, s, z, 15, eye, I.pack_weight(eye), I.weight_sum(eye), torch.ones(k), None)
         assert torch.equal(got, ref), isa

@@ -13,12 +13,7 @@ from quantkit.errors import ExportError, UnsupportedModelError
 from quantkit.export import export_onnx, run_onnxruntime
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, immune to contention
 
 
 def _cnn() -> nn.Module:

@@ -30,6 +30,15 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
     return g.float(), h.float()
 
 
+def _module_call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times each submodule is called in ``graph`` (a layer called twice shares its weights: never fold)."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every foldable (deploy layer -> BatchNorm) pair of ``model`` in place; returns (layer, bn) names.
     Models torch.fx cannot trace are left as they are (an empty list)."""
@@ -37,10 +46,7 @@ def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
         graph = _DeployTracer().trace(model)
     except Exception:
         return []
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_call_counts(graph)
     modules = dict(model.named_modules())
     folded = []
     for node in graph.nodes:
@@ -77,10 +83,7 @@ def fold_batchnorms_into_float(model: nn.Module) -> tuple[list[tuple[str, str]],
         graph = _FloatTracer().trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the model as it is"
         return [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _module_call_counts(graph)
     modules = dict(model.named_modules())
     folded = []
     for node in graph.nodes:
