@@ -59,6 +59,15 @@ class _QuantAdderMixin(QuantModule):
     optional_state = ("act_clamp", "act_absmax", "act_min", "calib_batches", "group_index", "group_scale",
                       "unsigned_act", "ready")
 
+    @classmethod
+    def from_float(cls, module: nn.Module, config: Any = None, name: str = "") -> "_QuantAdderMixin":
+        """The quantized layer for the float adder ``module`` (same weight/bias names: checkpoints load)."""
+        new = cls._empty_like(module)
+        new.load_state_dict(module.state_dict())
+        new.calibrating = False
+        new._init_quant(config, name)
+        return new
+
     def _init_quant(self, config: Any, name: str) -> None:
         _check_weights(self.weight, name)
         self.layer_name = name
@@ -227,14 +236,10 @@ class QuantAdderConv2d(_QuantAdderMixin, AdderConv2d):
     _channel_dim = 1
 
     @classmethod
-    def from_float(cls, module: AdderConv2d, config: Any, name: str) -> "QuantAdderConv2d":
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, 1, module.bias is not None, module.eta, device=module.weight.device,
-                  dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict())
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
+    def _empty_like(cls, module: AdderConv2d) -> "QuantAdderConv2d":
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, 1, module.bias is not None, module.eta, device=module.weight.device,
+                   dtype=module.weight.dtype)
 
     def _fp_forward(self, x: Tensor) -> Tensor:
         return AdderConv2d.forward(self, x)
@@ -252,13 +257,9 @@ class QuantAdderLinear(_QuantAdderMixin, AdderLinear):
     _channel_dim = -1
 
     @classmethod
-    def from_float(cls, module: AdderLinear, config: Any, name: str) -> "QuantAdderLinear":
-        new = cls(module.in_features, module.out_features, module.bias is not None, module.eta,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict())
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
+    def _empty_like(cls, module: AdderLinear) -> "QuantAdderLinear":
+        return cls(module.in_features, module.out_features, module.bias is not None, module.eta,
+                   device=module.weight.device, dtype=module.weight.dtype)
 
     def _fp_forward(self, x: Tensor) -> Tensor:
         return AdderLinear.forward(self, x)
