@@ -93,3 +93,26 @@ def test_scheme_to_dict_from_dict_round_trip(name):
     again = type(cfg).from_dict(json.loads(json.dumps(data)))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg) and again.name == cfg.name
     assert SchemeConfig.from_dict(data).name == cfg.name
+
+
+def test_generic_layer_defaults_to_uniform_and_disabled_layer_deploys_as_float():
+    conv = nn.Conv2d(3, 4, 3, groups=1, padding="same")
+    sim = QuantConv2d.from_float(conv)
+    assert (sim.weight_quantizer.name, sim.input_quantizer.name, sim.bits_w, sim.bits_a) == (
+        "uniform_weight", "uniform_act", 8, 8)
+    xnor = XnorLinear.from_float(nn.Linear(6, 5))
+    xnor.enabled = False
+    dep = xnor.to_deploy()
+    assert type(dep) is nn.Linear and torch.equal(dep.weight, xnor.weight.detach())
+
+
+def test_adder_scale_methods_are_registered_rules():
+    from quantkit.quantizers.adder import SCALE_RULES, AdderQuantOptions
+
+    assert set(SCALE_RULES) == {"ptq", "qssf_w", "qssf_a", "round"}
+    assert not SCALE_RULES["qssf_a"].compensate_clamp and SCALE_RULES["ptq"].compensate_clamp
+    absmax = torch.tensor([0.5, 2.0, 1.0])
+    gi, s = SCALE_RULES["round"].scales(absmax, 1.5, 3.0, AdderQuantOptions(method="round"))
+    assert gi.tolist() == [0, 0, 0] and s.tolist() == [3.0]
+    with pytest.raises(ConfigError, match="method='nope'"):
+        quantkit.get_scheme("adder_ptq4", method="nope")
