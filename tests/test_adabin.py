@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from quantkit.nn.adabin import AdaBinConv2d, AdaBinLinear, Maxout
+from quantkit.nn.adabin import AdaBinConv2d, AdaBinLinear, AdaBinOptions, Maxout
 from quantkit.nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from quantkit.nn.base import NotQuantizable
 from quantkit.quantizers.adabin import (adabin_activation, adabin_weight, adabin_weight_params, approx_sign,
@@ -246,7 +246,9 @@ def test_maxout_formula_init_and_grads():
 def test_conv_layer_matches_functional_formulas_and_loads_float_checkpoint():
     conv = nn.Conv2d(5, 7, 3, padding=1, bias=True)
     layer = AdaBinConv2d.from_float(conv)
-    assert set(dict(layer.named_parameters())) == {"weight", "bias", "alpha_a", "beta_a"}
+    # the activation quantizer owns alpha_a/beta_a; the state_dict keeps the layer's flat names
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "input_quantizer.alpha_a", "input_quantizer.beta_a"}
+    assert set(layer.state_dict()) == {"weight", "bias", "alpha_a", "beta_a", "ede_k", "ede_t"}
     layer.load_state_dict(conv.state_dict())  # float checkpoint: no alpha_a/beta_a/ede_* keys, still strict
     with torch.no_grad():
         layer.alpha_a.fill_(1.3)
@@ -265,10 +267,7 @@ def test_epoch_start_sets_ede_schedule_and_progressive_off():
     layer.epoch_start(3, 4)
     assert (layer.ede_k.item(), layer.ede_t.item()) == pytest.approx((1.0, 1.0), rel=1e-6)
 
-    class Cfg:
-        progressive = False
-
-    fixed = AdaBinConv2d.from_float(nn.Conv2d(4, 4, 3), Cfg())
+    fixed = AdaBinConv2d.from_float(nn.Conv2d(4, 4, 3), AdaBinOptions(progressive=False))
     fixed.epoch_start(3, 4)
     assert fixed.ede_t.item() == pytest.approx(0.1)
 
@@ -288,9 +287,8 @@ def test_string_padding():
 
 
 # ---------------------------------------------------------------------------------------------- bitwise form
-class _Cfg:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+def _Cfg(**options):  # the layers' options (scheme configs inherit them); every conv binarized
+    return AdaBinOptions(keep_downsample=False, **options)
 
 
 def _randomize_act(layer, alpha, beta):

@@ -24,6 +24,7 @@ How the group scales are chosen is the scheme's ``method`` (see :mod:`quantkit.s
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -32,12 +33,11 @@ from torch import Tensor, nn
 
 from ..errors import CalibrationDataError, KernelError, UnsupportedModelError
 from ..ops.elementwise import quantize_groups
-from ..quantizers.adder import (abs_percentile, grid_range, group_scales, group_step, kmeans_groups, lossless_weight_clamp,
-                                max_l1_term, quantize_act_codes, quantize_weight_codes)
+from ..quantizers.adder import (METHODS, SCALE_RULES, AdderQuantOptions, abs_percentile, grid_range, group_step,
+                                lossless_weight_clamp, max_l1_term, quantize_act_codes, quantize_weight_codes)
 from .adder import AdderConv2d, AdderLinear, adder_conv2d_fp, adder_linear_fp
 from .base import QuantModule
 
-METHODS = ("ptq", "qssf_w", "qssf_a", "round")
 _ACT_CLAMP_FLOOR = 1e-3  # eval.py floors the calibrated clamp at 1e-3
 
 
@@ -59,19 +59,23 @@ class _QuantAdderMixin(QuantModule):
     optional_state = ("act_clamp", "act_absmax", "act_min", "calib_batches", "group_index", "group_scale",
                       "unsigned_act", "ready")
 
+    @classmethod
+    def from_float(cls, module: nn.Module, config: Any = None, name: str = "") -> "_QuantAdderMixin":
+        """The quantized layer for the float adder ``module`` (same weight/bias names: checkpoints load)."""
+        new = cls._empty_like(module)
+        new.load_state_dict(module.state_dict())
+        new.calibrating = False
+        new._init_quant(config, name)
+        return new
+
     def _init_quant(self, config: Any, name: str) -> None:
         _check_weights(self.weight, name)
         self.layer_name = name
-        self.bits_w = self.bits_a = int(config.bits)
-        self.method = config.method
-        self.groups_requested = int(config.groups)
-        self.percentile = float(config.percentile)
-        self.act_mode = config.act_mode
-        self.round_mode = config.round_mode
-        self.weight_clamp = config.weight_clamp
-        self.weight_code_order = config.weight_code_order
-        self.kmeans_seed = int(config.kmeans_seed)
-        self.kmeans_n_init = int(config.kmeans_n_init)
+        source = AdderQuantOptions() if config is None else config
+        #: this layer's options (the scheme config's fields of AdderQuantOptions)
+        self.options = AdderQuantOptions(**{f.name: getattr(source, f.name)
+                                            for f in dataclasses.fields(AdderQuantOptions)})
+        self.bits_w = self.bits_a = int(self.options.bits)
         dev = self.weight.device
         cout = self.weight.shape[0]
         self.register_buffer("act_clamp", torch.tensor(float("-inf"), device=dev))  # running max of percentiles -> A
@@ -92,7 +96,7 @@ class _QuantAdderMixin(QuantModule):
                 f"adder layer {self.layer_name!r}: its input has {bad} NaN/Inf value(s) during calibration; check the "
                 "calibration data and the layers before it"
             )
-        a = abs_percentile(x, self.percentile).to(self.act_clamp.device)
+        a = abs_percentile(x, self.options.percentile).to(self.act_clamp.device)
         self.act_clamp.copy_(torch.maximum(self.act_clamp, a))
         self.act_absmax.copy_(torch.maximum(self.act_absmax, x.abs().max().float()))
         self.act_min.copy_(torch.minimum(self.act_min, x.min().float()))
@@ -106,22 +110,10 @@ class _QuantAdderMixin(QuantModule):
         a = max(float(self.act_clamp), _ACT_CLAMP_FLOOR)
         self.act_clamp.fill_(a)
         ch_absmax = self.weight.detach().abs().flatten(1).amax(1).float().cpu()
-        cout = ch_absmax.numel()
-        if self.method == "ptq":
-            gi, g = kmeans_groups(ch_absmax, min(self.groups_requested, cout), self.kmeans_seed, self.kmeans_n_init)
-            scales = group_scales(ch_absmax, gi, g, a)
-        else:
-            gi = torch.zeros(cout, dtype=torch.int64)
-            if self.method == "qssf_w":
-                s = float(ch_absmax.max())
-            elif self.method == "qssf_a":
-                s = a
-            else:  # "round": one grid covering both ranges, no clamp
-                s = max(float(ch_absmax.max()), float(self.act_absmax))
-            scales = torch.tensor([s if s > 0 else a], dtype=torch.float32)
+        gi, scales = SCALE_RULES[self.options.method].scales(ch_absmax, a, float(self.act_absmax), self.options)
         self.group_index.copy_(gi.to(dev))
         self.group_scale = scales.to(dev)
-        mode = self.act_mode
+        mode = self.options.act_mode
         self.unsigned_act.fill_(mode == "unsigned" or (mode == "auto" and float(self.act_min) >= 0.0))
         self.ready.fill_(True)
 
@@ -165,24 +157,24 @@ class _QuantAdderMixin(QuantModule):
 
     def _compute_quant_params(self) -> dict[str, Tensor]:
         s_ch = self.group_scale[self.group_index]
-        if self.weight_clamp == "grid":
+        if self.options.weight_clamp == "grid":
             lo, hi = grid_range(s_ch, self.bits_w)
             clamped, comp = lossless_weight_clamp(self.weight, hi, lo)
         else:
             clamped, comp = lossless_weight_clamp(self.weight, s_ch)
-        if self.method == "qssf_a":
-            comp = torch.zeros_like(comp)  # the prior single-scale method clips weights without a correction
+        if not SCALE_RULES[self.options.method].compensate_clamp:
+            comp = torch.zeros_like(comp)
         shape = (-1,) + (1,) * (self.weight.dim() - 1)
-        w_codes = quantize_weight_codes(clamped, s_ch.view(shape).to(clamped.dtype), self.bits_w, self.round_mode,
-                                        self.weight_code_order)
+        w_codes = quantize_weight_codes(clamped, s_ch.view(shape).to(clamped.dtype), self.bits_w, self.options.round_mode,
+                                        self.options.weight_code_order)
         bias = comp if self.bias is None else comp + self.bias.detach()
         return {"w_codes": w_codes.detach(), "delta": group_step(s_ch, self.bits_w, self.signed_act).float(),
                 "bias": bias.float(), "group_index": self.group_index.clone(), "group_scale": self.group_scale.clone()}
 
     def act_codes(self, x: Tensor, g: int, ste: bool = True) -> Tensor:
         """Activation codes on group ``g``'s grid (float tensor with integer values)."""
-        return quantize_act_codes(x, self.group_scale[g].to(x.dtype), self.bits_a, self.signed_act, self.round_mode,
-                                  ste=ste)
+        return quantize_act_codes(x, self.group_scale[g].to(x.dtype), self.bits_a, self.signed_act,
+                                  self.options.round_mode, ste=ste)
 
     def _sum_dtype(self, x: Tensor) -> torch.dtype:
         reduction = self.weight[0].numel()
@@ -218,14 +210,14 @@ class _QuantAdderMixin(QuantModule):
     # ---- report -----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         if not bool(self.ready):
-            return {"groups": self.groups_requested, "calibrated": False}
+            return {"groups": self.options.groups, "calibrated": False}
         ch_absmax = self.weight.detach().abs().flatten(1).amax(1)
         gmax = torch.zeros(self.n_groups, device=ch_absmax.device).scatter_reduce(
             0, self.group_index, ch_absmax.float(), reduce="amax", include_self=True)
         sizes = torch.bincount(self.group_index, minlength=self.n_groups).tolist()
-        info: dict[str, Any] = {"method": self.method, "groups": self.n_groups}
-        if self.method == "ptq" and self.n_groups != self.groups_requested:
-            info["groups_requested"] = self.groups_requested
+        info: dict[str, Any] = {"method": self.options.method, "groups": self.n_groups}
+        if self.options.method == "ptq" and self.n_groups != self.options.groups:
+            info["groups_requested"] = self.options.groups
         info.update({
             "group_sizes": sizes,
             "scales": [round(float(s), 4) for s in self.group_scale],
@@ -233,8 +225,8 @@ class _QuantAdderMixin(QuantModule):
             "act": "unsigned" if bool(self.unsigned_act) else "signed",
             "clamped_groups": int((gmax > self.group_scale * (1 + 1e-6)).sum()),
         })
-        if self.weight_clamp != "scale":
-            info["weight_clamp"] = self.weight_clamp
+        if self.options.weight_clamp != "scale":
+            info["weight_clamp"] = self.options.weight_clamp
         return info
 
 
@@ -244,14 +236,10 @@ class QuantAdderConv2d(_QuantAdderMixin, AdderConv2d):
     _channel_dim = 1
 
     @classmethod
-    def from_float(cls, module: AdderConv2d, config: Any, name: str) -> "QuantAdderConv2d":
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, 1, module.bias is not None, module.eta, device=module.weight.device,
-                  dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict())
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
+    def _empty_like(cls, module: AdderConv2d) -> "QuantAdderConv2d":
+        return cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, 1, module.bias is not None, module.eta, device=module.weight.device,
+                   dtype=module.weight.dtype)
 
     def _fp_forward(self, x: Tensor) -> Tensor:
         return AdderConv2d.forward(self, x)
@@ -269,13 +257,9 @@ class QuantAdderLinear(_QuantAdderMixin, AdderLinear):
     _channel_dim = -1
 
     @classmethod
-    def from_float(cls, module: AdderLinear, config: Any, name: str) -> "QuantAdderLinear":
-        new = cls(module.in_features, module.out_features, module.bias is not None, module.eta,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict())
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
+    def _empty_like(cls, module: AdderLinear) -> "QuantAdderLinear":
+        return cls(module.in_features, module.out_features, module.bias is not None, module.eta,
+                   device=module.weight.device, dtype=module.weight.dtype)
 
     def _fp_forward(self, x: Tensor) -> Tensor:
         return AdderLinear.forward(self, x)
@@ -302,7 +286,7 @@ class _AdderDeploy(nn.Module):
         p = sim.quant_params()
         self.layer_name = sim.layer_name
         self.bits_w = self.bits_a = sim.bits_w
-        self.round_mode = sim.round_mode
+        self.round_mode = sim.options.round_mode
         self.signed_act = sim.signed_act
         self.w_mult = sim.w_mult
         self.register_buffer("weight_int", p["w_codes"].detach().to(torch.int8))

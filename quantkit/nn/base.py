@@ -6,6 +6,10 @@ quantizer state (scales, learnable thresholds, observer statistics) as plain ten
 float arithmetic. ``to_deploy()`` freezes it into a *deploy* layer that holds only packed / integer tensors and runs
 on :mod:`quantkit.ops` kernels.
 
+Most simulated layers are the generic :class:`~quantkit.nn.layers.QuantConv2d` / ``QuantLinear`` with registered
+quantizer objects (:mod:`quantkit.quantizers.base`); attention wrappers and the adder layers implement the same
+contract themselves.
+
 Life cycle driven by :mod:`quantkit.api` and :class:`quantkit.QAT`:
 
 - ``from_float(module, config, name)`` -- build from the float layer (raise :class:`NotQuantizable` to keep it FP).

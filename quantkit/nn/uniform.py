@@ -1,122 +1,38 @@
-"""Simulated and deploy layers of the uniform baselines (``w8a8``, ``w4a4``): per-channel symmetric weights,
-per-tensor affine activations calibrated by an observer."""
+"""The uniform baselines (``w8a8``, ``w4a4``): per-channel symmetric weights, per-tensor affine activations
+calibrated by an observer. Simulated: the generic :class:`~quantkit.nn.layers.QuantConv2d` / ``QuantLinear`` with the
+``uniform_act`` / ``uniform_weight`` quantizers; deploy: the integer layers below."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..calibrate.observers import make_observer
-from ..errors import CalibrationDataError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..ops import int8 as int8_ops
-from ..quantizers.uniform import (affine_params, fake_quantize_affine, fake_quantize_bias, qrange, quantize_affine,
-                                   symmetric_scale)
-from .base import QuantModule
+from ..quantizers.uniform import UniformActOptions, UniformWeightOptions, qrange, quantize_affine
+from .layers import LayerQuantizers, QuantConv2d, QuantLinear, register_deploy
 
 
-def _weight_scale(w: Tensor, bits: int) -> Tensor:
-    absmax = w.detach().abs().flatten(1).amax(dim=1)
-    return symmetric_scale(absmax, bits).view(-1, *([1] * (w.dim() - 1)))
+@dataclass
+class UniformOptions(LayerQuantizers, UniformActOptions, UniformWeightOptions):
+    """The uniform quantizers and their options (bits, observer)."""
+
+    input_quantizer: str | None = "uniform_act"
+    weight_quantizer: str = "uniform_weight"
 
 
-class _UniformMixin(QuantModule):
-    optional_state = ("act_scale", "act_zero_point", "act_ready")
-
-    def _init_quant(self, config: Any, name: str) -> None:
-        self.bits_w, self.bits_a = config.bits_w, config.bits_a
-        self.layer_name = name
-        self.observer = make_observer(config.observer, config.percentile)
-        self.register_buffer("act_scale", torch.tensor(1.0))
-        self.register_buffer("act_zero_point", torch.tensor(0.0))
-        self.register_buffer("act_ready", torch.tensor(False))
-
-    def quant_input(self, x: Tensor) -> Tensor:
-        if self.calibrating:
-            self.observer.observe(x)
-            return x
-        if not bool(self.act_ready):
-            return x  # not calibrated yet: weights-only simulation
-        qmin, qmax = qrange(self.bits_a, signed=False)
-        return fake_quantize_affine(x, self.act_scale, self.act_zero_point, qmin, qmax)
-
-    def quant_weight(self) -> Tensor:
-        qmin, qmax = qrange(self.bits_w, signed=True)
-        return fake_quantize_affine(self.weight, _weight_scale(self.weight, self.bits_w), torch.zeros(()), qmin, qmax)
-
-    def quant_bias(self) -> Tensor | None:
-        """The bias on the int32 grid of the accumulator (scale s_x * s_w[o]) once the input is calibrated, the
-        form integer runtimes (onnxruntime QLinearConv / QGemm) add; the float bias before calibration."""
-        if self.bias is None or not bool(self.act_ready):
-            return self.bias
-        return fake_quantize_bias(self.bias, self.act_scale * _weight_scale(self.weight, self.bits_w).reshape(-1))
-
-    def finish_calibration(self) -> None:
-        super().finish_calibration()
-        if not self.observer.observed:
-            return  # the layer did not run on the calibration data; it keeps weights-only simulation
-        lo, hi = self.observer.range()
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):
-            raise CalibrationDataError(f"layer {self.layer_name!r}: activation range is not finite ({lo}, {hi})")
-        scale, zp = affine_params(lo, hi, self.bits_a)
-        self.act_scale.copy_(scale)
-        self.act_zero_point.copy_(zp)
-        self.act_ready.fill_(True)
-
-    def describe(self) -> dict[str, Any]:
-        if not bool(self.act_ready):
-            return {"act": "not calibrated"}
-        return {"act_scale": float(self.act_scale), "act_zp": int(self.act_zero_point)}
-
-    def _deploy_tensors(self) -> dict[str, Tensor]:
-        qmin, qmax = qrange(self.bits_w, signed=True)
-        w_scale = _weight_scale(self.weight, self.bits_w)
-        bias = self.quant_bias()
-        return {
-            "weight_int": quantize_affine(self.weight.detach(), w_scale, torch.zeros(()), qmin, qmax).to(torch.int8),
-            "weight_scale": w_scale.detach().clone(),
-            "bias": None if bias is None else bias.detach().clone(),
-        }
+def uniform_deploy(sim: QuantConv2d | QuantLinear) -> nn.Module:
+    """The integer deploy layer of a generic layer with the ``uniform_weight`` quantizer."""
+    return UniformDeployConv2d(sim) if isinstance(sim, nn.Conv2d) else UniformDeployLinear(sim)
 
 
-class QuantConv2d(_UniformMixin, nn.Conv2d):
-    """Conv2d with fake-quantized weights (per channel, symmetric) and input (per tensor, affine)."""
-
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, config: Any, name: str) -> "QuantConv2d":
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, module.groups, module.bias is not None, module.padding_mode,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict(), strict=False)
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
-
-    def to_deploy(self) -> nn.Module:
-        return UniformDeployConv2d(self)
-
-
-class QuantLinear(_UniformMixin, nn.Linear):
-    """Linear with fake-quantized weights (per row, symmetric) and input (per tensor, affine)."""
-
-    @classmethod
-    def from_float(cls, module: nn.Linear, config: Any, name: str) -> "QuantLinear":
-        new = cls(module.in_features, module.out_features, module.bias is not None,
-                  device=module.weight.device, dtype=module.weight.dtype)
-        new.load_state_dict(module.state_dict(), strict=False)
-        new.calibrating = False
-        new._init_quant(config, name)
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
-
-    def to_deploy(self) -> nn.Module:
-        return UniformDeployLinear(self)
+def _deploy_tensors(sim: QuantConv2d | QuantLinear) -> dict[str, Tensor]:
+    wq = sim.weight_quantizer
+    bias = wq.bias(sim.bias, sim.weight, sim.input_quantizer)
+    return {"weight_int": wq.codes(sim.weight), "weight_scale": wq.scale(sim.weight).detach().clone(),
+            "bias": None if bias is None else bias.detach().clone()}
 
 
 def _refresh_after_load(module: "_UniformDeploy", _incompatible_keys: Any) -> None:
@@ -132,7 +48,7 @@ class _UniformDeploy(nn.Module):
     Derived tensors (packed weight, weight sums) are non-persistent buffers rebuilt whenever a state_dict is loaded,
     and which path runs is a Python attribute fixed at the same moments: forward has no data-dependent branch."""
 
-    def __init__(self, sim: _UniformMixin) -> None:
+    def __init__(self, sim: QuantConv2d | QuantLinear) -> None:
         super().__init__()
         if not bool(sim.act_ready):
             # without a calibrated activation grid there is no integer input to deploy: refuse instead of
@@ -142,7 +58,7 @@ class _UniformDeploy(nn.Module):
                 "calibration batch reached it); run quantkit.calibrate(model, data) (or quantkit.quantize) with data "
                 "that exercises it before convert / export")
         self.bits_w, self.bits_a = sim.bits_w, sim.bits_a
-        for k, v in sim._deploy_tensors().items():
+        for k, v in _deploy_tensors(sim).items():
             self.register_buffer(k, v)
         self.register_buffer("act_scale", sim.act_scale.detach().clone())
         self.register_buffer("act_zero_point", sim.act_zero_point.detach().clone())
@@ -196,3 +112,8 @@ class UniformDeployLinear(_UniformDeploy):
             return int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
                                         self.weight_packed, self.weight_sum, self.weight_scale, self.bias)
         return F.linear(x, self.weight(), self.bias)
+
+
+register_deploy("uniform", uniform_deploy)
+
+__all__ = ["QuantConv2d", "QuantLinear", "UniformOptions", "UniformDeployConv2d", "UniformDeployLinear"]

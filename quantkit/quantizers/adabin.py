@@ -12,10 +12,13 @@ only for an input that is exactly zero after centering, where the official code 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .base import Quantizer, register_quantizer
 from .binary import binary_sign
 
 # ---------------------------------------------------------------------------------------------- EDE (IR-Net)
@@ -212,7 +215,115 @@ def adabin_activation_affine(alpha: Tensor, beta: Tensor, form: str = "code") ->
     return alpha, alpha * beta
 
 
+# ---------------------------------------------------------------------------------------------- quantizer objects
+
+#: module defaults of the official AdaBin_Conv2d when no EDE schedule runs
+DEFAULT_EDE_K = 10.0
+DEFAULT_EDE_T = 0.1
+ACT_FORMS = ("code", "paper")
+
+
+@dataclass
+class AdaBinWeightOptions:
+    """``progressive``: run the EDE schedule (else k, t stay at the official module defaults 10, 0.1);
+    ``t_min``/``t_max``: its temperature range (:func:`ede_schedule`)."""
+
+    progressive: bool = True
+    t_min: float = 1e-3
+    t_max: float = 10.0
+
+
+@dataclass
+class AdaBinActOptions:
+    """``act_form``: "code" (official code, a_b = alpha (b + beta)) or "paper" (a_b = alpha b + beta)."""
+
+    act_form: str = "code"
+
+
+@register_quantizer("adabin_weight")
+class AdaBinWeight(Quantizer):
+    """AdaBin's weight binarizer :func:`adabin_weight` with the EDE parameters in the buffers ``ede_k``/``ede_t``
+    (saved with the state_dict so a resumed run continues with the same surrogate). Deploy: the signs of W_hat,
+    scale alpha_w, center beta_w (per output channel)."""
+
+    kind = "weight"
+    Options = AdaBinWeightOptions
+    optional_state = ("ede_k", "ede_t")
+    exposed = ("progressive", "t_min", "t_max")
+
+    def __init__(self, *, weight: Tensor, channels: int, progressive: bool, t_min: float, t_max: float) -> None:
+        super().__init__()
+        self.progressive, self.t_min, self.t_max = bool(progressive), float(t_min), float(t_max)
+        self.register_buffer("ede_k", torch.tensor(DEFAULT_EDE_K, device=weight.device, dtype=torch.float32))
+        self.register_buffer("ede_t", torch.tensor(DEFAULT_EDE_T, device=weight.device, dtype=torch.float32))
+
+    def forward(self, w: Tensor) -> Tensor:
+        return adabin_weight(w, self.ede_k.to(w.dtype), self.ede_t.to(w.dtype))
+
+    def schedule(self, epoch: int, epochs: int) -> None:
+        """EDE schedule (docs/algorithms.md#ede-schedule)."""
+        if self.progressive:
+            k, t = ede_schedule(epoch, epochs, self.t_min, self.t_max)
+            self.ede_k.fill_(k)
+            self.ede_t.fill_(t)
+
+    def signs(self, w: Tensor) -> Tensor:
+        w = w.detach().float()
+        alpha, beta = adabin_weight_params(w)
+        with torch.no_grad():  # exactly the signs the simulated forward uses
+            return adabin_weight_signs(w, alpha, beta)
+
+    def affine(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        alpha, beta = adabin_weight_params(w.detach().float())
+        return alpha.flatten(), beta.flatten()
+
+    def describe(self) -> dict[str, Any]:
+        return {"ede_t": float(self.ede_t)}
+
+
+@register_quantizer("adabin_act")
+class AdaBinAct(Quantizer):
+    """AdaBin's activation binarizer :func:`adabin_activation` with one learnable pair (``alpha_a``, ``beta_a``) per
+    layer (official init 1, 0).
+
+    Deploy: the kernel packs bit = (a >= beta_a). The simulated sign is that of (a - beta_a) / alpha_a: the same bit
+    when alpha_a > 0, the opposite when alpha_a < 0 -- then the scale changes sign instead (the two differ only at
+    an exact tie a == beta_a)."""
+
+    kind = "input"
+    Options = AdaBinActOptions
+    optional_state = ("alpha_a", "beta_a")
+    exposed = ("act_form",)
+
+    def __init__(self, *, weight: Tensor, channels: int, act_form: str) -> None:
+        super().__init__()
+        self.act_form = act_form
+        self.alpha_a = nn.Parameter(torch.tensor(1.0, device=weight.device, dtype=weight.dtype))
+        self.beta_a = nn.Parameter(torch.tensor(0.0, device=weight.device, dtype=weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return adabin_activation(x, self.alpha_a, self.beta_a, self.act_form)
+
+    def threshold(self) -> Tensor:
+        return self.beta_a.detach().float()
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        alpha = self.alpha_a.detach().float()
+        scale, center = adabin_activation_affine(alpha, self.beta_a.detach().float(), self.act_form)
+        return (scale if float(alpha) >= 0 else -scale), center
+
+    def describe(self) -> dict[str, Any]:
+        return {"acts": f"adabin/{self.act_form}", "alpha_a": float(self.alpha_a.detach()),
+                "beta_a": float(self.beta_a.detach())}
+
+
 __all__ = [
+    "AdaBinWeight",
+    "AdaBinAct",
+    "AdaBinWeightOptions",
+    "AdaBinActOptions",
+    "DEFAULT_EDE_K",
+    "DEFAULT_EDE_T",
     "ede_sign",
     "ede_schedule",
     "approx_sign",

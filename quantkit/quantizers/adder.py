@@ -22,6 +22,8 @@ layer stays differentiable; the clamps of the grid pass gradients only inside th
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -231,5 +233,92 @@ def max_l1_term(bits: int, signed: bool) -> int:
     return 2**bits - 1 if signed else 2 ** (bits + 1) - 1
 
 
+# ----------------------------------------------------------------------------------------------- the options
+@dataclass
+class AdderQuantOptions:
+    """What one adder layer is quantized with (the scheme :class:`quantkit.schemes.adder.AdderPTQConfig` inherits
+    these fields; its module docstring says why each default): ``bits``, ``groups`` (k-means groups, ``method="ptq"``),
+    ``percentile`` (activation clamp), ``act_mode``, ``round_mode``, ``kmeans_seed`` / ``kmeans_n_init``,
+    ``weight_clamp`` ("scale" | "grid"), ``weight_code_order`` ("paper" | "official"), ``method`` (a registered scale
+    rule, :data:`SCALE_RULES`)."""
+
+    bits: int = 4
+    groups: int = 4
+    percentile: float = 99.94
+    act_mode: str = "auto"
+    round_mode: str = "half_even"
+    kmeans_seed: int = 0
+    kmeans_n_init: int = 10
+    weight_clamp: str = "scale"
+    weight_code_order: str = "paper"
+    method: str = "ptq"
+
+
+# ----------------------------------------------------------------------------------------------- scale rules
+@dataclass(frozen=True)
+class ScaleRule:
+    """How one method chooses the group scales at the end of calibration: ``scales(channel_absmax, act_clamp,
+    act_absmax, options) -> (group_index (C,), group_scales (G,))``; ``compensate_clamp``: whether the weights
+    clipped at the scale get the exact per-channel bias of :func:`lossless_weight_clamp`."""
+
+    scales: Callable[[Tensor, float, float, AdderQuantOptions], tuple[Tensor, Tensor]]
+    compensate_clamp: bool = True
+
+
+#: method name -> rule (the ``method`` option of the adder schemes)
+SCALE_RULES: dict[str, ScaleRule] = {}
+
+
+def register_scale_rule(name: str, compensate_clamp: bool = True):
+    """Decorator: register ``scales(channel_absmax, act_clamp, act_absmax, options)`` as the scale rule ``name``."""
+
+    def deco(fn: Callable[[Tensor, float, float, AdderQuantOptions], tuple[Tensor, Tensor]]):
+        SCALE_RULES[name] = ScaleRule(fn, compensate_clamp)
+        return fn
+
+    return deco
+
+
+def _one_scale(channel_absmax: Tensor, s: float, act_clamp: float) -> tuple[Tensor, Tensor]:
+    """One group holding every channel, scale ``s`` (``act_clamp`` if ``s`` is 0: an all-zero layer)."""
+    return (torch.zeros(channel_absmax.numel(), dtype=torch.int64),
+            torch.tensor([s if s > 0 else act_clamp], dtype=torch.float32))
+
+
+@register_scale_rule("ptq")
+def ptq_scales(channel_absmax: Tensor, act_clamp: float, act_absmax: float,
+               options: AdderQuantOptions) -> tuple[Tensor, Tensor]:
+    """The paper: k-means groups on max|W_o| (:func:`kmeans_groups`), s_g = min(max|W_g|, A) (:func:`group_scales`)."""
+    groups = min(options.groups, channel_absmax.numel())
+    gi, g = kmeans_groups(channel_absmax, groups, options.kmeans_seed, options.kmeans_n_init)
+    return gi, group_scales(channel_absmax, gi, g, act_clamp)
+
+
+@register_scale_rule("qssf_w")
+def qssf_w_scale(channel_absmax: Tensor, act_clamp: float, act_absmax: float,
+                 options: AdderQuantOptions) -> tuple[Tensor, Tensor]:
+    """One shared scale per layer from the weights, s = max|W| (activations clipped at it)."""
+    return _one_scale(channel_absmax, float(channel_absmax.max()), act_clamp)
+
+
+@register_scale_rule("qssf_a", compensate_clamp=False)
+def qssf_a_scale(channel_absmax: Tensor, act_clamp: float, act_absmax: float,
+                 options: AdderQuantOptions) -> tuple[Tensor, Tensor]:
+    """One shared scale per layer from the activations, s = A (weights clipped at it, without a bias correction:
+    the prior single-scale method)."""
+    return _one_scale(channel_absmax, act_clamp, act_clamp)
+
+
+@register_scale_rule("round")
+def round_scale(channel_absmax: Tensor, act_clamp: float, act_absmax: float,
+                options: AdderQuantOptions) -> tuple[Tensor, Tensor]:
+    """One grid per layer covering both ranges, s = max(max|W|, max|x|); no clamp of any kind."""
+    return _one_scale(channel_absmax, max(float(channel_absmax.max()), act_absmax), act_clamp)
+
+
+METHODS = tuple(SCALE_RULES)
+
 __all__ = ["ROUND_MODES", "ACT_MODES", "round_half", "round_ste", "abs_percentile", "kmeans_groups", "group_scales",
-           "lossless_weight_clamp", "grid_range", "WEIGHT_CODE_ORDERS", "group_step", "quantize_weight_codes", "quantize_act_codes", "max_l1_term"]
+           "lossless_weight_clamp", "grid_range", "WEIGHT_CODE_ORDERS", "group_step", "quantize_weight_codes",
+           "quantize_act_codes", "max_l1_term", "AdderQuantOptions", "ScaleRule", "SCALE_RULES", "register_scale_rule",
+           "METHODS"]

@@ -6,8 +6,12 @@ state, so zero maps to +1 (as in Larq). All surrogates below keep that forward.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from .base import Quantizer, register_quantizer
 
 
 def binary_sign(x: Tensor) -> Tensor:
@@ -40,12 +44,56 @@ def sign_ste(x: Tensor, clip: float = 1.0) -> Tensor:
     return _SignClippedSTE.apply(x, clip)
 
 
+def xnor_weight_scale(w: Tensor) -> Tensor:
+    """XNOR-Net's per-output-channel weight scale mean(|W[o]|), shaped to broadcast against ``w``."""
+    return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+
+
 def xnor_weight(w: Tensor) -> Tensor:
     """XNOR-Net weight binarization with a per-output-channel scale (Rastegari et al., ECCV 2016).
 
     forward:  W_b[o] = mean(|W[o]|) * sign(W[o])
     backward: dW_b/dW = 1[|W| <= 1] * mean|W[o]| through the sign (clipped STE), plus the gradient of the scale.
     """
-    dims = tuple(range(1, w.dim()))
-    scale = w.abs().mean(dim=dims, keepdim=True)
-    return scale * sign_ste(w)
+    return xnor_weight_scale(w) * sign_ste(w)
+
+
+# ---------------------------------------------------------------------------------------------- quantizer objects
+
+
+@register_quantizer("sign_ste")
+class SignSTE(Quantizer):
+    """Binary input: :func:`sign_ste` (clipped STE). Deploy: bit = (x >= 0), a_b = s."""
+
+    kind = "input"
+
+    def __init__(self, *, weight: Tensor, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sign_ste(x)
+
+    def threshold(self) -> float:
+        return 0.0
+
+    def affine(self) -> tuple[Any, Any]:
+        return 1.0, 0.0
+
+
+@register_quantizer("xnor_weight")
+class XnorWeight(Quantizer):
+    """Binary weight: :func:`xnor_weight`. Deploy: signs sign(W), scale mean|W[o]|, no center."""
+
+    kind = "weight"
+
+    def __init__(self, *, weight: Tensor, channels: int) -> None:
+        super().__init__()
+
+    def forward(self, w: Tensor) -> Tensor:
+        return xnor_weight(w)
+
+    def signs(self, w: Tensor) -> Tensor:
+        return binary_sign(w)
+
+    def affine(self, w: Tensor) -> tuple[Tensor, None]:
+        return xnor_weight_scale(w).flatten(), None

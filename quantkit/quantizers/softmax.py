@@ -13,10 +13,14 @@ code's ``torch.sign`` (0 -> 0), simulation only (a packed bit has no 0); ``docs/
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .base import Quantizer, register_quantizer
 from .binary import binary_sign
 
 SIGN_OF_ZERO = (1, 0)
@@ -193,6 +197,112 @@ def attention_binarization_errors(scores: Tensor, beta: float = 0.25, reduction:
     return out
 
 
-__all__ = ["SIGN_OF_ZERO", "check_sign_of_zero", "bivit_sign", "sab_threshold", "sab_select", "sab_binarize",
+# ---------------------------------------------------------------------------------------------- quantizer objects
+
+
+@dataclass
+class SignOfZeroOptions:
+    """``sign_of_zero``: what the signs give for an exact 0 -- 1 (+1, what a packed bit holds) or 0 (the official
+    code's ``torch.sign``; simulation only)."""
+
+    sign_of_zero: int = 1
+
+
+@dataclass
+class PWSOptions(SignOfZeroOptions):
+    """``pws``: learned per-row weight scales (True) or fixed, detached mean|W[o]| (False: BiBERT's scales)."""
+
+    pws: bool = True
+
+
+def check_packable(sign_of_zero: int, layer: str) -> None:
+    """A packed bit holds -1 or +1 only: a model simulated with sign(0) = 0 has no exact deploy form."""
+    if sign_of_zero != 1:
+        raise ConfigError(
+            f"{layer}: sign_of_zero=0 (the official torch.sign) cannot be deployed -- a packed bit has no 0, so the "
+            "deploy layer would map 0 to +1 and differ from the simulated model wherever a sign input is exactly 0 "
+            "(common at the projection input A_b V_b, an integer count). Set sign_of_zero=1 on the scheme (or the "
+            "layers' sign_of_zero attribute), fine-tune or re-evaluate, then convert")
+
+
+@register_quantizer("bivit_sign")
+class BiViTSign(Quantizer):
+    """Binary input: :func:`bivit_sign` (STE on |x| < 1). Deploy: bit = (x >= 0), a_b = s (sign_of_zero = 1 only)."""
+
+    kind = "input"
+    Options = SignOfZeroOptions
+
+    def __init__(self, *, weight: Tensor, channels: int, sign_of_zero: int) -> None:
+        super().__init__()
+        self.sign_of_zero = check_sign_of_zero(sign_of_zero)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bivit_sign(x, self.sign_of_zero)
+
+    def threshold(self) -> float:
+        return 0.0
+
+    def affine(self) -> tuple[Any, Any]:
+        return 1.0, 0.0
+
+    def check_deployable(self, layer: str) -> None:
+        check_packable(self.sign_of_zero, layer)
+
+
+@register_quantizer("pws")
+class PWSWeight(Quantizer):
+    """Binary weight with parameterized weight scales, :func:`pws_binarize_weight` (BiViT Sec. 3.3.2).
+
+    ``scale`` (out, 1) is learned when ``pws`` and initialised on the first binarized forward to mean|W[o]| of the
+    raw weight (``scale_initialized`` records it); otherwise s = mean|W[o]| is recomputed and detached. The scale is
+    applied after the product (``scale_after_product``) so a binary dot product stays an exact integer -- float
+    rounding of sums of +-s would flip signs downstream. Deploy: signs sign(W - mean_row(W)), scale s."""
+
+    kind = "weight"
+    Options = PWSOptions
+    optional_state = ("scale", "scale_initialized")
+    exposed = ("learned_scale",)
+    scale_after_product = True
+
+    def __init__(self, *, weight: Tensor, channels: int, pws: bool, sign_of_zero: int) -> None:
+        super().__init__()
+        self.learned_scale = bool(pws)
+        self.sign_of_zero = check_sign_of_zero(sign_of_zero)
+        self.scale = nn.Parameter(torch.zeros(channels, 1, device=weight.device, dtype=weight.dtype),
+                                  requires_grad=self.learned_scale)
+        self.register_buffer("scale_initialized", torch.zeros((), dtype=torch.bool, device=weight.device))
+
+    def current_scale(self, w: Tensor) -> Tensor:
+        """The per-row scale s (out, 1) of the binarized forward (initialising the learned one on first use)."""
+        if not self.learned_scale:
+            return w.detach().abs().mean(dim=1, keepdim=True)
+        if not bool(self.scale_initialized):
+            # BiViT: s starts at mean|W_o| of the raw (uncentred) weight at the first binarized forward
+            with torch.no_grad():
+                self.scale.copy_(w.abs().mean(dim=1, keepdim=True))
+                self.scale_initialized.fill_(True)
+        return self.scale
+
+    def forward(self, w: Tensor) -> Tensor:
+        return pws_binarize_weight(w, self.current_scale(w), self.sign_of_zero)
+
+    def factors(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(signs with their surrogate gradient, per-row scale): forward(w) = scale * signs."""
+        return pws_sign(w, self.sign_of_zero), self.current_scale(w)
+
+    def signs(self, w: Tensor) -> Tensor:
+        return pws_sign(w.detach())
+
+    def affine(self, w: Tensor) -> tuple[Tensor, None]:
+        return self.current_scale(w).detach().reshape(-1), None
+
+    def check_deployable(self, layer: str) -> None:
+        check_packable(self.sign_of_zero, layer)
+
+    def describe(self) -> dict[str, Any]:
+        return {"scale": "PWS (learned)" if self.learned_scale else "mean|W| (fixed)"}
+
+
+__all__ = ["BiViTSign", "PWSWeight", "SignOfZeroOptions", "PWSOptions", "check_packable", "SIGN_OF_ZERO", "check_sign_of_zero", "bivit_sign", "sab_threshold", "sab_select", "sab_binarize",
            "sab_optimal_threshold", "bibert_bool", "pws_sign", "pws_binarize_weight",
            "attention_binarization_errors"]

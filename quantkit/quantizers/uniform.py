@@ -1,9 +1,15 @@
 """Uniform affine quantization (per tensor, per channel) with the straight-through estimator."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from ..calibrate.observers import make_observer
+from ..errors import CalibrationDataError, ConfigError
+from .base import Quantizer, register_quantizer
 
 ROUND_MODES = ("half_even", "half_away")
 
@@ -16,8 +22,6 @@ def round_half(x: Tensor, mode: str = "half_even") -> Tensor:
         return torch.round(x)
     if mode == "half_away":
         return torch.sign(x) * torch.floor(x.abs() + 0.5)
-    from ..errors import ConfigError
-
     raise ConfigError(f"round_mode={mode!r}; use one of {ROUND_MODES}")
 
 
@@ -83,3 +87,109 @@ def affine_params(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     scale = torch.clamp((hi - lo) / qmax, min=1e-8)
     zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
     return scale, zero_point
+
+
+def per_channel_symmetric_scale(w: Tensor, bits: int) -> Tensor:
+    """Per-output-channel scale of a symmetric signed b-bit weight grid, s[o] = max|W[o]| / (2^(b-1) - 1), shaped
+    ``(C_out, 1, ...)`` to broadcast against ``w`` (no gradient)."""
+    absmax = w.detach().abs().flatten(1).amax(dim=1)
+    return symmetric_scale(absmax, bits).view(-1, *([1] * (w.dim() - 1)))
+
+
+# ---------------------------------------------------------------------------------------------- quantizer objects
+
+
+@dataclass
+class UniformWeightOptions:
+    """``bits_w``: weight bits (per-channel symmetric grid)."""
+
+    bits_w: int = 8
+
+
+@dataclass
+class UniformActOptions:
+    """``bits_a``: activation bits (per-tensor unsigned affine grid); ``observer``: "minmax" or "percentile";
+    ``percentile``: the percentile observer's clip."""
+
+    bits_a: int = 8
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+
+@register_quantizer("uniform_weight")
+class UniformWeight(Quantizer):
+    """Per-channel symmetric fake quantization of weights (:func:`fake_quantize_affine` on the grid of
+    :func:`per_channel_symmetric_scale`); the bias goes on the accumulator's int32 grid once the input is
+    calibrated. Deploys as integer codes (UniformDeploy*, :mod:`quantkit.ops.int8`)."""
+
+    kind = "weight"
+    deploy = "uniform"
+    Options = UniformWeightOptions
+
+    def __init__(self, *, weight: Tensor, channels: int, bits_w: int) -> None:
+        super().__init__()
+        self.bits = int(bits_w)
+
+    def scale(self, w: Tensor) -> Tensor:
+        return per_channel_symmetric_scale(w, self.bits)
+
+    def forward(self, w: Tensor) -> Tensor:
+        qmin, qmax = qrange(self.bits, signed=True)
+        return fake_quantize_affine(w, self.scale(w), torch.zeros(()), qmin, qmax)
+
+    def codes(self, w: Tensor) -> Tensor:
+        """int8 weight codes (a 4-bit grid uses the int4 range of int8)."""
+        qmin, qmax = qrange(self.bits, signed=True)
+        return quantize_affine(w.detach(), self.scale(w), torch.zeros(()), qmin, qmax).to(torch.int8)
+
+    def bias(self, bias: Tensor | None, w: Tensor, inputs: Quantizer | None) -> Tensor | None:
+        """The bias on the int32 grid of the accumulator (scale s_x * s_w[o]) once the input is calibrated, the
+        form integer runtimes (onnxruntime QLinearConv / QGemm) add; the float bias before calibration."""
+        if bias is None or inputs is None or not bool(inputs.act_ready):
+            return bias
+        return fake_quantize_bias(bias, inputs.act_scale * self.scale(w).reshape(-1))
+
+
+@register_quantizer("uniform_act")
+class UniformAct(Quantizer):
+    """Per-tensor affine fake quantization of activations (:func:`fake_quantize_affine`) on the unsigned grid of
+    :func:`affine_params` over the range an observer saw during calibration. Before calibration it passes the input
+    through (weights-only simulation)."""
+
+    kind = "input"
+    Options = UniformActOptions
+    optional_state = ("act_scale", "act_zero_point", "act_ready")
+
+    def __init__(self, *, weight: Tensor, channels: int, bits_a: int, observer: str, percentile: float) -> None:
+        super().__init__()
+        self.bits = int(bits_a)
+        self.observer = make_observer(observer, percentile)
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.register_buffer("act_zero_point", torch.tensor(0.0))
+        self.register_buffer("act_ready", torch.tensor(False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.calibrating:
+            self.observer.observe(x)
+            return x
+        if not bool(self.act_ready):
+            return x  # not calibrated yet: weights-only simulation
+        qmin, qmax = qrange(self.bits, signed=False)
+        return fake_quantize_affine(x, self.act_scale, self.act_zero_point, qmin, qmax)
+
+    def finish_calibration(self, layer: str) -> None:
+        super().finish_calibration(layer)
+        if not self.observer.observed:
+            return  # the layer did not run on the calibration data; it keeps weights-only simulation
+        lo, hi = self.observer.range()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            raise CalibrationDataError(f"layer {layer!r}: activation range is not finite ({lo}, {hi})")
+        scale, zp = affine_params(lo, hi, self.bits)
+        self.act_scale.copy_(scale)
+        self.act_zero_point.copy_(zp)
+        self.act_ready.fill_(True)
+
+    def describe(self) -> dict[str, Any]:
+        if not bool(self.act_ready):
+            return {"act": "not calibrated"}
+        return {"act_scale": float(self.act_scale), "act_zp": int(self.act_zero_point)}

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError
-from ..nn.adabin import AdaBinConv2d, AdaBinLinear, Maxout
+from ..nn.adabin import AdaBinConv2d, AdaBinLinear, AdaBinOptions, Maxout
 from .base import SchemeConfig, register_scheme
 
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -32,20 +32,14 @@ _NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d
 
 
 @dataclass
-class AdaBinConfig(SchemeConfig):
+class AdaBinConfig(AdaBinOptions, SchemeConfig):
     name = "adabin"
     description = ("AdaBin: adaptive binary sets for weights (per-channel mean/std) and activations (learnable), "
                    "EDE schedule, Maxout; QAT")
     mode = "qat"
     keep_first: bool = True
     keep_last: bool = True
-    keep_downsample: bool = True
     maxout: bool = True
-    weight_only: bool = False
-    act_form: str = "code"
-    progressive: bool = True
-    t_min: float = 1e-3
-    t_max: float = 10.0
 
     def targets(self) -> dict[type, type]:
         return {nn.Conv2d: AdaBinConv2d, nn.Linear: AdaBinLinear}

@@ -16,6 +16,7 @@ QSSF paper (arXiv 2101.10015) uses is not verified, hence both variants.
 
 Defaults and why:
 
+* ``method``: one of the scale rules registered in :data:`quantkit.quantizers.adder.SCALE_RULES`.
 * ``groups=4`` (the official ``quant_group``; the paper's ablation found 4 best); capped per layer by the number of
   output channels and by the number of distinct ``max|W_o|`` values (the report shows ``groups_requested``).
 * ``percentile=99.94``: the official code applies its ratio 0.9997 twice (about the 99.94th percentile of ``|x|``).
@@ -48,8 +49,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..nn.adder import AdderConv2d, AdderLinear
-from ..nn.adder_quant import METHODS, QuantAdderConv2d, QuantAdderLinear
-from ..quantizers.adder import ACT_MODES, ROUND_MODES, WEIGHT_CODE_ORDERS
+from ..nn.adder_quant import QuantAdderConv2d, QuantAdderLinear
+from ..quantizers.adder import ACT_MODES, ROUND_MODES, SCALE_RULES, WEIGHT_CODE_ORDERS, AdderQuantOptions
 from .base import SchemeConfig, check_bits, register_scheme
 
 _PREFIX = {"ptq": "adder_ptq{b}", "qssf_w": "adder_qssf{b}_w", "qssf_a": "adder_qssf{b}_a", "round": "adder_round{b}"}
@@ -63,23 +64,13 @@ _DESCRIPTIONS = {
 
 
 @dataclass
-class AdderPTQConfig(SchemeConfig):
+class AdderPTQConfig(AdderQuantOptions, SchemeConfig):
     """AdderNet post-training quantization (see the module docstring for every option and its default)."""
 
     description = "AdderNet post-training quantization"
     mode = "ptq"
 
-    bits: int = 4
-    groups: int = 4
-    percentile: float = 99.94
-    act_mode: str = "auto"
-    round_mode: str = "half_even"
     bn_recalib_batches: int = 0
-    kmeans_seed: int = 0
-    kmeans_n_init: int = 10
-    weight_clamp: str = "scale"
-    weight_code_order: str = "paper"
-    method: str = "ptq"
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -91,8 +82,8 @@ class AdderPTQConfig(SchemeConfig):
     def validate(self) -> None:
         check_bits(self.label(), "bits", self.bits, 2, 8)  # first: the name is built from bits
         super().validate()
-        if self.method not in METHODS:
-            raise ConfigError(f"scheme {self.name!r}: method={self.method!r}; use one of {METHODS}")
+        if self.method not in SCALE_RULES:
+            raise ConfigError(f"scheme {self.name!r}: method={self.method!r}; use one of {tuple(SCALE_RULES)}")
         if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
             raise ConfigError(f"scheme {self.name!r}: groups={self.groups!r} must be a positive integer (default 4)")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < float(self.percentile) <= 100.0:

@@ -18,6 +18,8 @@ quantization to layers matching one of its entries (names, patterns or types).
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantizers import get_quantizer
 
 RuleKey = Any  # str (exact name or "re:<pattern>"), re.Pattern, or a module type
 
@@ -96,12 +99,23 @@ class SchemeConfig:
                         f"scheme {self.label()!r}: layer rule key {key!r} is not a valid regular expression "
                         f"({exc}); for a literal layer name drop the 're:' prefix, or escape it with re.escape()"
                     ) from None
+        for field_name, kind in (("input_quantizer", "input"), ("weight_quantizer", "weight")):
+            qname = getattr(self, field_name) if field_name in self._field_names() else None
+            if qname is not None:
+                try:
+                    get_quantizer(qname, kind)
+                except ConfigError as exc:
+                    raise ConfigError(f"scheme {self.label()!r}: {field_name}={qname!r}: {exc}") from None
         for key, value in self.rules.items():
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(
                     f"scheme {self.label()!r}: rule for {key!r} must be None (keep full precision) or a dict of "
                     f"overrides, got {value!r}"
                 )
+
+    @classmethod
+    def _field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
 
     def calibrate_finish(self, model: nn.Module, run_batches: Callable[[int | None], int]) -> None:
         """Scheme-wide step after every layer's ``finish_calibration`` (e.g. BN re-estimation).
@@ -110,6 +124,41 @@ class SchemeConfig:
 
     def epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
         """Scheme-wide QAT schedule hook (called by QAT.epoch_start after the per-layer hooks). Default: nothing."""
+
+    # ---- serialization ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The whole config as JSON-safe data: ``{"scheme": name, "options": {field: value}}``. Layer-rule keys
+        that are not plain names are written as ``"pattern:<regex>"`` (a compiled ``re.Pattern``) and
+        ``"type:<module>.<class>"`` (a module type). :meth:`from_dict` rebuilds an equal config."""
+        options = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "rules":
+                value = {_encode_key(k): v for k, v in value.items()}
+            elif f.name in ("skip", "only"):
+                value = None if value is None else [_encode_key(k) for k in value]
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"scheme {self.label()!r}: option {f.name}={value!r} is not JSON-serializable "
+                                  "(use plain numbers, strings, lists and dicts)") from None
+            options[f.name] = value
+        return {"scheme": self.label(), "options": options}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SchemeConfig":
+        """The config written by :meth:`to_dict` (resolved by its registered name, then validated)."""
+        if not isinstance(data, dict) or not isinstance(data.get("scheme"), str) or not isinstance(
+                data.get("options"), dict):
+            raise ConfigError("SchemeConfig.from_dict: expected {'scheme': <name>, 'options': {...}} as written by "
+                              f"to_dict(), got {data!r}")
+        options = dict(data["options"])
+        if "rules" in options:
+            options["rules"] = {_decode_key(k): v for k, v in options["rules"].items()}
+        for name in ("skip", "only"):
+            if options.get(name) is not None:
+                options[name] = tuple(_decode_key(k) for k in options[name])
+        return get_scheme(data["scheme"], **options)
 
     def with_overrides(self, **overrides: Any) -> "SchemeConfig":
         names = {f.name for f in dataclasses.fields(self)}
@@ -125,6 +174,33 @@ class SchemeConfig:
         new = dataclasses.replace(self, **overrides)
         new._requested_name = self.label()
         return new
+
+
+def _encode_key(key: RuleKey) -> str:
+    if isinstance(key, re.Pattern):
+        if key.flags not in (0, re.UNICODE):
+            raise ConfigError(f"layer rule {key!r}: regex flags cannot be serialized; write them inline, e.g. (?i)")
+        return "pattern:" + key.pattern
+    if isinstance(key, type):
+        return f"type:{key.__module__}.{key.__qualname__}"
+    return key
+
+
+def _decode_key(key: str) -> RuleKey:
+    if key.startswith("pattern:"):
+        return re.compile(key[len("pattern:"):])
+    if key.startswith("type:"):
+        module_name, _, qualname = key[len("type:"):].rpartition(".")
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigError(f"layer rule {key!r}: no such module type (import its package first)") from None
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ConfigError(f"layer rule {key!r} does not name an nn.Module type")
+        return found
+    return key
 
 
 def _field_hints(cls: type) -> dict[str, Any]:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn.bivit import (ATTENTION_METHODS, BinaryLinearPWS, BinaryMultiheadAttention, BinaryShiftedWindowAttention)
+from ..nn.bivit import (ATTENTION_METHODS, BinaryAttentionOptions, BinaryLinearPWS, BinaryMultiheadAttention,
+                        BinaryShiftedWindowAttention)
 from .base import SchemeConfig, register_scheme
 
 
 @dataclass
-class BiViTConfig(SchemeConfig):
+class BiViTConfig(BinaryAttentionOptions, SchemeConfig):
     """Options (all overridable per call, e.g. ``quantkit.QAT(model, "bivit", beta=0.35, clb=False)``):
 
     - ``attention``: "sab" (softmax-aware binarization) or "bibert" (Bool of the scores);
@@ -40,15 +41,10 @@ class BiViTConfig(SchemeConfig):
                    "(MLP activations FP), cross-layer binarization schedule; QAT")
     mode = "qat"
 
-    attention: str = "sab"
-    beta: float = 0.25
-    sab_scale: bool = False
-    pws: bool = True
     binarize_mlp: bool = True
     mlp_binary_act: bool = False
     clb: bool = True
     clb_split: float = 0.5
-    sign_of_zero: int = 1
 
     def targets(self) -> dict[type, type]:
         out: dict[type, type] = {nn.MultiheadAttention: BinaryMultiheadAttention, nn.Linear: BinaryLinearPWS}

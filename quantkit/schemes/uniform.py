@@ -6,20 +6,16 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
-from ..nn.uniform import QuantConv2d, QuantLinear
+from ..nn.uniform import QuantConv2d, QuantLinear, UniformOptions
 from .base import SchemeConfig, check_bits, register_scheme
 
 
 @dataclass
-class UniformConfig(SchemeConfig):
+class UniformConfig(UniformOptions, SchemeConfig):
     name = "uniform"
     description = "uniform affine quantization: per-channel symmetric weights, per-tensor affine activations"
     mode = "ptq"
 
-    bits_w: int = 8
-    bits_a: int = 8
-    observer: str = "minmax"  # "minmax" | "percentile"
-    percentile: float = 99.99
     #: fold each inference BatchNorm into the conv / linear before it, before quantizing (what integer runtimes run,
     #: so the simulated model is the exported one); False keeps BatchNorms as float layers
     fold_bn: bool = True

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..nn.xnor import XnorConv2d, XnorLinear
+from ..nn.xnor import XnorConv2d, XnorLinear, XnorOptions
 from .base import SchemeConfig, register_scheme
 
 
 @dataclass
-class XnorConfig(SchemeConfig):
+class XnorConfig(XnorOptions, SchemeConfig):
     name = "xnor"
     description = "binary weights (sign, mean|W| per channel) and binary activations (sign, clipped STE); QAT"
     mode = "qat"

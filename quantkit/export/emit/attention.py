@@ -35,6 +35,24 @@ class AttentionCore(nn.Module):
                                        bias=bias, logit_scale=self.logit_scale)
 
 
+def _emit_sab_select(m: AttentionCore, b: GraphBuilder, z: str, qk: str, exact_scores: bool) -> tuple[str, str]:
+    p = b.op("Softmax", [z], "softmax", axis=-1)
+    mx = b.op("ReduceMax", [p, b.i64("axis_last", [-1])], "row_max", keepdims=1)
+    thr = b.op("Mul", [mx, b.f32("beta", np.float32(m.beta))], "sab_threshold")
+    return b.op("GreaterOrEqual", [p, thr], "sab_select"), p
+
+
+def _emit_bool_select(m: AttentionCore, b: GraphBuilder, z: str, qk: str, exact_scores: bool) -> tuple[str, None]:
+    # without a bias, z > 0 <=> the exact integer count qk > 0 (scale > 0): a runtime that moves the scale
+    # into the product (OpenVINO's fused attention does) cannot turn an exact 0 into +-epsilon
+    src = qk if exact_scores else z
+    return b.op("Greater", [src, b.f32("zero", np.float32(0))], "bool_select"), None
+
+
+#: the ONNX form of each attention binarizer of quantkit.nn.bivit.core.ATTENTION_BINARIZERS: (mask, softmax or None)
+_SELECT_EMITTERS = {"sab": _emit_sab_select, "bibert": _emit_bool_select}
+
+
 def emit_attention_core(m: AttentionCore, b: GraphBuilder, inputs: list[str], ctx: EmitContext):
     q, k, v = inputs[:3]
     bias = inputs[3] if len(inputs) > 3 else None
@@ -47,22 +65,13 @@ def emit_attention_core(m: AttentionCore, b: GraphBuilder, inputs: list[str], ct
     z = b.op("Mul", [qk, b.f32("logit_scale", np.float32(scale))], "logits")
     if bias is not None:
         z = b.op("Add", [z, bias], "logits_bias")
-    p = None
-    if m.method == "sab":
-        p = b.op("Softmax", [z], "softmax", axis=-1)
-        mx = b.op("ReduceMax", [p, b.i64("axis_last", [-1])], "row_max", keepdims=1)
-        thr = b.op("Mul", [mx, b.f32("beta", np.float32(m.beta))], "sab_threshold")
-        mask = b.op("GreaterOrEqual", [p, thr], "sab_select")
-    elif m.method == "bibert":
-        # without a bias, z > 0 <=> the exact integer count qk > 0 (scale > 0): a runtime that moves the scale
-        # into the product (OpenVINO's fused attention does) cannot turn an exact 0 into +-epsilon
-        src = qk if bias is None and scale > 0 else z
-        mask = b.op("Greater", [src, b.f32("zero", np.float32(0))], "bool_select")
-    else:
+    select = _SELECT_EMITTERS.get(m.method)
+    if select is None:
         ctx.fail(f"attention method {m.method!r} has no ONNX form")
+    mask, p = select(m, b, z, qk, bias is None and scale > 0)
     a = b.op("Cast", [mask], "attention_bits", to=TensorProto.FLOAT)
     out = b.op("MatMul", [a, vs], "attention_v")
-    if m.method == "sab" and m.sab_scale:
+    if m.sab_scale and p is not None:  # the basis of a binarizer that selects on probabilities
         num = b.op("ReduceSum", [b.op("Mul", [p, a], "p_sel"), b.i64("axis_last", [-1])], "basis_num", keepdims=1)
         den = b.op("ReduceSum", [a, b.i64("axis_last", [-1])], "basis_den", keepdims=1)
         out = b.op("Mul", [out, b.op("Div", [num, den], "basis")], "scaled")
