@@ -169,9 +169,15 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
         return run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=n, progress=progress,
                                desc="re-estimating")
 
-    cfg.calibrate_finish(model, run_batches)
+    bn_bytes = {name: sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    folded = cfg.calibrate_finish(model, run_batches) or []
     model.eval()
     report = getattr(model, _REPORT_ATTR)
+    for layer, bn in folded:
+        report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r} after calibration")
+        report.folded.append((layer, bn))
+        report.folded_bytes += bn_bytes.get(bn, 0)
     report.stage = "calibrated"
     refresh_report(model, report)
     return model

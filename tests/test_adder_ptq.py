@@ -183,11 +183,11 @@ def test_act_mode_auto_and_bn_recalibration():
             model(torch.randn(16, 1, 6, 6))
     model.eval()
     data = [torch.randn(16, 1, 6, 6) for _ in range(3)]
-    q = quantkit.quantize(model, "adder_ptq3", data, progress=False)
+    q = quantkit.quantize(model, "adder_ptq3", data, fold_bn=False, progress=False)  # the BNs stay to be inspected
     assert quantkit.report(q)["3"].info["act"] == "unsigned"  # after ReLU
     assert quantkit.report(q)["5"].info["act"] == "signed"  # after BN, no ReLU
     assert torch.equal(q[4].running_mean, model[4].running_mean)  # off by default
-    qb = quantkit.quantize(model, "adder_ptq3", data, bn_recalib_batches=2, progress=False)
+    qb = quantkit.quantize(model, "adder_ptq3", data, bn_recalib_batches=2, fold_bn=False, progress=False)
     assert not qb.training and not qb[4].training and qb[4].momentum == model[4].momentum
     assert int(qb[4].num_batches_tracked) == 2
     # exact average of the two batches' statistics of the quantized model (earlier BNs use their batch statistics)
@@ -199,6 +199,37 @@ def test_act_mode_auto_and_bn_recalibration():
     means = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
     torch.testing.assert_close(qb[4].running_mean, means, rtol=1e-4, atol=1e-4)
     assert not torch.equal(qb[1].running_mean, model[1].running_mean)  # every BN is re-estimated
+
+
+def test_batchnorm_folds_into_the_simulated_layer_as_convert_folds_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(_spread_weights(AdderConv2d(3, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU(),
+                          _spread_weights(AdderConv2d(8, 8, 3, padding=1)), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model.train()
+        for _ in range(5):
+            model(torch.randn(16, 3, 6, 6))
+    model.eval()
+    data = [torch.randn(16, 3, 6, 6) for _ in range(3)]
+    unfolded = quantkit.quantize(model, "adder_ptq4", data, fold_bn=False, progress=False)
+    folded = quantkit.quantize(model, "adder_ptq4", data, progress=False)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[4], nn.Identity)
+    assert isinstance(unfolded[1], nn.BatchNorm2d)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        # the first layer sees the same input in both: only the fold's float rounding separates them
+        torch.testing.assert_close(folded[0](x), unfolded[1](unfolded[0](x)), rtol=1e-5, atol=1e-5)
+        deploy = quantkit.convert(folded)
+        # the deploy layer holds exactly the simulated layer's folded constants
+        delta, bias = folded[0].epilogue(folded[0].quant_params())
+        assert torch.equal(deploy[0].delta, delta) and torch.equal(deploy[0].bias, bias)
+        torch.testing.assert_close(deploy(x), folded(x), rtol=1e-5, atol=1e-5)
+    # a folded, calibrated model round-trips through its state dict
+    again = quantkit.prepare(model, "adder_ptq4")
+    quantkit.calibrate(again, data, progress=False)
+    again.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), folded(x))
 
 
 def test_state_dict_round_trip_of_a_calibrated_model():

@@ -67,11 +67,15 @@ def test_adder_bn_folded():
     sim = quantkit.quantize(model, "adder_ptq6", calib, progress=False)
     dep = quantkit.convert(sim)
     folded = [n for n in quantkit.report(dep).notes if "folded" in n]
-    assert len(folded) == 3  # each adder conv is followed by its own BatchNorm
+    assert len(folded) == 3  # each adder conv is followed by its own BatchNorm (folded in simulation already)
+    assert quantkit.report(sim).folded == quantkit.report(dep).folded
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         a, b = dep(x), sim(x)
     assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-4
+    # unfolded in simulation, convert folds them
+    dep2 = quantkit.convert(quantkit.quantize(model, "adder_ptq6", calib, fold_bn=False, progress=False))
+    assert len([n for n in quantkit.report(dep2).notes if "folded" in n]) == 3
 
 
 def test_adabin_resnet_folds_every_block_batchnorm():

@@ -39,9 +39,11 @@ def _module_call_counts(graph: fx.Graph) -> dict[str, int]:
     return calls
 
 
-def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
-    """Fold every foldable (deploy layer -> BatchNorm) pair of ``model`` in place; returns (layer, bn) names.
-    Models torch.fx cannot trace are left as they are (an empty list)."""
+def fold_batchnorms(model: nn.Module, include_training: bool = False) -> list[tuple[str, str]]:
+    """Fold every foldable (layer with ``fold_affine`` -> BatchNorm) pair of ``model`` in place; returns (layer, bn)
+    names. A BatchNorm in training mode is folded (with its running statistics) only when ``include_training``;
+    the ``nn.Identity`` that replaces it takes its mode. Models torch.fx cannot trace are left as they are (an
+    empty list)."""
     try:
         graph = _DeployTracer().trace(model)
     except Exception:
@@ -57,12 +59,13 @@ def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
             continue
         user = users[0]
         bn = modules.get(user.target) if user.op == "call_module" else None
-        if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or bn.training or not bn.track_running_stats
+        if (not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or (bn.training and not include_training)
+                or not bn.track_running_stats
                 or bn.running_mean is None or calls[user.target] != 1 or user.args[0] is not node):
             continue
         g, h = batchnorm_affine(bn)
         modules[node.target].fold_affine(g, h)
-        replace_module(model, user.target, nn.Identity())
+        replace_module(model, user.target, nn.Identity().train(bn.training))
         folded.append((str(node.target), str(user.target)))
     return folded
 

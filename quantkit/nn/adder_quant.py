@@ -57,7 +57,7 @@ class _QuantAdderMixin(QuantModule):
     """Calibration, scale selection and the integer-form forward shared by the conv and linear layers."""
 
     optional_state = ("act_clamp", "act_absmax", "act_min", "calib_batches", "group_index", "group_scale",
-                      "unsigned_act", "ready")
+                      "unsigned_act", "ready", "out_scale", "out_shift")
 
     @classmethod
     def from_float(cls, module: nn.Module, config: Any = None, name: str = "") -> "_QuantAdderMixin":
@@ -86,6 +86,9 @@ class _QuantAdderMixin(QuantModule):
         self.register_buffer("group_scale", torch.ones(1, device=dev))
         self.register_buffer("unsigned_act", torch.tensor(False, device=dev))
         self.register_buffer("ready", torch.tensor(False, device=dev))
+        # y -> out_scale * y + out_shift of a BatchNorm folded into this layer (None until fold_affine)
+        self.register_buffer("out_scale", None)
+        self.register_buffer("out_shift", None)
 
     # ---- calibration ------------------------------------------------------------------------------------------
     def _observe(self, x: Tensor) -> None:
@@ -122,6 +125,9 @@ class _QuantAdderMixin(QuantModule):
         key = prefix + "group_scale"
         if key in state_dict and state_dict[key].shape != self.group_scale.shape:  # G is known only after calibration
             self.group_scale = torch.empty_like(state_dict[key], device=self.group_scale.device)
+        for name in ("out_scale", "out_shift"):  # present once a BatchNorm was folded into the layer
+            if prefix + name in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -183,6 +189,7 @@ class _QuantAdderMixin(QuantModule):
 
     def _quant_forward(self, x: Tensor) -> Tensor:
         p = self.quant_params()
+        delta, bias = self.epilogue(p)
         dt = self._sum_dtype(x)
         w_mult_codes = (p["w_codes"] * self.w_mult).to(dt)
         outs, order = [], []
@@ -192,19 +199,44 @@ class _QuantAdderMixin(QuantModule):
                 continue
             s = -self._neg_l1(self.act_codes(x, g).to(dt), w_mult_codes[idx])  # exact integer sums
             shape = (1, -1) + (1,) * (s.dim() - 2) if self._channel_dim == 1 else (-1,)
-            y = s.float() * (-p["delta"][idx]).view(shape) + p["bias"][idx].view(shape)
+            y = s.float() * (-delta[idx]).view(shape) + bias[idx].view(shape)
             outs.append(y)
             order.append(idx)
         y = torch.cat(outs, dim=self._channel_dim)
         inverse = torch.argsort(torch.cat(order))
         return y.index_select(self._channel_dim, inverse).to(x.dtype)
 
+    def epilogue(self, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The per-channel (delta, bias) of ``Y = -delta * S + bias``, with a folded BatchNorm's ``g, h`` applied as
+        ``delta * g`` and ``bias * g + h`` -- the same float32 operations as the deploy layer's ``fold_affine``, so
+        the simulated and deploy outputs are bitwise equal."""
+        if self.out_scale is None:
+            return p["delta"], p["bias"]
+        return p["delta"] * self.out_scale, p["bias"] * self.out_scale + self.out_shift
+
+    def fold_affine(self, g: Tensor, h: Tensor) -> None:
+        """Absorb ``y -> g * y + h`` (per output channel: an inference BatchNorm that follows) into this layer, as
+        the deploy layer does at convert; folding a second affine composes with the first."""
+        g = g.detach().float().flatten().to(self.weight.device)
+        h = h.detach().float().flatten().to(self.weight.device)
+        if self.out_scale is None:
+            self.out_scale, self.out_shift = g.clone(), h.clone()
+        else:
+            self.out_scale, self.out_shift = self.out_scale * g, self.out_shift * g + h
+
+    def _fp_with_affine(self, x: Tensor) -> Tensor:
+        y = self._fp_forward(x)
+        if self.out_scale is None:
+            return y
+        shape = (1, -1) + (1,) * (y.dim() - 2) if self._channel_dim == 1 else (-1,)
+        return y * self.out_scale.view(shape).to(y.dtype) + self.out_shift.view(shape).to(y.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.calibrating:
             self._observe(x)
-            return self._fp_forward(x)  # calibration statistics come from the full-precision network
+            return self._fp_with_affine(x)  # calibration statistics come from the full-precision network
         if not bool(self.ready):
-            return self._fp_forward(x)
+            return self._fp_with_affine(x)
         return self._quant_forward(x)
 
     # ---- report -----------------------------------------------------------------------------------------------
@@ -292,8 +324,9 @@ class _AdderDeploy(nn.Module):
         self.register_buffer("weight_int", p["w_codes"].detach().to(torch.int8))
         self.register_buffer("group_index", p["group_index"].to(torch.int64))
         self.register_buffer("group_scale", p["group_scale"].float())
-        self.register_buffer("delta", p["delta"].detach().float())
-        self.register_buffer("bias", p["bias"].detach().float())
+        delta, bias = sim.epilogue(p)  # a BatchNorm folded in simulation: the same constants, bit for bit
+        self.register_buffer("delta", delta.detach().float().clone())
+        self.register_buffer("bias", bias.detach().float().clone())
 
     def fold_affine(self, g: Tensor, h: Tensor) -> None:
         """Absorb ``y -> g * y + h`` (per output channel, e.g. a following BatchNorm): the epilogue

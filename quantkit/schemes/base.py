@@ -117,10 +117,12 @@ class SchemeConfig:
     def _field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
-    def calibrate_finish(self, model: nn.Module, run_batches: Callable[[int | None], int]) -> None:
+    def calibrate_finish(self, model: nn.Module,
+                         run_batches: Callable[[int | None], int]) -> list[tuple[str, str]] | None:
         """Scheme-wide step after every layer's ``finish_calibration`` (e.g. BN re-estimation).
         ``run_batches(n)`` re-runs up to ``n`` calibration batches (all if None) through the model in its current
-        train/eval mode, under no_grad, and returns how many ran. Default: nothing."""
+        train/eval mode, under no_grad, and returns how many ran. Returns the (layer, BatchNorm) pairs it folded, for
+        the report. Default: nothing."""
 
     def epoch_start(self, model: nn.Module, epoch: int, total_epochs: int) -> None:
         """Scheme-wide QAT schedule hook (called by QAT.epoch_start after the per-layer hooks). Default: nothing."""
