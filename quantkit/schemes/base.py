@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph.passes import SwapPass
 
 RuleKey = Any  # str (exact name or "re:<pattern>"), re.Pattern, or a module type
 
@@ -52,8 +53,6 @@ class SchemeConfig:
 
     def passes(self) -> list:
         """The graph passes this scheme runs, in order (default: one module-swap pass over ``targets``)."""
-        from ..graph.passes import SwapPass
-
         return [SwapPass(self.targets())]
 
     def label(self) -> str:
