@@ -8,6 +8,8 @@ after an error the input model is never left half-modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from typing import Any, Callable
 
 import torch
@@ -16,7 +18,7 @@ from torch import nn
 from .calibrate.data import run_calibration
 from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
 from .graph.fold import fold_batchnorms
-from .graph.passes import PassContext, PassManager, refresh_report
+from .graph.passes import PassContext, PassManager, refresh_report, replace_module
 from .graph.trace import trace
 from .nn.base import QuantModule, deploy_nbytes
 from .report import QuantReport
@@ -31,7 +33,9 @@ def schemes() -> dict[str, str]:
     return list_schemes()
 
 
-def _check_example_inputs(example_inputs: Any) -> tuple | None:
+def check_example_inputs(example_inputs: Any) -> tuple | None:
+    """``example_inputs`` as a tuple of positional inputs (a single tensor is wrapped); ConfigError for a shape or
+    anything else that is not a tuple."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -46,6 +50,40 @@ def _check_example_inputs(example_inputs: Any) -> tuple | None:
     if not isinstance(example_inputs, tuple):
         raise ConfigError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
     return example_inputs
+
+
+def scheme_to_dict(cfg: SchemeConfig) -> dict:
+    """Every field of a scheme config (defaults and overrides alike) and the name it is registered under, as plain
+    Python values (a checkpoint loaded with ``torch.load(weights_only=True)`` can hold them):
+    ``{"scheme": name, "fields": {field: value}}``; :func:`scheme_from_dict` rebuilds the same config.
+
+    A compiled regex in ``rules`` / ``skip`` / ``only`` is stored as its ``"re:<pattern>"`` string (the same rule);
+    a module type there cannot be stored (ConfigError naming it)."""
+    fields = {}
+    for f in dataclasses.fields(cfg):
+        fields[f.name] = _plain(getattr(cfg, f.name), cfg, f.name)
+    return {"scheme": cfg.label(), "fields": fields}
+
+
+def _plain(value: Any, cfg: SchemeConfig, where: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, re.Pattern):
+        return "re:" + value.pattern
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, cfg, where) for v in value)
+    if isinstance(value, dict):
+        return {_plain(k, cfg, where): _plain(v, cfg, where) for k, v in value.items()}
+    raise ConfigError(f"scheme {cfg.label()!r}: {where} holds {value!r} ({type(value).__name__}), which a checkpoint "
+                      "cannot store; use layer names or 're:<pattern>' rules instead of module types")
+
+
+def scheme_from_dict(data: dict) -> SchemeConfig:
+    """The scheme config :func:`scheme_to_dict` described (validated as :func:`quantkit.get_scheme` does)."""
+    if not isinstance(data, dict) or not isinstance(data.get("scheme"), str) or not isinstance(data.get("fields"),
+                                                                                               dict):
+        raise ConfigError(f"a stored scheme config is a dict {{'scheme': name, 'fields': {{...}}}}, got {data!r}")
+    return get_scheme(data["scheme"], **data["fields"])
 
 
 def _commit(model: nn.Module, work: nn.Module, inplace: bool) -> nn.Module:
@@ -73,7 +111,7 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
             f"{getattr(model, _CONFIG_ATTR).name!r}); prepare the original float model instead"
         )
     cfg = get_scheme(scheme, **overrides)
-    example_inputs = _check_example_inputs(example_inputs)
+    example_inputs = check_example_inputs(example_inputs)
     work = copy.deepcopy(model)
     passes = cfg.passes()
     leaf_types = tuple({t for p in passes for t in getattr(p, "targets", {})})
@@ -131,7 +169,8 @@ def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
 
 
-def _config_of(model: nn.Module) -> SchemeConfig:
+def config_of(model: nn.Module) -> SchemeConfig:
+    """The scheme config a model was prepared with (UnsupportedModelError if quantkit did not prepare it)."""
     cfg = getattr(model, _CONFIG_ATTR, None)
     if cfg is None:
         raise UnsupportedModelError(
@@ -147,7 +186,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
     Calibration runs in eval mode, and the calibrated model is left in eval mode: it is an inference model
     (BatchNorm uses its running statistics, dropout is off), whatever mode it was prepared in; call ``.train()`` to
     fine-tune it. After an error every module's train/eval mode is as it was."""
-    cfg = _config_of(model)
+    cfg = config_of(model)
     layers = quant_modules(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -155,7 +194,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
         m.start_calibration()
     try:
         run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=max_batches, progress=progress,
-                        example_inputs=_check_example_inputs(example_inputs))
+                        example_inputs=check_example_inputs(example_inputs))
         for _, m in layers:
             m.finish_calibration()
     except BaseException:
@@ -216,12 +255,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Refuses (UnsupportedModelError, naming the layer) a PTQ model that was not calibrated and a model with NaN/Inf
     parameters."""
-    cfg = _config_of(model)
+    cfg = config_of(model)
     check_finite(model, "the model to convert")
     work = copy.deepcopy(model)
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
-    from .graph.passes import replace_module
-
     layers = quant_modules(work)
     names = [name for name, _ in layers]
     for name, m in layers:

@@ -21,7 +21,6 @@ model.reshape({0: [N, ...]})`` before ``core.compile_model``) when the IR has a 
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -36,11 +35,18 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, QuantkitError
+from ..files import check_output_path, temporary_folder_beside
+from ..log import get_logger
+from ..version import __version__
+from .builder import GraphBuilder
 from .emit import EmitContext, LayerExport, emitter_for
-from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, _as_inputs, _attention_types,
-                          _has_quant_modules, _max_diff, _swap_placeholders, _torch_export, agreement_table,
-                          check_output_path, io_names, reference_outputs)
+from .onnx_export import (_max_diff, agreement_table, as_inputs, deploy_and_simulated, io_names, reference_outputs,
+                          traceable_copy)
+from .ov import ov_emitter_for
+from .tracing import PLACEHOLDER_DOMAIN, TraceSession, swap_placeholders, torch_export
 from .verify import LayerProbe
+
+log = get_logger("export")
 
 #: the ONNX opset of the intermediate graph OpenVINO's frontend reads (int8 codes; no INT4 initializers needed)
 _ONNX_OPSET = 18
@@ -198,13 +204,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the graph
-def _split_placeholders(proto, ov_types: dict) -> tuple[list[LayerExport], list[LayerProbe]]:
-    """Expand every placeholder without an OpenVINO emitter into standard ONNX ops (its ONNX emitter); keep the
-    others (recorded in ``ov_types``: call id -> record) for the conversion extension."""
+def _split_placeholders(proto, session: TraceSession, ov_types: dict) -> tuple[list[LayerExport], list[LayerProbe]]:
+    """Expand every placeholder of ``session``'s trace without an OpenVINO emitter into standard ONNX ops (its ONNX
+    emitter); keep the others (recorded in ``ov_types``: call id -> record) for the conversion extension."""
     from onnx import helper
-
-    from .builder import GraphBuilder
-    from .ov import ov_emitter_for
 
     graph = proto.graph
     shared: dict = {}
@@ -212,11 +215,10 @@ def _split_placeholders(proto, ov_types: dict) -> tuple[list[LayerExport], list[
     layers: list[LayerExport] = []
     probes: list[LayerProbe] = []
     for node in graph.node:
-        if node.domain != _PLACEHOLDER_DOMAIN:
+        if node.domain != PLACEHOLDER_DOMAIN:
             new_nodes.append(node)
             continue
-        call_id = next(a.i for a in node.attribute if a.name == "call_id")
-        rec = _ACTIVE[call_id]
+        call_id, rec = session.record_of(node)
         type_name = type(rec.module).__name__
         probes.append(LayerProbe(rec.name, type_name, rec.module, list(node.input), node.output[0]))
         if ov_emitter_for(rec.module) is not None:
@@ -258,8 +260,6 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
     ov = _openvino()
     from openvino.frontend.onnx import ConversionExtension
 
-    from .ov import ov_emitter_for
-
     failures: list[BaseException] = []
     built: dict[int, LayerExport] = {}
 
@@ -283,7 +283,7 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
     with open(onnx_path, "wb") as f:
         f.write(proto.SerializeToString())
     try:
-        model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", _PLACEHOLDER_DOMAIN, convert)])
+        model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", PLACEHOLDER_DOMAIN, convert)])
     except Exception as exc:
         if failures:
             first = failures[0]
@@ -381,9 +381,8 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
     verification runs on exactly the files that will be renamed); then rename ``.bin`` and ``.xml`` into place (the
     previous ``.bin`` is restored if the ``.xml`` cannot be renamed). Returns (xml bytes, bin bytes)."""
     ov = _openvino()
-    folder = xml_path.parent if str(xml_path.parent) else Path(".")
     bin_path = xml_path.with_suffix(".bin")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{xml_path.stem}.", suffix=".tmp", dir=folder))
+    tmp = temporary_folder_beside(xml_path)
     backup = None
     try:
         tmp_xml = tmp / "model.xml"
@@ -441,10 +440,9 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
             OpenVINO's own input of it; a layer beyond that bound raises ExportError naming it; NaN or inf in any
             output raises. If every layer matches, float rounding in the full-precision parts moved values across
             quantization thresholds and the export passes with a warning saying so (as :func:`export_onnx`).
-        quiet: do not print the summary.
+        quiet: do not log the summary (logger ``quantkit.export``, stdout by default: :mod:`quantkit.log`) nor
+            warn about a float-rounding difference.
     """
-    from ..api import convert
-
     _openvino()  # a clear error before any work when the package is missing
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_openvino expects a torch.nn.Module, got {type(model).__name__}")
@@ -452,45 +450,33 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
     if xml_path.suffix.lower() != ".xml":
         raise ExportError(f"OpenVINO IR path {str(xml_path)!r}: use a file name ending in .xml (the .bin is written "
                           "beside it)")
-    inputs = _as_inputs(example_inputs)
-    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-        model = copy.deepcopy(model).cpu()
-    simulated = model if _has_quant_modules(model) else None
-    if simulated is not None and not hasattr(model, "_quantkit_config"):
-        raise ExportError("the model holds simulated quantkit layers but was not produced by quantkit.prepare; "
-                          "export the prepared model, or its quantkit.convert result")
-    try:
-        deploy = convert(simulated) if simulated is not None else model
-    except QuantkitError as exc:
-        raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
+    inputs = as_inputs(example_inputs, "export_openvino")
+    deploy, simulated = deploy_and_simulated(model, "export")
     doubled = tuple(torch.cat([t, t], 0) for t in inputs) if dynamic_batch and inputs[0].dim() else None
     ref_deploy, ref_sim, ref_doubled = reference_outputs(deploy, simulated, inputs, doubled if verify else None)
     _finite_or_fail(ref_deploy, "the deploy model's")
 
     in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
 
-    work = copy.deepcopy(deploy).eval()
-    if emitter_for(work) is not None or isinstance(work, _attention_types()):
-        work = nn.Sequential(work)
-    _ACTIVE.clear()
-    _DYNAMIC_BATCH[0] = dynamic_batch
-    layers: list[LayerExport] = []
-    ov_layers: dict = {}
+    work = traceable_copy(deploy)
+    session = TraceSession(dynamic_batch)
     with tempfile.TemporaryDirectory(prefix="quantkit_ov_") as onnx_tmp:
-        return _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim,
-                          ref_deploy, doubled, ref_doubled, verify, atol, rtol, quiet, xml_path)
-
-
-def _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim, ref_deploy,
-               doubled, ref_doubled, verify, atol, rtol, quiet, xml_path) -> OpenVINOExportResult:
-    """The rest of :func:`export_openvino`, while the intermediate ONNX file in ``onnx_tmp`` exists."""
-    try:
-        _swap_placeholders(work)
-        proto = _torch_export(work, inputs, _ONNX_OPSET, in_names, out_names, dynamic_batch)
-        layers, probes = _split_placeholders(proto, ov_layers)
+        swap_placeholders(work, session)
+        proto = torch_export(work, inputs, _ONNX_OPSET, in_names, out_names, dynamic_batch)
+        ov_layers: dict = {}
+        layers, probes = _split_placeholders(proto, session, ov_layers)
         ov_model = _to_openvino(proto, ov_layers, layers, onnx_tmp)
-    finally:
-        _ACTIVE.clear()
+        result = _check_and_save(ov_model, layers, probes, inputs, in_names, out_names, dynamic_batch, ref_sim,
+                                 ref_deploy, doubled, ref_doubled, verify, atol, rtol, quiet, xml_path)
+    if not quiet:
+        log.info(result.summary())
+    return result
+
+
+def _check_and_save(ov_model, layers, probes, inputs, in_names, out_names, dynamic_batch, ref_sim, ref_deploy,
+                    doubled, ref_doubled, verify, atol, rtol, quiet, xml_path) -> OpenVINOExportResult:
+    """Name the IR's inputs/outputs, verify it in OpenVINO (on the files about to be published) and save it; runs
+    while the intermediate ONNX file still exists (OpenVINO may map its initializers)."""
     order = {p.name: i for i, p in enumerate(probes)}
     layers.sort(key=lambda layer: order.get(layer.name, len(order)))
     for inp, n in zip(ov_model.inputs, in_names):
@@ -498,8 +484,6 @@ def _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_laye
     for out, n in zip(ov_model.outputs, out_names):
         out.get_tensor().set_names({n})
     ov_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    from .. import __version__
-
     ov_model.set_rt_info(__version__, ["quantkit", "version"])
 
     agreement = OpenVINOAgreement()
@@ -535,11 +519,8 @@ def _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_laye
     if not verify:
         agreement.notes.append("verify=False: OpenVINO was not run")
     sizes = _atomic_save(ov_model, xml_path, check if verify else None)
-    result = OpenVINOExportResult(str(xml_path), str(xml_path.with_suffix(".bin")), sizes[0], sizes[1], layers,
-                                  agreement, in_names, out_names, runtime, dynamic_batch)
-    if not quiet:
-        print(result.summary())
-    return result
+    return OpenVINOExportResult(str(xml_path), str(xml_path.with_suffix(".bin")), sizes[0], sizes[1], layers,
+                                agreement, in_names, out_names, runtime, dynamic_batch)
 
 
 # ---------------------------------------------------------------------------------------------- inspect

@@ -1,4 +1,5 @@
 """Tracing, layer selection and rewrite passes (every pass of every scheme lives here)."""
+from .adderize import adderize
 from .attention import BiViTPass
 from .fold import FoldBatchNormPass
 from .maxout import MaxoutPass
@@ -10,4 +11,4 @@ from .trace import TraceResult, fx_graph, trace
 
 __all__ = ["trace", "fx_graph", "TraceResult", "LayerSelector", "Decision", "PassContext", "PassManager", "SwapPass",
            "BiViTPass", "MaxoutPass", "FoldBatchNormPass", "replace_module", "candidates_in_order", "refresh_report",
-           "swap_layer", "layer_config", "new_record", "fill_record"]
+           "swap_layer", "layer_config", "new_record", "fill_record", "adderize"]

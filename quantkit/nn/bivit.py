@@ -606,8 +606,13 @@ class BinaryAttentionDeploy(nn.Module):
         self.batch_first, self.logit_scale = batch_first, logit_scale
         self.window_size, self.shift_size = window_size, shift_size
         self.register_buffer("relative_position_bias", relative_position_bias)
+        #: a module computing the attention core in place of :func:`binary_attention_packed` (same arguments);
+        #: the ONNX export sets it to write the core as one unit. None: the packed kernels
+        self.attention_core: nn.Module | None = None
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        if self.attention_core is not None:
+            return self.attention_core(q, k, v, bias)
         return binary_attention_packed(q, k, v, method=self.method, beta=self.beta, sab_scale=self.sab_scale,
                                        bias=bias, logit_scale=self.logit_scale)
 
