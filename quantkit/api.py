@@ -19,8 +19,9 @@ from .calibrate.data import run_calibration
 from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
 from .graph.fold import fold_batchnorms
 from .graph.passes import PassContext, PassManager, refresh_report, replace_module
+from .graph.records import fill_deployed_record
 from .graph.trace import trace
-from .nn.base import QuantModule, deploy_nbytes
+from .nn.base import QuantModule
 from .report import QuantReport
 from .schemes.base import SchemeConfig, get_scheme, list_schemes
 
@@ -272,11 +273,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                 "stage 1 of a cross-layer binarization schedule) and is deployed as the float "
                                 f"{type(deployed).__name__} it computes")
         try:
-            rec = report[name]
-            rec.new_type = type(deployed).__name__
-            rec.bytes_after = deploy_nbytes(deployed)
-            if kept_float:
-                rec.bits_w = rec.bits_a = None
+            fill_deployed_record(report[name], deployed, kept_float)
         except KeyError:
             pass
     work.eval()

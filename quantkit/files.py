@@ -121,5 +121,37 @@ def temporary_folder_beside(path: Path) -> Path:
         raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file someone else wrote (e.g. a library's save function) to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def publish_together(moves: list[tuple[Path, Path]], scratch: Path) -> None:
+    """Rename each ``(temporary file, target)`` in order (targets that belong together, such as an OpenVINO
+    ``.bin`` and its ``.xml``: the file that points to the others goes last). If a rename fails, the targets
+    already replaced get their previous files back (kept in the folder ``scratch`` meanwhile, which must be on the
+    same file system) or are removed; then the error is raised."""
+    done: list[tuple[Path, Path | None]] = []
+    try:
+        for i, (src, dst) in enumerate(moves):
+            backup = None
+            if os.path.lexists(dst):
+                backup = scratch / f"previous.{i}"
+                os.replace(dst, backup)
+            done.append((dst, backup))
+            os.replace(src, dst)
+    except BaseException:
+        for dst, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dst)
+                else:
+                    os.unlink(dst)
+            except OSError:
+                pass
+        raise
+
+
 __all__ = ["check_output_path", "new_file_mode", "write_synced", "publish_file", "atomic_write_bytes",
-           "temporary_folder_beside", "OutputExistsError"]
+           "temporary_folder_beside", "fsync_file", "publish_together", "OutputExistsError"]

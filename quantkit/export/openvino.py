@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, QuantkitError
-from ..files import check_output_path, temporary_folder_beside
+from ..files import check_output_path, fsync_file, publish_together, temporary_folder_beside
 from ..log import get_logger
 from ..version import __version__
 from .builder import GraphBuilder
@@ -383,7 +383,6 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
     ov = _openvino()
     bin_path = xml_path.with_suffix(".bin")
     tmp = temporary_folder_beside(xml_path)
-    backup = None
     try:
         tmp_xml = tmp / "model.xml"
         try:
@@ -393,8 +392,7 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
                 from exc
         tmp_bin = tmp / "model.bin"
         for f in (tmp_xml, tmp_bin):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         sizes = (tmp_xml.stat().st_size, tmp_bin.stat().st_size)
         if check is not None:
             try:
@@ -403,16 +401,7 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
                 raise ExportError(f"OpenVINO cannot read back the IR it wrote: {_first_line(exc)}") from exc
             check(saved)
             del saved
-        if bin_path.exists():
-            backup = tmp / "previous.bin"
-            os.replace(bin_path, backup)
-        os.replace(tmp_bin, bin_path)
-        try:
-            os.replace(tmp_xml, xml_path)
-        except BaseException:
-            os.replace(backup, bin_path) if backup is not None else os.unlink(bin_path)
-            backup = None
-            raise
+        publish_together([(tmp_bin, bin_path), (tmp_xml, xml_path)], tmp)  # the .xml names the .bin: it goes last
         return sizes
     except OSError as exc:
         raise ExportError(f"cannot write {str(xml_path)!r}: {exc.strerror or exc}") from exc

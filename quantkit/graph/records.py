@@ -31,4 +31,14 @@ def fill_record(record: LayerRecord, layer: nn.Module) -> LayerRecord:
     return record
 
 
-__all__ = ["new_record", "fill_record"]
+def fill_deployed_record(record: LayerRecord, deployed: nn.Module, kept_float: bool = False) -> LayerRecord:
+    """Update ``record`` for the deploy layer ``convert`` put in its place (``kept_float``: a float module, e.g. a
+    layer that runs in full precision at the current training stage, so no bit widths)."""
+    record.new_type = type(deployed).__name__
+    record.bytes_after = deploy_nbytes(deployed)
+    if kept_float:
+        record.bits_w = record.bits_a = None
+    return record
+
+
+__all__ = ["new_record", "fill_record", "fill_deployed_record"]
