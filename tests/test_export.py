@@ -463,31 +463,6 @@ def test_two_exporters_interleaved_keep_their_own_state(tmp_path):
     assert run_onnxruntime(str(tmp_path / "a.onnx"), ["input"], [torch.randn(5, 3, 12, 12)])[0].shape == (5, 10)
 
 
-def test_exports_in_two_threads(tmp_path):
-    """Each thread's export traces with its own session; both files check out."""
-    import threading
-
-    models = [quantkit.prepare(_resnet(), "xnor") for _ in range(2)]
-    x = torch.randn(1, 3, 12, 12)
-    results, errors = {}, []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = export_onnx(models[i], (x,), tmp_path / f"t{i}.onnx", quiet=True)
-        except BaseException as exc:  # reported below, in the test's own thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for i in range(2):
-        assert results[i].agreement.deploy_vs_onnxruntime <= 1e-4
-        onnx.checker.check_model(onnx.load(str(tmp_path / f"t{i}.onnx")), full_check=True)
-
-
 def test_exporter_object_prints_nothing_and_export_onnx_logs(tmp_path, capsys, caplog):
     from quantkit.export import OnnxExporter
 

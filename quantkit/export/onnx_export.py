@@ -17,6 +17,9 @@ How it works
    outputs are compared with the deploy and simulated models (the three-way agreement).
 5. Only then is the file written, to a temporary file in the target folder that is renamed over ``path``: a failed
    export leaves nothing behind.
+
+Each of these is a method of :class:`OnnxExporter` (one object per export, holding all of its state);
+:func:`export_onnx` runs them in order.
 """
 from __future__ import annotations
 

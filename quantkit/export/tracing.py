@@ -7,12 +7,12 @@ later replace each such node by the layer's ONNX nodes.
 
 The calls of one export are recorded on its own :class:`TraceSession` (passed to every placeholder, and to the
 symbolic function as an argument of the traced op): no module-level state, so exports do not interfere with each
-other, even when their steps interleave.
+other, even when their steps interleave. (Exports in several *threads* at once are not supported: torch.fx and
+PyTorch's tracer patch process-wide state, ``nn.Module.__call__`` included, while they trace.)
 """
 from __future__ import annotations
 
 import io
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,6 @@ PLACEHOLDER_DOMAIN = "quantkit_export_placeholder"
 TORCH_MAX_OPSET = 20
 #: quantkit modules that are plain PyTorch math and export as they are
 _PLAIN_TYPES = (Maxout,)
-#: PyTorch's TorchScript exporter keeps process-wide state while it traces (the tracer's module names, torch.onnx's
-#: opset settings): exports in several threads take turns for that one step, the rest of each export runs freely
-_TORCH_EXPORTER = threading.Lock()
 
 
 @dataclass
@@ -164,7 +161,7 @@ def torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list[
     if dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
     buf = io.BytesIO()
-    with _TORCH_EXPORTER, warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=min(opset, TORCH_MAX_OPSET),
