@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.datasets import accuracy, digits, onnx_accuracy
+from quantkit.datasets import accuracy, digits
+from quantkit.export import onnx_accuracy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_models import tiny_resnet_digits  # noqa: E402

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.datasets import accuracy, digits, onnx_accuracy
+from quantkit.datasets import accuracy, digits
+from quantkit.export import onnx_accuracy
 from quantkit.models.adder_resnet import adder_cnn_digits
 
 

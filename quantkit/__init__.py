@@ -17,8 +17,8 @@ from .errors import (CalibrationDataError, ConfigError, ExportError, KernelError
                      QuantkitError, UnknownSchemeError, UnsupportedModelError)
 from .qat import QAT, distillation_loss
 from .schemes.base import SchemeConfig, get_scheme, register_scheme
+from .version import __version__
 
-__version__ = "0.1.0"
 
 
 def export_onnx(*args, **kwargs):

@@ -16,9 +16,10 @@ from torch import nn
 from .calibrate.data import run_calibration
 from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
 from .graph.fold import fold_batchnorms
-from .graph.passes import PassContext, PassManager, refresh_report
+from .graph.passes import PassContext, PassManager, refresh_report, replace_module
+from .graph.records import fill_deployed_record
 from .graph.trace import trace
-from .nn.base import QuantModule, deploy_nbytes
+from .nn.base import QuantModule
 from .report import QuantReport
 from .schemes.base import SchemeConfig, get_scheme, list_schemes
 
@@ -31,7 +32,9 @@ def schemes() -> dict[str, str]:
     return list_schemes()
 
 
-def _check_example_inputs(example_inputs: Any) -> tuple | None:
+def check_example_inputs(example_inputs: Any) -> tuple | None:
+    """``example_inputs`` as a tuple of positional inputs (a single tensor is wrapped); ConfigError for a shape or
+    anything else that is not a tuple."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
@@ -46,6 +49,19 @@ def _check_example_inputs(example_inputs: Any) -> tuple | None:
     if not isinstance(example_inputs, tuple):
         raise ConfigError(f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}")
     return example_inputs
+
+
+def scheme_to_dict(cfg: SchemeConfig) -> dict:
+    """Every field of a scheme config (defaults and overrides alike) and the name it is registered under, as
+    JSON-safe data (a checkpoint loaded with ``torch.load(weights_only=True)`` can hold it); see
+    :meth:`SchemeConfig.to_dict <quantkit.schemes.base.SchemeConfig.to_dict>`. :func:`scheme_from_dict` rebuilds an
+    equal config."""
+    return cfg.to_dict()
+
+
+def scheme_from_dict(data: dict) -> SchemeConfig:
+    """The scheme config :func:`scheme_to_dict` described (validated as :func:`quantkit.get_scheme` does)."""
+    return SchemeConfig.from_dict(data)
 
 
 def _commit(model: nn.Module, work: nn.Module, inplace: bool) -> nn.Module:
@@ -73,7 +89,7 @@ def prepare(model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple 
             f"{getattr(model, _CONFIG_ATTR).name!r}); prepare the original float model instead"
         )
     cfg = get_scheme(scheme, **overrides)
-    example_inputs = _check_example_inputs(example_inputs)
+    example_inputs = check_example_inputs(example_inputs)
     work = copy.deepcopy(model)
     passes = cfg.passes()
     leaf_types = tuple({t for p in passes for t in getattr(p, "targets", {})})
@@ -131,7 +147,8 @@ def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
 
 
-def _config_of(model: nn.Module) -> SchemeConfig:
+def config_of(model: nn.Module) -> SchemeConfig:
+    """The scheme config a model was prepared with (UnsupportedModelError if quantkit did not prepare it)."""
     cfg = getattr(model, _CONFIG_ATTR, None)
     if cfg is None:
         raise UnsupportedModelError(
@@ -147,7 +164,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
     Calibration runs in eval mode, and the calibrated model is left in eval mode: it is an inference model
     (BatchNorm uses its running statistics, dropout is off), whatever mode it was prepared in; call ``.train()`` to
     fine-tune it. After an error every module's train/eval mode is as it was."""
-    cfg = _config_of(model)
+    cfg = config_of(model)
     layers = quant_modules(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -155,7 +172,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
         m.start_calibration()
     try:
         run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=max_batches, progress=progress,
-                        example_inputs=_check_example_inputs(example_inputs))
+                        example_inputs=check_example_inputs(example_inputs))
         for _, m in layers:
             m.finish_calibration()
     except BaseException:
@@ -222,12 +239,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Refuses (UnsupportedModelError, naming the layer) a PTQ model that was not calibrated and a model with NaN/Inf
     parameters."""
-    cfg = _config_of(model)
+    cfg = config_of(model)
     check_finite(model, "the model to convert")
     work = copy.deepcopy(model)
     report: QuantReport = copy.deepcopy(getattr(model, _REPORT_ATTR))
-    from .graph.passes import replace_module
-
     layers = quant_modules(work)
     names = [name for name, _ in layers]
     for name, m in layers:
@@ -241,11 +256,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                                 "stage 1 of a cross-layer binarization schedule) and is deployed as the float "
                                 f"{type(deployed).__name__} it computes")
         try:
-            rec = report[name]
-            rec.new_type = type(deployed).__name__
-            rec.bytes_after = deploy_nbytes(deployed)
-            if kept_float:
-                rec.bits_w = rec.bits_a = None
+            fill_deployed_record(report[name], deployed, kept_float)
         except KeyError:
             pass
     work.eval()

@@ -20,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import ExportError
+from .files import OutputExistsError, check_output_path, publish_file, write_synced
 from .sysinfo import cpu_flags
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
@@ -190,9 +192,6 @@ def load_calibration(spec: str, shape: tuple[int, ...] | None, limit: int, mean:
 def _check_output(path: str, suffixes: tuple[str, ...], args) -> Path:
     """``--out``, checked before any work: a known suffix, a writable folder, not one of the command's input files,
     and not an existing file unless ``--force``."""
-    from .errors import ExportError
-    from .export.onnx_export import check_output_path
-
     p = Path(path)
     if p.suffix.lower() not in suffixes:
         raise CLIError(f"--out {path!r}: use a file name ending in {' or '.join(suffixes)}")
@@ -235,50 +234,20 @@ def _refuse_existing(out: Path, force: bool) -> None:
 
 
 def _write_output(out: Path, force: bool, write: Callable[[Path], Any]) -> Any:
-    """Run ``write(tmp)`` on a temporary file beside ``out``, then publish it as ``out``: in one rename (never a
-    partial file), with the permissions the umask gives new files, and without replacing a file that appeared
-    meanwhile unless ``force``. On any failure nothing is left behind. Returns what ``write`` returned."""
-    from .export.onnx_export import new_file_mode
-
-    folder = out.parent if str(out.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    """Run ``write(tmp)`` on a temporary file beside ``out``, then publish it as ``out`` (:mod:`quantkit.files`: one
+    rename, never a partial file, nothing left behind on failure), without replacing a file that appeared meanwhile
+    unless ``force``. Returns what ``write`` returned."""
     try:
-        result = write(tmp)
-        os.chmod(tmp, new_file_mode())
-        if force:
-            os.replace(tmp, out)
-        else:
-            _refuse_existing(out, False)  # again: the work took a while
-            try:
-                os.link(tmp, out)  # fails if ``out`` exists: no check-then-write race
-            except FileExistsError:
-                _refuse_existing(out, False)
-                raise
-            except OSError:  # a file system without hard links
-                _refuse_existing(out, False)
-                os.replace(tmp, out)
-            else:
-                os.unlink(tmp)
-        return result
-    except OSError as exc:
-        raise CLIError(f"--out: cannot write {str(out)!r}: {exc.strerror or exc}") from exc
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        return publish_file(out, write, replace=force)
+    except OutputExistsError:
+        _refuse_existing(out, False)  # the work took a while: the file appeared meanwhile
+        raise
+    except ExportError as exc:
+        raise CLIError(f"--out: {exc}") from exc
 
 
 def _save_bytes(data: bytes) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return write
+    return lambda path: write_synced(path, data)
 
 
 def _batches(x, batch_size: int) -> list:
@@ -353,11 +322,13 @@ def cmd_quantize(args, console: _Console) -> int:
     import torch
 
     import quantkit
+    from .api import config_of, scheme_to_dict
     from .nn.base import deploy_nbytes
 
     out = _check_output(args.out, (".onnx", ".xml", ".pt", ".pth"), args)
     model, qmodel, example = _prepare_quantized(args, console)
     report = quantkit.report(qmodel)
+    cfg = config_of(qmodel)
     fp_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     if out.suffix.lower() == ".onnx":
         result = _write_output(out, args.force, lambda tmp: quantkit.export_onnx(
@@ -383,6 +354,8 @@ def cmd_quantize(args, console: _Console) -> int:
         console.info(str(quantkit.report(deployed)))
         payload = {"format": "quantkit-deploy-v1", "quantkit_version": quantkit.__version__,
                    "model": args.model, "scheme": report.scheme,
+                   # every field of the config (with the --set overrides): quantkit.api.scheme_from_dict rebuilds it
+                   "scheme_config": scheme_to_dict(cfg),
                    "example_input_shape": list(example[0].shape),
                    "simulated_state_dict": qmodel.state_dict(), "deploy_state_dict": deployed.state_dict()}
         buf = io.BytesIO()
@@ -391,8 +364,9 @@ def cmd_quantize(args, console: _Console) -> int:
         dep = deploy_nbytes(deployed)
         console.info(f"size: FP32 parameters {_fmt_size(fp_bytes)} -> deploy model tensors {_fmt_size(dep)} "
                      f"({fp_bytes / max(dep, 1):.1f}x smaller)")
-        console.info(f"wrote {out} (PyTorch checkpoint: rebuild with quantkit.prepare(factory(), scheme), "
-                     "load_state_dict(ckpt['simulated_state_dict']), quantkit.convert)")
+        console.info(f"wrote {out} (PyTorch checkpoint: rebuild with quantkit.prepare(factory(), "
+                     "quantkit.api.scheme_from_dict(ckpt['scheme_config'])), load_state_dict("
+                     "ckpt['simulated_state_dict']), quantkit.convert)")
     return EXIT_OK
 
 
@@ -442,10 +416,9 @@ def cmd_info(args, console: _Console) -> int:
     import torch
 
     import quantkit
-    from .ops import _load
-    from .ops._dispatch import cpu_isa, supported_cpu_isas
+    from .ops import cpu_isa, kernel_status, supported_cpu_isas
 
-    st = _load.status()
+    st = kernel_status()
     lines = [f"quantkit {quantkit.__version__}  (python {platform.python_version()}, {platform.machine()})",
              f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {_ort_version()}",
              f"compiled kernels (quantkit._C): {'built' if st.get('loaded') else 'MISSING: ' + str(st.get('error'))}",

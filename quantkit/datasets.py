@@ -1,16 +1,12 @@
 """Small real data bundled with scikit-learn: the 8x8 handwritten digits (1797 images, 10 classes).
 
-Used by the demo, the examples, the accuracy benchmarks and ``quantkit quantize --calib digits``.
+Used by the demo, the examples, the accuracy benchmarks and ``quantkit quantize --calib digits``. (The accuracy of
+an exported ONNX file in onnxruntime: :func:`quantkit.export.onnx_accuracy`.)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    import numpy
 
 
 def digits(split: str = "train", *, seed: int = 0, test_fraction: float = 0.25, upsample: int = 1,
@@ -54,16 +50,3 @@ def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int = 512
     for i in range(0, len(y), batch_size):
         correct += (model(x[i:i + batch_size]).argmax(dim=-1) == y[i:i + batch_size]).sum().item()
     return 100.0 * correct / len(y)
-
-
-def onnx_accuracy(path: str, x: Tensor, y: Tensor, batch_size: int = 256) -> tuple[float, "numpy.ndarray"]:
-    """Top-1 accuracy in percent of an exported ONNX classifier in onnxruntime (CPU), and its predictions."""
-    import numpy as np
-
-    from .export import ort_session
-
-    sess = ort_session(path)
-    name = sess.get_inputs()[0].name
-    preds = np.concatenate([sess.run(None, {name: x[i:i + batch_size].numpy()})[0].argmax(-1)
-                            for i in range(0, len(y), batch_size)])
-    return 100.0 * float((preds == y.numpy()).mean()), preds

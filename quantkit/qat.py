@@ -58,7 +58,7 @@ class QAT:
     def __init__(self, model: nn.Module, scheme: str | SchemeConfig, example_inputs: tuple | None = None,
                  *, inplace: bool = False, **overrides: Any) -> None:
         self.model: nn.Module = api.prepare(model, scheme, example_inputs, inplace=inplace, **overrides)
-        self.config: SchemeConfig = api._config_of(self.model)
+        self.config: SchemeConfig = api.config_of(self.model)
         self.epoch: int | None = None
         self.total_epochs: int | None = None
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.models import adder_resnet18, adder_resnet20
-from quantkit.nn.adder import (AdderConv2d, AdderLinear, adder_conv2d_fp, adder_input_grad, adderize,
-                               set_chunk_elements)
+from quantkit.graph import adderize
+from quantkit.nn.adder import AdderConv2d, AdderLinear, adder_conv2d_fp, adder_input_grad, set_chunk_elements
 
 
 def reference_conv(x, w, stride, padding, dilation):
@@ -204,7 +204,7 @@ def test_adderize_skip_names_must_exist():
     import torchvision
 
     from quantkit.errors import ConfigError
-    from quantkit.nn import adderize
+    from quantkit.graph import adderize
 
     model = torchvision.models.resnet18(num_classes=4)
     with pytest.raises(ConfigError, match=r"skip entry 'layer1.0.conv3' names no layer of ResNet.*'layer1.0.conv1'"):

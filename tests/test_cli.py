@@ -385,3 +385,53 @@ def test_api_export_respects_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.onnx").stat().st_mode & 0o777 == 0o640
+
+
+def test_checkpoint_carries_the_full_scheme_config(tmp_path, capsys):
+    """--set overrides survive a reload: the checkpoint stores every field of the config, and the config rebuilt
+    from it equals the one the command used (and rebuilds the same deploy tensors)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    from tiny_models import tiny_resnet_digits
+
+    import quantkit
+    from quantkit.api import scheme_from_dict
+
+    out = tmp_path / "m.pt"
+    p = run_here(capsys, *_pt_args(tmp_path, out, "--set", "bits_w=4", "--set", "percentile=99.5",
+                                   "--set", "observer='percentile'", "--set", "keep_first=True"))
+    assert p.returncode == 0, p.stderr
+    ckpt = torch.load(out, weights_only=True)
+    stored = ckpt["scheme_config"]
+    assert stored["scheme"] == "w8a8"
+    assert stored["options"]["bits_w"] == 4 and stored["options"]["percentile"] == 99.5
+    assert stored["options"]["observer"] == "percentile" and stored["options"]["keep_first"] is True
+    assert stored["options"]["bits_a"] == 8  # defaults are stored too: a later change of a default cannot leak in
+    cfg = scheme_from_dict(stored)
+    assert cfg == quantkit.get_scheme("w8a8", bits_w=4, percentile=99.5, observer="percentile", keep_first=True)
+    sim = quantkit.prepare(tiny_resnet_digits(), cfg)
+    sim.load_state_dict(ckpt["simulated_state_dict"])
+    deployed = quantkit.convert(sim)
+    for k, v in ckpt["deploy_state_dict"].items():
+        assert torch.equal(deployed.state_dict()[k], v), k
+    # the name alone would have lost the overrides: 8-bit weights, a min/max observer
+    assert quantkit.get_scheme(ckpt["scheme"]) != cfg
+
+
+def test_scheme_dict_round_trip_and_unstorable_rules():
+    import re
+
+    from torch import nn
+
+    import quantkit
+    from quantkit.api import scheme_from_dict, scheme_to_dict
+    from quantkit.errors import ConfigError
+
+    cfg = quantkit.get_scheme("adder_ptq4", bits=3, groups=2, skip=["fc"], rules={re.compile(r"layer1\..*"): None})
+    data = scheme_to_dict(cfg)
+    assert data["scheme"] == "adder_ptq4" and data["options"]["rules"] == {r"re:layer1\..*": None}
+    back = scheme_from_dict(data)
+    assert (back.name, back.bits, back.groups, back.skip) == ("adder_ptq3", 3, 2, ("fc",))
+    typed = scheme_from_dict(scheme_to_dict(quantkit.get_scheme("w8a8", rules={nn.Linear: None})))
+    assert typed.rules == {nn.Linear: None}  # module types are stored by their import path
+    with pytest.raises(ConfigError, match="expected"):
+        scheme_from_dict({"fields": {}})

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.nn.adder import adderize
+from quantkit.graph import adderize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from tiny_models import TinyResNet  # noqa: E402

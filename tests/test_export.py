@@ -251,7 +251,7 @@ def test_adder_ptq_example_cnn_int4(tmp_path):
 
 
 def test_adder_ptq_torchvision_resnet_adderized(tmp_path):
-    from quantkit.nn.adder import adderize
+    from quantkit.graph import adderize
 
     torch.manual_seed(4)
     model = settle_bn(adderize(TinyResNet((8, 8, 16), (1, 1, 1), 10, 3)), (3, 8, 8))
@@ -435,3 +435,59 @@ def test_overwrite_is_atomic(tmp_path):
     export_onnx(q, (torch.randn(1, 3, 12, 12),), path, quiet=True)
     assert onnx.load(str(path)).graph.node
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------- the exporter object
+def test_two_exporters_interleaved_keep_their_own_state(tmp_path):
+    """The trace's placeholder calls live on each exporter (no module state): a whole second export between the
+    trace and the expansion of the first changes neither file."""
+    from quantkit.export import OnnxExporter
+
+    x = torch.randn(2, 3, 12, 12)
+    first = OnnxExporter(quantkit.prepare(_resnet(), "xnor"), (x,), tmp_path / "a.onnx")
+    for step in (first.validate, first.convert, first.reference_run, first.trace):
+        step()
+    digits_cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    calib = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    second = OnnxExporter(quantkit.quantize(digits_cnn, "w8a8", calib, progress=False),
+                          (torch.randn(1, 1, 8, 8),), tmp_path / "b.onnx", dynamic_batch=False).run()
+    for step in (first.expand, first.check, first.verify, first.rerun_dynamic_batch):
+        step()
+    result = first.write()
+    assert result.agreement.deploy_vs_onnxruntime <= 1e-4 and second.agreement.deploy_vs_onnxruntime <= 1e-4
+    a, b = onnx.load(str(tmp_path / "a.onnx")), onnx.load(str(tmp_path / "b.onnx"))
+    assert a.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic, as asked
+    assert b.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # static, as asked
+    assert {layer.type_name for layer in result.layers} == {"BinaryDeployConv2d"}
+    assert {layer.type_name for layer in second.layers} == {"UniformDeployConv2d", "UniformDeployLinear"}
+    assert run_onnxruntime(str(tmp_path / "a.onnx"), ["input"], [torch.randn(5, 3, 12, 12)])[0].shape == (5, 10)
+
+
+def test_exporter_object_prints_nothing_and_export_onnx_logs(tmp_path, capsys, caplog):
+    from quantkit.export import OnnxExporter
+
+    q = quantkit.prepare(_resnet(), "xnor")
+    x = (torch.randn(1, 3, 12, 12),)
+    OnnxExporter(q, x, tmp_path / "quiet.onnx").run()
+    assert capsys.readouterr().out == ""
+    logger = __import__("logging").getLogger("quantkit")
+    logger.propagate = True  # let pytest's caplog see the record as well
+    try:
+        with caplog.at_level("INFO", logger="quantkit.export"):
+            export_onnx(q, x, tmp_path / "logged.onnx")
+    finally:
+        logger.propagate = False
+    assert any(r.name == "quantkit.export" and "three-way agreement" in r.getMessage() for r in caplog.records)
+    assert "three-way agreement" in capsys.readouterr().out  # the default handler still shows it on stdout
+
+
+def test_export_docs_name_only_existing_deploy_layers():
+    """Every deploy-layer class named in the export package's documentation exists."""
+    import re
+
+    import quantkit.export as export_pkg
+    from quantkit.nn import adder_quant, binary_deploy, bivit, uniform
+
+    named = set(re.findall(r"\b[A-Z]\w*Deploy\w*\b", export_pkg.__doc__))
+    existing = {n for m in (adder_quant, binary_deploy, bivit, uniform) for n in vars(m)}
+    assert named and named <= existing, named - existing

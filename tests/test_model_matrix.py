@@ -115,7 +115,7 @@ def test_model_matrix(tmp_path, scheme, model_name):
     torch.manual_seed(0)
     model = _nonzero_biases(build())
     if scheme.startswith("adder"):
-        from quantkit.nn.adder import adderize
+        from quantkit.graph import adderize
 
         model = _nonzero_biases(adderize(model))
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

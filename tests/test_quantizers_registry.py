@@ -91,7 +91,11 @@ def test_scheme_to_dict_from_dict_round_trip(name):
     cfg = quantkit.get_scheme(name, skip=("fc",), rules={re.compile(r"layer\d"): None, nn.Conv2d: {}})
     data = cfg.to_dict()
     again = type(cfg).from_dict(json.loads(json.dumps(data)))
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg) and again.name == cfg.name
+    # a compiled regex comes back as its "re:" string, the same rule; everything else as it was
+    assert again.rules == {r"re:layer\d": None, nn.Conv2d: {}}
+    expect = dict(dataclasses.asdict(cfg), rules=again.rules)
+    assert dataclasses.asdict(again) == expect and again.name == cfg.name
+    assert again.to_dict() == data
     assert SchemeConfig.from_dict(data).name == cfg.name
 
 

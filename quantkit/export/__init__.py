@@ -34,8 +34,8 @@ the whole-model outputs differ beyond float tolerance -- each quantized layer on
 written only after all of that passed (atomically: a temporary file renamed over the target).
 """
 from .inspect import OnnxSummary, inspect_onnx
-from .onnx_export import DEFAULT_BINARY_FORM, DEFAULT_OPSET, Agreement, ExportResult, export_onnx
-from .verify import ort_session, run_onnxruntime
+from .onnx_export import DEFAULT_BINARY_FORM, DEFAULT_OPSET, Agreement, ExportResult, OnnxExporter, export_onnx
+from .verify import onnx_accuracy, ort_session, run_onnxruntime
 
 __all__ = ["export_onnx", "ExportResult", "Agreement", "DEFAULT_OPSET", "DEFAULT_BINARY_FORM", "ort_session",
-           "run_onnxruntime", "inspect_onnx", "OnnxSummary"]
+           "run_onnxruntime", "onnx_accuracy", "inspect_onnx", "OnnxSummary", "OnnxExporter"]

@@ -17,13 +17,14 @@ How it works
    outputs are compared with the deploy and simulated models (the three-way agreement).
 5. Only then is the file written, to a temporary file in the target folder that is renamed over ``path``: a failed
    export leaves nothing behind.
+
+Each of these is a method of :class:`OnnxExporter` (one object per export, holding all of its state);
+:func:`export_onnx` runs them in order.
 """
 from __future__ import annotations
 
 import copy
-import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,23 @@ from onnx import helper
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..api import check_example_inputs, check_finite, convert
 from ..errors import ExportError, QuantkitError
+from ..files import atomic_write_bytes, check_output_path
+from ..log import get_logger
+from ..nn.base import QuantModule
+from ..version import __version__
 from .builder import GraphBuilder
-from .emit import BINARY_FORMS, CUSTOM_DOMAIN, UNIFORM_FORMS, EmitContext, LayerExport, emit_custom, emitter_for, supported_types
-from .emit.attention import prepare_attention
+from .emit import BINARY_FORMS, CUSTOM_DOMAIN, UNIFORM_FORMS, EmitContext, LayerExport, emit_custom, emitter_for
+from .emit.uniform import quantize_before_reshapes
+from .tracing import (PLACEHOLDER_DOMAIN, TraceSession, fx_control_flow, is_exported_unit, swap_placeholders,
+                      torch_export)
+from .verify import LayerProbe, layerwise_check, run_onnxruntime
+
+log = get_logger("export")
 
 #: opsets the exporter produces: 18 brings BitwiseAnd/BitwiseXor and Pad with axes; 21 brings INT4/UINT4
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 21, 21
-#: the highest opset PyTorch's TorchScript-based exporter writes; newer opsets only add types to the ops it uses
-_TORCH_MAX_OPSET = 20
-_PLACEHOLDER_DOMAIN = "quantkit_export_placeholder"
 #: the binary form chosen by measurement (see benchmarks / the export docs): unpack is faster in onnxruntime
 DEFAULT_BINARY_FORM = "unpack"
 
@@ -129,133 +137,13 @@ class ExportResult:
     __str__ = summary
 
 
-# ---------------------------------------------------------------------------------------------- placeholders
-@dataclass
-class _CallRecord:
-    module: nn.Module
-    name: str
-    input_shapes: list = field(default_factory=list)
-    output_shapes: list = field(default_factory=list)
-
-
-_ACTIVE: dict[int, _CallRecord] = {}
-_DYNAMIC_BATCH = [True]
-
-
-class _LayerFn(torch.autograd.Function):
-    """Runs the deploy layer (outside the tracer) and exports as one placeholder node carrying the call id."""
-
-    @staticmethod
-    def forward(ctx, call_id: int, *inputs):  # type: ignore[override]
-        rec = _ACTIVE[call_id]
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            with torch.no_grad():
-                out = rec.module(*inputs)
-        finally:
-            torch._C._set_tracing_state(state)
-        if not isinstance(out, torch.Tensor):
-            raise ExportError(f"layer {rec.name!r} ({type(rec.module).__name__}) returned "
-                              f"{type(out).__name__}; an exported layer must return one tensor")
-        rec.input_shapes = [tuple(t.shape) for t in inputs]
-        rec.output_shapes = [tuple(out.shape)]
-        return out.contiguous().float()
-
-    @staticmethod
-    def symbolic(g, call_id: int, *inputs):  # pragma: no cover - called by the exporter
-        rec = _ACTIVE[call_id]
-        out = g.op(f"{_PLACEHOLDER_DOMAIN}::Layer", *inputs, call_id_i=call_id)
-        try:
-            sizes: list = list(rec.output_shapes[0])
-            if _DYNAMIC_BATCH[0] and sizes:
-                sizes[0] = None  # a static batch here would be folded into later Reshapes by the exporter
-            out.setType(inputs[0].type().with_dtype(torch.float32).with_sizes(sizes))
-        except Exception:  # the type only helps PyTorch's own shape inference; the emitted graph is re-inferred
-            pass
-        return out
-
-
-class _Placeholder(nn.Module):
-    def __init__(self, module: nn.Module, name: str) -> None:
-        super().__init__()
-        self.inner = module
-        self.layer_name = name
-
-    def forward(self, *inputs):
-        call_id = len(_ACTIVE) + 1
-        # a layer called several times in forward: each call gets its own node and initializer names
-        calls = sum(1 for r in _ACTIVE.values() if r.module is self.inner) + 1
-        name = self.layer_name if calls == 1 else f"{self.layer_name}/call{calls}"
-        _ACTIVE[call_id] = _CallRecord(self.inner, name)
-        tensors = [t for t in inputs if t is not None]
-        return _LayerFn.apply(call_id, *tensors)
-
-
-def _attention_types() -> tuple:
-    try:
-        from ..nn.bivit import BinaryAttentionDeploy
-    except ImportError:
-        return ()
-    return (BinaryAttentionDeploy,)
-
-
-#: quantkit modules that are plain PyTorch math and export as they are
-def _plain_types() -> tuple:
-    out = []
-    try:
-        from ..nn.adabin import Maxout
-
-        out.append(Maxout)
-    except ImportError:
-        pass
-    return tuple(out)
-
-
-def _swap_placeholders(model: nn.Module) -> None:
-    """Replace every emitter-handled layer below ``model`` by a placeholder (recursively, not into replaced ones)."""
-    from ..nn.base import QuantModule
-
-    attention = _attention_types()
-    plain = _plain_types()
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, _Placeholder):
-                continue
-            if isinstance(child, QuantModule):
-                raise ExportError(
-                    f"layer {name!r} ({type(child).__name__}) is a simulated layer inside a deploy model; export the "
-                    "simulated model itself (it is converted) or convert the whole model with quantkit.convert")
-            if emitter_for(child) is not None:
-                setattr(parent, child_name, _Placeholder(child, name))
-                continue
-            if attention and isinstance(child, attention):
-                if not hasattr(type(child), "_attend"):
-                    raise ExportError(f"layer {name!r} ({type(child).__name__}): its attention core is not reachable "
-                                      "for export (no _attend method)")
-                prepare_attention(child, name, lambda core, n: _Placeholder(core, n))
-                visit(child, name)
-                continue
-            mod = type(child).__module__
-            if mod.startswith("quantkit.nn") and not isinstance(child, plain):
-                raise ExportError(
-                    f"layer {name!r} ({type(child).__name__}): no ONNX emitter for this deploy layer type yet; "
-                    f"exportable quantkit layers: {', '.join(supported_types())}")
-            visit(child, name)
-
-    visit(model, "")
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-def _as_inputs(example_inputs: Any) -> tuple:
-    from ..api import _check_example_inputs
-
+def as_inputs(example_inputs: Any, what: str = "export_onnx") -> tuple:
+    """``example_inputs`` as a tuple of CPU tensors (ExportError for a missing input, a shape, a non-tensor)."""
     if example_inputs is None:
-        raise ExportError("export_onnx needs example_inputs, a tuple of the model's positional inputs "
+        raise ExportError(f"{what} needs example_inputs, a tuple of the model's positional inputs "
                           "(e.g. (torch.randn(1, 3, 32, 32),))")
-    inputs = _check_example_inputs(example_inputs)
+    inputs = check_example_inputs(example_inputs)
     for i, t in enumerate(inputs):
         if not isinstance(t, torch.Tensor):
             raise ExportError(f"example_inputs[{i}] is a {type(t).__name__}; only tensor inputs are exported")
@@ -313,152 +201,53 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
     raise ExportError(f"model output of type {type(out).__name__} is not exportable; return tensors or tuples")
 
 
-def _has_quant_modules(model: nn.Module) -> bool:
-    from ..nn.base import QuantModule
-
+def has_quant_modules(model: nn.Module) -> bool:
+    """Whether ``model`` holds simulated quantkit layers (then it is converted before export)."""
     return any(isinstance(m, QuantModule) for m in model.modules())
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Raise ExportError unless ``path`` names a file in an existing, writable folder."""
-    p = Path(path)
-    folder = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise ExportError(f"output path {str(p)!r} is a folder; give a file name such as model.onnx")
-    if not folder.is_dir():
-        why = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} {why}")
-    try:  # a real probe: permissions, read-only mounts and pseudo file systems all show here
-        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ExportError(f"cannot write {str(p)!r}: folder {str(folder)!r} is not writable "
-                          f"({exc.strerror or exc})") from exc
-    return p
-
-
-def new_file_mode() -> int:
-    """The permission bits a newly created file gets from the process umask (0o666 & ~umask), as ``open()`` would
-    give it (``mkstemp`` always creates 0o600)."""
-    mask = None
-    try:  # Linux: read it without changing it (os.umask can only be read by setting it, racing other threads)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    mask = int(line.split()[1], 8)
-                    break
-    except (OSError, ValueError):
-        pass
-    if mask is None:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path`` (never a partial file); the
-    file gets the permissions the umask gives new files."""
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), new_file_mode())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
+def deploy_and_simulated(model: nn.Module, what: str) -> tuple[nn.Module, nn.Module | None]:
+    """The deploy model to export and the simulated model it came from (None when ``model`` is a deploy or float
+    model). A model with CUDA tensors is copied to the CPU (the export and its checks run there; the input is
+    kept)."""
+    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
+        model = copy.deepcopy(model).cpu()
+    if not has_quant_modules(model):
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise ExportError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
-        raise
-
-
-# ---------------------------------------------------------------------------------------------- the export
-def _torch_export(model: nn.Module, inputs: tuple, opset: int, input_names: list[str], output_names: list[str],
-                  dynamic_batch: bool, allow_traced_branch: bool | None = None) -> onnx.ModelProto:
-    """PyTorch's (TorchScript) ONNX export; ``allow_traced_branch``: None = do not look for traced value branches,
-    False = refuse them, True = warn."""
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
-    buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            torch.onnx.export(model, inputs, buf, dynamo=False, opset_version=min(opset, _TORCH_MAX_OPSET),
-                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
-        except QuantkitError:
-            raise
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"PyTorch's ONNX exporter failed on the model's full-precision part: {msg}") from exc
-    if allow_traced_branch is not None:
-        _check_traced_branches(caught, allow_traced_branch)
-    return onnx.load_from_string(buf.getvalue())
-
-
-class _OpaqueQuantkitTracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
-
-
-def _fx_control_flow(model: nn.Module) -> str | None:
-    """Why torch.fx cannot trace ``model`` when the reason is Python control flow on traced values, else None."""
+            check_finite(model, f"the model to {what}")
+        except QuantkitError as exc:
+            raise ExportError(str(exc)) from exc
+        return model, None
+    if not hasattr(model, "_quantkit_config"):
+        name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantModule))
+        raise ExportError(f"layer {name!r} ({type(layer).__name__}) is a simulated quantkit layer in a model that "
+                          "quantkit.prepare did not produce; export the prepared model, or its quantkit.convert result")
     try:
-        _OpaqueQuantkitTracer().trace(model)
-    except Exception as exc:  # fx raises TraceError (control flow) and many others for untraceable Python
-        msg = str(exc)
-        return msg.splitlines()[0] if "control flow" in msg else None
-    return None
+        return convert(model), model
+    except QuantkitError as exc:
+        raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
 
 
-def _check_traced_branches(caught: list, allow_traced_branch: bool) -> None:
-    """The tracer warns when Python branches on a traced tensor: the recorded graph then holds only the branch the
-    example inputs took. Refuse, or with allow_traced_branch=True warn loudly. Called only when torch.fx too found
-    Python control flow on traced values (the tracer alone also warns for branches on shapes, e.g. in torch's own
-    asserts); branches inside torch itself are not reported."""
-    torch_dir = str(Path(torch.__file__).parent)
-    branches = []
-    for w in caught:
-        if (issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message)
-                and not str(w.filename).startswith(torch_dir)):
-            where = f"{Path(w.filename).name}:{w.lineno}"
-            if where not in branches:
-                branches.append(where)
-    if not branches:
-        return
-    msg = (f"the model branches on tensor values in Python ({', '.join(branches[:5])}): the exported graph holds only "
-           "the branch the example inputs took, and inputs that take another branch would give other results")
-    if not allow_traced_branch:
-        raise ExportError(f"{msg}. Nothing was written; make the branch a tensor operation (torch.where) or pass "
-                          "allow_traced_branch=True to export the traced branch anyway")
-    warnings.warn(f"quantkit export: {msg} (exported anyway: allow_traced_branch=True)", RuntimeWarning,
-                  stacklevel=4)
+def traceable_copy(deploy: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``deploy`` to swap placeholders into (a single quantized layer gets a parent)."""
+    work = copy.deepcopy(deploy).eval()
+    return nn.Sequential(work) if is_exported_unit(work) else work
 
 
-def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
-                         custom_ops: bool, uniform_form: str = "int8") -> tuple[list[LayerExport], list]:
-    """Replace every placeholder node by its emitter's nodes; returns the layers' records and, for the layer-wise
-    check, (name, type, module, input names, output name) of every emitted unit."""
-    from .verify import LayerProbe
-
+def expand_placeholders(proto: onnx.ModelProto, session: TraceSession, opset: int, binary_form: str,
+                        custom_ops: bool, uniform_form: str = "int8") -> tuple[list[LayerExport], list[LayerProbe]]:
+    """Replace every placeholder node of ``session``'s trace by its emitter's nodes; returns the layers' records and,
+    for the layer-wise check, (name, type, module, input names, output name) of every emitted unit."""
     graph = proto.graph
     shared: dict = {}
     new_nodes: list = []
     layers: list[LayerExport] = []
     probes: list[LayerProbe] = []
     for node in graph.node:
-        if node.domain != _PLACEHOLDER_DOMAIN:
+        if node.domain != PLACEHOLDER_DOMAIN:
             new_nodes.append(node)
             continue
-        call_id = next(a.i for a in node.attribute if a.name == "call_id")
-        rec = _ACTIVE[call_id]
+        _, rec = session.record_of(node)
         ctx = EmitContext(rec.name, type(rec.module).__name__, opset, binary_form, rec.input_shapes,
                           rec.output_shapes, uniform_form)
         b = GraphBuilder(rec.name, opset, shared)
@@ -488,14 +277,12 @@ def _expand_placeholders(proto: onnx.ModelProto, opset: int, binary_form: str,
     graph.node.extend(new_nodes)
     _drop_unused_initializers(graph)
     del graph.value_info[:]
-    imports = [op for op in proto.opset_import if op.domain not in ("", "ai.onnx", _PLACEHOLDER_DOMAIN)]
+    imports = [op for op in proto.opset_import if op.domain not in ("", "ai.onnx", PLACEHOLDER_DOMAIN)]
     del proto.opset_import[:]
     proto.opset_import.extend([helper.make_opsetid("", opset)] + imports)
     if custom_ops:
         proto.opset_import.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
     proto.producer_name = "quantkit"
-    from .. import __version__
-
     proto.producer_version = __version__
     return layers, probes
 
@@ -560,7 +347,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             (``if x.sum() > 0:``) is baked in with the branch the example inputs took, and inputs that take the
             other branch give other results. Such a model is refused (ExportError) unless
             ``allow_traced_branch=True``, which exports it with a warning.
-        quiet: do not print the summary.
+        quiet: do not log the summary (logger ``quantkit.export``, which writes to stdout unless configured
+            otherwise: :mod:`quantkit.log`). :class:`OnnxExporter` runs the steps one by one and never logs.
         uniform_form: container of uniform (w8a8, w4a4) layers: ``"int8"`` (default: int8 / uint8 codes, a uint8
             Clip below 8 bits; onnxruntime fuses it into QLinearConv / QGemm, the fast form) or ``"int4"`` (opset
             >= 21: INT4 weights and UINT4 4-bit activations, half the weight bytes, runs unfused); see
@@ -569,116 +357,174 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     Returns:
         :class:`ExportResult` (layers, sizes, the three-way :class:`Agreement`).
     """
-    from ..api import convert
-
-    if not isinstance(model, nn.Module):
-        raise ExportError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"opset={opset!r} is not supported; use an integer from {MIN_OPSET} to {MAX_OPSET} "
-                          f"(default {DEFAULT_OPSET})")
-    if binary_form not in BINARY_FORMS:
-        raise ExportError(f"binary_form={binary_form!r}; use one of {BINARY_FORMS}")
-    if uniform_form not in UNIFORM_FORMS:
-        raise ExportError(f"uniform_form={uniform_form!r}; use one of {UNIFORM_FORMS}")
-    out_path = check_output_path(path)
-    inputs = _as_inputs(example_inputs)
-    tensors = list(model.parameters()) + list(model.buffers())
-    if any(t.device.type != "cpu" for t in tensors):
-        model = copy.deepcopy(model).cpu()  # the export and its onnxruntime check run on the CPU; the input is kept
-
-    simulated = model if _has_quant_modules(model) else None
-    if simulated is not None and not hasattr(model, "_quantkit_config"):
-        from ..nn.base import QuantModule
-
-        name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, QuantModule))
-        raise ExportError(f"layer {name!r} ({type(layer).__name__}) is a simulated quantkit layer in a model that "
-                          "quantkit.prepare did not produce; export the prepared model, or its quantkit.convert result")
-    if simulated is not None:
-        try:
-            deploy = convert(simulated)
-        except QuantkitError as exc:
-            raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
-    else:
-        from ..api import check_finite
-
-        try:
-            check_finite(model, "the model to export")
-        except QuantkitError as exc:
-            raise ExportError(str(exc)) from exc
-        deploy = model
-    ref_deploy, ref_sim = reference_outputs(deploy, simulated, inputs)
-    _check_finite_outputs(deploy, inputs, ref_deploy, "deploy")
-    if ref_sim is not None:
-        _check_finite_outputs(simulated, inputs, ref_sim, "simulated")
-
-    in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
-
-    work = copy.deepcopy(deploy).eval()
-    if emitter_for(work) is not None or isinstance(work, _attention_types()):
-        work = nn.Sequential(work)  # a single quantized layer exported on its own
-    _ACTIVE.clear()
-    _DYNAMIC_BATCH[0] = dynamic_batch
-    try:
-        _swap_placeholders(work)
-        proto = _torch_export(work, inputs, opset, in_names, out_names, dynamic_batch,
-                              None if _fx_control_flow(deploy) is None else allow_traced_branch)
-        layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops, uniform_form)
-        if not custom_ops:
-            from .emit.uniform import quantize_before_reshapes
-
-            quantize_before_reshapes(proto.graph)
-    finally:
-        _ACTIVE.clear()
-    inferred = _check(proto, custom_ops)  # the file keeps no value_info: every runtime re-infers shapes anyway
-    data = proto.SerializeToString()
-    if len(data) >= 2**31:
-        raise ExportError("the exported model is larger than 2 GiB, the protobuf limit; external data is not "
-                          "supported by quantkit's exporter yet")
-
-    agreement = Agreement()
-    if custom_ops:
-        agreement.notes.append("custom quantkit ops: onnxruntime check skipped (stock onnxruntime does not "
-                               "implement the quantkit domain)")
-    agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
-    tolerance = atol + rtol * agreement.output_absmax
-    if ref_sim is not None:
-        agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
-        if not agreement.simulated_vs_deploy <= tolerance:
-            _explain_simulated_difference(agreement, simulated, deploy, inputs, atol, rtol, allow_mismatch, quiet)
-    else:
-        agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
-    if verify and not custom_ops:
-        from .verify import run_onnxruntime
-
-        ort_out = run_onnxruntime(data, in_names, inputs)
-        agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, ort_out)
-        if ref_sim is not None:
-            agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
-        if not agreement.deploy_vs_onnxruntime <= tolerance:  # NaN never passes
-            _explain_difference(agreement, inferred, in_names, inputs, probes, atol, rtol, allow_mismatch, quiet)
-        if dynamic_batch and inputs and inputs[0].dim() > 0:
-            doubled = tuple(torch.cat([t, t], 0) for t in inputs)
-            try:
-                out2 = run_onnxruntime(data, in_names, doubled)
-            except ExportError as exc:
-                raise ExportError(f"the exported graph does not run with another batch size ({exc}); the model "
-                                  "fixes its batch size somewhere: export with dynamic_batch=False") from exc
-            if out2 and ref_deploy[0].dim() and out2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
-                raise ExportError("the dynamic batch axis does not propagate to the output; export with "
-                                  "dynamic_batch=False")
-    atomic_write_bytes(out_path, data)
-    result = ExportResult(str(out_path), opset, binary_form, custom_ops, len(data), layers, agreement, in_names,
-                          out_names)
+    exporter = OnnxExporter(model, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch,
+                            input_names=input_names, output_names=output_names, custom_ops=custom_ops,
+                            binary_form=binary_form, verify=verify, rtol=rtol, atol=atol,
+                            allow_mismatch=allow_mismatch, allow_traced_branch=allow_traced_branch,
+                            uniform_form=uniform_form)
+    result = exporter.run()
     if not quiet:
-        print(result.summary())
+        log.info(result.summary())
     return result
 
 
-def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_names: list[str], inputs: tuple,
-                        probes: list, atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
-    """Whole-model outputs differ beyond tolerance: check each quantized layer on onnxruntime's own inputs."""
-    from .verify import layerwise_check
+class OnnxExporter:
+    """One ONNX export, step by step (:func:`export_onnx` runs them all; each step needs the ones before it):
 
+    :meth:`validate` (options, output path, inputs) -> :meth:`convert` (deploy model, simulated model kept) ->
+    :meth:`reference_run` (both models on the example inputs) -> :meth:`trace` (PyTorch's exporter, one placeholder
+    per quantized layer) -> :meth:`expand` (each placeholder becomes its emitter's nodes) -> :meth:`check`
+    (onnx.checker) -> :meth:`verify` (simulated vs deploy vs onnxruntime) -> :meth:`rerun_dynamic_batch` (twice the
+    batch) -> :meth:`write` (atomically). All state lives on the object (the trace's calls on its own
+    :class:`~quantkit.export.tracing.TraceSession`), so several exports may run side by side. Nothing is printed:
+    :meth:`write` returns the :class:`ExportResult`.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                 dynamic_batch: bool = True, input_names: Sequence[str] | None = None,
+                 output_names: Sequence[str] | None = None, custom_ops: bool = False,
+                 binary_form: str = DEFAULT_BINARY_FORM, verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4,
+                 allow_mismatch: bool = False, allow_traced_branch: bool = False,
+                 uniform_form: str = "int8") -> None:
+        self.model, self.example_inputs, self.path = model, example_inputs, path
+        self.opset, self.dynamic_batch, self.custom_ops = opset, dynamic_batch, custom_ops
+        self.input_names, self.output_names = input_names, output_names
+        self.binary_form, self.uniform_form = binary_form, uniform_form
+        self.run_onnxruntime, self.rtol, self.atol = verify, rtol, atol
+        self.allow_mismatch, self.allow_traced_branch = allow_mismatch, allow_traced_branch
+        self.session = TraceSession(dynamic_batch)
+        self.agreement = Agreement()
+        self.out_path: Path | None = None
+        self.inputs: tuple = ()
+        self.deploy: nn.Module | None = None
+        self.simulated: nn.Module | None = None
+        self.ref_deploy: list[torch.Tensor] = []
+        self.ref_sim: list[torch.Tensor] | None = None
+        self.in_names: list[str] = []
+        self.out_names: list[str] = []
+        self.proto: onnx.ModelProto | None = None
+        self.inferred: onnx.ModelProto | None = None
+        self.data: bytes = b""
+        self.layers: list[LayerExport] = []
+        self.probes: list[LayerProbe] = []
+
+    def run(self) -> ExportResult:
+        """Every step in order; returns what :meth:`write` returns."""
+        self.validate()
+        self.convert()
+        self.reference_run()
+        self.trace()
+        self.expand()
+        self.check()
+        self.verify()
+        self.rerun_dynamic_batch()
+        return self.write()
+
+    # ---- steps
+    def validate(self) -> None:
+        """Check the options, the output path (a writable folder) and the example inputs before any work."""
+        if not isinstance(self.model, nn.Module):
+            raise ExportError(f"export_onnx expects a torch.nn.Module, got {type(self.model).__name__}")
+        opset = self.opset
+        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+            raise ExportError(f"opset={opset!r} is not supported; use an integer from {MIN_OPSET} to {MAX_OPSET} "
+                              f"(default {DEFAULT_OPSET})")
+        if self.binary_form not in BINARY_FORMS:
+            raise ExportError(f"binary_form={self.binary_form!r}; use one of {BINARY_FORMS}")
+        if self.uniform_form not in UNIFORM_FORMS:
+            raise ExportError(f"uniform_form={self.uniform_form!r}; use one of {UNIFORM_FORMS}")
+        self.out_path = check_output_path(self.path)
+        self.inputs = as_inputs(self.example_inputs)
+
+    def convert(self) -> None:
+        """The deploy model (a simulated model is converted and kept for the three-way check)."""
+        self.deploy, self.simulated = deploy_and_simulated(self.model, "export")
+
+    def reference_run(self) -> None:
+        """Both models' outputs on the example inputs (finite, or an error naming the first layer that is not) and
+        the graph's input/output names."""
+        self.ref_deploy, self.ref_sim = reference_outputs(self.deploy, self.simulated, self.inputs)
+        _check_finite_outputs(self.deploy, self.inputs, self.ref_deploy, "deploy")
+        if self.ref_sim is not None:
+            _check_finite_outputs(self.simulated, self.inputs, self.ref_sim, "simulated")
+        self.in_names, self.out_names = io_names(self.input_names, self.output_names, len(self.inputs),
+                                                 len(self.ref_deploy))
+
+    def trace(self) -> None:
+        """PyTorch's exporter on a copy of the deploy model whose quantized layers are placeholders."""
+        work = traceable_copy(self.deploy)
+        swap_placeholders(work, self.session)
+        self.proto = torch_export(work, self.inputs, self.opset, self.in_names, self.out_names, self.dynamic_batch,
+                                  None if fx_control_flow(self.deploy) is None else self.allow_traced_branch)
+
+    def expand(self) -> None:
+        """Each placeholder node becomes its emitter's nodes and initializers (or one custom-domain node)."""
+        self.layers, self.probes = expand_placeholders(self.proto, self.session, self.opset, self.binary_form,
+                                                       self.custom_ops, self.uniform_form)
+        if not self.custom_ops:
+            quantize_before_reshapes(self.proto.graph)
+
+    def check(self) -> None:
+        """Strict shape inference and onnx.checker; the serialized model must fit protobuf's 2 GiB."""
+        self.inferred = _check(self.proto, self.custom_ops)  # the file keeps no value_info: runtimes re-infer it
+        self.data = self.proto.SerializeToString()
+        if len(self.data) >= 2**31:
+            raise ExportError("the exported model is larger than 2 GiB, the protobuf limit; external data is not "
+                              "supported by quantkit's exporter yet")
+
+    def verify(self) -> Agreement:
+        """The three-way agreement: simulated vs deploy, and (``verify=True``, standard ops) onnxruntime vs both;
+        beyond tolerance each quantized layer is checked on its own (see :func:`export_onnx`)."""
+        agreement, ref_deploy, ref_sim = self.agreement, self.ref_deploy, self.ref_sim
+        if self.custom_ops:
+            agreement.notes.append("custom quantkit ops: onnxruntime check skipped (stock onnxruntime does not "
+                                   "implement the quantkit domain)")
+        agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
+        tolerance = self.atol + self.rtol * agreement.output_absmax
+        if ref_sim is not None:
+            agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
+            if not agreement.simulated_vs_deploy <= tolerance:
+                _explain_simulated_difference(agreement, self.simulated, self.deploy, self.inputs, self.atol,
+                                              self.rtol, self.allow_mismatch)
+        else:
+            agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
+        if self.run_onnxruntime and not self.custom_ops:
+            ort_out = run_onnxruntime(self.data, self.in_names, self.inputs)
+            agreement.deploy_vs_onnxruntime = _max_diff(ref_deploy, ort_out)
+            if ref_sim is not None:
+                agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
+            if not agreement.deploy_vs_onnxruntime <= tolerance:  # NaN never passes
+                _explain_difference(agreement, self.inferred, self.in_names, self.inputs, self.probes, self.atol,
+                                    self.rtol, self.allow_mismatch)
+        return agreement
+
+    def rerun_dynamic_batch(self) -> None:
+        """With a dynamic batch (and onnxruntime verification), run the file at twice the batch: it must run and
+        its outputs must have the doubled batch."""
+        inputs = self.inputs
+        if not (self.run_onnxruntime and not self.custom_ops and self.dynamic_batch and inputs
+                and inputs[0].dim() > 0):
+            return
+        doubled = tuple(torch.cat([t, t], 0) for t in inputs)
+        try:
+            out2 = run_onnxruntime(self.data, self.in_names, doubled)
+        except ExportError as exc:
+            raise ExportError(f"the exported graph does not run with another batch size ({exc}); the model "
+                              "fixes its batch size somewhere: export with dynamic_batch=False") from exc
+        if out2 and self.ref_deploy[0].dim() and out2[0].shape[0] != 2 * self.ref_deploy[0].shape[0]:
+            raise ExportError("the dynamic batch axis does not propagate to the output; export with "
+                              "dynamic_batch=False")
+
+    def write(self) -> ExportResult:
+        """Write the checked file atomically (a temporary file renamed over the target) and return the result."""
+        atomic_write_bytes(self.out_path, self.data)
+        return ExportResult(str(self.out_path), self.opset, self.binary_form, self.custom_ops, len(self.data),
+                            self.layers, self.agreement, self.in_names, self.out_names)
+
+
+def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_names: list[str], inputs: tuple,
+                        probes: list, atol: float, rtol: float, allow_mismatch: bool) -> None:
+    """Whole-model outputs differ beyond tolerance: check each quantized layer on onnxruntime's own inputs."""
     checks = layerwise_check(inferred, in_names, inputs, probes)
     for probe, diff, absmax in checks:
         if not diff <= atol + rtol * absmax:
@@ -696,20 +542,20 @@ def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_name
             f"deploy layer on onnxruntime's own input (max difference {worst:.3g}): float rounding in the "
             "full-precision layers (computed in another order by onnxruntime) moved values across quantization "
             "thresholds, which the network amplifies")
-    _mismatch(agreement, note, allow_mismatch, quiet)
+    _mismatch(agreement, note, allow_mismatch)
 
 
-def _mismatch(agreement: Agreement, note: str, allow_mismatch: bool, quiet: bool) -> None:
+def _mismatch(agreement: Agreement, note: str, allow_mismatch: bool) -> None:
     """Fail (the default) or, with allow_mismatch=True, warn and record the diagnosis."""
     if not allow_mismatch:
         raise ExportError(f"{note}. Nothing was written; pass allow_mismatch=True to export anyway (then check "
                           "accuracy on real data)")
     agreement.notes.append(f"{note}; exported anyway (allow_mismatch=True): check accuracy on real data")
-    warnings.warn(f"quantkit export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"quantkit export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=6)
 
 
 def _explain_simulated_difference(agreement: Agreement, simulated: nn.Module, deploy: nn.Module, inputs: tuple,
-                                  atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
+                                  atol: float, rtol: float, allow_mismatch: bool) -> None:
     """Simulated and deploy outputs differ beyond tolerance: run each deploy layer on its simulated layer's input."""
     checks = simulated_layerwise_check(simulated, deploy, inputs)
     bad = [(n, t, d, m) for n, t, d, m in checks if not d <= atol + rtol * m]
@@ -727,7 +573,7 @@ def _explain_simulated_difference(agreement: Agreement, simulated: nn.Module, de
         note = (f"{head}, but each of the {len(checks)} quantized layers matches its simulated layer on the same "
                 f"input (max difference {worst:.3g}): float rounding (the deploy kernels sum in another order) moved "
                 "values across quantization thresholds, which the network amplifies")
-    _mismatch(agreement, note, allow_mismatch, quiet)
+    _mismatch(agreement, note, allow_mismatch)
 
 
 def simulated_layerwise_check(simulated: nn.Module, deploy: nn.Module, inputs: tuple
@@ -735,8 +581,6 @@ def simulated_layerwise_check(simulated: nn.Module, deploy: nn.Module, inputs: t
     """For every converted layer: run its deploy layer on the input the simulated layer received (in one forward
     pass of the simulated model) and compare with the simulated output (the output of the BatchNorm after it when
     convert folded that BatchNorm into the deploy layer). Returns ``(name, deploy type, max abs diff, max |y|)``."""
-    from ..nn.base import QuantModule
-
     report = getattr(deploy, "_quantkit_report", None)
     folded = dict(getattr(report, "folded", []) or [])
     names = [n for n, m in simulated.named_modules() if isinstance(m, QuantModule)]
@@ -803,7 +647,7 @@ def _check_finite_outputs(model: nn.Module, inputs: tuple, outputs: list, which:
         return fn
 
     for name, mod in model.named_modules():
-        if name and not any(True for _ in mod.children()) or isinstance(mod, _quant_types()):
+        if name and not any(True for _ in mod.children()) or isinstance(mod, QuantModule):
             handles.append(mod.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
@@ -819,12 +663,6 @@ def _check_finite_outputs(model: nn.Module, inputs: tuple, outputs: list, which:
     where = f"layer {first[0]}" if first else "the model (no single layer's output)"
     raise ExportError(f"the {which} model's output holds NaN/Inf on the example inputs; it first appears in the "
                       f"output of {where}; nothing was written")
-
-
-def _quant_types() -> tuple:
-    from ..nn.base import QuantModule
-
-    return (QuantModule,)
 
 
 def _nan_max(values) -> float:
@@ -854,5 +692,6 @@ def _max_diff(a: list, b: list) -> float:
     return worst
 
 
-__all__ = ["export_onnx", "ExportResult", "Agreement", "DEFAULT_OPSET", "DEFAULT_BINARY_FORM", "atomic_write_bytes",
-           "check_output_path", "new_file_mode"]
+__all__ = ["export_onnx", "OnnxExporter", "ExportResult", "Agreement", "DEFAULT_OPSET", "DEFAULT_BINARY_FORM",
+           "agreement_table", "reference_outputs", "io_names", "as_inputs", "deploy_and_simulated", "traceable_copy",
+           "expand_placeholders", "simulated_layerwise_check"]

@@ -21,7 +21,6 @@ model.reshape({0: [N, ...]})`` before ``core.compile_model``) when the IR has a 
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -36,11 +35,18 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, QuantkitError
+from ..files import check_output_path, fsync_file, publish_together, temporary_folder_beside
+from ..log import get_logger
+from ..version import __version__
+from .builder import GraphBuilder
 from .emit import EmitContext, LayerExport, emitter_for
-from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, _as_inputs, _attention_types,
-                          _has_quant_modules, _max_diff, _swap_placeholders, _torch_export, agreement_table,
-                          check_output_path, io_names, reference_outputs)
+from .onnx_export import (_max_diff, agreement_table, as_inputs, deploy_and_simulated, io_names, reference_outputs,
+                          traceable_copy)
+from .ov import ov_emitter_for
+from .tracing import PLACEHOLDER_DOMAIN, TraceSession, swap_placeholders, torch_export
 from .verify import LayerProbe
+
+log = get_logger("export")
 
 #: the ONNX opset of the intermediate graph OpenVINO's frontend reads (int8 codes; no INT4 initializers needed)
 _ONNX_OPSET = 18
@@ -198,13 +204,10 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the graph
-def _split_placeholders(proto, ov_types: dict) -> tuple[list[LayerExport], list[LayerProbe]]:
-    """Expand every placeholder without an OpenVINO emitter into standard ONNX ops (its ONNX emitter); keep the
-    others (recorded in ``ov_types``: call id -> record) for the conversion extension."""
+def _split_placeholders(proto, session: TraceSession, ov_types: dict) -> tuple[list[LayerExport], list[LayerProbe]]:
+    """Expand every placeholder of ``session``'s trace without an OpenVINO emitter into standard ONNX ops (its ONNX
+    emitter); keep the others (recorded in ``ov_types``: call id -> record) for the conversion extension."""
     from onnx import helper
-
-    from .builder import GraphBuilder
-    from .ov import ov_emitter_for
 
     graph = proto.graph
     shared: dict = {}
@@ -212,11 +215,10 @@ def _split_placeholders(proto, ov_types: dict) -> tuple[list[LayerExport], list[
     layers: list[LayerExport] = []
     probes: list[LayerProbe] = []
     for node in graph.node:
-        if node.domain != _PLACEHOLDER_DOMAIN:
+        if node.domain != PLACEHOLDER_DOMAIN:
             new_nodes.append(node)
             continue
-        call_id = next(a.i for a in node.attribute if a.name == "call_id")
-        rec = _ACTIVE[call_id]
+        call_id, rec = session.record_of(node)
         type_name = type(rec.module).__name__
         probes.append(LayerProbe(rec.name, type_name, rec.module, list(node.input), node.output[0]))
         if ov_emitter_for(rec.module) is not None:
@@ -258,8 +260,6 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
     ov = _openvino()
     from openvino.frontend.onnx import ConversionExtension
 
-    from .ov import ov_emitter_for
-
     failures: list[BaseException] = []
     built: dict[int, LayerExport] = {}
 
@@ -283,7 +283,7 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
     with open(onnx_path, "wb") as f:
         f.write(proto.SerializeToString())
     try:
-        model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", _PLACEHOLDER_DOMAIN, convert)])
+        model = ov.convert_model(onnx_path, extension=[ConversionExtension("Layer", PLACEHOLDER_DOMAIN, convert)])
     except Exception as exc:
         if failures:
             first = failures[0]
@@ -352,7 +352,7 @@ def layerwise_check_openvino(model, inputs: Sequence[torch.Tensor], probes: Sequ
 
 
 def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, atol: float, rtol: float, batch: int,
-             quiet: bool) -> None:
+             warn: bool) -> None:
     checks = layerwise_check_openvino(model, inputs, probes, batch)
     for probe, diff, absmax in checks:
         if diff != diff:
@@ -371,8 +371,8 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
         f"{len(checks)} quantized layers matches its deploy layer on OpenVINO's own input (max difference "
         f"{worst:.3g}): float rounding in the full-precision layers moved values across quantization thresholds, "
         "which the network amplifies. Check accuracy on real data")
-    if not quiet:
-        warnings.warn(f"quantkit OpenVINO export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=3)
+    if warn:
+        warnings.warn(f"quantkit OpenVINO export: {agreement.notes[-1]}", RuntimeWarning, stacklevel=7)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -381,10 +381,8 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
     verification runs on exactly the files that will be renamed); then rename ``.bin`` and ``.xml`` into place (the
     previous ``.bin`` is restored if the ``.xml`` cannot be renamed). Returns (xml bytes, bin bytes)."""
     ov = _openvino()
-    folder = xml_path.parent if str(xml_path.parent) else Path(".")
     bin_path = xml_path.with_suffix(".bin")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{xml_path.stem}.", suffix=".tmp", dir=folder))
-    backup = None
+    tmp = temporary_folder_beside(xml_path)
     try:
         tmp_xml = tmp / "model.xml"
         try:
@@ -394,8 +392,7 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
                 from exc
         tmp_bin = tmp / "model.bin"
         for f in (tmp_xml, tmp_bin):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         sizes = (tmp_xml.stat().st_size, tmp_bin.stat().st_size)
         if check is not None:
             try:
@@ -404,16 +401,7 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
                 raise ExportError(f"OpenVINO cannot read back the IR it wrote: {_first_line(exc)}") from exc
             check(saved)
             del saved
-        if bin_path.exists():
-            backup = tmp / "previous.bin"
-            os.replace(bin_path, backup)
-        os.replace(tmp_bin, bin_path)
-        try:
-            os.replace(tmp_xml, xml_path)
-        except BaseException:
-            os.replace(backup, bin_path) if backup is not None else os.unlink(bin_path)
-            backup = None
-            raise
+        publish_together([(tmp_bin, bin_path), (tmp_xml, xml_path)], tmp)  # the .xml names the .bin: it goes last
         return sizes
     except OSError as exc:
         raise ExportError(f"cannot write {str(xml_path)!r}: {exc.strerror or exc}") from exc
@@ -441,105 +429,163 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
             OpenVINO's own input of it; a layer beyond that bound raises ExportError naming it; NaN or inf in any
             output raises. If every layer matches, float rounding in the full-precision parts moved values across
             quantization thresholds and the export passes with a warning saying so (as :func:`export_onnx`).
-        quiet: do not print the summary.
+        quiet: do not log the summary (logger ``quantkit.export``, stdout by default: :mod:`quantkit.log`) nor
+            warn about a float-rounding difference.
     """
-    from ..api import convert
-
-    _openvino()  # a clear error before any work when the package is missing
-    if not isinstance(model, nn.Module):
-        raise ExportError(f"export_openvino expects a torch.nn.Module, got {type(model).__name__}")
-    xml_path = check_output_path(path)
-    if xml_path.suffix.lower() != ".xml":
-        raise ExportError(f"OpenVINO IR path {str(xml_path)!r}: use a file name ending in .xml (the .bin is written "
-                          "beside it)")
-    inputs = _as_inputs(example_inputs)
-    if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-        model = copy.deepcopy(model).cpu()
-    simulated = model if _has_quant_modules(model) else None
-    if simulated is not None and not hasattr(model, "_quantkit_config"):
-        raise ExportError("the model holds simulated quantkit layers but was not produced by quantkit.prepare; "
-                          "export the prepared model, or its quantkit.convert result")
-    try:
-        deploy = convert(simulated) if simulated is not None else model
-    except QuantkitError as exc:
-        raise ExportError(f"cannot convert the simulated model to its deploy form: {exc}") from exc
-    doubled = tuple(torch.cat([t, t], 0) for t in inputs) if dynamic_batch and inputs[0].dim() else None
-    ref_deploy, ref_sim, ref_doubled = reference_outputs(deploy, simulated, inputs, doubled if verify else None)
-    _finite_or_fail(ref_deploy, "the deploy model's")
-
-    in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
-
-    work = copy.deepcopy(deploy).eval()
-    if emitter_for(work) is not None or isinstance(work, _attention_types()):
-        work = nn.Sequential(work)
-    _ACTIVE.clear()
-    _DYNAMIC_BATCH[0] = dynamic_batch
-    layers: list[LayerExport] = []
-    ov_layers: dict = {}
-    with tempfile.TemporaryDirectory(prefix="quantkit_ov_") as onnx_tmp:
-        return _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim,
-                          ref_deploy, doubled, ref_doubled, verify, atol, rtol, quiet, xml_path)
+    exporter = OpenVINOExporter(model, example_inputs, path, dynamic_batch=dynamic_batch, input_names=input_names,
+                                output_names=output_names, verify=verify, rtol=rtol, atol=atol, warn=not quiet)
+    result = exporter.run()
+    if not quiet:
+        log.info(result.summary())
+    return result
 
 
-def _export_in(work, inputs, in_names, out_names, dynamic_batch, layers, ov_layers, onnx_tmp, ref_sim, ref_deploy,
-               doubled, ref_doubled, verify, atol, rtol, quiet, xml_path) -> OpenVINOExportResult:
-    """The rest of :func:`export_openvino`, while the intermediate ONNX file in ``onnx_tmp`` exists."""
-    try:
-        _swap_placeholders(work)
-        proto = _torch_export(work, inputs, _ONNX_OPSET, in_names, out_names, dynamic_batch)
-        layers, probes = _split_placeholders(proto, ov_layers)
-        ov_model = _to_openvino(proto, ov_layers, layers, onnx_tmp)
-    finally:
-        _ACTIVE.clear()
-    order = {p.name: i for i, p in enumerate(probes)}
-    layers.sort(key=lambda layer: order.get(layer.name, len(order)))
-    for inp, n in zip(ov_model.inputs, in_names):
-        inp.get_tensor().set_names({n})
-    for out, n in zip(ov_model.outputs, out_names):
-        out.get_tensor().set_names({n})
-    ov_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    from .. import __version__
+class OpenVINOExporter:
+    """One OpenVINO IR export, step by step (:func:`export_openvino` runs them all, in this order):
 
-    ov_model.set_rt_info(__version__, ["quantkit", "version"])
+    :meth:`validate` (output path, inputs) -> :meth:`convert` (deploy model, simulated model kept) ->
+    :meth:`reference_run` (both models on the example inputs, and the deploy model at twice the batch) ->
+    :meth:`trace` (PyTorch's exporter with one placeholder per quantized layer; layers without an OpenVINO emitter
+    are expanded to standard ONNX ops) -> :meth:`to_openvino` (OpenVINO's ONNX frontend, with the OpenVINO emitters
+    as a conversion extension) -> :meth:`write` (saved to a temporary folder, read back and :meth:`verify`-ed
+    there, then renamed into place) -> :meth:`close` (removes the intermediate ONNX file). All state lives on the
+    object; nothing is printed (``warn=False`` also silences the float-rounding warning).
+    """
 
-    agreement = OpenVINOAgreement()
-    if ref_sim is not None:
-        agreement.simulated_vs_deploy = _max_diff(ref_sim, ref_deploy)
-    else:
-        agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
-    agreement.output_absmax = max((float(t.abs().max()) for t in ref_deploy if t.numel()), default=0.0)
-    runtime: Counter = Counter()
+    def __init__(self, model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_batch: bool = True,
+                 input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                 verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4, warn: bool = True) -> None:
+        self.model, self.example_inputs, self.path = model, example_inputs, path
+        self.dynamic_batch, self.input_names, self.output_names = dynamic_batch, input_names, output_names
+        self.run_openvino, self.rtol, self.atol, self.warn = verify, rtol, atol, warn
+        self.session = TraceSession(dynamic_batch)
+        self.agreement = OpenVINOAgreement()
+        self.runtime: Counter = Counter()
+        self.xml_path: Path | None = None
+        self.inputs: tuple = ()
+        self.doubled: tuple | None = None
+        self.deploy: nn.Module | None = None
+        self.simulated: nn.Module | None = None
+        self.ref_deploy: list = []
+        self.ref_sim: list | None = None
+        self.ref_doubled: list | None = None
+        self.in_names: list[str] = []
+        self.out_names: list[str] = []
+        self.proto = None
+        self.ov_layers: dict = {}
+        self.layers: list[LayerExport] = []
+        self.probes: list[LayerProbe] = []
+        self.ov_model = None
+        self._scratch: str | None = None  # the intermediate ONNX file's folder (OpenVINO may map its initializers)
 
-    def check(saved) -> None:
+    def run(self) -> OpenVINOExportResult:
+        """Every step in order; returns what :meth:`write` returns."""
+        try:
+            self.validate()
+            self.convert()
+            self.reference_run()
+            self.trace()
+            self.to_openvino()
+            return self.write()
+        finally:
+            self.close()
+
+    # ---- steps
+    def validate(self) -> None:
+        """OpenVINO is installed, the output is an ``.xml`` in a writable folder, the example inputs are tensors."""
+        _openvino()  # a clear error before any work when the package is missing
+        if not isinstance(self.model, nn.Module):
+            raise ExportError(f"export_openvino expects a torch.nn.Module, got {type(self.model).__name__}")
+        self.xml_path = check_output_path(self.path)
+        if self.xml_path.suffix.lower() != ".xml":
+            raise ExportError(f"OpenVINO IR path {str(self.xml_path)!r}: use a file name ending in .xml (the .bin is "
+                              "written beside it)")
+        self.inputs = as_inputs(self.example_inputs, "export_openvino")
+
+    def convert(self) -> None:
+        """The deploy model (a simulated model is converted and kept for the three-way check)."""
+        self.deploy, self.simulated = deploy_and_simulated(self.model, "export")
+
+    def reference_run(self) -> None:
+        """The models' outputs on the example inputs (and the deploy model's at twice the batch, for the dynamic
+        batch check) and the IR's input/output names."""
+        inputs = self.inputs
+        self.doubled = tuple(torch.cat([t, t], 0) for t in inputs) if self.dynamic_batch and inputs[0].dim() else None
+        self.ref_deploy, self.ref_sim, self.ref_doubled = reference_outputs(
+            self.deploy, self.simulated, inputs, self.doubled if self.run_openvino else None)
+        _finite_or_fail(self.ref_deploy, "the deploy model's")
+        self.in_names, self.out_names = io_names(self.input_names, self.output_names, len(inputs),
+                                                 len(self.ref_deploy))
+
+    def trace(self) -> None:
+        """PyTorch's exporter with placeholders; those without an OpenVINO emitter become standard ONNX ops."""
+        work = traceable_copy(self.deploy)
+        swap_placeholders(work, self.session)
+        self.proto = torch_export(work, self.inputs, _ONNX_OPSET, self.in_names, self.out_names, self.dynamic_batch)
+        self.layers, self.probes = _split_placeholders(self.proto, self.session, self.ov_layers)
+
+    def to_openvino(self) -> None:
+        """OpenVINO's model of the traced graph, with the IR's names, precision hint and quantkit version."""
+        self._scratch = tempfile.mkdtemp(prefix="quantkit_ov_")
+        ov_model = _to_openvino(self.proto, self.ov_layers, self.layers, self._scratch)
+        order = {p.name: i for i, p in enumerate(self.probes)}
+        self.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
+        for inp, n in zip(ov_model.inputs, self.in_names):
+            inp.get_tensor().set_names({n})
+        for out, n in zip(ov_model.outputs, self.out_names):
+            out.get_tensor().set_names({n})
+        ov_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
+        ov_model.set_rt_info(__version__, ["quantkit", "version"])
+        self.ov_model = ov_model
+
+    def verify(self, saved) -> OpenVINOAgreement:
+        """Compile the IR as read back from disk for the CPU, run it on the example inputs (and at twice the batch)
+        and compare with the deploy and simulated models; beyond tolerance each quantized layer is checked."""
+        agreement, inputs, ref_deploy, ref_sim = self.agreement, self.inputs, self.ref_deploy, self.ref_sim
+        atol, rtol = self.atol, self.rtol
         batch = int(inputs[0].shape[0]) if inputs[0].dim() else None
         compiled = compile_openvino(saved, batch)
-        runtime.update(runtime_layer_types(compiled))
+        self.runtime.update(runtime_layer_types(compiled))
         got = run_openvino(compiled, inputs)
         _finite_or_fail(got, "OpenVINO's")
         agreement.deploy_vs_openvino = _max_diff(ref_deploy, got)
         if ref_sim is not None:
             agreement.simulated_vs_openvino = _max_diff(ref_sim, got)
         if not agreement.deploy_vs_openvino <= atol + rtol * agreement.output_absmax:
-            _explain(agreement, saved, inputs, probes, atol, rtol, batch or 1, quiet)
-        if doubled is not None:
-            got2 = run_openvino(compile_openvino(saved, 2 * batch), doubled)
+            _explain(agreement, saved, inputs, self.probes, atol, rtol, batch or 1, self.warn)
+        if self.doubled is not None:
+            got2 = run_openvino(compile_openvino(saved, 2 * batch), self.doubled)
             _finite_or_fail(got2, "OpenVINO's (batch doubled)")
-            if got2 and ref_doubled[0].dim() and got2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
+            if got2 and self.ref_doubled[0].dim() and got2[0].shape[0] != 2 * ref_deploy[0].shape[0]:
                 raise ExportError("the dynamic batch axis does not propagate to the output; export with "
                                   "dynamic_batch=False")
-            d2 = _max_diff(ref_doubled, got2)
-            scale2 = max((float(t.abs().max()) for t in ref_doubled if t.numel()), default=0.0)
+            d2 = _max_diff(self.ref_doubled, got2)
+            scale2 = max((float(t.abs().max()) for t in self.ref_doubled if t.numel()), default=0.0)
             if not d2 <= atol + rtol * scale2 and agreement.layerwise_max is None:
-                _explain(agreement, saved, doubled, probes, atol, rtol, 2 * batch, quiet)
+                _explain(agreement, saved, self.doubled, self.probes, atol, rtol, 2 * batch, self.warn)
+        return agreement
 
-    if not verify:
-        agreement.notes.append("verify=False: OpenVINO was not run")
-    sizes = _atomic_save(ov_model, xml_path, check if verify else None)
-    result = OpenVINOExportResult(str(xml_path), str(xml_path.with_suffix(".bin")), sizes[0], sizes[1], layers,
-                                  agreement, in_names, out_names, runtime, dynamic_batch)
-    if not quiet:
-        print(result.summary())
-    return result
+    def write(self) -> OpenVINOExportResult:
+        """Save the IR beside the target, verify the saved files (``verify=True``), rename them into place."""
+        agreement = self.agreement
+        if self.ref_sim is not None:
+            agreement.simulated_vs_deploy = _max_diff(self.ref_sim, self.ref_deploy)
+        else:
+            agreement.notes.append("a deploy (or float) model was given: no simulated model to compare")
+        agreement.output_absmax = max((float(t.abs().max()) for t in self.ref_deploy if t.numel()), default=0.0)
+        if not self.run_openvino:
+            agreement.notes.append("verify=False: OpenVINO was not run")
+        sizes = _atomic_save(self.ov_model, self.xml_path, self.verify if self.run_openvino else None)
+        return OpenVINOExportResult(str(self.xml_path), str(self.xml_path.with_suffix(".bin")), sizes[0], sizes[1],
+                                    self.layers, agreement, self.in_names, self.out_names, self.runtime,
+                                    self.dynamic_batch)
+
+    def close(self) -> None:
+        """Remove the intermediate ONNX file (after :meth:`write`, or after a failure)."""
+        self.ov_model = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -638,5 +684,5 @@ def inspect_openvino(path: str | os.PathLike, *, compile_model: bool = True) -> 
     return summary
 
 
-__all__ = ["export_openvino", "OpenVINOExportResult", "OpenVINOAgreement", "compile_openvino", "run_openvino",
+__all__ = ["export_openvino", "OpenVINOExporter", "OpenVINOExportResult", "OpenVINOAgreement", "compile_openvino", "run_openvino",
            "runtime_layer_types", "layerwise_check_openvino", "inspect_openvino", "OpenVINOSummary"]

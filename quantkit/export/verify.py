@@ -105,4 +105,13 @@ def layerwise_check(model: onnx.ModelProto, input_names: Sequence[str], inputs: 
     return results
 
 
-__all__ = ["ort_session", "run_onnxruntime", "LayerProbe", "layerwise_check"]
+def onnx_accuracy(path: str, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> tuple[float, np.ndarray]:
+    """Top-1 accuracy in percent of an exported ONNX classifier in onnxruntime (CPU), and its predictions."""
+    sess = ort_session(path)
+    name = sess.get_inputs()[0].name
+    preds = np.concatenate([sess.run(None, {name: x[i:i + batch_size].numpy()})[0].argmax(-1)
+                            for i in range(0, len(y), batch_size)])
+    return 100.0 * float((preds == y.numpy()).mean()), preds
+
+
+__all__ = ["ort_session", "run_onnxruntime", "LayerProbe", "layerwise_check", "onnx_accuracy"]

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import inspect
 import operator
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn.base import NotQuantizable, QuantModule, deploy_nbytes
+from ..nn.base import QuantModule
 from ..nn.bivit import BinaryLinearPWS, BinaryMultiheadAttention, BinaryQKVAttention, BinaryShiftedWindowAttention
-from ..report import LayerRecord
-from .passes import PassContext, replace_module
+from .passes import PassContext, swap_layer
+from .records import new_record
 
 try:  # torchvision is optional
     from torchvision.models.swin_transformer import ShiftedWindowAttention as _TVShiftedWindowAttention
@@ -169,7 +167,7 @@ class BiViTPass:
         def inside(name: str) -> bool:
             return any(name.startswith(h + ".") for h in handled)
 
-        # 1. attention
+        # 1. attention blocks, each swapped as one unit
         for name, module in list(model.named_modules()):
             if not name or inside(name) or isinstance(module, QuantModule):
                 continue
@@ -177,31 +175,13 @@ class BiViTPass:
             if form is None and reason is None:
                 continue
             handled.append(name)
-            record = LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
-                                 bytes_before=deploy_nbytes(module))
-            record.bytes_after = record.bytes_before
             if form is None:
-                record.rule = "attention pass"
-                record.kept_fp_reason = reason
-                ctx.report.add(record)
+                ctx.report.add(new_record(name, module, "attention pass", reason, recursive=True))
                 continue
             decision = ctx.selector.decide(name, module, False, False)
-            record.rule = decision.rule
-            if not decision.quantize:
-                record.kept_fp_reason = decision.reason
-                ctx.report.add(record)
-                continue
-            layer_cfg = _with_overrides(cfg, decision.overrides)
-            try:
-                new = _WRAPPERS[form].from_float(module, layer_cfg, name)
-            except NotQuantizable as exc:
-                record.kept_fp_reason = exc.reason
-                ctx.report.add(record)
-                continue
-            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
-            replace_module(model, name, new)
-            self._fill(record, new)
-            ctx.report.add(record)
+            swap_layer(model, ctx, name, module, decision,
+                       lambda layer_cfg, cls=_WRAPPERS[form], module=module, name=name:
+                       cls.from_float(module, layer_cfg, name), recursive=True)
 
         # 2. MLP linears (and a report line for every other Linear / Conv2d, which stays FP)
         modules = dict(model.named_modules())
@@ -212,52 +192,27 @@ class BiViTPass:
                 continue
             parent = modules.get(name.rpartition(".")[0]) if "." in name else model
             in_mlp = isinstance(module, nn.Linear) and parent is not None and is_mlp_block(parent)
-            record = LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
-                                 bytes_before=deploy_nbytes(module))
-            record.bytes_after = record.bytes_before
             decision = ctx.selector.decide(name, module, False, False)
             user_rule = decision.rule.startswith("user rule")
-            record.rule = decision.rule
-            if not decision.quantize:
-                record.kept_fp_reason = decision.reason
-            elif isinstance(module, nn.Conv2d):
-                record.kept_fp_reason = "convolution / patch embedding stays full precision in BiViT"
+            why = None
+            if isinstance(module, nn.Conv2d):
+                why = "convolution / patch embedding stays full precision in BiViT"
             elif not in_mlp and not user_rule:
-                record.kept_fp_reason = ("not in an attention or MLP block (classification head, patch merging, ...): "
-                                         "BiViT keeps it full precision (binarize it with rules={name: {}})")
+                why = ("not in an attention or MLP block (classification head, patch merging, ...): BiViT keeps it "
+                       "full precision (binarize it with rules={name: {}})")
             elif in_mlp and not cfg.binarize_mlp and not user_rule:
-                record.kept_fp_reason = "MLP binarization is off (binarize_mlp=False)"
-            if record.kept_fp_reason is not None:
-                ctx.report.add(record)
-                continue
-            layer_cfg = _with_overrides(cfg, decision.overrides)
-            new = BinaryLinearPWS.from_float(module, layer_cfg, name, binary_input=layer_cfg.mlp_binary_act,
-                                             role="mlp" if in_mlp else "other")
-            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
-            replace_module(model, name, new)
-            self._fill(record, new)
-            ctx.report.add(record)
+                why = "MLP binarization is off (binarize_mlp=False)"
+            swap_layer(model, ctx, name, module, decision,
+                       lambda layer_cfg, module=module, name=name, in_mlp=in_mlp: BinaryLinearPWS.from_float(
+                           module, layer_cfg, name, binary_input=layer_cfg.mlp_binary_act,
+                           role="mlp" if in_mlp else "other"),
+                       kept_fp_reason=why, recursive=True)
 
         if cfg.clb and cfg.binarize_mlp:
             ctx.report.notes.append(
                 f"cross-layer binarization: with quantkit.QAT, MLP linears run in full precision for the first "
                 f"{cfg.clb_split:.0%} of the epochs (stage 1, attention binary) and binary afterwards (stage 2); "
                 "the prepared model itself is fully binarized")
-
-    @staticmethod
-    def _fill(record: LayerRecord, new: QuantModule) -> None:
-        record.new_type = type(new).__name__
-        record.bits_w, record.bits_a = new.bits_w, new.bits_a
-        record.bytes_after = new.weight_nbytes()
-        record.info = new.describe()
-
-
-def _with_overrides(cfg: Any, overrides: dict) -> Any:
-    if not overrides:
-        return cfg
-    new = cfg.with_overrides(**overrides)
-    new.validate()
-    return new
 
 
 __all__ = ["BiViTPass", "classify_attention", "is_mlp_block"]

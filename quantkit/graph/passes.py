@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from ..nn.base import NotQuantizable, QuantModule, module_nbytes
-from ..report import LayerRecord, QuantReport
-from .rules import LayerSelector
+from ..report import QuantReport
+from .records import fill_record, new_record
+from .rules import Decision, LayerSelector
 from .trace import TraceResult
 
 
@@ -66,6 +67,41 @@ def candidates_in_order(model: nn.Module, trace: TraceResult, types: tuple[type,
     return out, skipped
 
 
+def layer_config(config: Any, overrides: dict) -> Any:
+    """The scheme config one layer is built with: ``config`` plus a per-layer rule's overrides (validated)."""
+    if not overrides:
+        return config
+    cfg = config.with_overrides(**overrides)
+    cfg.validate()
+    return cfg
+
+
+def swap_layer(model: nn.Module, ctx: PassContext, name: str, module: nn.Module, decision: Decision,
+               build: Callable[[Any], QuantModule], *, kept_fp_reason: str | None = None,
+               recursive: bool = False) -> QuantModule | None:
+    """Swap one candidate layer, recording the outcome in ``ctx.report`` -- the step every rewrite pass shares.
+
+    ``decision`` (from ``ctx.selector``) says whether the layer is quantized and with which overrides;
+    ``kept_fp_reason`` is the pass's own reason to keep it full precision (checked after the user's rules).
+    ``build(layer_config)`` returns the simulated layer or raises :class:`NotQuantizable`. The new layer takes
+    the train/eval mode of the one it replaces. Returns the new layer, or None when the layer stays as it is."""
+    record = new_record(name, module, decision.rule, recursive=recursive)
+    record.kept_fp_reason = decision.reason if not decision.quantize else kept_fp_reason
+    if record.kept_fp_reason is not None:
+        ctx.report.add(record)
+        return None
+    try:
+        new = build(layer_config(ctx.config, decision.overrides))
+    except NotQuantizable as exc:
+        record.kept_fp_reason = exc.reason
+        ctx.report.add(record)
+        return None
+    new.train(module.training)
+    replace_module(model, name, new)
+    ctx.report.add(fill_record(record, new))
+    return new
+
+
 class SwapPass:
     """Swap each selected layer of a target type for its simulated quantized layer (``cls.from_float``)."""
 
@@ -83,49 +119,23 @@ class SwapPass:
         return None
 
     def run(self, model: nn.Module, ctx: PassContext) -> None:
-        types = tuple(self.targets)
-        layers, skipped = candidates_in_order(model, ctx.trace, types)
+        layers, skipped = candidates_in_order(model, ctx.trace, tuple(self.targets))
         for i, (name, module) in enumerate(layers):
             decision = ctx.selector.decide(name, module, i == 0, i == len(layers) - 1)
-            record = LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
-                                 rule=decision.rule, bytes_before=module_nbytes(module))
-            record.bytes_after = record.bytes_before
-            if not decision.quantize:
-                record.kept_fp_reason = decision.reason
-                ctx.report.add(record)
-                continue
             cls = self._target_for(module)
-            cfg = ctx.config
-            if decision.overrides:
-                cfg = cfg.with_overrides(**decision.overrides)
-                cfg.validate()
-            try:
-                new = cls.from_float(module, cfg, name)
-            except NotQuantizable as exc:
-                record.kept_fp_reason = exc.reason
-                ctx.report.add(record)
-                continue
-            new.train(module.training)  # the new layer takes the train/eval mode of the one it replaces
-            replace_module(model, name, new)
-            record.new_type = type(new).__name__
-            record.bits_w, record.bits_a = new.bits_w, new.bits_a
-            record.bytes_after = new.weight_nbytes()
-            record.info = new.describe()
-            ctx.report.add(record)
+            swap_layer(model, ctx, name, module, decision,
+                       lambda cfg, cls=cls, module=module, name=name: cls.from_float(module, cfg, name))
         for name, module, why in skipped:
-            ctx.report.add(LayerRecord(name=name, original_type=type(module).__name__, new_type=type(module).__name__,
-                                       rule="graph", kept_fp_reason=why, bytes_before=module_nbytes(module),
-                                       bytes_after=module_nbytes(module)))
+            ctx.report.add(new_record(name, module, "graph", why))
         recorded = {r.name for r in ctx.report.records}
         for name, module in model.named_modules():
             # nn.MultiheadAttention's in-projection is a parameter of the module itself, not a Linear child
             if isinstance(module, nn.MultiheadAttention) and name not in recorded and module_nbytes(module):
                 own = [n for n, _ in module.named_parameters(recurse=False)]
-                ctx.report.add(LayerRecord(
-                    name=name, original_type=type(module).__name__, new_type=type(module).__name__, rule="graph",
-                    kept_fp_reason=(f"{', '.join(own)} used inside nn.MultiheadAttention's own forward (no Linear "
-                                    f"layer to swap): kept FP by scheme {ctx.config.name!r}"),
-                    bytes_before=module_nbytes(module), bytes_after=module_nbytes(module)))
+                ctx.report.add(new_record(
+                    name, module, "graph",
+                    f"{', '.join(own)} used inside nn.MultiheadAttention's own forward (no Linear layer to swap): "
+                    f"kept FP by scheme {ctx.config.name!r}"))
 
 
 class PassManager:
@@ -146,13 +156,9 @@ def refresh_report(model: nn.Module, report: QuantReport) -> QuantReport:
     for rec in report.records:
         mod = modules.get(rec.name)
         if isinstance(mod, QuantModule):
-            rec.bits_w, rec.bits_a = mod.bits_w, mod.bits_a
-            rec.bytes_after = mod.weight_nbytes()
-            calls = rec.info.get("calls")  # set by prepare: a layer called several times in forward
-            rec.info = mod.describe()
-            if calls:
-                rec.info["calls"] = calls
+            fill_record(rec, mod)
     return report
 
 
-__all__ = ["PassContext", "SwapPass", "PassManager", "replace_module", "candidates_in_order", "refresh_report"]
+__all__ = ["PassContext", "SwapPass", "PassManager", "replace_module", "candidates_in_order", "refresh_report",
+           "swap_layer", "layer_config"]

@@ -41,6 +41,15 @@ def _is_leaf(module: nn.Module, leaf_types: tuple[type, ...]) -> bool:
     return isinstance(module, leaf_types) or not any(True for _ in module.children())
 
 
+def fx_graph(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.Graph | None:
+    """The torch.fx graph of ``model`` with modules of ``leaf_types`` kept as call_module leaves, or None when fx
+    cannot trace it."""
+    try:
+        return _LeafTracer(tuple(leaf_types)).trace(model)
+    except Exception:  # fx raises TraceError, TypeError, ... for untraceable Python
+        return None
+
+
 def trace(model: nn.Module, example_inputs: tuple | None = None, leaf_types: tuple[type, ...] = ()) -> TraceResult:
     """Execution order of ``model``'s leaf modules (and of modules of ``leaf_types``, which are not entered)."""
     try:

@@ -3,6 +3,7 @@
 The bit layout of every packed tensor is written down once, in :mod:`quantkit.ops.layout`.
 """
 from quantkit.ops._dispatch import cpu_isa, supported_cpu_isas
+from quantkit.ops._load import status as kernel_status  # which compiled extensions loaded (quantkit info)
 from quantkit.ops.layout import WORD_BITS, WORD_DTYPE, conv2d_output_size, num_words
 from quantkit.ops.packing import (
     pack_activation_nhwc,

@@ -13,6 +13,8 @@ from torch import Tensor
 
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import check_devices, register_fake, use_kernel
+# the reference reuses the quantizer's rounding (one copy of the formula); quantizers sit below ops
+from quantkit.quantizers.adder import quantize_act_codes
 
 _ROUND_MODES = ("half_even", "half_away")
 
@@ -89,8 +91,6 @@ def quantize_groups_reference(x: Tensor, scale: Tensor, bits: int, signed: bool,
     """``(G, *x.shape)`` activation codes of ``x`` on each group's grid (AdderNet PTQ re-quantizes the activation once
     per output-channel group): :func:`quantkit.quantizers.adder.quantize_act_codes` per group, as int8 (signed) or
     uint8 (unsigned). NaN has no integer code: it becomes code 0, as in the kernel."""
-    from quantkit.quantizers.adder import quantize_act_codes
-
     dtype = torch.int8 if signed else torch.uint8
     codes = [quantize_act_codes(x, s.to(x.dtype), bits, signed, round_mode, ste=False) for s in scale]
     return torch.nan_to_num(torch.stack(codes), nan=0.0).to(dtype)

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph.passes import SwapPass
 from ..quantizers import get_quantizer
 
 RuleKey = Any  # str (exact name or "re:<pattern>"), re.Pattern, or a module type
@@ -55,8 +56,6 @@ class SchemeConfig:
 
     def passes(self) -> list:
         """The graph passes this scheme runs, in order (default: one module-swap pass over ``targets``)."""
-        from ..graph.passes import SwapPass
-
         return [SwapPass(self.targets())]
 
     def label(self) -> str:
@@ -130,7 +129,7 @@ class SchemeConfig:
     # ---- serialization ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The whole config as JSON-safe data: ``{"scheme": name, "options": {field: value}}``. Layer-rule keys
-        that are not plain names are written as ``"pattern:<regex>"`` (a compiled ``re.Pattern``) and
+        that are not plain names are written as ``"re:<regex>"`` (a compiled ``re.Pattern``: the same rule) and
         ``"type:<module>.<class>"`` (a module type). :meth:`from_dict` rebuilds an equal config."""
         options = {}
         for f in dataclasses.fields(self):
@@ -182,15 +181,13 @@ def _encode_key(key: RuleKey) -> str:
     if isinstance(key, re.Pattern):
         if key.flags not in (0, re.UNICODE):
             raise ConfigError(f"layer rule {key!r}: regex flags cannot be serialized; write them inline, e.g. (?i)")
-        return "pattern:" + key.pattern
+        return "re:" + key.pattern  # a "re:" string is the same rule (module docstring)
     if isinstance(key, type):
         return f"type:{key.__module__}.{key.__qualname__}"
     return key
 
 
 def _decode_key(key: str) -> RuleKey:
-    if key.startswith("pattern:"):
-        return re.compile(key[len("pattern:"):])
     if key.startswith("type:"):
         module_name, _, qualname = key[len("type:"):].rpartition(".")
         try:

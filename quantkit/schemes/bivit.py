@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph.attention import BiViTPass
 from ..nn.bivit import (ATTENTION_METHODS, BinaryAttentionOptions, BinaryLinearPWS, BinaryMultiheadAttention,
                         BinaryShiftedWindowAttention)
 from .base import SchemeConfig, register_scheme
@@ -57,8 +58,6 @@ class BiViTConfig(BinaryAttentionOptions, SchemeConfig):
         return out
 
     def passes(self) -> list:
-        from ..graph.attention import BiViTPass
-
         return [BiViTPass()]
 
     def validate(self) -> None:

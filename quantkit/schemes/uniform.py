@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
+from ..graph.fold import FoldBatchNormPass
+from ..graph.passes import SwapPass
 from ..nn.uniform import QuantConv2d, QuantLinear, UniformOptions
 from .base import SchemeConfig, check_bits, register_scheme
 
@@ -24,9 +26,6 @@ class UniformConfig(UniformOptions, SchemeConfig):
         return {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
     def passes(self) -> list:
-        from ..graph.fold import FoldBatchNormPass
-        from ..graph.passes import SwapPass
-
         return ([FoldBatchNormPass()] if self.fold_bn else []) + [SwapPass(self.targets())]
 
     def validate(self) -> None:

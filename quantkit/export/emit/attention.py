@@ -80,10 +80,9 @@ def emit_attention_core(m: AttentionCore, b: GraphBuilder, inputs: list[str], ct
 
 def prepare_attention(module: nn.Module, name: str, wrap) -> None:
     """Route a BinaryAttentionDeploy's core through an exported :class:`AttentionCore` (its projections are binary
-    linears exported on their own)."""
+    linears exported on their own), through the layer's ``attention_core`` hook."""
     core = AttentionCore(module.method, module.beta, module.sab_scale, module.logit_scale)
-    # stored in the instance __dict__ (not as a registered submodule) so that it shadows the class's method
-    object.__setattr__(module, "_attend", wrap(core, f"{name}.attention_core" if name else "attention_core"))
+    module.attention_core = wrap(core, f"{name}.attention_core" if name else "attention_core")
 
 
 def _register() -> None:

@@ -15,7 +15,8 @@ from .swin import shifted_window_attention_forward
 
 class BinaryAttentionDeploy(nn.Module):
     """What every deployed binary attention has: the packed in/out projections and the packed attention core
-    ``_attend(q, k, v, bias)`` (one method, so an exporter can route it through an exported unit). Subclasses give
+    ``_attend(q, k, v, bias)`` (one method; an exporter routes it through an exported unit by setting the
+    ``attention_core`` hook). Subclasses give
     the call convention of the module they replace (``layout`` names it)."""
 
     layout = ""
@@ -27,8 +28,13 @@ class BinaryAttentionDeploy(nn.Module):
         self.embed_dim = out_proj.out_features
         self.in_proj, self.out_proj = in_proj, out_proj
         self.method, self.beta, self.sab_scale, self.logit_scale = method, beta, sab_scale, logit_scale
+        #: a module computing the attention core in place of :func:`binary_attention_packed` (same arguments);
+        #: the ONNX export sets it to write the core as one unit. None: the packed kernels
+        self.attention_core: nn.Module | None = None
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        if self.attention_core is not None:
+            return self.attention_core(q, k, v, bias)
         return binary_attention_packed(q, k, v, method=self.method, beta=self.beta, sab_scale=self.sab_scale,
                                        bias=bias, logit_scale=self.logit_scale)
 
