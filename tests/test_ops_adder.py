@@ -324,22 +324,16 @@ def test_cpp_checks_raise_runtime_error():
 
 
 @needs_kernels
-def test_packed_weight_cache_sees_inplace_writes_and_new_tensors():
+def test_integer_ops_see_inplace_writes_and_new_tensors():
+    """No hidden weight cache: every call of the integer-input ops packs the weights it is given."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(0, 16, (2, 6, 40), generator=gen).to(torch.uint8)
     w = torch.randint(-8, 8, (20, 40), generator=gen).to(torch.int8)
     gi = torch.randint(0, 2, (20,), generator=gen)
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    w.add_(1)  # in place: bumps the version counter
+    w.add_(1)
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    gi[:5] = 1 - gi[:5]  # the grouping changed in place
+    gi[:5] = 1 - gi[:5]
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    w2 = w.clone()  # a new tensor with the same values, then its owner edits it
-    w2[0, 0] = -8
-    assert torch.equal(A.adder_l1(x, w2, gi, 2), A.adder_l1_reference(x, w2, gi, 2))
-    assert torch.equal(A.adder_l1(x, w, gi, 1), A.adder_l1_reference(x, w, gi, 1))  # same tensor, other form
-    xs = torch.randint(-8, 8, (2, 6, 40), generator=gen).to(torch.int8)  # other activation grid, same weight
-    assert torch.equal(A.adder_l1(xs, w, gi, 1), A.adder_l1_reference(xs, w, gi, 1))
-    w.data.fill_(3)  # bypasses the version counter: stale until the cache is cleared
-    A.clear_weight_cache()
+    w.data.fill_(3)  # bypasses the version counter: seen all the same
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
