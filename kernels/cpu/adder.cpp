@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -81,7 +82,8 @@ struct Problem {
   int64_t NB = 0;      // 16-channel blocks
   int64_t ldo = 0;     // output row stride (= number of output channels)
   const E* A = nullptr;          // activations [G][rows + 1][Cp]
-  const int64_t* off = nullptr;  // [P][T] element offsets of tap rows inside a group buffer
+  const int64_t* off = nullptr;  // [pixels][T] element offsets of tap rows inside a group buffer, from pixel off_first
+  int64_t off_first = 0;
   const E* W = nullptr;          // packed weights [NB][T][Cp / 8][16][8]
   const BlockInfo* blocks = nullptr;
   const int32_t* perm = nullptr; // [NB * 16] original channel of each sorted lane (-1: padding)
@@ -129,7 +131,7 @@ void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
     for (int64_t t = 0; t < pb.T; ++t) {
       const E* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
       for (int r = 0; r < nr; ++r) {
-        const int64_t o = pb.off[(p0 + r0 + r) * pb.T + t];
+        const int64_t o = pb.off[(p0 + r0 + r - pb.off_first) * pb.T + t];
         for (int j = 0; j < kNR; ++j) {
           const E* a = pb.A + lane_group[j] * pb.gstride + o;
           int32_t sum = 0;
@@ -177,7 +179,7 @@ QK_TARGET_AVX2 void tile_avx2(const Problem<uint8_t>& pb, int64_t blk, int64_t p
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int64_t t = 0; t < pb.T; ++t) {
         int64_t o[MR];
-        for (int r = 0; r < MR; ++r) o[r] = pb.off[(p0 + r0 + std::min(r, nr - 1)) * pb.T + t];
+        for (int r = 0; r < MR; ++r) o[r] = pb.off[(p0 + r0 + std::min(r, nr - 1) - pb.off_first) * pb.T + t];
         const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR + h * 8 * kKB;
         if (simple) {
           const uint8_t* a = pb.A + q0.group[0] * pb.gstride;
@@ -304,7 +306,7 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
     for (int64_t t = 0; t < pb.T; ++t) {
       const int64_t* offs = pb.off + t;
       int64_t o[MR];
-      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1)) * pb.T];
+      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1) - pb.off_first) * pb.T];
       const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
       if (kMode == 0) {
         const uint8_t* a[MR];
@@ -320,17 +322,23 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
           }
         }
       } else if (kMode == 1) {
+        // One pointer per row plus three group distances: opaque row pointers keep the compiler from turning the
+        // 4 x 8 addresses into 32 induction variables (which spilled the accumulators).
+        const uint8_t* a[MR];
+        for (int r = 0; r < MR; ++r) a[r] = hb[0][0] + o[r];
+        const int64_t d01 = hb[0][1] - hb[0][0], d10 = hb[1][0] - hb[0][0], d11 = hb[1][1] - hb[0][0];
         for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
           const __m512i w0 = _mm512_loadu_si512(w);
           const __m512i w1 = _mm512_loadu_si512(w + 64);
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
-            const int64_t k = o[r] + c8 * kKB;
+            const uint8_t* pr = a[r] + c8 * kKB;
+            __asm__("" : "+r"(pr));
             int64_t v0, v1;
-            std::memcpy(&v0, hb[0][1] + k, 8);
-            std::memcpy(&v1, hb[1][1] + k, 8);
-            const __m512i x0 = _mm512_mask_set1_epi64(bcast8_avx512(hb[0][0] + k), hm[0], v0);
-            const __m512i x1 = _mm512_mask_set1_epi64(bcast8_avx512(hb[1][0] + k), hm[1], v1);
+            std::memcpy(&v0, pr + d01, 8);
+            std::memcpy(&v1, pr + d11, 8);
+            const __m512i x0 = _mm512_mask_set1_epi64(bcast8_avx512(pr), hm[0], v0);
+            const __m512i x1 = _mm512_mask_set1_epi64(bcast8_avx512(pr + d10), hm[1], v1);
             acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(x0, w0));
             acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(x1, w1));
           }
@@ -347,7 +355,13 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
         }
       }
     }
-    store_rows_avx512(pb, blk, p0 + r0, nr, acc0, acc1);
+    // Copies: passing the accumulator arrays themselves by pointer kept them in memory in the inner loop.
+    __m512i out0[MR], out1[MR];
+    for (int r = 0; r < MR; ++r) {
+      out0[r] = acc0[r];
+      out1[r] = acc1[r];
+    }
+    store_rows_avx512(pb, blk, p0 + r0, nr, out0, out1);
   }
 }
 
@@ -365,24 +379,49 @@ void tile_avx512(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows)
 // ------------------------------------------------------------------------------------------------------------
 // Driver
 // ------------------------------------------------------------------------------------------------------------
-template <typename E, typename TileFn>
-void run_tiles(const Problem<E>& pb, int64_t rows_per_tile, TileFn tile) {
-  const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
-  const int64_t tiles = nrb * pb.NB;
-  // Pixel-panel-major order: a panel's activation rows (all groups) stay in L1/L2 while every weight block passes
-  // over them, so the activations are read from memory once (the packed weights are small and stay in L2).
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tix = begin; tix < end; ++tix) {
-      const int64_t blk = tix % pb.NB;
-      const int64_t p0 = (tix / pb.NB) * rows_per_tile;
-      tile(pb, blk, p0, static_cast<int>(std::min(rows_per_tile, pb.P - p0)));
-    }
-  });
-}
-
 struct ConvGeom {
   int64_t G, N, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
+
+// Element offsets (inside a group buffer) of the T tap rows read by output pixel p; the zero-padding row for taps
+// outside the image.
+inline void pixel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p, int64_t* off) {
+  const int64_t rows = gm.N * gm.H * gm.W;
+  const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
+  for (int64_t i = 0; i < gm.kh; ++i) {
+    const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh;
+    for (int64_t j = 0; j < gm.kw; ++j) {
+      const int64_t ix = ox * gm.sw - gm.pw + j * gm.dw;
+      const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
+      off[i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
+    }
+  }
+}
+
+template <typename E, typename TileFn>
+void run_tiles(const Problem<E>& pb, const ConvGeom& gm, int64_t rows_per_tile, TileFn tile) {
+  const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
+  const int64_t tiles = nrb * pb.NB;
+  // Pixel-panel-major order: a panel's activation rows (all groups) stay in L1/L2 while every weight block passes
+  // over them, so the activations are read from memory once (the packed weights are small and stay in L2). The
+  // indirection table is built per panel (rows_per_tile x T offsets, L1-resident) instead of once for all pixels.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> panel_off(rows_per_tile * pb.T);
+    Problem<E> local = pb;
+    local.off = panel_off.data();
+    local.off_first = -1;
+    for (int64_t tix = begin; tix < end; ++tix) {
+      const int64_t blk = tix % pb.NB;
+      const int64_t p0 = (tix / pb.NB) * rows_per_tile;
+      const int64_t nrows = std::min(rows_per_tile, pb.P - p0);
+      if (local.off_first != p0) {
+        for (int64_t r = 0; r < nrows; ++r) pixel_offsets(gm, pb.Cp, p0 + r, panel_off.data() + r * pb.T);
+        local.off_first = p0;
+      }
+      tile(local, blk, p0, static_cast<int>(nrows));
+    }
+  });
+}
 
 std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const std::vector<int32_t>& perm,
                                    int64_t NB, int64_t Cout) {
@@ -422,7 +461,7 @@ std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const
 // ------------------------------------------------------------------------------------------------------------
 // Packed weights: made once by the prepack op (deploy layers keep them as buffers), or per call by the ops that
 // take raw integer weights. Two tensors:
-//   wbuf  [NB][T][Cp/8][16][8] values clamp(w_mult * w, lo, hi) - lo (u8, or u16 stored as int16)
+//   wbuf  [NB][T][Cp/8][16][8] values clamp(w_mult * w, lo, hi) - lo (u8, or u16 stored as int16), stored flat
 //   meta  int32 [4][L], L = max(NB * 16, kHeaderLen): row 0 original channel of each sorted lane, row 1 its group,
 //         row 2 the exact clamp correction, row 3 a header (grid, form, shape; see Header) the ops validate.
 // ------------------------------------------------------------------------------------------------------------
@@ -481,7 +520,8 @@ std::vector<at::Tensor> pack_weights(const at::Tensor& wq, const at::Tensor& gro
   }
 
   // Weights: clamp into [lo, hi] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
-  at::Tensor wbuf = at::zeros({NB, T, Cp / kKB, kNR, kKB}, wq.options().dtype(e_dtype));
+  // flat (1-D): Module.to(memory_format=...) leaves it alone
+  at::Tensor wbuf = at::zeros({NB * T * (Cp / kKB) * kNR * kKB}, wq.options().dtype(e_dtype));
   E* Wp = reinterpret_cast<E*>(wbuf.data_ptr());
   const at::Tensor wc = wq.contiguous();  // (Cout, C, kh, kw)
   bool corr_overflow = false;
@@ -544,9 +584,8 @@ PackedView view_packed(const char* fn, const at::Tensor& wbuf, const at::Tensor&
                          v.esize == 1 && v.hi >= v.lo && v.hi - v.lo <= 255 && v.groups >= 1 && v.wabs_max >= 0 &&
                          meta.size(1) == std::max<int64_t>(NB * kNR, kHeaderLen);
   TORCH_CHECK(header_ok, fn, ": packed_meta has an invalid header; rebuild it with quantkit.ops.adder.adder_prepack");
-  TORCH_CHECK(wbuf.device().is_cpu() && wbuf.scalar_type() == at::kByte && wbuf.is_contiguous() && wbuf.dim() == 5 &&
-                  wbuf.size(0) == NB && wbuf.size(1) == T && wbuf.size(2) == Cp / kKB && wbuf.size(3) == kNR &&
-                  wbuf.size(4) == kKB,
+  TORCH_CHECK(wbuf.device().is_cpu() && wbuf.scalar_type() == at::kByte && wbuf.is_contiguous() && wbuf.dim() == 1 &&
+                  wbuf.numel() == NB * T * Cp * kNR,
               fn, ": packed_weight ", wbuf.sizes(), " ", wbuf.scalar_type(), " does not match packed_meta (Cout=",
               v.Cout, ", C=", v.C, ", kernel ", v.kh, "x", v.kw, "); rebuild both with quantkit.ops.adder.adder_prepack");
   const int32_t* perm = meta[kRowPerm].data_ptr<int32_t>();
@@ -718,29 +757,10 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, const fl
 // ------------------------------------------------------------------------------------------------------------
 // The run: indirection table, problem, tiles
 // ------------------------------------------------------------------------------------------------------------
-std::vector<int64_t> tap_offsets(const ConvGeom& gm, int64_t Cp) {
-  const int64_t T = gm.kh * gm.kw, rows = gm.N * gm.H * gm.W, P = gm.N * gm.Ho * gm.Wo;
-  std::vector<int64_t> off(P * T);
-  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
-      for (int64_t i = 0; i < gm.kh; ++i) {
-        for (int64_t j = 0; j < gm.kw; ++j) {
-          const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh, ix = ox * gm.sw - gm.pw + j * gm.dw;
-          const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
-          off[p * T + i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
-        }
-      }
-    }
-  });
-  return off;
-}
-
 // Runs the l1 GEMM over the activation buffer A ([G][rows + 1][Cp], values x - lo) with packed weights pw.
 // xabs_max bounds |x| (the sum-overflow check).
 template <typename E>
-at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, const std::vector<int64_t>& off,
-                      int64_t xabs_max, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
+at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int64_t xabs_max, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
                       bool float_out, Isa isa, const at::TensorOptions& opts) {
   const int64_t T = gm.kh * gm.kw;
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
@@ -777,7 +797,6 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, cons
   pb.NB = NB;
   pb.ldo = gm.Cout;
   pb.A = A;
-  pb.off = off.data();
   pb.W = reinterpret_cast<const E*>(pw.W);
   pb.blocks = pw.blocks.data();
   pb.perm = pw.perm;
@@ -791,15 +810,15 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, cons
   }
   if constexpr (sizeof(E) == 1) {
     if (isa == kAvx512) {
-      run_tiles(pb, 64, tile_avx512);
+      run_tiles(pb, gm, 64, tile_avx512);
       return out;
     }
     if (isa == kAvx2) {
-      run_tiles(pb, 32, tile_avx2);
+      run_tiles(pb, gm, 32, tile_avx2);
       return out;
     }
   }
-  run_tiles(pb, 16, tile_portable<E>);
+  run_tiles(pb, gm, 16, tile_portable<E>);
   return out;
 }
 
@@ -843,9 +862,8 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
     pw.blocks = make_blocks(std::vector<int32_t>(lgp, lgp + NB * kNR), std::vector<int32_t>(pw.perm, pw.perm + NB * kNR),
                             NB, gm.Cout);
   }
-  const std::vector<int64_t> off = tap_offsets(gm, Cp);
   const int64_t xabs_max = std::max(std::abs(lo), std::abs(xhi));
-  return run_packed<E>(gm, reinterpret_cast<const E*>(abuf.data_ptr()), pw, off, xabs_max, delta, bias, float_out,
+  return run_packed<E>(gm, reinterpret_cast<const E*>(abuf.data_ptr()), pw, xabs_max, delta, bias, float_out,
                        isa, xq.options());
 }
 
@@ -1013,7 +1031,7 @@ std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor
 
 at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& wbuf,
                       const at::Tensor& meta, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t bits,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t bits,
                       bool is_signed, bool half_even) {
   TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu(), fn, ": x and scale must be CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
@@ -1021,6 +1039,8 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   TORCH_CHECK(bits >= 2 && bits <= 8, fn, ": bits must be in 2..8, got ", bits);
   const PackedView pw = view_packed(fn, wbuf, meta);
   TORCH_CHECK(x.size(1) == pw.C, fn, ": x has C=", x.size(1), " but the packed weights were made for C=", pw.C);
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] == pw.kh && kernel_size[1] == pw.kw, fn, ": kernel_size ",
+              kernel_size, " differs from the packed weights' ", pw.kh, "x", pw.kw);
   TORCH_CHECK(scale.is_floating_point() && scale.dim() == 1 && scale.numel() >= pw.groups, fn,
               ": scale must be a 1-D float tensor with one scale per group (at least ", pw.groups, "), got ",
               scale.sizes());
@@ -1063,16 +1083,24 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
 
   // NHWC float rows: free for channels-last inputs (what the previous adder conv returns), one copy otherwise.
   at::Tensor xr = x.permute({0, 2, 3, 1}).contiguous();
-  at::Tensor abuf = at::empty({G, rows + 1, Cp}, x.options().dtype(at::kByte));
+  // The quantized activations live in a per-thread scratch buffer reused across calls: a fresh multi-MiB
+  // allocation per layer costs page faults comparable to the quantization itself (activations only, never weights).
+  thread_local std::unique_ptr<uint8_t[]> scratch;
+  thread_local int64_t scratch_bytes = 0;
+  if (scratch_bytes < G * (rows + 1) * Cp) {
+    scratch.reset();  // release first: the old and the new buffer need not coexist
+    scratch_bytes = 0;
+    scratch.reset(new uint8_t[G * (rows + 1) * Cp]);
+    scratch_bytes = G * (rows + 1) * Cp;
+  }
+  uint8_t* abuf = scratch.get();
   std::vector<uint8_t> nan_row(rows + 1, 0);
   const Isa isa = cpu::active_isa();
   const ActGrid q{is_signed ? static_cast<float>((1 << bits) - 1) / 2.0f : static_cast<float>((1 << bits) - 1),
                   static_cast<float>(qlo), static_cast<float>(qhi), half_even, static_cast<int32_t>(-pw.lo)};
-  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, ss, G, q, isa, abuf.data_ptr<uint8_t>(),
-                                     nan_row.data());
-  const std::vector<int64_t> off = tap_offsets(gm, Cp);
+  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, ss, G, q, isa, abuf, nan_row.data());
   const int64_t xabs_max = std::max(std::abs(qlo), std::abs(qhi));
-  at::Tensor out = run_packed<uint8_t>(gm, abuf.data_ptr<uint8_t>(), pw, off, xabs_max, delta, bias, true, isa,
+  at::Tensor out = run_packed<uint8_t>(gm, abuf, pw, xabs_max, delta, bias, true, isa,
                                        x.options());
   if (any_nan) {
     // NaN where the float model has it: |NaN - w| poisons every output whose window reads a NaN (any channel).
@@ -1080,9 +1108,11 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
     float* y = out.data_ptr<float>();
     const float qnan = std::numeric_limits<float>::quiet_NaN();
     at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> off(T);
       for (int64_t p = begin; p < end; ++p) {
+        pixel_offsets(gm, Cp, p, off.data());
         bool hit = false;
-        for (int64_t t = 0; t < T && !hit; ++t) hit = nan_row[off[p * T + t] / Cp] != 0;
+        for (int64_t t = 0; t < T && !hit; ++t) hit = nan_row[off[t] / Cp] != 0;
         if (hit) std::fill(y + p * gm.Cout, y + (p + 1) * gm.Cout, qnan);
       }
     });
@@ -1092,10 +1122,10 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
 
 at::Tensor adder_conv2d_packed_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& packed_weight,
                                    const at::Tensor& packed_meta, const at::Tensor& delta,
-                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t bits, bool is_signed,
-                                   bool half_even) {
-  return fused_impl("adder_conv2d_packed", x, scale, packed_weight, packed_meta, delta, bias, stride, padding,
+                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t bits, bool is_signed, bool half_even) {
+  return fused_impl("adder_conv2d_packed", x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
                     dilation, bits, is_signed, half_even);
 }
 
@@ -1107,7 +1137,7 @@ at::Tensor adder_linear_packed_cpu(const at::Tensor& x, const at::Tensor& scale,
   const int64_t one[2] = {1, 1}, zero[2] = {0, 0};
   // (M, K) rows are the NHWC rows of an (M, K, 1, 1) image: a 1x1 convolution.
   at::Tensor y = fused_impl("adder_linear_packed", x.unsqueeze(-1).unsqueeze(-1), scale, packed_weight, packed_meta,
-                            delta, bias, one, zero, one, bits, is_signed, half_even);
+                            delta, bias, one, one, zero, one, bits, is_signed, half_even);
   return y.view({x.size(0), y.size(1)});
 }
 

@@ -380,7 +380,8 @@ class AdderDeployConv2d(_AdderDeploy):
         self._check_input(x, rank_ok, "an (N, C, H, W)", self.weight_int.shape[1], x.shape[1] if rank_ok else -1)
         if self._use_packed(x):  # NaN outputs are produced by the op itself
             return adder_conv2d_packed(x, self.group_scale, self.packed_weight, self.packed_meta, self.delta,
-                                       self.bias, self.stride, self.padding, self.dilation, self.bits_a,
+                                       self.bias, tuple(self.weight_int.shape[2:]), self.stride, self.padding,
+                                       self.dilation, self.bits_a,
                                        self.signed_act, self.round_mode)
         y = adder_conv2d(self.quant_input(x), self.weight_int, self.group_index, self.delta, self.bias, self.stride,
                          self.padding, self.dilation, self.w_mult)

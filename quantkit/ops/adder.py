@@ -509,7 +509,7 @@ def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits
         w_mult: 1 (signed form) or 2 (code form ``|q_x - 2 q_w|``).
         bits, signed: the activation codes the packing will be used with.
     Returns:
-        ``(packed_weight, packed_meta)``: uint8 and int32 tensors (layout in ``kernels/cpu/adder.cpp``).
+        ``(packed_weight, packed_meta)``: flat uint8 and (4, L) int32 tensors (layout in ``kernels/cpu/adder.cpp``).
     """
     fn = "adder_prepack"
     _check_int(wq, "wq", fn)
@@ -533,6 +533,7 @@ def adder_conv2d_packed(
     packed_meta: torch.Tensor,
     delta: torch.Tensor,
     bias: Optional[torch.Tensor],
+    kernel_size: IntPair,
     stride: IntPair,
     padding: IntPair,
     dilation: IntPair,
@@ -544,9 +545,10 @@ def adder_conv2d_packed(
     ``adder_conv2d(quantize_groups(x, scale, bits, signed, round_mode), wq, ...)`` in one op, plus NaN in every
     output whose window reads a NaN input (as the float model). ``x`` is float32 (N, C, H, W), channels-last memory
     is read in place; the output is (N, Cout, Ho, Wo) float32 in channels-last memory."""
+    k = _pair(kernel_size, "kernel_size", 1)
     s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     return torch.ops.quantkit.adder_conv2d_packed(x, scale, packed_weight, packed_meta, _f32(delta), _f32(bias),
-                                                  list(s), list(p), list(d), int(bits), bool(signed),
+                                                  list(k), list(s), list(p), list(d), int(bits), bool(signed),
                                                   round_mode == "half_even")
 
 
@@ -568,14 +570,12 @@ def adder_linear_packed(
 
 
 @register_fake("adder_conv2d_packed")
-def _adder_conv2d_packed_fake(x, scale, packed_weight, packed_meta, delta, bias, stride, padding, dilation, bits,
-                              is_signed, half_even):
+def _adder_conv2d_packed_fake(x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
+                              dilation, bits, is_signed, half_even):
     check_devices("adder_conv2d_packed", x=x, scale=scale, packed_weight=packed_weight, packed_meta=packed_meta,
                   delta=delta, bias=bias)
-    torch._check(x.dim() == 4 and packed_weight.dim() == 5)
-    k = packed_weight.shape[1]
-    kh = kw = int(round(k ** 0.5)) if isinstance(k, int) else k
-    ho, wo = conv2d_output_hw("adder_conv2d_packed", x.shape[2:4], (kh, kw), stride, padding, dilation)
+    torch._check(x.dim() == 4 and packed_weight.dim() == 1)
+    ho, wo = conv2d_output_hw("adder_conv2d_packed", x.shape[2:4], kernel_size, stride, padding, dilation)
     out = x.new_empty((x.shape[0], delta.shape[0], ho, wo), dtype=torch.float32)
     return out.contiguous(memory_format=torch.channels_last)
 
