@@ -683,6 +683,11 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
   bool nan = false;
   for (int64_t i = 0; i < C; ++i) {
     float v = (x[i] / s) * q.c;
+    if (v != v) {  // NaN: no integer code (and no float -> int conversion of it)
+      nan = true;
+      dst[i] = static_cast<uint8_t>(q.shift);
+      continue;
+    }
     v = std::min(std::max(v, q.qlo), q.qhi);
     float r;
     if (q.half_even) {
@@ -691,9 +696,7 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
       const float a = static_cast<float>(static_cast<int32_t>(std::fabs(v) + 0.5f));
       r = v < 0.f ? -a : a;
     }
-    const bool isnan = r != r;
-    nan |= isnan;
-    dst[i] = static_cast<uint8_t>((isnan ? 0 : static_cast<int32_t>(r)) + q.shift);
+    dst[i] = static_cast<uint8_t>(static_cast<int32_t>(r) + q.shift);
   }
   return nan;
 }
