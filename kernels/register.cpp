@@ -75,6 +75,7 @@ TORCH_LIBRARY(quantkit, m) {
         "int[2] padding=0, int[2] dilation=1, int w_mult=1) -> Tensor");
   // Benchmark helper: rate of a register-resident loop on the calling thread (AVX-512; 0 without it): "sad"
   // (VPSADBW+VPADDQ, abs-differences/s), "minsum" (VPMINUB+VPADDB, the <= 4-bit alternative, abs-differences/s),
+  // "thermo2" (VPXORQ+VPOPCNTQ+VPADDQ on 3-bit thermometer codes of 2-bit values, abs-differences/s),
   // "fp32_fma" (VFMADD231PS, FMAs/s): the ceilings the adder kernels are compared with.
   m.def("adder_isa_peak(int iters, str loop) -> float");
   // Deploy path (CPU): weights packed once, activation re-quantization fused into the kernel's input side.

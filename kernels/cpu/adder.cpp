@@ -1204,6 +1204,30 @@ QK_TARGET_AVX512 double peak_minsum_avx512(int64_t iters) {
   return static_cast<double>(outer) * 16.0 * 16.0 * 64.0 / std::chrono::duration<double>(t1 - t0).count();
 }
 
+// "thermo2": 2-bit operands as 3-bit thermometer codes (|a - b| = popcount(T(a) xor T(b))), 21 per u64 lane:
+// 16 VPXORQ + 16 VPOPCNTQ + 16 VPADDQ per step -> 168 abs-differences per zmm instruction triple.
+QK_TARGET_AVX512 double peak_thermo2_avx512(int64_t iters) {
+  __m512i acc[16], x[8];
+  __m512i w0 = _mm512_set1_epi64(0x1234567), w1 = _mm512_set1_epi64(0x7654321);
+  for (int i = 0; i < 8; ++i) x[i] = _mm512_set1_epi64(i * 0x1111 + 1);
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    QK_OPAQUE8(x, w0, w1);
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_popcnt_epi64(_mm512_xor_si512(x[r], w0)));
+      acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_popcnt_epi64(_mm512_xor_si512(x[r], w1)));
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, acc[i]);
+  volatile int64_t sink = _mm512_reduce_add_epi64(s);
+  (void)sink;
+  return static_cast<double>(iters) * 16.0 * 168.0 / std::chrono::duration<double>(t1 - t0).count();
+}
+
 QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
   __m512 acc[16];
   __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
@@ -1225,9 +1249,11 @@ QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
 double adder_isa_peak(int64_t iters, c10::string_view loop) {
   // bounded so that no argument makes the call run for more than a few seconds
   TORCH_CHECK(iters >= 1 && iters <= 1000000000, "adder_isa_peak: iters must be in [1, 1e9], got ", iters);
-  const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma";
-  TORCH_CHECK(sad || minsum || fma, "adder_isa_peak: loop must be 'sad', 'minsum' or 'fp32_fma', got '", loop, "'");
+  const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma", thermo2 = loop == "thermo2";
+  TORCH_CHECK(sad || minsum || fma || thermo2, "adder_isa_peak: loop must be 'sad', 'minsum', 'thermo2' or "
+              "'fp32_fma', got '", loop, "'");
   if (cpu::best_supported_isa() != kAvx512) return 0.0;
+  if (thermo2) return peak_thermo2_avx512(iters);
   return sad ? peak_sad_avx512(iters) : minsum ? peak_minsum_avx512(iters) : peak_fma_avx512(iters);
 }
 
