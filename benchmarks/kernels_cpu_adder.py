@@ -5,6 +5,10 @@ Rows (``adder_rows(threads)``):
   vs torch FP32 ``matmul`` of the same M, N, K and vs ``torch.cdist(p=1)`` of the same operands;
 * ``adder_conv`` on ResNet-18's 3x3 layer shapes, 8 and 4 bits, vs torch FP32 ``conv2d`` (NCHW and channels-last,
   the faster one is the baseline) and vs ``F.unfold`` + ``torch.cdist(p=1)``;
+  both run the deploy path: float32 input, ``adder_linear_packed`` / ``adder_conv2d_packed`` on weights packed once
+  (``adder_prepack``), the per-group activation re-quantization fused into the kernel's input side, so "ours"
+  is everything a deploy layer pays per call. ``pct_sad_peak``: abs-differences/s as a share of the VPSADBW
+  register loop times the thread count, the loop timed round-robin with the row (same machine state);
 * ``sad_peak``: abs-differences/s of the kernel on a GEMM with L1-resident weights as a fraction of a
   register-resident VPSADBW+VPADDQ loop (docs/kernels.md#measured-cpu-limits), 1 thread; the same row reports the min-sum
   (VPMINUB+VPADDB) and FP32 FMA register loops, whose ratio to SAD bounds the adder-vs-FP32 speedups.
@@ -12,7 +16,7 @@ Rows (``adder_rows(threads)``):
 Times are medians over repeats, ours and the FP32 baselines timed round-robin in one loop (so machine contention hits
 all alike); cdist is timed after them (3 calls: it is 30-150x slower). Every ratio is baseline time / our time
 (> 1 means we are faster). The adder timings include everything a deploy layer pays per call (activation
-conversion, indirection table, epilogue); the packed weights come from the kernel's cache, as in a deploy model.
+quantization, indirection table, epilogue); the weights are prepacked, as in a deploy model.
 
 Run: ``.venv/bin/python benchmarks/kernels_cpu_adder.py [--threads 1,2] [--quick]``
 """
@@ -44,6 +48,11 @@ def _median_time(fn: Callable[[], object], repeats: int, min_time: float = 0.2) 
     return statistics.median(times)
 
 
+def _sad_rate() -> float:
+    """abs-differences/s of one short VPSADBW register loop on the calling thread (0 without AVX-512)."""
+    return torch.ops.quantkit.adder_isa_peak(200_000, "sad") if has_op("adder_isa_peak") else 0.0
+
+
 def _median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
     """Median time of each function, calls interleaved round-robin so that every function sees the same machine
     state (the development VM shares its cores; contention then hits ours and the baselines alike)."""
@@ -71,10 +80,14 @@ def _operands(bits: int, groups: int, x_shape, w_shape, gen: torch.Generator):
 
 def _gemm_row(m: int, n: int, k: int, bits: int, groups: int, repeats: int, with_cdist: bool) -> Dict:
     gen = torch.Generator().manual_seed(0)
-    x, w, gi, delta, bias = _operands(bits, groups, (m, k), (n, k), gen)
+    _, w, gi, delta, bias = _operands(bits, groups, (m, k), (n, k), gen)
+    scale = torch.rand(groups, generator=gen) + 0.5
+    packed = A.adder_prepack(w, gi, 2, bits, False)
+    xf = torch.randn(m, k, generator=gen).abs()
     a, b = torch.randn(m, k), torch.randn(k, n)
-    t = _median_times({"ours": lambda: A.adder_linear(x, w, gi, delta, bias, 2), "mm": lambda: torch.matmul(a, b)},
-                      repeats)
+    peaks: List[float] = []
+    t = _median_times({"ours": lambda: A.adder_linear_packed(xf, scale, *packed, delta, bias, bits, False),
+                       "mm": lambda: torch.matmul(a, b), "peak": lambda: peaks.append(_sad_rate())}, repeats)
     ours, t_mm = t["ours"], t["mm"]
     row = {
         "name": f"adder_gemm_{bits}bit",
@@ -83,6 +96,7 @@ def _gemm_row(m: int, n: int, k: int, bits: int, groups: int, repeats: int, with
         "fp32_matmul_ms": t_mm * 1e3,
         "x_vs_fp32_matmul": t_mm / ours,
         "G_absdiff_per_s": m * n * k / ours / 1e9,
+        "pct_sad_peak": _pct_of_peak(m * n * k / ours, peaks),
     }
     if with_cdist:
         xf, wf = torch.randn(m, k), torch.randn(n, k)
@@ -94,16 +108,21 @@ def _gemm_row(m: int, n: int, k: int, bits: int, groups: int, repeats: int, with
 def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, groups: int, repeats: int,
               with_cdist: bool) -> Dict:
     gen = torch.Generator().manual_seed(0)
-    x, w, gi, delta, bias = _operands(bits, groups, (batch, c, hw, hw), (cout, c, 3, 3), gen)
-    x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # channels-last per group, as deployed
+    _, w, gi, delta, bias = _operands(bits, groups, (1, 1), (cout, c, 3, 3), gen)
+    gi = torch.sort(gi).values  # deploy layers' groups come sorted from k-means; any order is exact
+    scale = torch.rand(groups, generator=gen) + 0.5
+    packed = A.adder_prepack(w, gi, 2, bits, False)
     xf = torch.randn(batch, c, hw, hw)
     wf = torch.randn(cout, c, 3, 3)
     xcl, wcl = xf.contiguous(memory_format=torch.channels_last), wf.contiguous(memory_format=torch.channels_last)
+    xin = xcl.abs()  # post-ReLU activations, channels-last as the previous adder layer returns them
+    peaks: List[float] = []
     t = _median_times(
         {
-            "ours": lambda: A.adder_conv2d(x, w, gi, delta, bias, stride, 1, 1, 2),
+            "ours": lambda: A.adder_conv2d_packed(xin, scale, *packed, delta, bias, 3, stride, 1, 1, bits, False),
             "nchw": lambda: F.conv2d(xf, wf, None, stride, 1),
             "cl": lambda: F.conv2d(xcl, wcl, None, stride, 1),
+            "peak": lambda: peaks.append(_sad_rate()),
         },
         repeats,
     )
@@ -118,6 +137,7 @@ def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, gr
         "fp32_conv2d_layout": "channels_last" if t_cl < t_nchw else "nchw",
         "x_vs_fp32_conv2d": t_conv / ours,
         "G_absdiff_per_s": batch * ho * ho * cout * c * 9 / ours / 1e9,
+        "pct_sad_peak": _pct_of_peak(batch * ho * ho * cout * c * 9 / ours, peaks),
     }
     if with_cdist:
         wflat = wf.reshape(cout, -1)
@@ -131,8 +151,15 @@ def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, gr
     return row
 
 
+def _pct_of_peak(rate: float, peaks: List[float]) -> float:
+    """``rate`` as a percentage of the median single-thread SAD loop rate times the thread count ("" if unknown)."""
+    good = [p for p in peaks if p > 0]
+    return 100.0 * rate / (statistics.median(good) * torch.get_num_threads()) if good else float("nan")
+
+
 def _sad_peak_row(repeats: int) -> Optional[Dict]:
-    """Kernel rate on a problem with L1-resident weights (K = 512, N = 64: 32 KiB packed) against register-only loops,
+    """Deploy-op rate (prepacked, fused quantization) on a problem with L1-resident weights (K = 512, N = 64: 32 KiB
+    packed) against register-only loops,
     all on one thread: VPSADBW+VPADDQ (the bound of our u8 micro-kernel), VPMINUB+VPADDB (the min-sum alternative
     for <= 4 bits) and VFMADD231PS (the FP32 bound of torch's matmul/conv). sad / fp32_fma is this CPU's ceiling
     for "adder vs FP32" ratios."""
@@ -142,14 +169,16 @@ def _sad_peak_row(repeats: int) -> Optional[Dict]:
     torch.set_num_threads(1)
     try:
         peaks = {loop: max(torch.ops.quantkit.adder_isa_peak(2_000_000, loop) for _ in range(5))
-                 for loop in ("sad", "minsum", "fp32_fma")}
+                 for loop in ("sad", "minsum", "thermo2", "fp32_fma")}
         if peaks["sad"] <= 0:
             return None
         m, n, k = 8192, 64, 512
         gen = torch.Generator().manual_seed(0)
-        x, w, gi, _, _ = _operands(8, 1, (m, k), (n, k), gen)
+        _, w, gi, delta, _ = _operands(8, 1, (m, k), (n, k), gen)
         gi.zero_()
-        ours = _median_time(lambda: A.adder_l1(x, w, gi, 2), repeats)
+        packed = A.adder_prepack(w, gi, 2, 8, False)
+        xf, scale = torch.rand(m, k, generator=gen), torch.ones(1)
+        ours = _median_time(lambda: A.adder_linear_packed(xf, scale, *packed, delta, None, 8, False), repeats)
     finally:
         torch.set_num_threads(saved)
     rate = m * n * k / ours
@@ -176,7 +205,7 @@ def adder_rows(threads: int, quick: bool = False) -> List[Dict]:
             for m, n, k in gemm_shapes:
                 rows.append(_gemm_row(m, n, k, bits, 4, repeats, with_cdist=m * n * k <= 2**30))
         conv_shapes = [(1, 64, 56, 64, 1), (1, 128, 28, 128, 1), (1, 256, 14, 256, 1), (1, 512, 7, 512, 1),
-                       (16, 64, 56, 64, 1), (16, 256, 14, 256, 1)]
+                       (16, 64, 56, 64, 1), (16, 128, 28, 128, 1), (16, 256, 14, 256, 1), (16, 512, 7, 512, 1)]
         if quick:
             conv_shapes = conv_shapes[:2]
         for bits in (8, 4):
@@ -204,7 +233,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, ISA {cpu_isa()}")
     cols = ["threads", "name", "shape", "ours_ms", "fp32_matmul_ms", "fp32_conv2d_ms", "cdist_ms",
-            "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "G_absdiff_per_s", "fraction_of_sad_peak"]
+            "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "G_absdiff_per_s", "pct_sad_peak",
+            "fraction_of_sad_peak"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for threads in sorted({int(t) for t in args.threads.split(",")}):
@@ -213,8 +243,10 @@ def main() -> None:
             if r["name"] == "sad_peak":
                 pk = r["register_loop_G_per_s"]
                 print(f"#   register-resident loops, 1 thread: VPSADBW+VPADDQ {pk['sad']:.1f} G abs-diff/s, "
-                      f"VPMINUB+VPADDB (min-sum) {pk['minsum']:.1f} G abs-diff/s, VFMADD231PS {pk['fp32_fma']:.1f} "
-                      f"G FMA/s; SAD/FMA ceiling for adder-vs-FP32 ratios: {r['sad_over_fp32_fma_ceiling']:.2f}x")
+                      f"VPMINUB+VPADDB (min-sum, <= 4 bits) {pk['minsum']:.1f} G abs-diff/s, "
+                      f"VPXORQ+VPOPCNTQ (3-bit thermometer codes, 2 bits) {pk['thermo2']:.1f} G abs-diff/s, "
+                      f"VFMADD231PS {pk['fp32_fma']:.1f} G FMA/s; SAD/FMA ceiling for adder-vs-FP32 ratios: "
+                      f"{r['sad_over_fp32_fma_ceiling']:.2f}x")
 
 
 if __name__ == "__main__":

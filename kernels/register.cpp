@@ -75,8 +75,22 @@ TORCH_LIBRARY(quantkit, m) {
         "int[2] padding=0, int[2] dilation=1, int w_mult=1) -> Tensor");
   // Benchmark helper: rate of a register-resident loop on the calling thread (AVX-512; 0 without it): "sad"
   // (VPSADBW+VPADDQ, abs-differences/s), "minsum" (VPMINUB+VPADDB, the <= 4-bit alternative, abs-differences/s),
+  // "thermo2" (VPXORQ+VPOPCNTQ+VPADDQ on 3-bit thermometer codes of 2-bit values, abs-differences/s),
   // "fp32_fma" (VFMADD231PS, FMAs/s): the ceilings the adder kernels are compared with.
   m.def("adder_isa_peak(int iters, str loop) -> float");
-  // Drop the CPU kernels' cache of packed weights (only needed after writing weights without bumping their version).
-  m.def("adder_clear_weight_cache() -> ()");
+  // Deploy path (CPU): weights packed once, activation re-quantization fused into the kernel's input side.
+  // adder_prepack: wq (N, K) or (Cout, C, kh, kw) integer codes, group_index (Cout,), w_mult, the activation code
+  //   grid [x_lo, x_hi] (must hold 0 and span <= 256 integers) -> [packed_weight uint8 (NB kh kw ceil(C/8) 128,) flat,
+  //   packed_meta int32 (4, max(16 NB, 16)): sorted lanes' channel, group, clamp correction, header]
+  //   (NB = ceil(Cout/16); layout in kernels/cpu/adder.cpp). Deploy layers keep both as buffers.
+  // adder_conv2d_packed / adder_linear_packed: float32 x (N, C, H, W) / (M, K) is re-quantized per group exactly as
+  //   quantize_groups(x, scale, bits, is_signed, half_even) and fed to the l1 kernel; output as adder_conv2d /
+  //   adder_linear, and NaN wherever a window (a row) reads a NaN input, as the float model gives.
+  m.def("adder_prepack(Tensor wq, Tensor group_index, int w_mult, int x_lo, int x_hi) -> Tensor[]");
+  m.def("adder_conv2d_packed(Tensor x, Tensor scale, Tensor packed_weight, Tensor packed_meta, Tensor delta, "
+        "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int bits, bool is_signed, "
+        "bool half_even) "
+        "-> Tensor");
+  m.def("adder_linear_packed(Tensor x, Tensor scale, Tensor packed_weight, Tensor packed_meta, Tensor delta, "
+        "Tensor? bias, int bits, bool is_signed, bool half_even) -> Tensor");
 }

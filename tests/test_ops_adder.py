@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from quantkit.errors import KernelError
 from quantkit.ops import adder as A
 from quantkit.ops._dispatch import has_op, supported_cpu_isas
+from quantkit.ops.elementwise import quantize_groups_reference
 
 from conftest import cpu_isa
 
@@ -324,22 +325,163 @@ def test_cpp_checks_raise_runtime_error():
 
 
 @needs_kernels
-def test_packed_weight_cache_sees_inplace_writes_and_new_tensors():
+def test_integer_ops_see_inplace_writes_and_new_tensors():
+    """No hidden weight cache: every call of the integer-input ops packs the weights it is given."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(0, 16, (2, 6, 40), generator=gen).to(torch.uint8)
     w = torch.randint(-8, 8, (20, 40), generator=gen).to(torch.int8)
     gi = torch.randint(0, 2, (20,), generator=gen)
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    w.add_(1)  # in place: bumps the version counter
+    w.add_(1)
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    gi[:5] = 1 - gi[:5]  # the grouping changed in place
+    gi[:5] = 1 - gi[:5]
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
-    w2 = w.clone()  # a new tensor with the same values, then its owner edits it
-    w2[0, 0] = -8
-    assert torch.equal(A.adder_l1(x, w2, gi, 2), A.adder_l1_reference(x, w2, gi, 2))
-    assert torch.equal(A.adder_l1(x, w, gi, 1), A.adder_l1_reference(x, w, gi, 1))  # same tensor, other form
-    xs = torch.randint(-8, 8, (2, 6, 40), generator=gen).to(torch.int8)  # other activation grid, same weight
-    assert torch.equal(A.adder_l1(xs, w, gi, 1), A.adder_l1_reference(xs, w, gi, 1))
-    w.data.fill_(3)  # bypasses the version counter: stale until the cache is cleared
-    A.clear_weight_cache()
+    w.data.fill_(3)  # bypasses the version counter: seen all the same
     assert torch.equal(A.adder_l1(x, w, gi, 2), A.adder_l1_reference(x, w, gi, 2))
+
+
+# ---- prepacked weights, activation re-quantization fused into the kernel (the deploy path) ---------------------
+def _nan_windows(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """Outputs whose window (any channel) reads a NaN input: where the float adder gives NaN."""
+    hits = torch.isnan(x).any(1, keepdim=True).float()
+    return torch.nn.functional.conv2d(hits, torch.ones(1, 1, *kernel), None, stride, padding, dilation) > 0
+
+
+@needs_kernels
+@settings(max_examples=50, **SETTINGS)
+@given(
+    groups=st.integers(1, 4),
+    batch=st.integers(1, 2),
+    c=st.integers(1, 37),
+    h=st.integers(1, 8),
+    w_=st.integers(1, 8),
+    cout=st.integers(1, 35),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    round_mode=st.sampled_from(["half_even", "half_away"]),
+    channels_last=st.booleans(),
+    n_nan=st.integers(0, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_conv2d_equals_quantize_then_conv(groups, batch, c, h, w_, cout, kh, kw, stride, padding, dilation,
+                                                 bits, signed, round_mode, channels_last, n_nan, seed):
+    """adder_conv2d_packed(x) == adder_conv2d(quantize_groups_reference(x)) bit for bit on every ISA, with NaN exactly
+    in the outputs whose window reads a NaN (ties of the rounding included: x is drawn on a half-step grid)."""
+    ho, wo = A.adder_conv2d_output_size(h, w_, (kh, kw), stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(groups, generator=gen) + 0.25
+    x = torch.randint(-40, 41, (batch, c, h, w_), generator=gen).float() / 16  # many exact rounding ties
+    x.view(-1)[torch.randint(0, x.numel(), (n_nan,), generator=gen)] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (cout, c, kh, kw), generator=gen).to(torch.int8)
+    gi = torch.randint(0, groups, (cout,), generator=gen)
+    delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+    w_mult = 1 if signed else 2
+    codes = quantize_groups_reference(x, scale, bits, signed, round_mode).to(torch.int16)
+    nan = _nan_windows(x, (kh, kw), stride, padding, dilation).expand(batch, cout, ho, wo)
+    packed = A.adder_prepack(w, gi, w_mult, bits, signed)
+    for isa in ISAS:
+        with cpu_isa(isa):
+            y = A.adder_conv2d_packed(x, scale, *packed, delta, bias, (kh, kw), stride, padding, dilation, bits, signed,
+                                      round_mode)
+            ref = A.adder_conv2d(codes, w, gi, delta, bias, stride, padding, dilation, w_mult)
+        assert y.shape == (batch, cout, ho, wo) and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(torch.isnan(y), nan), isa
+        assert torch.equal(y[~nan], ref[~nan]), isa
+
+
+@needs_kernels
+@settings(max_examples=40, **SETTINGS)
+@given(
+    groups=st.integers(1, 4),
+    m=st.integers(0, 20),
+    k=st.integers(1, 70),
+    n=st.integers(1, 40),
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    round_mode=st.sampled_from(["half_even", "half_away"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_linear_equals_quantize_then_linear(groups, m, k, n, bits, signed, round_mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(groups, generator=gen) + 0.25
+    x = torch.randn(m, k, generator=gen) * 2
+    if m:
+        x[m // 2, k // 2] = float("nan")
+    w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k), generator=gen).to(torch.int8)
+    gi = torch.randint(0, groups, (n,), generator=gen)
+    delta, bias = torch.rand(n, generator=gen) + 0.01, torch.randn(n, generator=gen)
+    w_mult = 1 if signed else 2
+    codes = quantize_groups_reference(x, scale, bits, signed, round_mode).to(torch.int16)
+    nan = torch.isnan(x).any(1, keepdim=True).expand(m, n)
+    packed = A.adder_prepack(w, gi, w_mult, bits, signed)
+    for isa in ISAS:
+        with cpu_isa(isa):
+            y = A.adder_linear_packed(x, scale, *packed, delta, bias, bits, signed, round_mode)
+            ref = A.adder_linear(codes, w, gi, delta, bias, w_mult)
+        assert y.shape == (m, n)
+        assert torch.equal(torch.isnan(y), nan), isa
+        assert torch.equal(y[~nan], ref[~nan]), isa
+
+
+@needs_kernels
+def test_packed_ops_reject_mismatched_packings():
+    w = torch.randint(-8, 8, (5, 3, 3, 3), dtype=torch.int8)
+    gi = torch.tensor([0, 1, 1, 0, 1])
+    pw, pm = A.adder_prepack(w, gi, 2, 4, False)
+    x, s, d = torch.randn(1, 3, 6, 6), torch.ones(2), torch.ones(5)
+    with pytest.raises(RuntimeError, match="made for C=3"):
+        A.adder_conv2d_packed(torch.randn(1, 4, 6, 6), s, pw, pm, d, None, 3, 1, 1, 1, 4, False)
+    with pytest.raises(RuntimeError, match="kernel_size"):
+        A.adder_conv2d_packed(x, s, pw, pm, d, None, 1, 1, 1, 1, 4, False)
+    with pytest.raises(RuntimeError, match="packed for the grid"):  # 8-bit codes on a 4-bit packing
+        A.adder_conv2d_packed(x, s, pw, pm, d, None, 3, 1, 1, 1, 8, False)
+    with pytest.raises(RuntimeError, match="one scale per group"):
+        A.adder_conv2d_packed(x, torch.ones(1), pw, pm, d, None, 3, 1, 1, 1, 4, False)
+    with pytest.raises(RuntimeError, match="finite and > 0"):
+        A.adder_conv2d_packed(x, torch.tensor([1.0, 0.0]), pw, pm, d, None, 3, 1, 1, 1, 4, False)
+    with pytest.raises(RuntimeError, match="does not match packed_meta"):
+        A.adder_conv2d_packed(x, s, pw[:-1], pm, d, None, 3, 1, 1, 1, 4, False)
+    bad = pm.clone()
+    bad[0, 0] = 99
+    with pytest.raises(RuntimeError, match="corrupt"):
+        A.adder_conv2d_packed(x, s, pw, bad, d, None, 3, 1, 1, 1, 4, False)
+    with pytest.raises(RuntimeError, match="invalid header"):
+        A.adder_conv2d_packed(x, s, pw, torch.zeros_like(pm), d, None, 3, 1, 1, 1, 4, False)
+    with pytest.raises(KernelError, match="w_mult"):
+        A.adder_prepack(w, gi, 3, 4, False)
+
+
+@needs_kernels
+def test_deploy_layer_prepacks_once_and_after_load_state_dict():
+    from quantkit.nn.adder import AdderConv2d
+    from quantkit.nn.adder_quant import QuantAdderConv2d
+    from quantkit.schemes import get_scheme
+
+    torch.manual_seed(0)
+    q = QuantAdderConv2d.from_float(AdderConv2d(4, 6, 3, padding=1), get_scheme("adder_ptq4"), "layer")
+    q.start_calibration()
+    with torch.no_grad():
+        q(torch.randn(2, 4, 8, 8))
+    q.finish_calibration()
+    dep = q.to_deploy()
+    assert dep.packed_weight is not None and "packed_weight" not in dep.state_dict()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), q(x), rtol=1e-5, atol=1e-4)
+        dep.to(memory_format=torch.channels_last)  # packed buffers are flat: left alone
+        other = q.to_deploy()
+        other.weight_int.zero_()
+        other.prepack()
+        before = other(x)
+        other.load_state_dict(dep.state_dict())  # repacks the loaded codes
+        torch.testing.assert_close(other(x), dep(x))
+        assert not torch.equal(before, other(x))

@@ -540,3 +540,33 @@ def test_benchmark_probes_refuse_unbounded_loops():
                 call(n)
     with pytest.raises(RuntimeError, match="loop must be"):
         Q.adder_isa_peak(10, "nope")
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
+@pytest.mark.parametrize("shape", [(0, 5, 4, 4), (1, 1, 1, 1), (2, 17, 3, 5), (1, 33, 2, 2)])
+@pytest.mark.parametrize("cout", [0, 1, 18])
+def test_packed_adder_ops_on_edge_shapes(isa, shape, cout):
+    """Prepacked adder ops on empty batches, no output channels, channel tails and NaN/Inf inputs: the shapes the
+    ASan build checks for out-of-bounds reads of the fused quantization and the packed weights."""
+    gen = torch.Generator().manual_seed(cout)
+    c = shape[1]
+    x = torch.randn(*shape, generator=gen) * 3
+    if x.numel():
+        x.view(-1)[0] = float("nan")
+        x.view(-1)[-1] = float("inf")
+    w = torch.randint(-8, 8, (cout, c, 3, 3), generator=gen).to(torch.int8)
+    gi = torch.randint(0, 2, (cout,), generator=gen)
+    scale, d = torch.tensor([0.7, 1.3]), torch.rand(cout) + 0.1
+    for signed in (False, True):
+        packed = A.adder_prepack(w, gi, 1 if signed else 2, 4, signed)
+        y = A.adder_conv2d_packed(x, scale, *packed, d, None, 3, 1, 1, 1, 4, signed)
+        ref = A.adder_conv2d(quantize_groups_reference(x, scale, 4, signed), w, gi, d, None, 1, 1, 1,
+                             1 if signed else 2)
+        assert y.shape == ref.shape
+        finite = ~torch.isnan(y)
+        assert torch.equal(y[finite], ref[finite])
+        xl = x.flatten(1)[:, :c].contiguous()
+        pl = A.adder_prepack(w[:, :, 0, 0].contiguous(), gi, 1 if signed else 2, 4, signed)
+        yl = A.adder_linear_packed(xl, scale, *pl, d, None, 4, signed)
+        assert yl.shape == (shape[0], cout)
+        assert torch.equal(torch.isnan(yl), torch.isnan(xl).any(1, keepdim=True).expand_as(yl))

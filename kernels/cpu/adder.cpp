@@ -38,7 +38,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -83,7 +82,8 @@ struct Problem {
   int64_t NB = 0;      // 16-channel blocks
   int64_t ldo = 0;     // output row stride (= number of output channels)
   const E* A = nullptr;          // activations [G][rows + 1][Cp]
-  const int64_t* off = nullptr;  // [P][T] element offsets of tap rows inside a group buffer
+  const int64_t* off = nullptr;  // [pixels][T] element offsets of tap rows inside a group buffer, from pixel off_first
+  int64_t off_first = 0;
   const E* W = nullptr;          // packed weights [NB][T][Cp / 8][16][8]
   const BlockInfo* blocks = nullptr;
   const int32_t* perm = nullptr; // [NB * 16] original channel of each sorted lane (-1: padding)
@@ -131,7 +131,7 @@ void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
     for (int64_t t = 0; t < pb.T; ++t) {
       const E* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
       for (int r = 0; r < nr; ++r) {
-        const int64_t o = pb.off[(p0 + r0 + r) * pb.T + t];
+        const int64_t o = pb.off[(p0 + r0 + r - pb.off_first) * pb.T + t];
         for (int j = 0; j < kNR; ++j) {
           const E* a = pb.A + lane_group[j] * pb.gstride + o;
           int32_t sum = 0;
@@ -179,7 +179,7 @@ QK_TARGET_AVX2 void tile_avx2(const Problem<uint8_t>& pb, int64_t blk, int64_t p
       for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
       for (int64_t t = 0; t < pb.T; ++t) {
         int64_t o[MR];
-        for (int r = 0; r < MR; ++r) o[r] = pb.off[(p0 + r0 + std::min(r, nr - 1)) * pb.T + t];
+        for (int r = 0; r < MR; ++r) o[r] = pb.off[(p0 + r0 + std::min(r, nr - 1) - pb.off_first) * pb.T + t];
         const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR + h * 8 * kKB;
         if (simple) {
           const uint8_t* a = pb.A + q0.group[0] * pb.gstride;
@@ -306,7 +306,7 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
     for (int64_t t = 0; t < pb.T; ++t) {
       const int64_t* offs = pb.off + t;
       int64_t o[MR];
-      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1)) * pb.T];
+      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1) - pb.off_first) * pb.T];
       const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
       if (kMode == 0) {
         const uint8_t* a[MR];
@@ -322,17 +322,23 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
           }
         }
       } else if (kMode == 1) {
+        // One pointer per row plus three group distances: opaque row pointers keep the compiler from turning the
+        // 4 x 8 addresses into 32 induction variables (which spilled the accumulators).
+        const uint8_t* a[MR];
+        for (int r = 0; r < MR; ++r) a[r] = hb[0][0] + o[r];
+        const int64_t d01 = hb[0][1] - hb[0][0], d10 = hb[1][0] - hb[0][0], d11 = hb[1][1] - hb[0][0];
         for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
           const __m512i w0 = _mm512_loadu_si512(w);
           const __m512i w1 = _mm512_loadu_si512(w + 64);
 #pragma GCC unroll 8
           for (int r = 0; r < MR; ++r) {
-            const int64_t k = o[r] + c8 * kKB;
+            const uint8_t* pr = a[r] + c8 * kKB;
+            __asm__("" : "+r"(pr));
             int64_t v0, v1;
-            std::memcpy(&v0, hb[0][1] + k, 8);
-            std::memcpy(&v1, hb[1][1] + k, 8);
-            const __m512i x0 = _mm512_mask_set1_epi64(bcast8_avx512(hb[0][0] + k), hm[0], v0);
-            const __m512i x1 = _mm512_mask_set1_epi64(bcast8_avx512(hb[1][0] + k), hm[1], v1);
+            std::memcpy(&v0, pr + d01, 8);
+            std::memcpy(&v1, pr + d11, 8);
+            const __m512i x0 = _mm512_mask_set1_epi64(bcast8_avx512(pr), hm[0], v0);
+            const __m512i x1 = _mm512_mask_set1_epi64(bcast8_avx512(pr + d10), hm[1], v1);
             acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(x0, w0));
             acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(x1, w1));
           }
@@ -349,7 +355,13 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
         }
       }
     }
-    store_rows_avx512(pb, blk, p0 + r0, nr, acc0, acc1);
+    // Copies: passing the accumulator arrays themselves by pointer kept them in memory in the inner loop.
+    __m512i out0[MR], out1[MR];
+    for (int r = 0; r < MR; ++r) {
+      out0[r] = acc0[r];
+      out1[r] = acc1[r];
+    }
+    store_rows_avx512(pb, blk, p0 + r0, nr, out0, out1);
   }
 }
 
@@ -367,24 +379,49 @@ void tile_avx512(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows)
 // ------------------------------------------------------------------------------------------------------------
 // Driver
 // ------------------------------------------------------------------------------------------------------------
-template <typename E, typename TileFn>
-void run_tiles(const Problem<E>& pb, int64_t rows_per_tile, TileFn tile) {
-  const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
-  const int64_t tiles = nrb * pb.NB;
-  // Pixel-panel-major order: a panel's activation rows (all groups) stay in L1/L2 while every weight block passes
-  // over them, so the activations are read from memory once (the packed weights are small and stay in L2).
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tix = begin; tix < end; ++tix) {
-      const int64_t blk = tix % pb.NB;
-      const int64_t p0 = (tix / pb.NB) * rows_per_tile;
-      tile(pb, blk, p0, static_cast<int>(std::min(rows_per_tile, pb.P - p0)));
-    }
-  });
-}
-
 struct ConvGeom {
   int64_t G, N, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
+
+// Element offsets (inside a group buffer) of the T tap rows read by output pixel p; the zero-padding row for taps
+// outside the image.
+inline void pixel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p, int64_t* off) {
+  const int64_t rows = gm.N * gm.H * gm.W;
+  const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
+  for (int64_t i = 0; i < gm.kh; ++i) {
+    const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh;
+    for (int64_t j = 0; j < gm.kw; ++j) {
+      const int64_t ix = ox * gm.sw - gm.pw + j * gm.dw;
+      const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
+      off[i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
+    }
+  }
+}
+
+template <typename E, typename TileFn>
+void run_tiles(const Problem<E>& pb, const ConvGeom& gm, int64_t rows_per_tile, TileFn tile) {
+  const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
+  const int64_t tiles = nrb * pb.NB;
+  // Pixel-panel-major order: a panel's activation rows (all groups) stay in L1/L2 while every weight block passes
+  // over them, so the activations are read from memory once (the packed weights are small and stay in L2). The
+  // indirection table is built per panel (rows_per_tile x T offsets, L1-resident) instead of once for all pixels.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> panel_off(rows_per_tile * pb.T);
+    Problem<E> local = pb;
+    local.off = panel_off.data();
+    local.off_first = -1;
+    for (int64_t tix = begin; tix < end; ++tix) {
+      const int64_t blk = tix % pb.NB;
+      const int64_t p0 = (tix / pb.NB) * rows_per_tile;
+      const int64_t nrows = std::min(rows_per_tile, pb.P - p0);
+      if (local.off_first != p0) {
+        for (int64_t r = 0; r < nrows; ++r) pixel_offsets(gm, pb.Cp, p0 + r, panel_off.data() + r * pb.T);
+        local.off_first = p0;
+      }
+      tile(local, blk, p0, static_cast<int>(nrows));
+    }
+  });
+}
 
 std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const std::vector<int32_t>& perm,
                                    int64_t NB, int64_t Cout) {
@@ -422,50 +459,56 @@ std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Packed weights and their cache
+// Packed weights: made once by the prepack op (deploy layers keep them as buffers), or per call by the ops that
+// take raw integer weights. Two tensors:
+//   wbuf  [NB][T][Cp/8][16][8] values clamp(w_mult * w, lo, hi) - lo (u8, or u16 stored as int16), stored flat
+//   meta  int32 [4][L], L = max(NB * 16, kHeaderLen): row 0 original channel of each sorted lane, row 1 its group,
+//         row 2 the exact clamp correction, row 3 a header (grid, form, shape; see Header) the ops validate.
 // ------------------------------------------------------------------------------------------------------------
-struct PackedWeights {
-  at::Tensor wbuf;                // [NB][T][Cp/8][16][8] values (clamp(w_mult * w, lo, lo + max(E)) - lo)
-  std::vector<int32_t> perm;      // sorted lane -> original channel
-  std::vector<int32_t> corr;      // exact clamp correction per sorted lane
+enum MetaRow : int64_t { kRowPerm = 0, kRowGroup = 1, kRowCorr = 2, kRowHeader = 3, kMetaRows = 4 };
+enum Header : int64_t { kHLo = 0, kHHi, kHWmult, kHWabs, kHCout, kHC, kHKh, kHKw, kHEsize, kHGroups, kHeaderLen };
+
+struct PackedView {
+  const void* W = nullptr;
+  const int32_t* perm = nullptr;
+  const int32_t* corr = nullptr;
   std::vector<BlockInfo> blocks;
-  int64_t max_corr = 0;
-  int64_t wabs_max = 0;  // max |w_mult * w|
-  int64_t bytes() const { return wbuf.nbytes() + static_cast<int64_t>((perm.size() + corr.size()) * 4 + blocks.size() * sizeof(BlockInfo)); }
+  int64_t lo = 0, hi = 0, w_mult = 1, wabs_max = 0, Cout = 0, C = 0, kh = 1, kw = 1, esize = 1, groups = 1;
 };
 
-inline int64_t hi_bound_range(size_t esize) { return esize == 1 ? 255 : 65535; }
-
 template <typename E>
-std::shared_ptr<PackedWeights> pack_weights(const ConvGeom& gm, const at::Tensor& wq, const at::Tensor& group_index,
-                                            int64_t w_mult, int64_t lo) {
-  auto pw = std::make_shared<PackedWeights>();
-  const int64_t T = gm.kh * gm.kw;
-  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
-  const int64_t NB = (gm.Cout + kNR - 1) / kNR;
-  const int64_t hi_bound = hi_bound_range(sizeof(E)) + lo;
+std::vector<at::Tensor> pack_weights(const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult, int64_t lo,
+                                     int64_t hi) {
+  const int64_t Cout = wq.size(0), C = wq.size(1), kh = wq.size(2), kw = wq.size(3);
+  const int64_t T = kh * kw;
+  const int64_t Cp = (C + kKB - 1) / kKB * kKB;
+  const int64_t NB = (Cout + kNR - 1) / kNR;
+  const int64_t L = std::max<int64_t>(NB * kNR, kHeaderLen);
   const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;
-  // Channels sorted by group (stable), so a 16-channel block mostly reads one group.
-  std::vector<int64_t> gidx(gm.Cout);
-  {
+  std::vector<int64_t> gidx(Cout);
+  if (Cout > 0) {
     at::Tensor gi = group_index.to(at::kLong).contiguous();
-    std::memcpy(gidx.data(), gi.data_ptr<int64_t>(), gm.Cout * sizeof(int64_t));
+    std::memcpy(gidx.data(), gi.data_ptr<int64_t>(), Cout * sizeof(int64_t));
   }
-  std::vector<int32_t> order(gm.Cout);
-  for (int64_t o = 0; o < gm.Cout; ++o) order[o] = static_cast<int32_t>(o);
+  // Channels sorted by group (stable), so a 16-channel block mostly reads one group.
+  std::vector<int32_t> order(Cout);
+  for (int64_t o = 0; o < Cout; ++o) order[o] = static_cast<int32_t>(o);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return gidx[a] < gidx[b]; });
-  std::vector<int32_t>& perm = pw->perm;
-  std::vector<int32_t>& corr = pw->corr;
-  std::vector<int32_t> lane_group(NB * kNR, 0);
-  perm.assign(NB * kNR, 0);
-  corr.assign(NB * kNR, 0);
+  at::Tensor meta = at::zeros({kMetaRows, L}, wq.options().dtype(at::kInt));
+  int32_t* perm = meta[kRowPerm].data_ptr<int32_t>();
+  int32_t* lane_group = meta[kRowGroup].data_ptr<int32_t>();
+  int32_t* corr = meta[kRowCorr].data_ptr<int32_t>();
+  int32_t* header = meta[kRowHeader].data_ptr<int32_t>();
+  int64_t gmax = 0;
   for (int64_t j = 0; j < NB * kNR; ++j) {
-    const int64_t o = order[std::min<int64_t>(j, gm.Cout - 1)];
-    perm[j] = j < gm.Cout ? static_cast<int32_t>(o) : 0;
+    const int64_t o = order[std::min<int64_t>(j, Cout - 1)];
+    perm[j] = j < Cout ? static_cast<int32_t>(o) : 0;
     lane_group[j] = static_cast<int32_t>(gidx[o]);
+    gmax = std::max(gmax, gidx[o]);
   }
 
-  // |w_mult * w| must stay in int32 (so the clamp arithmetic below and the sum bound in run_conv cannot overflow).
+  // |w_mult * w| must stay in int32 (so the clamp arithmetic below and the sum bound of the run cannot overflow).
+  int64_t wabs_max = 0;
   if (wq.numel() > 0) {
     auto mm = at::aminmax(wq);
     const int64_t wmin = std::get<0>(mm).item<int64_t>(), wmax = std::get<1>(mm).item<int64_t>();
@@ -473,34 +516,31 @@ std::shared_ptr<PackedWeights> pack_weights(const ConvGeom& gm, const at::Tensor
     TORCH_CHECK(wmin >= -kI32Max / w_mult && wmax <= kI32Max / w_mult, "adder: the weights span [", wmin, ", ", wmax,
                 "]; with w_mult=", w_mult, " they leave the int32 range, so their l1 sums cannot be represented in "
                 "int32 (integer l1 kernels are for 2-8-bit operands)");
-    pw->wabs_max = std::max(-wmin, wmax) * w_mult;
+    wabs_max = std::max(-wmin, wmax) * w_mult;
   }
 
-  // Weights: clamp into [lo, hi_bound] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
-  pw->wbuf = at::zeros({NB, T, Cp / kKB, kNR, kKB}, wq.options().dtype(e_dtype));
-  E* Wp = reinterpret_cast<E*>(pw->wbuf.data_ptr());
+  // Weights: clamp into [lo, hi] (exact correction), shift by -lo, pack [NB][T][Cp/8][16][8].
+  // flat (1-D): Module.to(memory_format=...) leaves it alone
+  at::Tensor wbuf = at::zeros({NB * T * (Cp / kKB) * kNR * kKB}, wq.options().dtype(e_dtype));
+  E* Wp = reinterpret_cast<E*>(wbuf.data_ptr());
   const at::Tensor wc = wq.contiguous();  // (Cout, C, kh, kw)
-  const int64_t hi = hi_bound;
   bool corr_overflow = false;
   AT_DISPATCH_INTEGRAL_TYPES(wc.scalar_type(), "adder_pack_weights", [&] {
     const scalar_t* wsrc = wc.data_ptr<scalar_t>();
-    // Locals, so the byte stores below cannot force reloads of the shape through the captured references.
-    const int64_t C = gm.C, Cout = gm.Cout, TT = T, CP = Cp, wm = w_mult, wlo = lo, whi = hi;
-    const int32_t* perm_p = perm.data();
-    int32_t* corr_p = corr.data();
+    const int64_t wm = w_mult, wlo = lo, whi = hi;
     std::atomic<bool> overflow{false};
     at::parallel_for(0, Cout, 16, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const int64_t o = perm_p[j];
-        E* __restrict__ dst_blk = Wp + (j / kNR) * TT * CP * kNR + (j % kNR) * kKB;
-        const scalar_t* __restrict__ src = wsrc + o * C * TT;
+        const int64_t o = perm[j];
+        E* __restrict__ dst_blk = Wp + (j / kNR) * T * Cp * kNR + (j % kNR) * kKB;
+        const scalar_t* __restrict__ src = wsrc + o * C * T;
         int64_t cj = 0;
-        for (int64_t t = 0; t < TT; ++t) {
-          E* __restrict__ dst = dst_blk + t * CP * kNR;
+        for (int64_t t = 0; t < T; ++t) {
+          E* __restrict__ dst = dst_blk + t * Cp * kNR;
           for (int64_t c0 = 0; c0 < C; c0 += kKB) {
             const int64_t cn = std::min<int64_t>(kKB, C - c0);
             for (int64_t b = 0; b < cn; ++b) {
-              const int64_t v = static_cast<int64_t>(src[(c0 + b) * TT + t]) * wm;
+              const int64_t v = static_cast<int64_t>(src[(c0 + b) * T + t]) * wm;
               const int64_t cl = std::min(std::max(v, wlo), whi);
               cj += v > cl ? v - cl : cl - v;
               dst[b] = static_cast<E>(cl - wlo);
@@ -509,123 +549,65 @@ std::shared_ptr<PackedWeights> pack_weights(const ConvGeom& gm, const at::Tensor
           }
         }
         if (cj > std::numeric_limits<int32_t>::max()) overflow = true;
-        corr_p[j] = static_cast<int32_t>(cj);
+        corr[j] = static_cast<int32_t>(cj);
       }
     });
     if (overflow) corr_overflow = true;
   });
   TORCH_CHECK(!corr_overflow, "adder: a weight clamp correction overflows int32; the operands are far outside 2-8 bits");
-  for (int64_t j = 0; j < gm.Cout; ++j) pw->max_corr = std::max<int64_t>(pw->max_corr, corr[j]);
-  pw->blocks = make_blocks(lane_group, perm, NB, gm.Cout);
-
-  return pw;
+  const int64_t hdr[kHeaderLen] = {lo, hi, w_mult, wabs_max, Cout, C, kh, kw, static_cast<int64_t>(sizeof(E)),
+                                   gmax + 1};
+  for (int64_t i = 0; i < kHeaderLen; ++i) header[i] = static_cast<int32_t>(hdr[i]);
+  return {wbuf, meta};
 }
 
-// Deploy layers call the ops with the same weight tensors on every forward, so the packing (O(weights), which at
-// batch 1 costs about as much as the l1 GEMM itself) is cached. An entry is keyed by the identity of the weight and
-// group-index tensors (TensorImpl held by a weak reference, so a freed tensor's address cannot be reused while the
-// entry lives), their data pointers, shapes, strides and dtypes, and their autograd version counters, which every
-// in-place PyTorch op bumps. Writes that bypass the version counter (through `.data`, numpy views or DLPack) are not
-// seen: call quantkit.ops.adder.clear_weight_cache() after such a write, or set QUANTKIT_ADDER_WEIGHT_CACHE=0.
-struct TensorKey {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl{c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>()};
-  const c10::TensorImpl* raw = nullptr;
-  const void* data = nullptr;
-  uint32_t version = 0;
-  std::vector<int64_t> sizes, strides;
-  at::ScalarType dtype = at::kByte;
-
-  static bool cacheable(const at::Tensor& t) { return t.defined() && !t.is_inference() && t.has_storage(); }
-  static TensorKey of(const at::Tensor& t) {
-    TensorKey k;
-    k.impl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr());
-    k.raw = t.unsafeGetTensorImpl();
-    k.data = t.data_ptr();
-    k.version = t.unsafeGetTensorImpl()->version_counter().current_version();
-    k.sizes = t.sizes().vec();
-    k.strides = t.strides().vec();
-    k.dtype = t.scalar_type();
-    return k;
+// Validate a (wbuf, meta) pair and view it (block descriptors are rebuilt from the sorted lanes: O(Cout)).
+PackedView view_packed(const char* fn, const at::Tensor& wbuf, const at::Tensor& meta) {
+  TORCH_CHECK(meta.device().is_cpu() && meta.scalar_type() == at::kInt && meta.dim() == 2 &&
+                  meta.size(0) == kMetaRows && meta.size(1) >= kHeaderLen && meta.is_contiguous(),
+              fn, ": packed_meta must be the contiguous int32 (4, L) tensor made by adder_prepack, got ", meta.sizes(),
+              " ", meta.scalar_type(), "; rebuild it with quantkit.ops.adder.adder_prepack");
+  const int32_t* h = meta[kRowHeader].data_ptr<int32_t>();
+  PackedView v;
+  v.lo = h[kHLo];
+  v.hi = h[kHHi];
+  v.w_mult = h[kHWmult];
+  v.wabs_max = h[kHWabs];
+  v.Cout = h[kHCout];
+  v.C = h[kHC];
+  v.kh = h[kHKh];
+  v.kw = h[kHKw];
+  v.esize = h[kHEsize];
+  v.groups = h[kHGroups];
+  const int64_t NB = (v.Cout + kNR - 1) / kNR, T = v.kh * v.kw, Cp = (v.C + kKB - 1) / kKB * kKB;
+  const bool header_ok = v.Cout >= 0 && v.C >= 0 && v.kh >= 1 && v.kw >= 1 && (v.w_mult == 1 || v.w_mult == 2) &&
+                         v.esize == 1 && v.hi >= v.lo && v.hi - v.lo <= 255 && v.groups >= 1 && v.wabs_max >= 0 &&
+                         meta.size(1) == std::max<int64_t>(NB * kNR, kHeaderLen);
+  TORCH_CHECK(header_ok, fn, ": packed_meta has an invalid header; rebuild it with quantkit.ops.adder.adder_prepack");
+  TORCH_CHECK(wbuf.device().is_cpu() && wbuf.scalar_type() == at::kByte && wbuf.is_contiguous() && wbuf.dim() == 1 &&
+                  wbuf.numel() == NB * T * Cp * kNR,
+              fn, ": packed_weight ", wbuf.sizes(), " ", wbuf.scalar_type(), " does not match packed_meta (Cout=",
+              v.Cout, ", C=", v.C, ", kernel ", v.kh, "x", v.kw, "); rebuild both with quantkit.ops.adder.adder_prepack");
+  const int32_t* perm = meta[kRowPerm].data_ptr<int32_t>();
+  const int32_t* lane_group = meta[kRowGroup].data_ptr<int32_t>();
+  for (int64_t j = 0; j < NB * kNR; ++j) {
+    TORCH_CHECK(perm[j] >= 0 && perm[j] < std::max<int64_t>(v.Cout, 1) && lane_group[j] >= 0 &&
+                    lane_group[j] < v.groups,
+                fn, ": packed_meta is corrupt (lane ", j, "); rebuild it with quantkit.ops.adder.adder_prepack");
   }
-  bool matches(const at::Tensor& t) const {
-    return !impl.expired() && raw == t.unsafeGetTensorImpl() && data == t.data_ptr() &&
-           version == t.unsafeGetTensorImpl()->version_counter().current_version() && sizes == t.sizes().vec() &&
-           strides == t.strides().vec() && dtype == t.scalar_type();
-  }
-};
-
-struct CacheEntry {
-  TensorKey w, g;
-  int64_t w_mult, lo, esize, kh, kw;
-  std::shared_ptr<const PackedWeights> packed;
-};
-
-constexpr size_t kCacheEntries = 256;
-constexpr int64_t kCacheBytes = int64_t(1) << 29;  // 512 MiB of packed weights at most
-
-std::mutex& cache_mutex() {
-  static std::mutex m;
-  return m;
-}
-std::list<CacheEntry>& cache_list() {  // most recently used first
-  static std::list<CacheEntry> l;
-  return l;
+  v.W = wbuf.data_ptr();
+  v.perm = perm;
+  v.corr = meta[kRowCorr].data_ptr<int32_t>();
+  std::vector<int32_t> lg(lane_group, lane_group + NB * kNR), pm(perm, perm + NB * kNR);
+  v.blocks = make_blocks(lg, pm, NB, v.Cout);
+  return v;
 }
 
-bool cache_enabled() {
-  const char* env = std::getenv("QUANTKIT_ADDER_WEIGHT_CACHE");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
-template <typename E>
-std::shared_ptr<const PackedWeights> packed_weights(const ConvGeom& gm, const at::Tensor& wq, const at::Tensor& wkey,
-                                                    const at::Tensor& group_index, int64_t w_mult, int64_t lo) {
-  // wkey: the caller's weight tensor (wq may be a fresh 4-D view of it, made by the linear op on every call).
-  const bool use_cache = cache_enabled() && TensorKey::cacheable(wkey) && TensorKey::cacheable(group_index);
-  if (use_cache) {
-    std::lock_guard<std::mutex> lock(cache_mutex());
-    auto& l = cache_list();
-    for (auto it = l.begin(); it != l.end();) {
-      if (it->w.impl.expired() || it->g.impl.expired()) {  // the weight is gone: drop its entry
-        it = l.erase(it);
-        continue;
-      }
-      if (it->w_mult == w_mult && it->lo == lo && it->esize == static_cast<int64_t>(sizeof(E)) && it->kh == gm.kh &&
-          it->kw == gm.kw && it->w.matches(wkey) && it->g.matches(group_index)) {
-        l.splice(l.begin(), l, it);
-        return l.front().packed;
-      }
-      ++it;
-    }
-  }
-  std::shared_ptr<const PackedWeights> pw = pack_weights<E>(gm, wq, group_index, w_mult, lo);
-  if (use_cache) {
-    std::lock_guard<std::mutex> lock(cache_mutex());
-    auto& l = cache_list();
-    l.push_front(CacheEntry{TensorKey::of(wkey), TensorKey::of(group_index), w_mult, lo,
-                            static_cast<int64_t>(sizeof(E)), gm.kh, gm.kw, pw});
-    int64_t total = 0;
-    size_t n = 0;
-    for (auto it = l.begin(); it != l.end();) {
-      total += it->packed->bytes();
-      ++n;
-      if (n > kCacheEntries || (n > 1 && total > kCacheBytes)) {
-        it = l.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-  return pw;
-}
-
-void clear_weight_cache() {
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  cache_list().clear();
-}
-
-// One pass over the activations: channels-last u8 rows [G][rows + 1][Cp] holding (x mod 256), channel padding 0,
-// and the exact min / max of x. Reads C-contiguous (channels-last) inputs row by row and NCHW inputs channel by
+// ------------------------------------------------------------------------------------------------------------
+// Activations
+// ------------------------------------------------------------------------------------------------------------
+// One pass over integer activations: channels-last u8 rows [G][rows + 1][Cp] holding (x mod 256), channel padding
+// 0, and the exact min / max of x. Reads C-contiguous (channels-last) inputs row by row and NCHW inputs channel by
 // channel, so one side of the copy is always sequential.
 at::Tensor convert_activations_u8(const ConvGeom& gm, const at::Tensor& xq, int64_t Cp, int64_t* lo_out,
                                   int64_t* hi_out) {
@@ -685,16 +667,171 @@ at::Tensor convert_activations_u8(const ConvGeom& gm, const at::Tensor& xq, int6
   return abuf;
 }
 
+// Activation re-quantization fused into the kernel's input side (the deploy path): float rows -> the codes of
+// every group, shifted onto the packed grid (code - lo), written straight into the kernel's [G][rows + 1][Cp]
+// buffer. The float operations are those of quantize_groups (kernels/cpu/elementwise.cpp) and of
+// quantkit.quantizers.adder.quantize_act_codes, in the same order: v = (x / s_g) * c, clamp to [qlo, qhi], round
+// (half to even, or half away from zero as trunc(|v| + 0.5)); NaN gets code 0 and flags its row.
+struct ActGrid {
+  float c, qlo, qhi;
+  bool half_even;
+  int32_t shift;  // -lo of the packed grid
+};
+
+inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, const ActGrid& q,
+                             uint8_t* __restrict__ dst) {
+  bool nan = false;
+  for (int64_t i = 0; i < C; ++i) {
+    float v = (x[i] / s) * q.c;
+    if (v != v) {  // NaN: no integer code (and no float -> int conversion of it)
+      nan = true;
+      dst[i] = static_cast<uint8_t>(q.shift);
+      continue;
+    }
+    v = std::min(std::max(v, q.qlo), q.qhi);
+    float r;
+    if (q.half_even) {
+      r = (v + 12582912.0f) - 12582912.0f;
+    } else {
+      const float a = static_cast<float>(static_cast<int32_t>(std::fabs(v) + 0.5f));
+      r = v < 0.f ? -a : a;
+    }
+    dst[i] = static_cast<uint8_t>(static_cast<int32_t>(r) + q.shift);
+  }
+  return nan;
+}
+
+QK_TARGET_AVX512 bool quant_row_avx512(const float* __restrict__ x, int64_t C, float s, const ActGrid& q,
+                                       uint8_t* __restrict__ dst) {
+  const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(q.c), vlo = _mm512_set1_ps(q.qlo),
+               vhi = _mm512_set1_ps(q.qhi), half = _mm512_set1_ps(0.5f);
+  const __m512i shift = _mm512_set1_epi32(q.shift);
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < C; i += 16) {
+    const __mmask16 m = C - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (C - i)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+    const __mmask16 isnan = _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    // max/min return their second operand for a NaN first one; NaN lanes are overwritten with code 0 below.
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_div_ps(xv, vs), vc), vlo), vhi);
+    __m512i code;
+    if (q.half_even) {
+      code = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      const __m512i a = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_abs_ps(v), half));
+      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+      code = _mm512_mask_sub_epi32(a, neg, _mm512_setzero_si512(), a);
+    }
+    code = _mm512_add_epi32(_mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), shift);
+    _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtepi32_epi8(code));
+    nan |= isnan & m;
+  }
+  return nan != 0;
+}
+
+// x: float NHWC rows [rows][C] (contiguous). Fills A [G][rows + 1][Cp] (channel padding 0, zero-padding row code 0)
+// and nan_row (one flag per row); returns whether any input was NaN.
+bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, const float* scale, int64_t G,
+                   const ActGrid& q, Isa isa, uint8_t* A, uint8_t* nan_row) {
+  const int64_t gstride = (rows + 1) * Cp;
+  std::atomic<bool> any_nan{false};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    bool nan_here = false;
+    for (int64_t r = begin; r < end; ++r) {
+      bool nan = false;
+      for (int64_t g = 0; g < G; ++g) {
+        uint8_t* dst = A + g * gstride + r * Cp;
+        nan |= isa == kAvx512 ? quant_row_avx512(x + r * C, C, scale[g], q, dst)
+                              : quant_row_scalar(x + r * C, C, scale[g], q, dst);
+        if (Cp > C) std::memset(dst + C, 0, Cp - C);
+      }
+      nan_row[r] = nan;
+      nan_here |= nan;
+    }
+    if (nan_here) any_nan = true;
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    uint8_t* zero_row = A + g * gstride + rows * Cp;
+    std::memset(zero_row, 0, Cp);
+    std::memset(zero_row, q.shift, C);
+  }
+  return any_nan;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The run: indirection table, problem, tiles
+// ------------------------------------------------------------------------------------------------------------
+// Runs the l1 GEMM over the activation buffer A ([G][rows + 1][Cp], values x - lo) with packed weights pw.
+// xabs_max bounds |x| (the sum-overflow check).
 template <typename E>
-at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& wkey,
-                    const at::Tensor& group_index,
-                    int64_t w_mult, int64_t lo, int64_t xhi, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
-                    bool float_out, Isa isa, at::Tensor abuf) {
+at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int64_t xabs_max, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
+                      bool float_out, Isa isa, const at::TensorOptions& opts) {
   const int64_t T = gm.kh * gm.kw;
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   const int64_t rows = gm.N * gm.H * gm.W;
   const int64_t P = gm.N * gm.Ho * gm.Wo;
   const int64_t NB = (gm.Cout + kNR - 1) / kNR;
+  {  // every |x - w| <= |x| + |w|: the sums fit int32 (and the u64 lanes narrowed to int32 stay exact)
+    const int64_t k = T * gm.C;
+    TORCH_CHECK(k == 0 || xabs_max + pw.wabs_max <= std::numeric_limits<int32_t>::max() / k,
+                "adder: the l1 sums could overflow int32 (K=", k, ", |x| <= ", xabs_max, ", |w_mult*w| <= ",
+                pw.wabs_max, "); the operands are far outside 2-8 bits");
+  }
+  std::vector<float> nd, bs;
+  if (float_out) {
+    at::Tensor d = delta.to(at::kFloat).contiguous();
+    nd.assign(NB * kNR, 0.f);
+    for (int64_t j = 0; j < gm.Cout; ++j) nd[j] = -d.data_ptr<float>()[pw.perm[j]];
+    if (bias.has_value()) {
+      at::Tensor bb = bias->to(at::kFloat).contiguous();
+      bs.assign(NB * kNR, 0.f);
+      for (int64_t j = 0; j < gm.Cout; ++j) bs[j] = bb.data_ptr<float>()[pw.perm[j]];
+    }
+  }
+  at::Tensor out = at::empty({gm.N, gm.Cout, gm.Ho, gm.Wo},
+                             opts.dtype(float_out ? at::kFloat : at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
+  if (P == 0 || gm.Cout == 0) return out;
+  (void)rows;
+
+  Problem<E> pb;
+  pb.P = P;
+  pb.T = T;
+  pb.Cp = Cp;
+  pb.gstride = (rows + 1) * Cp;
+  pb.NB = NB;
+  pb.ldo = gm.Cout;
+  pb.A = A;
+  pb.W = reinterpret_cast<const E*>(pw.W);
+  pb.blocks = pw.blocks.data();
+  pb.perm = pw.perm;
+  pb.corr = pw.corr;
+  if (float_out) {
+    pb.nd = nd.data();
+    pb.bias = bs.empty() ? nullptr : bs.data();
+    pb.outf = out.data_ptr<float>();
+  } else {
+    pb.outi = out.data_ptr<int32_t>();
+  }
+  if constexpr (sizeof(E) == 1) {
+    if (isa == kAvx512) {
+      run_tiles(pb, gm, 64, tile_avx512);
+      return out;
+    }
+    if (isa == kAvx2) {
+      run_tiles(pb, gm, 32, tile_avx2);
+      return out;
+    }
+  }
+  run_tiles(pb, gm, 16, tile_portable<E>);
+  return out;
+}
+
+// Integer-input ops: pack the weights for this call's grid (no cache: deploy layers use the prepacked ops).
+template <typename E>
+at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
+                    int64_t w_mult, int64_t lo, int64_t xhi, const at::Tensor& delta,
+                    const c10::optional<at::Tensor>& bias, bool float_out, Isa isa, at::Tensor abuf) {
+  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
+  const int64_t rows = gm.N * gm.H * gm.W;
   const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;  // u16 values are reinterpreted from int16 storage
 
   // Activations: [G][rows + 1][Cp], values (x - lo); padding values 0; the last row of each group is q_x = 0.
@@ -714,82 +851,23 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
       if (shift_mod != 0) view.add_(shift_mod);
     }
   }
-  const E* A = reinterpret_cast<const E*>(abuf.data_ptr());
-
-  const std::shared_ptr<const PackedWeights> pw = packed_weights<E>(gm, wq, wkey, group_index, w_mult, lo);
-  const std::vector<int32_t>& perm = pw->perm;
-  const std::vector<int32_t>& corr = pw->corr;
-  const std::vector<BlockInfo>& blocks = pw->blocks;
-  const E* Wp = reinterpret_cast<const E*>(pw->wbuf.data_ptr());
-  {  // every |x - w| <= |x| + |w|: the sums fit int32 (and the u64 lanes narrowed to int32 stay exact)
-    const int64_t xmax = std::max(std::abs(lo), std::abs(xhi)), k = T * gm.C;
-    TORCH_CHECK(k == 0 || xmax + pw->wabs_max <= std::numeric_limits<int32_t>::max() / k,
-                "adder: the l1 sums could overflow int32 (K=", k, ", |x| <= ", xmax, ", |w_mult*w| <= ", pw->wabs_max,
-                "); the operands are far outside 2-8 bits");
+  const int64_t hi_bound = (sizeof(E) == 1 ? 255 : 65535) + lo;
+  const std::vector<at::Tensor> packed = pack_weights<E>(wq, group_index, w_mult, lo, hi_bound);
+  PackedView pw;
+  {
+    const int32_t* h = packed[1][kRowHeader].data_ptr<int32_t>();
+    const int64_t NB = (gm.Cout + kNR - 1) / kNR;
+    pw.W = packed[0].data_ptr();
+    pw.perm = packed[1][kRowPerm].data_ptr<int32_t>();
+    pw.corr = packed[1][kRowCorr].data_ptr<int32_t>();
+    pw.wabs_max = h[kHWabs];
+    const int32_t* lgp = packed[1][kRowGroup].data_ptr<int32_t>();
+    pw.blocks = make_blocks(std::vector<int32_t>(lgp, lgp + NB * kNR), std::vector<int32_t>(pw.perm, pw.perm + NB * kNR),
+                            NB, gm.Cout);
   }
-
-  // Indirection: element offset of the row read by (pixel, tap) inside a group buffer.
-  std::vector<int64_t> off(P * T);
-  at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
-      for (int64_t i = 0; i < gm.kh; ++i) {
-        for (int64_t j = 0; j < gm.kw; ++j) {
-          const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh, ix = ox * gm.sw - gm.pw + j * gm.dw;
-          const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
-          off[p * T + i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
-        }
-      }
-    }
-  });
-
-  std::vector<float> nd, bs;
-  if (float_out) {
-    at::Tensor d = delta.to(at::kFloat).contiguous();
-    nd.assign(NB * kNR, 0.f);
-    for (int64_t j = 0; j < gm.Cout; ++j) nd[j] = -d.data_ptr<float>()[perm[j]];
-    if (bias.has_value()) {
-      at::Tensor bb = bias->to(at::kFloat).contiguous();
-      bs.assign(NB * kNR, 0.f);
-      for (int64_t j = 0; j < gm.Cout; ++j) bs[j] = bb.data_ptr<float>()[perm[j]];
-    }
-  }
-  at::Tensor out = at::empty({gm.N, gm.Cout, gm.Ho, gm.Wo},
-                             xq.options().dtype(float_out ? at::kFloat : at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
-  if (P == 0 || gm.Cout == 0) return out;
-
-  Problem<E> pb;
-  pb.P = P;
-  pb.T = T;
-  pb.Cp = Cp;
-  pb.gstride = gstride;
-  pb.NB = NB;
-  pb.ldo = gm.Cout;
-  pb.A = A;
-  pb.off = off.data();
-  pb.W = Wp;
-  pb.blocks = blocks.data();
-  pb.perm = perm.data();
-  pb.corr = corr.data();
-  if (float_out) {
-    pb.nd = nd.data();
-    pb.bias = bs.empty() ? nullptr : bs.data();
-    pb.outf = out.data_ptr<float>();
-  } else {
-    pb.outi = out.data_ptr<int32_t>();
-  }
-  if constexpr (sizeof(E) == 1) {
-    if (isa == kAvx512) {
-      run_tiles(pb, 64, tile_avx512);
-      return out;
-    }
-    if (isa == kAvx2) {
-      run_tiles(pb, 32, tile_avx2);
-      return out;
-    }
-  }
-  run_tiles(pb, 16, tile_portable<E>);
-  return out;
+  const int64_t xabs_max = std::max(std::abs(lo), std::abs(xhi));
+  return run_packed<E>(gm, reinterpret_cast<const E*>(abuf.data_ptr()), pw, xabs_max, delta, bias, float_out,
+                       isa, xq.options());
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -824,8 +902,7 @@ void check_epilogue(const char* fn, int64_t n_out, const at::Tensor& delta, cons
   }
 }
 
-at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& wkey,
-                     const at::Tensor& group_index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
+at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
                      const at::Tensor& delta, const c10::optional<at::Tensor>& bias, bool float_out) {
   TORCH_CHECK(xq.dim() == 5, fn, ": xq must have shape (G, N, C, H, W), got ", xq.sizes());
   TORCH_CHECK(wq.dim() == 4, fn, ": wq must have shape (Cout, C, kh, kw), got ", wq.sizes());
@@ -854,7 +931,7 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
   if (float_out) check_epilogue(fn, gm.Cout, delta, bias);
 
   // Common grid: the activation range, plus 0 where the convolution reads padding, placed at a canonical offset
-  // when possible (u8: [0, 255] or [-128, 127]) so that the packed-weight cache hits on every call.
+  // when possible (u8: [0, 255] or [-128, 127]).
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   int64_t lo = 0, hi = 0;
   at::Tensor abuf = convert_activations_u8(gm, xq, Cp, &lo, &hi);
@@ -891,9 +968,9 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
       std::memset(zero_row, 0, Cp);
       std::memset(zero_row, static_cast<int>((-grid_lo) & 0xFF), gm.C);
     }
-    return run_conv<uint8_t>(gm, xq, wq, wkey, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, abuf);
+    return run_conv<uint8_t>(gm, xq, wq, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, abuf);
   }
-  return run_conv<uint16_t>(gm, xq, wq, wkey, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, at::Tensor());
+  return run_conv<uint16_t>(gm, xq, wq, group_index, w_mult, grid_lo, hi, d, bias, float_out, isa, at::Tensor());
 }
 
 at::Tensor linear_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
@@ -902,7 +979,7 @@ at::Tensor linear_impl(const char* fn, const at::Tensor& xq, const at::Tensor& w
   TORCH_CHECK(wq.dim() == 2, fn, ": wq must have shape (N, K), got ", wq.sizes());
   TORCH_CHECK(xq.size(2) == wq.size(1), fn, ": xq has K=", xq.size(2), " but wq has K=", wq.size(1));
   const int64_t one[2] = {1, 1}, zero[2] = {0, 0};
-  at::Tensor y = conv_impl(fn, xq.unsqueeze(-1).unsqueeze(-1), wq.unsqueeze(-1).unsqueeze(-1), wq, group_index, one,
+  at::Tensor y = conv_impl(fn, xq.unsqueeze(-1).unsqueeze(-1), wq.unsqueeze(-1).unsqueeze(-1), group_index, one,
                            zero, one, w_mult, delta, bias, float_out);
   return y.view({xq.size(1), wq.size(0)});  // channels-last (M, N, 1, 1) is row-major (M, N)
 }
@@ -919,14 +996,152 @@ at::Tensor adder_linear_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 at::Tensor adder_l1_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t w_mult) {
-  return conv_impl("adder_l1_conv2d", xq, wq, wq, group_index, stride, padding, dilation, w_mult, at::Tensor(),
+  return conv_impl("adder_l1_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, at::Tensor(),
                    c10::nullopt, false);
 }
 
 at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index,
                             const at::Tensor& delta, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult) {
-  return conv_impl("adder_conv2d", xq, wq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
+  return conv_impl("adder_conv2d", xq, wq, group_index, stride, padding, dilation, w_mult, delta, bias, true);
+}
+
+
+// ---- prepacked, fused-input ops (deploy layers) --------------------------------------------------------------
+std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult,
+                                          int64_t x_lo, int64_t x_hi) {
+  const char* fn = "adder_prepack";
+  TORCH_CHECK(wq.device().is_cpu() && group_index.device().is_cpu(), fn, ": wq and group_index must be CPU tensors");
+  TORCH_CHECK(wq.dim() == 2 || wq.dim() == 4, fn, ": wq must be (N, K) or (Cout, C, kh, kw), got ", wq.sizes());
+  TORCH_CHECK(at::isIntegralType(wq.scalar_type(), false), fn, ": wq must be an integer tensor, got ", wq.scalar_type());
+  TORCH_CHECK(at::isIntegralType(group_index.scalar_type(), false) && group_index.dim() == 1 &&
+                  group_index.numel() == wq.size(0),
+              fn, ": group_index must be a 1-D integer tensor with one entry per output channel (", wq.size(0), ")");
+  TORCH_CHECK(w_mult == 1 || w_mult == 2, fn, ": w_mult must be 1 or 2, got ", w_mult);
+  TORCH_CHECK(x_lo <= 0 && 0 <= x_hi && x_hi - x_lo <= 255, fn, ": the activation grid [", x_lo, ", ", x_hi,
+              "] must contain 0 (the zero padding) and span at most 256 integers (2-8-bit codes)");
+  if (group_index.numel() > 0) {
+    const int64_t gmin = group_index.min().item<int64_t>(), gmax = group_index.max().item<int64_t>();
+    TORCH_CHECK(gmin >= 0 && gmax < 65536, fn, ": group_index values must lie in [0, 65536), got [", gmin, ", ", gmax,
+                "]");
+  }
+  at::Tensor w4 = wq.dim() == 4 ? wq : wq.unsqueeze(-1).unsqueeze(-1);
+  checked_numel(fn, "weights", {w4.size(0), w4.size(1), w4.size(2), w4.size(3)});
+  TORCH_CHECK(w4.size(1) < (int64_t(1) << 24) && w4.size(2) * w4.size(3) < (int64_t(1) << 24), fn,
+              ": the weight shape ", wq.sizes(), " is too large");
+  return pack_weights<uint8_t>(w4, group_index, w_mult, x_lo, x_hi);
+}
+
+at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& wbuf,
+                      const at::Tensor& meta, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
+                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t bits,
+                      bool is_signed, bool half_even) {
+  TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu(), fn, ": x and scale must be CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(bits >= 2 && bits <= 8, fn, ": bits must be in 2..8, got ", bits);
+  const PackedView pw = view_packed(fn, wbuf, meta);
+  TORCH_CHECK(x.size(1) == pw.C, fn, ": x has C=", x.size(1), " but the packed weights were made for C=", pw.C);
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] == pw.kh && kernel_size[1] == pw.kw, fn, ": kernel_size ",
+              kernel_size, " differs from the packed weights' ", pw.kh, "x", pw.kw);
+  TORCH_CHECK(scale.is_floating_point() && scale.dim() == 1 && scale.numel() >= pw.groups, fn,
+              ": scale must be a 1-D float tensor with one scale per group (at least ", pw.groups, "), got ",
+              scale.sizes());
+  const int64_t G = scale.numel();
+  at::Tensor s = scale.to(at::kFloat).contiguous();
+  const float* ss = s.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(std::isfinite(ss[g]) && ss[g] > 0.f, fn, ": scale[", g, "] = ", ss[g],
+                "; every group scale must be finite and > 0");
+  const int64_t qlo = is_signed ? -(int64_t(1) << (bits - 1)) : 0;
+  const int64_t qhi = is_signed ? (int64_t(1) << (bits - 1)) - 1 : (int64_t(1) << bits) - 1;
+  TORCH_CHECK(qlo >= pw.lo && qhi <= pw.hi, fn, ": ", bits, "-bit ", is_signed ? "signed" : "unsigned",
+              " codes span [", qlo, ", ", qhi, "] but the weights were packed for the grid [", pw.lo, ", ", pw.hi,
+              "]; prepack with x_lo <= ", qlo, " and x_hi >= ", qhi);
+  check_epilogue(fn, pw.Cout, delta, bias);
+
+  ConvGeom gm{};
+  gm.G = G;
+  gm.N = x.size(0);
+  gm.C = pw.C;
+  gm.H = x.size(2);
+  gm.W = x.size(3);
+  gm.Cout = pw.Cout;
+  gm.kh = pw.kh;
+  gm.kw = pw.kw;
+  const ConvOut osz = conv2d_out_hw(fn, gm.H, gm.W, gm.kh, gm.kw, stride, padding, dilation);
+  gm.sh = stride[0];
+  gm.sw = stride[1];
+  gm.ph = padding[0];
+  gm.pw = padding[1];
+  gm.dh = dilation[0];
+  gm.dw = dilation[1];
+  gm.Ho = osz.h;
+  gm.Wo = osz.w;
+  checked_numel(fn, "output elements", {gm.N, gm.Ho, gm.Wo, std::max<int64_t>(gm.Cout, 1)});
+  checked_numel(fn, "tap offsets", {gm.N, gm.Ho, gm.Wo, gm.kh, gm.kw});
+  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
+  const int64_t rows = gm.N * gm.H * gm.W;
+  checked_numel(fn, "activation buffer", {G, rows + 1, Cp});
+
+  // NHWC float rows: free for channels-last inputs (what the previous adder conv returns), one copy otherwise.
+  at::Tensor xr = x.permute({0, 2, 3, 1}).contiguous();
+  // The quantized activations live in a per-thread scratch buffer reused across calls: a fresh multi-MiB
+  // allocation per layer costs page faults comparable to the quantization itself (activations only, never weights).
+  thread_local std::unique_ptr<uint8_t[]> scratch;
+  thread_local int64_t scratch_bytes = 0;
+  if (scratch_bytes < G * (rows + 1) * Cp) {
+    scratch.reset();  // release first: the old and the new buffer need not coexist
+    scratch_bytes = 0;
+    scratch.reset(new uint8_t[G * (rows + 1) * Cp]);
+    scratch_bytes = G * (rows + 1) * Cp;
+  }
+  uint8_t* abuf = scratch.get();
+  std::vector<uint8_t> nan_row(rows + 1, 0);
+  const Isa isa = cpu::active_isa();
+  const ActGrid q{is_signed ? static_cast<float>((1 << bits) - 1) / 2.0f : static_cast<float>((1 << bits) - 1),
+                  static_cast<float>(qlo), static_cast<float>(qhi), half_even, static_cast<int32_t>(-pw.lo)};
+  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, ss, G, q, isa, abuf, nan_row.data());
+  const int64_t xabs_max = std::max(std::abs(qlo), std::abs(qhi));
+  at::Tensor out = run_packed<uint8_t>(gm, abuf, pw, xabs_max, delta, bias, true, isa,
+                                       x.options());
+  if (any_nan) {
+    // NaN where the float model has it: |NaN - w| poisons every output whose window reads a NaN (any channel).
+    const int64_t P = gm.N * gm.Ho * gm.Wo, T = gm.kh * gm.kw;
+    float* y = out.data_ptr<float>();
+    const float qnan = std::numeric_limits<float>::quiet_NaN();
+    at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> off(T);
+      for (int64_t p = begin; p < end; ++p) {
+        pixel_offsets(gm, Cp, p, off.data());
+        bool hit = false;
+        for (int64_t t = 0; t < T && !hit; ++t) hit = nan_row[off[t] / Cp] != 0;
+        if (hit) std::fill(y + p * gm.Cout, y + (p + 1) * gm.Cout, qnan);
+      }
+    });
+  }
+  return out;
+}
+
+at::Tensor adder_conv2d_packed_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& packed_weight,
+                                   const at::Tensor& packed_meta, const at::Tensor& delta,
+                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t bits, bool is_signed, bool half_even) {
+  return fused_impl("adder_conv2d_packed", x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
+                    dilation, bits, is_signed, half_even);
+}
+
+at::Tensor adder_linear_packed_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& packed_weight,
+                                   const at::Tensor& packed_meta, const at::Tensor& delta,
+                                   const c10::optional<at::Tensor>& bias, int64_t bits, bool is_signed,
+                                   bool half_even) {
+  TORCH_CHECK(x.dim() == 2, "adder_linear_packed: x must be (M, K), got ", x.sizes());
+  const int64_t one[2] = {1, 1}, zero[2] = {0, 0};
+  // (M, K) rows are the NHWC rows of an (M, K, 1, 1) image: a 1x1 convolution.
+  at::Tensor y = fused_impl("adder_linear_packed", x.unsqueeze(-1).unsqueeze(-1), scale, packed_weight, packed_meta,
+                            delta, bias, one, one, zero, one, bits, is_signed, half_even);
+  return y.view({x.size(0), y.size(1)});
 }
 
 // Register-resident loops shaped like the micro-kernel (8 broadcast rows x 2 weight registers, no memory operands;
@@ -989,6 +1204,30 @@ QK_TARGET_AVX512 double peak_minsum_avx512(int64_t iters) {
   return static_cast<double>(outer) * 16.0 * 16.0 * 64.0 / std::chrono::duration<double>(t1 - t0).count();
 }
 
+// "thermo2": 2-bit operands as 3-bit thermometer codes (|a - b| = popcount(T(a) xor T(b))), 21 per u64 lane:
+// 16 VPXORQ + 16 VPOPCNTQ + 16 VPADDQ per step -> 168 abs-differences per zmm instruction triple.
+QK_TARGET_AVX512 double peak_thermo2_avx512(int64_t iters) {
+  __m512i acc[16], x[8];
+  __m512i w0 = _mm512_set1_epi64(0x1234567), w1 = _mm512_set1_epi64(0x7654321);
+  for (int i = 0; i < 8; ++i) x[i] = _mm512_set1_epi64(i * 0x1111 + 1);
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    QK_OPAQUE8(x, w0, w1);
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) {
+      acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_popcnt_epi64(_mm512_xor_si512(x[r], w0)));
+      acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_popcnt_epi64(_mm512_xor_si512(x[r], w1)));
+    }
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+  __m512i s = acc[0];
+  for (int i = 1; i < 16; ++i) s = _mm512_add_epi64(s, acc[i]);
+  volatile int64_t sink = _mm512_reduce_add_epi64(s);
+  (void)sink;
+  return static_cast<double>(iters) * 16.0 * 168.0 / std::chrono::duration<double>(t1 - t0).count();
+}
+
 QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
   __m512 acc[16];
   __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
@@ -1007,14 +1246,14 @@ QK_TARGET_AVX512 double peak_fma_avx512(int64_t iters) {
   return static_cast<double>(iters) * 16.0 * 16.0 / std::chrono::duration<double>(t1 - t0).count();
 }
 
-void adder_clear_weight_cache() { clear_weight_cache(); }
-
 double adder_isa_peak(int64_t iters, c10::string_view loop) {
   // bounded so that no argument makes the call run for more than a few seconds
   TORCH_CHECK(iters >= 1 && iters <= 1000000000, "adder_isa_peak: iters must be in [1, 1e9], got ", iters);
-  const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma";
-  TORCH_CHECK(sad || minsum || fma, "adder_isa_peak: loop must be 'sad', 'minsum' or 'fp32_fma', got '", loop, "'");
+  const bool sad = loop == "sad", minsum = loop == "minsum", fma = loop == "fp32_fma", thermo2 = loop == "thermo2";
+  TORCH_CHECK(sad || minsum || fma || thermo2, "adder_isa_peak: loop must be 'sad', 'minsum', 'thermo2' or "
+              "'fp32_fma', got '", loop, "'");
   if (cpu::best_supported_isa() != kAvx512) return 0.0;
+  if (thermo2) return peak_thermo2_avx512(iters);
   return sad ? peak_sad_avx512(iters) : minsum ? peak_minsum_avx512(iters) : peak_fma_avx512(iters);
 }
 
@@ -1027,9 +1266,11 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("adder_linear", &quantkit::adder::adder_linear_cpu);
   m.impl("adder_l1_conv2d", &quantkit::adder::adder_l1_conv2d_cpu);
   m.impl("adder_conv2d", &quantkit::adder::adder_conv2d_cpu);
+  m.impl("adder_prepack", &quantkit::adder::adder_prepack_cpu);
+  m.impl("adder_conv2d_packed", &quantkit::adder::adder_conv2d_packed_cpu);
+  m.impl("adder_linear_packed", &quantkit::adder::adder_linear_packed_cpu);
 }
 
 TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) {
   m.impl("adder_isa_peak", &quantkit::adder::adder_isa_peak);
-  m.impl("adder_clear_weight_cache", &quantkit::adder::adder_clear_weight_cache);
 }

@@ -10,8 +10,10 @@ paper (docs/algorithms.md#adder-ptq-integer-form), with float tensors holding in
 The l1 sums of integer codes are exact in float32 while they stay below 2^24 (float64 is used otherwise), so the
 simulated output equals the integer kernels of :mod:`quantkit.ops.adder` (integer sums bit-exact, the float epilogue
 ``-Delta * S + b`` within float rounding). The deploy layers (:class:`AdderDeployConv2d`, :class:`AdderDeployLinear`)
-hold int8 weight codes, the group of each channel, the group scales, the per-channel step and bias, and call
-``quantkit.ops.adder_conv2d`` / ``adder_linear``.
+hold int8 weight codes, the group of each channel, the group scales, the per-channel step and bias, plus the
+weights packed once for the CPU kernels, and call ``quantkit.ops.adder.adder_conv2d_packed`` /
+``adder_linear_packed`` (activation re-quantization fused into the kernel), or ``adder_conv2d`` / ``adder_linear``
+after ``quantize_groups`` elsewhere.
 
 How the group scales are chosen is the scheme's ``method`` (see :mod:`quantkit.schemes.adder`):
 
@@ -327,6 +329,27 @@ class _AdderDeploy(nn.Module):
         delta, bias = sim.epilogue(p)  # a BatchNorm folded in simulation: the same constants, bit for bit
         self.register_buffer("delta", delta.detach().float().clone())
         self.register_buffer("bias", bias.detach().float().clone())
+        self.prepack()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepack())
+
+    def prepack(self) -> None:
+        """Pack the weight codes once for the CPU kernels (``quantkit.ops.adder.adder_prepack``) and keep the
+        packing as (non-persistent) buffers; forward then runs the prepacked op with the activation re-quantization
+        fused into its input side. Called at construction and after ``load_state_dict``; call it again after writing
+        ``weight_int`` or ``group_index`` in place. Without the compiled kernels (or off the CPU) the buffers are
+        None and forward quantizes with ``quantize_groups`` and calls the integer-input ops."""
+        from ..ops.adder import adder_prepack, has_packed_kernels
+
+        packed_weight = packed_meta = None
+        if self.weight_int.device.type == "cpu" and has_packed_kernels():
+            packed_weight, packed_meta = adder_prepack(self.weight_int, self.group_index, self.w_mult, self.bits_a,
+                                                       self.signed_act)
+        self.register_buffer("packed_weight", packed_weight, persistent=False)
+        self.register_buffer("packed_meta", packed_meta, persistent=False)
+
+    def _use_packed(self, x: Tensor) -> bool:
+        return (self.packed_weight is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.packed_weight.device.type == "cpu")
 
     def fold_affine(self, g: Tensor, h: Tensor) -> None:
         """Absorb ``y -> g * y + h`` (per output channel, e.g. a following BatchNorm): the epilogue
@@ -368,10 +391,15 @@ class AdderDeployConv2d(_AdderDeploy):
         self.stride, self.padding, self.dilation = sim.stride, sim.padding, sim.dilation
 
     def forward(self, x: Tensor) -> Tensor:
-        from ..ops.adder import adder_conv2d
+        from ..ops.adder import adder_conv2d, adder_conv2d_packed
 
         rank_ok = isinstance(x, Tensor) and x.dim() == 4
         self._check_input(x, rank_ok, "an (N, C, H, W)", self.weight_int.shape[1], x.shape[1] if rank_ok else -1)
+        if self._use_packed(x):  # NaN outputs are produced by the op itself
+            return adder_conv2d_packed(x, self.group_scale, self.packed_weight, self.packed_meta, self.delta,
+                                       self.bias, tuple(self.weight_int.shape[2:]), self.stride, self.padding,
+                                       self.dilation, self.bits_a,
+                                       self.signed_act, self.round_mode)
         y = adder_conv2d(self.quant_input(x), self.weight_int, self.group_index, self.delta, self.bias, self.stride,
                          self.padding, self.dilation, self.w_mult)
         kh, kw = self.weight_int.shape[2:]
@@ -386,14 +414,19 @@ class AdderDeployConv2d(_AdderDeploy):
 
 class AdderDeployLinear(_AdderDeploy):
     def forward(self, x: Tensor) -> Tensor:
-        from ..ops.adder import adder_linear
+        from ..ops.adder import adder_linear, adder_linear_packed
 
         rank_ok = isinstance(x, Tensor) and x.dim() >= 1
         self._check_input(x, rank_ok, "an (..., in_features)", self.weight_int.shape[1], x.shape[-1] if rank_ok else -1)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = adder_linear(self.quant_input(x2), self.weight_int, self.group_index, self.delta, self.bias, self.w_mult)
-        y = self._propagate_nan(x2, y, lambda nan: nan.any(-1, keepdim=True))  # a row with a NaN is all NaN
+        if self._use_packed(x2):  # a row with a NaN is all NaN, done by the op itself
+            y = adder_linear_packed(x2.contiguous(), self.group_scale, self.packed_weight, self.packed_meta,
+                                    self.delta, self.bias, self.bits_a, self.signed_act, self.round_mode)
+        else:
+            y = adder_linear(self.quant_input(x2), self.weight_int, self.group_index, self.delta, self.bias,
+                             self.w_mult)
+            y = self._propagate_nan(x2, y, lambda nan: nan.any(-1, keepdim=True))  # a row with a NaN is all NaN
         return y.reshape(*lead, self.weight_int.shape[0]).to(x.dtype)  # explicit N: batch 0 cannot infer -1
 
 

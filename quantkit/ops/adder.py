@@ -27,7 +27,10 @@ Integer inputs may have any integer dtype (int8/uint8/int16/int32/int64) and any
 * runs conv as an indirect GEMM over channels-last rows (no im2col copy); padded taps read a row of ``q_x = 0``;
 * sorts output channels by group so a 16-channel block reads one group's activations (sorted ``group_index`` is
   fastest, any order is exact);
-* caches the packed weights per weight tensor (see :func:`clear_weight_cache`), so deploy layers pack once;
+* packs the weights on every call of these four ops; deploy layers pack once instead, at ``convert``, with
+  :func:`adder_prepack`, keep the packing as buffers and call :func:`adder_conv2d_packed` /
+  :func:`adder_linear_packed`, which also fuse the per-group activation re-quantization into the kernel's input side
+  (float input, no ``(G, ...)`` code tensor);
 * picks AVX-512BW, AVX2 or portable code at run time (``QUANTKIT_CPU_ISA=portable|avx2|avx512`` lowers it) and
   runs on PyTorch's intra-op thread pool.
 
@@ -58,7 +61,10 @@ __all__ = [
     "adder_l1_conv2d_reference",
     "adder_conv2d_reference",
     "adder_conv2d_output_size",
-    "clear_weight_cache",
+    "adder_prepack",
+    "adder_conv2d_packed",
+    "adder_linear_packed",
+    "has_packed_kernels",
 ]
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -340,18 +346,6 @@ def adder_conv2d_reference(
 # ---------------------------------------------------------------------------------------------------------------
 # public ops: compiled kernel when available, reference otherwise
 # ---------------------------------------------------------------------------------------------------------------
-def clear_weight_cache() -> None:
-    """Drop the CPU kernels' cache of packed weights.
-
-    The kernels pack each weight tensor once and reuse the packing while the same tensor (same object, data pointer,
-    shape, strides and version counter) comes back. In-place PyTorch ops bump the version counter, so they are seen;
-    writes that bypass it (through ``.data``, a numpy view or DLPack) are not: call this after such a write, or set
-    ``QUANTKIT_ADDER_WEIGHT_CACHE=0`` to disable the cache.
-    """
-    if has_op("adder_clear_weight_cache"):
-        torch.ops.quantkit.adder_clear_weight_cache()
-
-
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.to(torch.float32)
 
@@ -487,3 +481,108 @@ def _adder_l1_conv2d_fake(xq, wq, group_index, stride=(1, 1), padding=(0, 0), di
 def _adder_conv2d_fake(xq, wq, group_index, delta, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), w_mult=1):
     check_devices("adder_conv2d", xq=xq, wq=wq, group_index=group_index, delta=delta, bias=bias)
     return _conv_fake_out("adder_conv2d", xq, wq, stride, padding, dilation, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deploy path: weights packed once (adder_prepack), activation re-quantization fused into the kernel's input side
+# ---------------------------------------------------------------------------------------------------------------
+def has_packed_kernels() -> bool:
+    """Whether the compiled CPU kernels provide the prepacked, fused-input ops."""
+    return has_op("adder_prepack") and has_op("adder_conv2d_packed") and has_op("adder_linear_packed")
+
+
+def act_code_range(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer range of the activation codes: ``[-2^(b-1), 2^(b-1) - 1]`` (signed) or ``[0, 2^b - 1]`` (unsigned)."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits: int, signed: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pack integer weights once for :func:`adder_conv2d_packed` / :func:`adder_linear_packed` (CPU).
+
+    The weights ``w_mult * wq`` are clamped into the activation code grid of ``bits`` / ``signed`` (which holds the
+    zero padding) with an exact per-channel correction, channels sorted by group into 16-lane blocks.
+
+    Args:
+        wq: (N, K) or (Cout, C, kh, kw) integer weight codes (CPU).
+        group_index: (Cout,) group of each output channel.
+        w_mult: 1 (signed form) or 2 (code form ``|q_x - 2 q_w|``).
+        bits, signed: the activation codes the packing will be used with.
+    Returns:
+        ``(packed_weight, packed_meta)``: flat uint8 and (4, L) int32 tensors (layout in ``kernels/cpu/adder.cpp``).
+    """
+    fn = "adder_prepack"
+    _check_int(wq, "wq", fn)
+    if wq.dim() not in (2, 4):
+        raise KernelError(f"{fn}: wq must be (N, K) or (Cout, C, kh, kw), got shape {tuple(wq.shape)}")
+    if w_mult not in (1, 2):
+        raise KernelError(f"{fn}: w_mult must be 1 (|q_x - q_w|) or 2 (|q_x - 2 q_w|), got {w_mult!r}")
+    groups = int(group_index.max()) + 1 if isinstance(group_index, torch.Tensor) and group_index.numel() else 1
+    _check_groups(fn, group_index, wq.shape[0], groups, wq.device)
+    if wq.device.type != "cpu" or not has_packed_kernels():
+        raise KernelError(f"{fn}: needs the compiled CPU kernels and CPU tensors (got {wq.device})")
+    lo, hi = act_code_range(int(bits), bool(signed))
+    packed_weight, packed_meta = torch.ops.quantkit.adder_prepack(wq, group_index, int(w_mult), lo, hi)
+    return packed_weight, packed_meta
+
+
+def adder_conv2d_packed(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    packed_weight: torch.Tensor,
+    packed_meta: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    dilation: IntPair,
+    bits: int,
+    signed: bool,
+    round_mode: str = "half_even",
+) -> torch.Tensor:
+    """Deploy adder conv on prepacked weights with the activation re-quantization fused in:
+    ``adder_conv2d(quantize_groups(x, scale, bits, signed, round_mode), wq, ...)`` in one op, plus NaN in every
+    output whose window reads a NaN input (as the float model). ``x`` is float32 (N, C, H, W), channels-last memory
+    is read in place; the output is (N, Cout, Ho, Wo) float32 in channels-last memory."""
+    k = _pair(kernel_size, "kernel_size", 1)
+    s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    return torch.ops.quantkit.adder_conv2d_packed(x, scale, packed_weight, packed_meta, _f32(delta), _f32(bias),
+                                                  list(k), list(s), list(p), list(d), int(bits), bool(signed),
+                                                  round_mode == "half_even")
+
+
+def adder_linear_packed(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    packed_weight: torch.Tensor,
+    packed_meta: torch.Tensor,
+    delta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    bits: int,
+    signed: bool,
+    round_mode: str = "half_even",
+) -> torch.Tensor:
+    """Deploy adder linear layer on prepacked weights, activation re-quantization fused in (see
+    :func:`adder_conv2d_packed`): ``x`` float32 (M, K) -> (M, N) float32; a row with a NaN gives a NaN row."""
+    return torch.ops.quantkit.adder_linear_packed(x, scale, packed_weight, packed_meta, _f32(delta), _f32(bias),
+                                                  int(bits), bool(signed), round_mode == "half_even")
+
+
+@register_fake("adder_conv2d_packed")
+def _adder_conv2d_packed_fake(x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
+                              dilation, bits, is_signed, half_even):
+    check_devices("adder_conv2d_packed", x=x, scale=scale, packed_weight=packed_weight, packed_meta=packed_meta,
+                  delta=delta, bias=bias)
+    torch._check(x.dim() == 4 and packed_weight.dim() == 1)
+    ho, wo = conv2d_output_hw("adder_conv2d_packed", x.shape[2:4], kernel_size, stride, padding, dilation)
+    out = x.new_empty((x.shape[0], delta.shape[0], ho, wo), dtype=torch.float32)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@register_fake("adder_linear_packed")
+def _adder_linear_packed_fake(x, scale, packed_weight, packed_meta, delta, bias, bits, is_signed, half_even):
+    check_devices("adder_linear_packed", x=x, scale=scale, packed_weight=packed_weight, packed_meta=packed_meta,
+                  delta=delta, bias=bias)
+    torch._check(x.dim() == 2)
+    return x.new_empty((x.shape[0], delta.shape[0]), dtype=torch.float32)
