@@ -35,7 +35,9 @@ sm90a_sources = _rel(glob.glob(os.path.join(HERE, "kernels", "cuda", "sm90a", "*
 
 # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially in a translation unit built without
 # OpenMP; the extension then shares torch's libgomp (same soname), so torch.set_num_threads governs our kernels too.
-cxx_flags = ["-O3", "-fno-strict-aliasing", "-fopenmp"]
+# -ffp-contract=off: a written a * b + c stays a product and a sum (GCC's default contracts it into an FMA, one
+# rounding), so epilogues round like the simulated layers' PyTorch ops; explicit FMA intrinsics are unaffected.
+cxx_flags = ["-O3", "-fno-strict-aliasing", "-fopenmp", "-ffp-contract=off"]
 if os.environ.get("QUANTKIT_ASAN") == "1":
     cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 link_flags = ["-fopenmp"] + (["-fsanitize=address"] if os.environ.get("QUANTKIT_ASAN") == "1" else [])

@@ -224,6 +224,10 @@ def test_batchnorm_folds_into_the_simulated_layer_as_convert_folds_it():
         delta, bias = folded[0].epilogue(folded[0].quant_params())
         assert torch.equal(deploy[0].delta, delta) and torch.equal(deploy[0].bias, bias)
         torch.testing.assert_close(deploy(x), folded(x), rtol=1e-5, atol=1e-5)
+        # kernels and simulation round the epilogue alike (a product, then a sum): bit for bit, layer by layer
+        assert torch.equal(deploy[0](x), folded[0](x))
+        h = folded[2](folded[1](folded[0](x)))
+        assert torch.equal(deploy[3](h), folded[3](h))
     # a folded, calibrated model round-trips through its state dict
     again = quantkit.prepare(model, "adder_ptq4")
     quantkit.calibrate(again, data, progress=False)

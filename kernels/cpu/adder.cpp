@@ -104,7 +104,8 @@ inline void store_row_scalar(const Problem<E>& pb, int64_t blk, int64_t row, con
     const int32_t v = s[j] + pb.corr[base + j];
     if (pb.outf != nullptr) {
       const float b = pb.bias != nullptr ? pb.bias[base + j] : 0.f;
-      pb.outf[row * pb.ldo + o] = std::fma(pb.nd[base + j], static_cast<float>(v), b);
+      // a product, then a sum (two roundings, no FMA): the simulated layer's -delta * S + bias in PyTorch, bit for bit
+      pb.outf[row * pb.ldo + o] = pb.nd[base + j] * static_cast<float>(v) + b;
     } else {
       pb.outi[row * pb.ldo + o] = v;
     }
@@ -263,7 +264,8 @@ QK_TARGET_AVX512 inline void store_rows_avx512(const Problem<uint8_t>& pb, int64
     const __m512i s = _mm512_add_epi32(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), corr);
     const int64_t row = p0 + r;
     if (pb.outf != nullptr) {
-      const __m512 y = _mm512_fmadd_ps(nd, _mm512_cvtepi32_ps(s), bias);
+      // product then sum, no FMA (-ffp-contract=off keeps them apart): bit-equal to the simulated layer's epilogue
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(nd, _mm512_cvtepi32_ps(s)), bias);
       float* dst = pb.outf + row * pb.ldo;
       if (bi.contiguous) {
         _mm512_mask_storeu_ps(dst + first, valid, y);
