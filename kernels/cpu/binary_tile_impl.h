@@ -5,7 +5,8 @@
 //   template <bool AND> void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel,
 //                               int32_t* acc);
 // the MR x NR micro-kernel: acc[i*NR + j] = sum_{t<T, w<Cw} popcount(a[i*T+t][w] OP panel[(t*Cw + w)*NR + j]),
-// OP = AND or XOR, and `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
+// OP = AND or XOR, `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent) and
+// `kHasVecEpi` / `vec_epilogue` (a register form of the float/bits/fused epilogue; a stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
 // vectorises with the same registers as the micro-kernel. Types (Ctx, RowInfo, MR, NR, kEpi*) come from binary.cpp.
 
 static inline int32_t popc32(uint32_t v) { return __builtin_popcount(v); }
@@ -94,9 +95,13 @@ inline void setup_missing_row(const Ctx& c, const uint32_t** pi, RowInfo& ri) {
 template <bool CONV, int EPI, bool DOT>
 inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
                          const int32_t* acc) {
+  if constexpr (kHasVecEpi && !DOT && (EPI == kEpiFloat || EPI == kEpiBits || EPI == kEpiFused)) {
+    vec_epilogue<CONV, EPI>(c, cb, p, pi, ri, acc);  // this ISA's register form of the code below
+    return;
+  }
   const int64_t col0 = cb * NR;
   const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-  if (EPI == kEpiFloat || EPI == kEpiBits) {
+  if (EPI == kEpiFloat || EPI == kEpiBits || EPI == kEpiFused) {
     const float* sc = c.scale + col0;
     const float* as = c.ass + col0;
     const float* ws = c.wss + col0;
@@ -125,7 +130,34 @@ inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
       }
       y[j] = v;
     }
-    if (EPI == kEpiFloat) {
+    if (EPI == kEpiFused) {
+      // the unfused deploy graph's operations in its order: y + residual, then Maxout (the forms of
+      // kernels/cpu/elementwise.cpp, so the values are the same), then the float store and/or y >= threshold
+      if (c.res) {
+        const float* r = c.res + p * c.ldr + col0;
+        for (int j = 0; j < ncols; ++j) y[j] += r[j];
+      }
+      if (c.mpos) {
+        const float* mp = c.mpos + col0;
+        const float* mn = c.mneg + col0;
+        if (c.mo_finite) {
+          for (int j = 0; j < NR; ++j) y[j] = y[j] * (y[j] > 0.f ? mp[j] : mn[j]);
+        } else {
+          for (int j = 0; j < NR; ++j) y[j] = mp[j] * std::max(y[j], 0.f) - mn[j] * std::max(-y[j], 0.f);
+        }
+      }
+      if (c.out) {
+        float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
+        for (int j = 0; j < ncols; ++j) o[j] = y[j];
+      }
+      if (c.outb) {
+        const float* th = c.thr + col0;
+        uint32_t bits = 0;
+        for (int j = 0; j < NR; ++j) bits |= static_cast<uint32_t>(y[j] >= th[j]) << j;
+        if (ncols < NR) bits &= (1u << ncols) - 1u;
+        c.outb[p * c.ldb + cb] = static_cast<uint16_t>(bits);
+      }
+    } else if (EPI == kEpiFloat) {
       float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
       if (ncols == NR) {
         for (int j = 0; j < NR; ++j) o[j] = y[j];
