@@ -613,7 +613,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 
     in_names, out_names = io_names(input_names, output_names, len(inputs), len(ref_deploy))
 
-    work = copy.deepcopy(deploy).eval()
+    from ..nn.binary_fused import unfuse_binary_blocks
+
+    work = unfuse_binary_blocks(copy.deepcopy(deploy).eval())  # fused binary blocks export layer by layer
     if emitter_for(work) is not None or isinstance(work, _attention_types()):
         work = nn.Sequential(work)  # a single quantized layer exported on its own
     _ACTIVE.clear()
