@@ -70,6 +70,9 @@ struct Ctx {
   bool mo_finite = true;
   uint16_t* outb = nullptr;
   int64_t ldb = 0;  // halfwords per row of outb
+  // conv with need_apop: popcount of each input pixel's Cw words (N*H*W), so a row's activation popcount is a sum
+  // of T table entries instead of T*Cw popcounts (null: count the words)
+  const int32_t* xpop = nullptr;
 };
 
 // Facts of one output row used by the epilogue.
@@ -651,6 +654,19 @@ void check_reduction(const char* op, int64_t taps, int64_t k) {
               taps, " taps x ", k, " bits) exceeds the int32 range of the kernel's counts");
 }
 
+// Per-pixel activation popcounts of an NHWC word tensor (pixels x Cw words), the table of Ctx::xpop.
+std::vector<int32_t> pixel_popcounts(const uint32_t* x, int64_t pixels, int64_t Cw) {
+  std::vector<int32_t> pop(static_cast<size_t>(pixels));
+  at::parallel_for(0, pixels, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      int32_t s = 0;
+      for (int64_t w = 0; w < Cw; ++w) s += popcount_swar(x[q * Cw + w]);
+      pop[q] = s;
+    }
+  });
+  return pop;
+}
+
 // ---------------------------------------------------------------------------------------------- ops
 at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int64_t k,
                              const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& act_sum_scale,
@@ -762,6 +778,11 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
   c.bias = ev.bias.data(), c.thr = ev.thr.data();
   c.need_apop = act_sum_scale.has_value();
+  std::vector<int32_t> xpop;
+  if (c.need_apop && c.T > 1) {
+    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
+    c.xpop = xpop.data();
+  }
   c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
   c.ldo = bits ? 2 * num_words(Cout) : Cout;
   run({c}, bits ? pick_tile<true, kEpiBits>(isa, amx) : pick_tile<true, kEpiFloat>(isa, amx), amx);
@@ -884,6 +905,11 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
   c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
   c.bias = ev.bias.data(), c.thr = ev.thr.data();
   c.need_apop = act_sum_scale.has_value();
+  std::vector<int32_t> xpop;
+  if (c.need_apop && T > 1) {
+    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
+    c.xpop = xpop.data();
+  }
   c.out = float_out ? static_cast<void*>(out_f.data_ptr<float>()) : nullptr;
   c.ldo = c_out;
   c.res = res.defined() ? res.data_ptr<float>() : nullptr;

@@ -37,6 +37,7 @@ struct PixelCursor {
 template <bool CONV>
 inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint32_t** pi, RowInfo& ri) {
   const int64_t T = c.T, Cw = c.Cw;
+  int32_t apop = 0;  // from the per-pixel table c.xpop, when there is one
   if (CONV) {
     const int64_t n = pc.n, oh = pc.oh, ow = pc.ow;
     const int64_t ih0 = oh * c.sh - c.ph, iw0 = ow * c.sw - c.pw;
@@ -47,6 +48,11 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
       const int64_t row_step = c.dh * c.W * Cw, col_step = c.dw * Cw;
       for (int64_t r = 0; r < c.kh; ++r)
         for (int64_t s = 0; s < c.kw; ++s) pi[r * c.kw + s] = base + r * row_step + s * col_step;
+      if (c.xpop) {
+        const int32_t* xp = c.xpop + (n * c.H + ih0) * c.W + iw0;
+        for (int64_t r = 0; r < c.kh; ++r)
+          for (int64_t s = 0; s < c.kw; ++s) apop += xp[r * c.dh * c.W + s * c.dw];
+      }
       valid = T;
     } else {
       for (int64_t r = 0; r < c.kh; ++r) {
@@ -56,6 +62,7 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
           const int64_t iw = ow * c.sw - c.pw + s * c.dw;
           if (row_ok && iw >= 0 && iw < c.W) {
             pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
+            if (c.xpop) apop += c.xpop[(n * c.H + ih) * c.W + iw];
             ++valid;
           } else {
             pi[r * c.kw + s] = c.zbuf;
@@ -71,9 +78,10 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
     ri.border = false;
   }
   if (c.need_apop) {
-    int32_t s = 0;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
+    int32_t s = apop;
+    if (!(CONV && c.xpop))
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
     ri.apop = s;
     ri.asum = static_cast<float>(2 * s - ri.nv);
   } else {
