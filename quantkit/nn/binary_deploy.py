@@ -117,6 +117,16 @@ class _BinaryDeploy(nn.Module):
         return y if self.bias is None else y + self.bias.view(shape)
 
 
+_HAVE_PREPACKED: list[bool] = []
+
+
+def _have_prepacked_kernel() -> bool:
+    """Whether the compiled prepacked conv op exists (asked once: the extension does not change in a process)."""
+    if not _HAVE_PREPACKED:
+        _HAVE_PREPACKED.append(ops._dispatch.has_op("binary_conv2d_prepacked"))
+    return _HAVE_PREPACKED[0]
+
+
 class BinaryDeployConv2d(_BinaryDeploy):
     """Packed binary conv2d (module docstring): NCHW float input -> bits packed NHWC -> the binary conv kernel.
 
@@ -138,15 +148,18 @@ class BinaryDeployConv2d(_BinaryDeploy):
         self._register(weight_packed, in_threshold, epilogue)
         self.register_buffer("weight_panels", None, persistent=False)
         self.register_buffer("weight_popcounts", None, persistent=False)
+        self.register_buffer("in_threshold_channels", None, persistent=False)
         self.prepack()
 
     def prepack(self) -> None:
-        """(Re)build ``weight_panels`` / ``weight_popcounts`` from ``weight_packed`` (explicit: the only place the
-        prepacked form is made)."""
+        """(Re)build ``weight_panels`` / ``weight_popcounts`` from ``weight_packed``, and the per-channel input
+        threshold ``in_threshold_channels`` (explicit: the only place the prepacked form is made)."""
         if self.weight_packed.device.type == "meta":
             return
         with torch.no_grad():
             self.weight_panels, self.weight_popcounts = ops.binary_conv_prepack(self.weight_packed, self.in_channels)
+            if self.in_threshold is not None:
+                self.in_threshold_channels = self._pack_threshold(self.in_channels).clone()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -154,11 +167,12 @@ class BinaryDeployConv2d(_BinaryDeploy):
 
     def in_threshold_vector(self) -> Tensor:
         """The input threshold as a per-channel ``(in_channels,)`` vector (binary-input layers only)."""
-        return self._pack_threshold(self.in_channels)
+        t = self.in_threshold_channels
+        return t if t is not None and t.device == self.in_threshold.device else self._pack_threshold(self.in_channels)
 
     def _prepacked_ready(self, x: Tensor) -> bool:
         return (x.device.type == "cpu" and self.weight_panels is not None
-                and self.weight_panels.device == x.device and ops._dispatch.has_op("binary_conv2d_prepacked"))
+                and self.weight_panels.device == x.device and _have_prepacked_kernel())
 
     def fused(self, x_bits: Tensor, *, residual: Tensor | None = None, maxout: tuple[Tensor, Tensor] | None = None,
               threshold: Tensor | None = None, float_out: bool = True) -> tuple[Tensor, Tensor]:
@@ -204,7 +218,7 @@ class BinaryDeployConv2d(_BinaryDeploy):
                 ones = x.new_ones((1, self.in_channels) + self.kernel_size)
                 asum = F.conv2d(x, ones, None, *geo)
             return self._float_epilogue(dot, asum, (1, -1, 1, 1))
-        xp = ops.pack_activation_nhwc(x, self._pack_threshold(x.shape[1]))
+        xp = ops.pack_activation_nhwc(x, self.in_threshold_vector())
         if self._prepacked_ready(xp):
             return self.fused(xp)[0]
         return ops.binary_conv2d(xp, self.weight_packed, self.in_channels, self.stride, self.padding, self.dilation,
