@@ -73,9 +73,6 @@ TORCH_LIBRARY(quantkit, m) {
   // ---- fused elementwise ops of deploy models -----------------------------------------------------------
   // maxout: y = x * (x > 0 ? pos[c] : neg[c]) per channel c = dim 1 (AdaBin's Maxout, one memory pass)
   m.def("maxout(Tensor x, Tensor pos, Tensor neg) -> Tensor");
-  // maxpool2d_relu: relu(max_pool2d(x)) (= max_pool2d(relu(x))) of float32 (N, C, H, W), floor output size,
-  //   dilation 1, padded taps ignored; channels_last output (a binary net's stem ReLU -> MaxPool in one pass)
-  m.def("maxpool2d_relu(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
   // quantize_groups: (G, *x.shape) int8 (signed) / uint8 codes of x on each group's grid (AdderNet PTQ activations)
   m.def("quantize_groups(Tensor x, Tensor scale, int bits, bool is_signed, bool half_even) -> Tensor");
 

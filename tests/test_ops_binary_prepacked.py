@@ -94,27 +94,6 @@ def test_prepacked_equals_unfused_ops_every_isa(isa):
     check()
 
 
-def test_maxpool2d_relu_equals_aten_every_isa(isa):
-    @settings(max_examples=_examples(25), deadline=None)
-    @given(n=st.integers(1, 2), c=st.integers(1, 40), h=st.integers(3, 12), k=st.integers(1, 3),
-           s=st.integers(1, 3), nan=st.booleans(), seed=st.integers(0, 2**31 - 1))
-    def check(n, c, h, k, s, nan, seed):
-        pad = k // 2
-        x = torch.randn(n, c, h, h, generator=torch.Generator().manual_seed(seed))
-        if nan:
-            x[0, 0, 0, 0] = float("nan")
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = ops.maxpool2d_relu(x, (k, k), (s, s), (pad, pad))
-        ref = torch.nn.functional.max_pool2d(torch.relu(x), k, s, pad)  # the unfused stem order
-        assert y.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
-        plain = ops.maxpool2d_relu(x, (k, k), (s, s), (pad, pad), False)
-        torch.testing.assert_close(plain, torch.nn.functional.max_pool2d(x, k, s, pad), rtol=0, atol=0,
-                                   equal_nan=True)
-
-    check()
-
-
 def test_prepacked_errors():
     w = ops.pack_conv_weight(torch.randn(8, 16, 3, 3))
     panels, wpop = ops.binary_conv_prepack(w, 16)
@@ -149,7 +128,6 @@ def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
     sim, dep = _resnet_pair()
     blocks = [m for m in dep.modules() if isinstance(m, FusedBinaryBlock)]
     assert len(blocks) == 4 and isinstance(dep.bn1, nn.Identity)  # stem BatchNorm folded into the stem conv
-    assert isinstance(dep.relu, nn.Identity) and type(dep.maxpool).__name__ == "MaxPoolReLU"
     assert isinstance(dep.layer2[0].conv1, quantkit.nn.binary_deploy.BinaryDeployConv2d)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -2,8 +2,6 @@
 
 * an inference BatchNorm that directly follows a full-precision ``nn.Conv2d`` (a binary net's stem and 1x1
   shortcuts) is folded into that conv's weight and bias -- one memory pass less, the conv's own layout unchanged;
-* a ReLU whose only user is a ``MaxPool2d`` (the stem) becomes ``nn.Identity`` and the pool a
-  :class:`~quantkit.nn.binary_fused.MaxPoolReLU` (one pass, no index tensor; the same values);
 * every residual block ``act2(conv2(act1(conv1(x))) + shortcut(x))`` of binary-input deploy convs (acts: Maxout
   or nothing; ``Identity`` left by folded BatchNorms anywhere in between) becomes a
   :class:`~quantkit.nn.binary_fused.FusedBinaryBlock`: two kernel calls whose epilogues do the Maxouts, the
@@ -22,12 +20,12 @@ from torch import fx, nn
 
 from ..nn.adabin import Maxout
 from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
-from ..nn.binary_fused import FusedBinaryBlock, MaxPoolReLU
+from ..nn.binary_fused import FusedBinaryBlock
 from .fold import _module_call_counts, batchnorm_affine
 from .passes import replace_module
 
 _ADD = (operator.add, operator.iadd, torch.add)
-_LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, FusedBinaryBlock, MaxPoolReLU)
+_LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, FusedBinaryBlock)
 
 
 class _BlockTracer(fx.Tracer):
@@ -70,33 +68,6 @@ def fold_float_conv_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
         replace_module(model, user.target, nn.Identity())
         folded.append((str(node.target), str(user.target)))
     return folded
-
-
-def fuse_relu_maxpool(model: nn.Module) -> list[str]:
-    """Replace each (``nn.ReLU`` -> ``nn.MaxPool2d``) pair, the ReLU's output used only by the pool and each called
-    once, by (``nn.Identity``, :class:`MaxPoolReLU`) in place; returns the pools' names. Plain pools only (floor
-    output size, dilation 1, no indices)."""
-    graph = _trace(model)
-    if graph is None:
-        return []
-    calls = _module_call_counts(graph)
-    modules = dict(model.named_modules())
-    fused = []
-    for node in graph.nodes:
-        relu = modules.get(node.target) if node.op == "call_module" else None
-        if type(relu) is not nn.ReLU or calls[node.target] != 1 or len(node.users) != 1:
-            continue
-        if relu.inplace and not (isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1):
-            continue  # an in-place ReLU also rewrites its input for that input's other users
-        user = next(iter(node.users))
-        pool = modules.get(user.target) if user.op == "call_module" else None
-        if (type(pool) is not nn.MaxPool2d or calls[user.target] != 1 or user.args != (node,) or user.kwargs
-                or pool.ceil_mode or pool.return_indices or pool.dilation not in (1, (1, 1))):
-            continue
-        replace_module(model, user.target, MaxPoolReLU(relu, pool))
-        replace_module(model, node.target, nn.Identity())
-        fused.append(str(user.target))
-    return fused
 
 
 def _skip_identities(node, modules):
@@ -194,9 +165,6 @@ def fuse_binary_deploy(model: nn.Module) -> list[str]:
     folded = fold_float_conv_batchnorms(model)
     if folded:
         notes.append("full-precision conv BatchNorms folded: " + ", ".join(f"{bn!r} into {c!r}" for c, bn in folded))
-    pools = fuse_relu_maxpool(model)
-    if pools:
-        notes.append("ReLU -> MaxPool2d fused into one pass: " + ", ".join(pools))
     blocks = fuse_binary_blocks(model)
     if blocks:
         notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual add "
@@ -204,4 +172,4 @@ def fuse_binary_deploy(model: nn.Module) -> list[str]:
     return notes
 
 
-__all__ = ["fuse_binary_deploy", "fuse_binary_blocks", "fuse_relu_maxpool", "fold_float_conv_batchnorms", "match_block"]
+__all__ = ["fuse_binary_deploy", "fuse_binary_blocks", "fold_float_conv_batchnorms", "match_block"]

@@ -72,40 +72,17 @@ class FusedBinaryBlock(nn.Module):
                 f"{' -> '.join(sc) if sc else 'identity'}{' -> ' + a2 if a2 else ''}")
 
 
-class MaxPoolReLU(nn.Module):
-    """``max_pool2d(relu(x))`` as one pass, :func:`quantkit.ops.maxpool2d_relu` (``relu(max_pool2d(x))``, the same
-    values: ReLU is monotone). Replaces a ReLU -> MaxPool2d pair (the ReLU's place becomes ``nn.Identity``); keeps the
-    two original modules in :attr:`unfused`."""
-
-    def __init__(self, relu: nn.Module, pool: nn.MaxPool2d) -> None:
-        super().__init__()
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))  # noqa: E731
-        self.kernel_size, self.stride, self.padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
-        self._unfused = (nn.Sequential(relu, pool),)
-
-    @property
-    def unfused(self) -> nn.Module:
-        return self._unfused[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.maxpool2d_relu(x, self.kernel_size, self.stride, self.padding, True)
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, relu first"
-
-
 def unfuse_binary_blocks(model: nn.Module) -> nn.Module:
-    """Replace every :class:`FusedBinaryBlock` / :class:`MaxPoolReLU` in ``model`` (in place) by its original
-    module(s); returns ``model`` (or the original when ``model`` itself is fused). Exporters use it: they emit the
-    layers one by one."""
-    if isinstance(model, (FusedBinaryBlock, MaxPoolReLU)):
+    """Replace every :class:`FusedBinaryBlock` in ``model`` (in place) by its original block; returns ``model`` (or
+    the original block when ``model`` itself is fused). Exporters use it: they emit the block layer by layer."""
+    if isinstance(model, FusedBinaryBlock):
         return model.unfused
     for name, child in list(model.named_children()):
-        if isinstance(child, (FusedBinaryBlock, MaxPoolReLU)):
+        if isinstance(child, FusedBinaryBlock):
             setattr(model, name, child.unfused)
         else:
             unfuse_binary_blocks(child)
     return model
 
 
-__all__ = ["FusedBinaryBlock", "MaxPoolReLU", "unfuse_binary_blocks"]
+__all__ = ["FusedBinaryBlock", "unfuse_binary_blocks"]

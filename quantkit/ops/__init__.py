@@ -28,5 +28,5 @@ from quantkit.ops.binary import (
     binary_linear_reference,
 )
 from quantkit.ops.adder import adder_conv2d, adder_l1, adder_l1_conv2d, adder_linear  # noqa: F401
-from quantkit.ops.elementwise import (maxout, maxout_reference, maxpool2d_relu,  # noqa: F401,E402
-                                     maxpool2d_relu_reference, quantize_groups, quantize_groups_reference)
+from quantkit.ops.elementwise import (maxout, maxout_reference, quantize_groups,  # noqa: F401,E402
+                                     quantize_groups_reference)

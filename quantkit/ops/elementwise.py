@@ -4,7 +4,6 @@ Op schemas (``kernels/register.cpp``)::
 
     quantkit::maxout(Tensor x, Tensor pos, Tensor neg) -> Tensor
     quantkit::quantize_groups(Tensor x, Tensor scale, int bits, bool is_signed, bool half_even) -> Tensor
-    quantkit::maxpool2d_relu(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor
 """
 from __future__ import annotations
 
@@ -60,35 +59,6 @@ def _maxout_fake(x: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     check_devices("maxout", x=x, pos=pos, neg=neg)
     torch._check(x.dim() >= 2 and pos.numel() == x.shape[1] and neg.numel() == x.shape[1])
     return torch.empty_like(x)
-
-
-def maxpool2d_relu_reference(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
-                             padding: tuple[int, int], relu: bool = True) -> Tensor:
-    """``relu(max_pool2d(x))`` (equal to ``max_pool2d(relu(x))``: ReLU is monotone), floor output size."""
-    y = F.max_pool2d(x, kernel_size, stride, padding)
-    return F.relu(y) if relu else y
-
-
-def maxpool2d_relu(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-                   relu: bool = True) -> Tensor:
-    """Max pooling then ReLU in one pass over ``x`` (compiled kernel for float32 CPU inputs that need no gradient,
-    aten's values; channels_last output), otherwise :func:`maxpool2d_relu_reference`. ``x`` is ``(N, C, H, W)``."""
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise KernelError(f"maxpool2d_relu: x must be a float (N, C, H, W) tensor, got "
-                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if not needs_grad and x.dtype == torch.float32 and use_kernel("maxpool2d_relu", x.device):
-        return torch.ops.quantkit.maxpool2d_relu(x, list(kernel_size), list(stride), list(padding), relu)
-    return maxpool2d_relu_reference(x, kernel_size, stride, padding, relu)
-
-
-@register_fake("maxpool2d_relu")
-def _maxpool2d_relu_fake(x, kernel_size, stride, padding, relu):
-    check_devices("maxpool2d_relu", x=x)
-    n, c, h, w = x.shape
-    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((n, c, ho, wo)).contiguous(memory_format=torch.channels_last)
 
 
 def _check_quantize_groups(x: Tensor, scale: Tensor, bits: int, round_mode: str) -> None:
