@@ -5,7 +5,12 @@ FP as in the paper) and the deploy ``adder_ptq4`` adder ResNet-18 (integer l1 co
 against torchvision's FP32 ResNet-18 (same shapes) measured in the same run at the same thread count. Medians of
 repeats after warm-up; ``--threads`` chooses the thread counts (default: 1 and all).
 
-    .venv/bin/python benchmarks/e2e_cpu.py [--batches 1 16] [--repeats 5] [--threads 1 2]
+Then a per-op-type profile of the ``adabin`` deploy model at every thread count and batch (``torch.profiler``, self
+CPU time of each dispatched op summed by category, medians over ``--profile-repeats`` profiled runs): binary convs,
+bit packing, FP stem / shortcut convs and classifier, BatchNorm / Maxout / residual / pooling glue, allocation and
+layout copies, and what is left of the wall time (Python and dispatch overhead). ``--no-profile`` skips it.
+
+    .venv/bin/python benchmarks/e2e_cpu.py [--batches 1 16] [--repeats 5] [--threads 1 2] [--no-profile]
 """
 from __future__ import annotations
 
@@ -35,6 +40,69 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+# op name (as torch.profiler records it) -> category of the profile; the first matching prefix wins
+PROFILE_CATEGORIES = (
+    ("binary conv", ("quantkit::binary_conv2d", "quantkit::binary_linear")),
+    ("packing", ("quantkit::pack_bits",)),
+    ("FP conv / fc", ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
+                      "aten::thnn_conv2d", "aten::_slow_conv2d", "aten::addmm", "aten::linear", "aten::mm",
+                      "aten::_mkldnn")),
+    ("BN / Maxout / residual / pool", ("quantkit::maxout", "aten::add", "aten::batch_norm", "aten::native_batch_norm",
+                                       "aten::_native_batch_norm", "aten::_batch_norm", "aten::max_pool2d",
+                                       "aten::adaptive_avg_pool2d", "aten::mean", "aten::relu", "aten::mul",
+                                       "aten::flatten", "aten::max_pool2d_with_indices", "aten::clamp_min")),
+    ("allocation / layout copy", ("aten::empty", "aten::zeros", "aten::zero_", "aten::fill_", "aten::copy_",
+                                  "aten::contiguous", "aten::clone", "aten::to", "aten::_to_copy",
+                                  "aten::resize_", "aten::as_strided", "aten::permute", "aten::view",
+                                  "aten::reshape", "aten::expand", "aten::detach", "aten::alias")),
+)
+
+
+def _category(op_name: str) -> str:
+    for cat, prefixes in PROFILE_CATEGORIES:
+        if any(op_name.startswith(p) for p in prefixes):
+            return cat
+    return "other ops"
+
+
+@torch.no_grad()
+def op_profile(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, dict[str, float], dict]:
+    """(median wall seconds, median seconds per category, seconds per op name of the median run) of ``model(x)``
+    under torch.profiler; the "framework overhead" category is the wall time no dispatched op accounts for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model(x)
+    runs = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            model(x)
+            wall = time.perf_counter() - t0
+        per_op: dict[str, float] = {}
+        for ev in prof.key_averages():
+            per_op[ev.key] = per_op.get(ev.key, 0.0) + ev.self_cpu_time_total * 1e-6
+        cats: dict[str, float] = {}
+        for name, sec in per_op.items():
+            cats[_category(name)] = cats.get(_category(name), 0.0) + sec
+        cats["framework overhead"] = max(0.0, wall - sum(cats.values()))
+        runs.append((wall, cats, per_op))
+    runs.sort(key=lambda r: r[0])
+    wall, _, per_op = runs[len(runs) // 2]
+    names = [c for c, _ in PROFILE_CATEGORIES] + ["other ops", "framework overhead"]
+    med = {c: statistics.median(r[1].get(c, 0.0) for r in runs) for c in names}
+    return wall, med, per_op
+
+
+def print_profile(label: str, wall: float, cats: dict[str, float], per_op: dict) -> None:
+    print(f"# profile {label}: {wall * 1e3:.2f} ms wall under the profiler")
+    total = sum(cats.values()) or 1.0
+    for cat, sec in cats.items():
+        if sec > 0:
+            print(f"#   {cat:<32} {sec * 1e3:>8.2f} ms {100 * sec / total:>5.1f}%")
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:6]
+    print("#   top ops: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in top))
+
+
 def build_models(calib_batch: torch.Tensor) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     fp32 = torchvision.models.resnet18().eval()
@@ -50,6 +118,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--profile-repeats", type=int, default=5)
+    p.add_argument("--no-profile", action="store_true")
     args = p.parse_args(argv)
 
     models = build_models(torch.randn(2, 3, args.size, args.size))
@@ -74,6 +144,16 @@ def main(argv=None) -> None:
             print(f"{threads:>7} {b:>5} {t['fp32'] * 1e3:>9.1f} {t['fp32_cl'] * 1e3:>10.1f} {t['adabin'] * 1e3:>10.1f} "
                   f"{best / t['adabin']:>7.2f} {t['adder_ptq4'] * 1e3:>10.1f} {best / t['adder_ptq4']:>7.2f}",
                   flush=True)
+    if args.no_profile:
+        return
+    print()
+    print("# adabin deploy: where the time goes (torch.profiler self CPU time per op category; medians of "
+          f"{args.profile_repeats} profiled runs; the profiler itself adds a little per op)")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for b in args.batches:
+            xcl = torch.randn(b, 3, args.size, args.size).contiguous(memory_format=cl)
+            print_profile(f"threads={threads} batch={b}", *op_profile(models["adabin"], xcl, args.profile_repeats))
 
 
 if __name__ == "__main__":

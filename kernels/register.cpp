@@ -45,6 +45,21 @@ TORCH_LIBRARY(quantkit, m) {
       "binary_conv2d(Tensor x, Tensor w, int c_in, int[2] stride, int[2] padding, int[2] dilation, "
       "Tensor? scale=None, Tensor? act_sum_scale=None, Tensor? weight_sum_scale=None, Tensor? count_scale=None, "
       "Tensor? bias=None, Tensor? threshold=None) -> Tensor");
+  // binary_conv_prepack: OHWI packed weights (C_out, kh, kw, ceil(c_in/32)) -> (panels, wpop), the layout the CPU
+  //   micro-kernel reads (docs/kernels.md#prepacked-weights): panels int32 (ceil(C_out/16), kh*kw*ceil(c_in/32), 16),
+  //   wpop int32 (ceil(C_out/16), kh*kw + 1, 16) the per-tap weight popcounts and (last row) their sums. Deploy
+  //   layers call it once, when they are built, and keep both as buffers.
+  m.def("binary_conv_prepack(Tensor w, int c_in) -> (Tensor, Tensor)");
+  // binary_conv2d_prepacked: binary_conv2d on prepacked weights with a fused epilogue, per position and channel:
+  //   y = (the epilogue above); y += residual (float32 (N, C_out, Ho, Wo), when given); y = Maxout(y) with slopes
+  //   maxout_pos / maxout_neg (when given); returns (y as float32 (N, C_out, Ho, Wo) channels_last if float_out,
+  //   else an empty tensor; packed bits y >= threshold NHWC (N, Ho, Wo, ceil(C_out/32)) if threshold, else empty).
+  m.def(
+      "binary_conv2d_prepacked(Tensor x, Tensor panels, Tensor wpop, int c_in, int c_out, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation, Tensor? scale=None, Tensor? act_sum_scale=None, "
+      "Tensor? weight_sum_scale=None, Tensor? count_scale=None, Tensor? bias=None, Tensor? residual=None, "
+      "Tensor? maxout_pos=None, Tensor? maxout_neg=None, Tensor? threshold=None, bool float_out=True) "
+      "-> (Tensor, Tensor)");
   // binary_bmm: a (B, M, W), b (B, N, W), +-1 x +-1 -> int32 (B, M, N) = k - 2*popcount(a ^ b)  (Q_b K_b^T).
   m.def("binary_bmm(Tensor a, Tensor b, int k) -> Tensor");
   // binary_bmm_01: a in {0,1} (B, M, W), b in {+-1} (B, N, W) -> int32 (B, M, N) = 2*popc(a & b) - popc(a)

@@ -41,7 +41,7 @@ def test_binary_conv_bn_folded_and_exact():
     _randomize_bn(model)
     sim = quantkit.prepare(model, "xnor").eval()
     dep = quantkit.convert(sim)
-    assert isinstance(dep[1], nn.BatchNorm2d)  # after the FP stem: kept
+    assert isinstance(dep[1], nn.Identity)  # after the FP stem: folded into the stem conv's weight and bias
     assert isinstance(dep[4], nn.Identity) and isinstance(dep[7], nn.Identity)
     notes = quantkit.report(dep).notes
     assert any("'4'" in n and "'3'" in n for n in notes) and any("'7'" in n and "'6'" in n for n in notes)
@@ -66,7 +66,7 @@ def test_adder_bn_folded():
     calib = [torch.randn(16, 1, 8, 8) for _ in range(2)]
     sim = quantkit.quantize(model, "adder_ptq6", calib, progress=False)
     dep = quantkit.convert(sim)
-    folded = [n for n in quantkit.report(dep).notes if "folded" in n]
+    folded = [n for n in quantkit.report(dep).notes if "folded into the epilogue" in n]
     assert len(folded) == 3  # each adder conv is followed by its own BatchNorm (folded in simulation already)
     assert quantkit.report(sim).folded == quantkit.report(dep).folded
     x = torch.randn(4, 1, 8, 8)
@@ -83,5 +83,5 @@ def test_adabin_resnet_folds_every_block_batchnorm():
 
     torch.manual_seed(0)
     dep = quantkit.QAT(torchvision.models.resnet18(), "adabin").convert()
-    folded = [n for n in quantkit.report(dep).notes if "folded" in n]
+    folded = [n for n in quantkit.report(dep).notes if "folded into the epilogue" in n]
     assert len(folded) == 16  # bn1/bn2 after each of the 16 binary 3x3 convs (fx traces through Maxout)

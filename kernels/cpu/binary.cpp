@@ -24,8 +24,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "conv_shape.h"
@@ -38,7 +41,9 @@ namespace binary {
 constexpr int MR = 8;   // output rows (pixels) per micro-kernel
 constexpr int NR = 16;  // output channels per micro-kernel (one zmm of int32 lanes)
 
-enum : int { kEpiFloat = 0, kEpiBits = 1, kEpiXnorInt = 2, kEpiAnd01 = 3 };
+// kEpiFused (binary_conv2d_prepacked): the affine terms, then an optional residual add and Maxout, then a float
+// store and/or thresholded packed bits -- each part present or not per call (Ctx fields below).
+enum : int { kEpiFloat = 0, kEpiBits = 1, kEpiXnorInt = 2, kEpiAnd01 = 3, kEpiFused = 4 };
 
 // One GEMM-like problem (one batch item for bmm).
 struct Ctx {
@@ -57,6 +62,17 @@ struct Ctx {
   bool need_apop = false;
   void* out = nullptr;
   int64_t ldo = 0;  // output row stride: elements (float/int32) or 16-bit halfwords (packed bits)
+  // kEpiFused only: out (float rows, may be null), residual rows added before Maxout, Maxout slopes (padded to
+  // NB*NR; null = none; mo_finite: every slope finite, the one-multiply form), packed-bit rows (may be null)
+  const float* res = nullptr;
+  int64_t ldr = 0;
+  const float *mpos = nullptr, *mneg = nullptr;
+  bool mo_finite = true;
+  uint16_t* outb = nullptr;
+  int64_t ldb = 0;  // halfwords per row of outb
+  // conv with need_apop: popcount of each input pixel's Cw words (N*H*W), so a row's activation popcount is a sum
+  // of T table entries instead of T*Cw popcounts (null: count the words)
+  const int32_t* xpop = nullptr;
 };
 
 // Facts of one output row used by the epilogue.
@@ -71,6 +87,9 @@ using TileFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, const ui
 
 // ---------------------------------------------------------------------------------------------- portable
 namespace portable {
+constexpr bool kHasVecEpi = false;  // the epilogue below is the generic one of binary_tile_impl.h
+template <bool CONV, int EPI>
+inline void vec_epilogue(const Ctx&, int64_t, int64_t, const uint32_t* const*, const RowInfo&, const int32_t*) {}
 constexpr bool kHasMk2 = false;
 template <bool AND>
 inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
@@ -98,6 +117,9 @@ inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
 namespace avx2 {
+constexpr bool kHasVecEpi = false;  // the epilogue below is the generic one of binary_tile_impl.h
+template <bool CONV, int EPI>
+inline void vec_epilogue(const Ctx&, int64_t, int64_t, const uint32_t* const*, const RowInfo&, const int32_t*) {}
 constexpr bool kHasMk2 = false;
 template <bool AND>
 inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
@@ -264,6 +286,57 @@ inline void mk2(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t*
   _mm512_storeu_si512(acc1 + 6 * NR, d6);
   _mm512_storeu_si512(acc1 + 7 * NR, d7);
 }
+// The float / bits / fused epilogue of one output row and channel block on zmm registers: a scalar loop over the 16
+// channels (the generic epilogue) costs more than the micro-kernel itself when C_in is small (64 channels: 18 words
+// per tap set), and its bit-gathering loop for packed outputs more still. Same operations as the generic form:
+// y = scale*dot + bias, += act_sum_scale*asum, += (weight_sum_scale*wsum + count_scale*n_valid) (FMAs as written),
+// then residual, Maxout (the two forms of kernels/cpu/elementwise.cpp), store / compare.
+constexpr bool kHasVecEpi = true;
+template <bool CONV, int EPI>
+inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
+                         const int32_t* acc) {
+  const int64_t col0 = cb * NR;
+  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
+  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
+  __m512i inv = _mm512_setzero_si512();  // popcount of the weight words of this position's padded taps
+  if (CONV && ri.border) {
+    const int32_t* wp = c.wpop + cb * c.T * NR;
+    for (int64_t t = 0; t < c.T; ++t)
+      if (pi[t] == c.zbuf) inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + t * NR));
+  }
+  const __m512i nv = _mm512_set1_epi32(ri.nv);
+  const __m512i dot = _mm512_sub_epi32(nv, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc), inv), 1));
+  __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(c.scale + col0), _mm512_cvtepi32_ps(dot), _mm512_loadu_ps(c.bias + col0));
+  v = _mm512_fmadd_ps(_mm512_loadu_ps(c.ass + col0), _mm512_set1_ps(ri.asum), v);
+  if (CONV) {
+    const __m512i wt = _mm512_loadu_si512(c.wpop_tot + col0);
+    const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
+    const __m512 cnt = _mm512_mul_ps(_mm512_loadu_ps(c.cs + col0), _mm512_set1_ps(static_cast<float>(ri.nv)));
+    v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_loadu_ps(c.wss + col0), wsum, cnt));
+  }
+  if (EPI == kEpiFused) {
+    const __m512 zero = _mm512_setzero_ps();
+    if (c.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, c.res + p * c.ldr + col0));
+    if (c.mpos) {
+      const __m512 mp = _mm512_loadu_ps(c.mpos + col0), mn = _mm512_loadu_ps(c.mneg + col0);
+      if (c.mo_finite) {
+        v = _mm512_mul_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), mn, mp));
+      } else {  // max(0, v) returns v when v is NaN, as std::max(v, 0.f) does
+        const __m512 neg_v = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+        v = _mm512_sub_ps(_mm512_mul_ps(mp, _mm512_max_ps(zero, v)), _mm512_mul_ps(mn, _mm512_max_ps(zero, neg_v)));
+      }
+    }
+    if (c.out) _mm512_mask_storeu_ps(static_cast<float*>(c.out) + p * c.ldo + col0, cm, v);
+    if (c.outb)
+      c.outb[p * c.ldb + cb] =
+          static_cast<uint16_t>(_mm512_cmp_ps_mask(v, _mm512_loadu_ps(c.thr + col0), _CMP_GE_OQ) & cm);
+  } else if (EPI == kEpiFloat) {
+    _mm512_mask_storeu_ps(static_cast<float*>(c.out) + p * c.ldo + col0, cm, v);
+  } else {
+    static_cast<uint16_t*>(c.out)[p * c.ldo + cb] =
+        static_cast<uint16_t>(_mm512_cmp_ps_mask(v, _mm512_loadu_ps(c.thr + col0), _CMP_GE_OQ) & cm);
+  }
+}
 #include "cpu/binary_tile_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -277,6 +350,8 @@ inline void mk2(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t*
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
 namespace amx {
+using avx512::kHasVecEpi;
+using avx512::vec_epilogue;
 using avx512::kHasMk2;
 using avx512::mk;
 using avx512::mk2;
@@ -579,6 +654,19 @@ void check_reduction(const char* op, int64_t taps, int64_t k) {
               taps, " taps x ", k, " bits) exceeds the int32 range of the kernel's counts");
 }
 
+// Per-pixel activation popcounts of an NHWC word tensor (pixels x Cw words), the table of Ctx::xpop.
+std::vector<int32_t> pixel_popcounts(const uint32_t* x, int64_t pixels, int64_t Cw) {
+  std::vector<int32_t> pop(static_cast<size_t>(pixels));
+  at::parallel_for(0, pixels, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      int32_t s = 0;
+      for (int64_t w = 0; w < Cw; ++w) s += popcount_swar(x[q * Cw + w]);
+      pop[q] = s;
+    }
+  });
+  return pop;
+}
+
 // ---------------------------------------------------------------------------------------------- ops
 at::Tensor binary_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int64_t k,
                              const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& act_sum_scale,
@@ -690,10 +778,155 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, int
   c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
   c.bias = ev.bias.data(), c.thr = ev.thr.data();
   c.need_apop = act_sum_scale.has_value();
+  std::vector<int32_t> xpop;
+  if (c.need_apop && c.T > 1) {
+    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
+    c.xpop = xpop.data();
+  }
   c.out = bits ? static_cast<void*>(out.data_ptr<int32_t>()) : static_cast<void*>(out.data_ptr<float>());
   c.ldo = bits ? 2 * num_words(Cout) : Cout;
   run({c}, bits ? pick_tile<true, kEpiBits>(isa, amx) : pick_tile<true, kEpiFloat>(isa, amx), amx);
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------- prepacked conv
+// binary_conv_prepack: the per-call weight work of binary_conv2d done once (deploy layers call it when they are
+// built): panels (NB, T * Cw, NR) int32 in the micro-kernel's order (3-D, so Module.to(memory_format=...) leaves
+// it alone), channels past C_out zero words, and wpop
+// (NB, T + 1, NR) int32, rows t < T the popcount of tap t's weight words, row T their sum over the taps.
+std::tuple<at::Tensor, at::Tensor> binary_conv_prepack_cpu(const at::Tensor& w_in, int64_t c_in) {
+  static const char* op = "binary_conv_prepack";
+  TORCH_CHECK(c_in >= 0, op, ": c_in must be >= 0");
+  check_words(w_in, op, "w", c_in);
+  TORCH_CHECK(w_in.dim() == 4, op, ": w must be OHWI packed (C_out, kh, kw, words), got ", w_in.sizes());
+  const at::Tensor w = clear_tail_bits(w_in.contiguous(), c_in);
+  const int64_t Cout = w.size(0), T = w.size(1) * w.size(2), Cw = w.size(3), NB = (Cout + NR - 1) / NR;
+  check_reduction(op, T, c_in);
+  Panels pn;
+  pack_panels(words_ptr(w), Cout, T, Cw, true, pn, true);
+  at::Tensor panels = at::empty({NB, T * Cw, NR}, w.options().dtype(at::kInt));
+  at::Tensor wpop = at::empty({NB, T + 1, NR}, w.options().dtype(at::kInt));
+  if (!pn.w.empty()) std::memcpy(panels.data_ptr<int32_t>(), pn.w.data(), pn.w.size() * sizeof(uint32_t));
+  int32_t* wp = wpop.data_ptr<int32_t>();
+  for (int64_t cb = 0; cb < NB; ++cb) {
+    if (T > 0) std::memcpy(wp + cb * (T + 1) * NR, pn.pop.data() + cb * T * NR, T * NR * sizeof(int32_t));
+    std::memcpy(wp + (cb * (T + 1) + T) * NR, pn.pop_tot.data() + cb * NR, NR * sizeof(int32_t));
+  }
+  return {panels, wpop};
+}
+
+// binary_conv2d on prepacked weights with the fused epilogue (kEpiFused; schema in kernels/register.cpp).
+std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
+    const at::Tensor& x_in, const at::Tensor& panels, const at::Tensor& wpop_in, int64_t c_in, int64_t c_out,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& act_sum_scale,
+    const c10::optional<at::Tensor>& weight_sum_scale, const c10::optional<at::Tensor>& count_scale,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& maxout_pos, const c10::optional<at::Tensor>& maxout_neg,
+    const c10::optional<at::Tensor>& threshold, bool float_out) {
+  static const char* op = "binary_conv2d_prepacked";
+  TORCH_CHECK(c_in >= 0 && c_out >= 0, op, ": c_in and c_out must be >= 0");
+  check_words(x_in, op, "x", c_in);
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be NHWC packed (N, H, W, words), got ", x_in.sizes());
+  TORCH_CHECK(kernel_size.size() == 2, op, ": kernel_size must have 2 values");
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], T = kh * kw, Cw = num_words(c_in);
+  const int64_t NB = (c_out + NR - 1) / NR;
+  TORCH_CHECK(panels.device().is_cpu() && wpop_in.device().is_cpu(), op, ": the prepacked weights must be on CPU");
+  TORCH_CHECK(panels.scalar_type() == at::kInt && panels.dim() == 3 && panels.size(0) == NB &&
+                  panels.size(1) == T * Cw && panels.size(2) == NR,
+              op, ": panels must be int32 (", NB, ", ", T * Cw, ", ", NR, ") from binary_conv_prepack, got ",
+              panels.sizes(), " ", panels.scalar_type());
+  TORCH_CHECK(wpop_in.scalar_type() == at::kInt && wpop_in.dim() == 3 && wpop_in.size(0) == NB &&
+                  wpop_in.size(1) == T + 1 && wpop_in.size(2) == NR,
+              op, ": wpop must be int32 (", NB, ", ", T + 1, ", ", NR, ") from binary_conv_prepack, got ",
+              wpop_in.sizes());
+  TORCH_CHECK(float_out || threshold.has_value(), op, ": nothing to compute (float_out=False and no threshold)");
+  TORCH_CHECK(maxout_pos.has_value() == maxout_neg.has_value(), op, ": maxout_pos and maxout_neg go together");
+  const int64_t Nb = x_in.size(0), H = x_in.size(1), W = x_in.size(2);
+  const ConvOut o = conv2d_out_hw(op, H, W, kh, kw, stride, padding, dilation);
+  const int64_t Ho = o.h, Wo = o.w;
+  checked_numel(op, "output elements", {Nb, Ho, Wo, std::max<int64_t>(c_out, 1)});
+  check_reduction(op, T, c_in);
+  const at::Tensor x = clear_tail_bits(x_in.contiguous(), c_in);
+  const at::Tensor pan = panels.contiguous(), wpop = wpop_in.contiguous();
+  at::Tensor res;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == at::kFloat, op, ": residual must be a float32 CPU tensor");
+    TORCH_CHECK(r.dim() == 4 && r.size(0) == Nb && r.size(1) == c_out && r.size(2) == Ho && r.size(3) == Wo, op,
+                ": residual must be (", Nb, ", ", c_out, ", ", Ho, ", ", Wo, "), got ", r.sizes());
+    res = r.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor out_f = float_out ? at::empty({Nb, c_out, Ho, Wo},
+                                           x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast))
+                               : at::empty({0}, x.options().dtype(at::kFloat));
+  const bool bits = threshold.has_value();
+  // each channel block writes one 16-bit half word: a row's last half word stays unwritten when NB is odd
+  at::Tensor out_b = !bits ? at::empty({0}, x.options().dtype(at::kInt))
+                     : (NB % 2) ? at::zeros({Nb, Ho, Wo, num_words(c_out)}, x.options().dtype(at::kInt))
+                                : at::empty({Nb, Ho, Wo, num_words(c_out)}, x.options().dtype(at::kInt));
+  if (Nb * Ho * Wo == 0 || c_out == 0) return {out_f, out_b};
+  EpiVecs ev;
+  ev.scale = padded(scale, c_out, NB * NR, 1.f, op, "scale");
+  ev.ass = padded(act_sum_scale, c_out, NB * NR, 0.f, op, "act_sum_scale");
+  ev.wss = padded(weight_sum_scale, c_out, NB * NR, 0.f, op, "weight_sum_scale");
+  ev.cs = padded(count_scale, c_out, NB * NR, 0.f, op, "count_scale");
+  ev.bias = padded(bias, c_out, NB * NR, 0.f, op, "bias");
+  ev.thr = padded(threshold, c_out, NB * NR, 0.f, op, "threshold");
+  std::vector<float> mpos, mneg;
+  bool mo_finite = true;
+  if (maxout_pos.has_value()) {
+    mpos = padded(maxout_pos, c_out, NB * NR, 1.f, op, "maxout_pos");
+    mneg = padded(maxout_neg, c_out, NB * NR, 1.f, op, "maxout_neg");
+    for (int64_t j = 0; j < c_out; ++j) mo_finite = mo_finite && std::isfinite(mpos[j]) && std::isfinite(mneg[j]);
+  }
+  // per-(block, tap) popcounts and per-block totals as the epilogue reads them
+  std::vector<int32_t> pop(static_cast<size_t>(NB * T * NR)), pop_tot(static_cast<size_t>(NB * NR));
+  const int32_t* wp = wpop.data_ptr<int32_t>();
+  for (int64_t cb = 0; cb < NB; ++cb) {
+    std::copy(wp + cb * (T + 1) * NR, wp + (cb * (T + 1) + T) * NR, pop.begin() + cb * T * NR);
+    std::copy(wp + (cb * (T + 1) + T) * NR, wp + (cb * (T + 1) + T + 1) * NR, pop_tot.begin() + cb * NR);
+  }
+  std::vector<uint32_t> zbuf(static_cast<size_t>(std::max<int64_t>(1, Cw)), 0u);
+  Ctx c;
+  c.x = words_ptr(x);
+  c.P = Nb * Ho * Wo;
+  c.T = T;
+  c.Cw = Cw;
+  c.c_in = c_in;
+  c.H = H, c.W = W, c.Ho = Ho, c.Wo = Wo, c.kh = kh, c.kw = kw;
+  c.sh = stride[0], c.sw = stride[1], c.ph = padding[0], c.pw = padding[1], c.dh = dilation[0], c.dw = dilation[1];
+  c.zbuf = zbuf.data();
+  c.panels = reinterpret_cast<const uint32_t*>(pan.data_ptr<int32_t>());
+  c.wpop = pop.data();
+  c.wpop_tot = pop_tot.data();
+  c.NB = NB;
+  c.Nout = c_out;
+  c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
+  c.bias = ev.bias.data(), c.thr = ev.thr.data();
+  c.need_apop = act_sum_scale.has_value();
+  std::vector<int32_t> xpop;
+  if (c.need_apop && T > 1) {
+    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
+    c.xpop = xpop.data();
+  }
+  c.out = float_out ? static_cast<void*>(out_f.data_ptr<float>()) : nullptr;
+  c.ldo = c_out;
+  c.res = res.defined() ? res.data_ptr<float>() : nullptr;
+  c.ldr = c_out;
+  c.mpos = mpos.empty() ? nullptr : mpos.data();
+  c.mneg = mneg.empty() ? nullptr : mneg.data();
+  c.mo_finite = mo_finite;
+  c.outb = bits ? reinterpret_cast<uint16_t*>(out_b.data_ptr<int32_t>()) : nullptr;
+  c.ldb = 2 * num_words(c_out);
+  const Isa isa = active_isa();
+  TileFn fn = &portable::tile<true, kEpiFused>;
+#if QUANTKIT_X86
+  if (isa == Isa::Avx512) fn = &avx512::tile<true, kEpiFused>;
+  else if (isa == Isa::Avx2) fn = &avx2::tile<true, kEpiFused>;
+#endif
+  run({c}, fn, false);
+  return {out_f, out_b};
 }
 
 at::Tensor binary_bmm_impl(const at::Tensor& a_in, const at::Tensor& b_in, int64_t k, bool and01) {
@@ -854,6 +1087,8 @@ double binary_popcount_peak(int64_t iters) {
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("binary_linear", &quantkit::cpu::binary::binary_linear_cpu);
   m.impl("binary_conv2d", &quantkit::cpu::binary::binary_conv2d_cpu);
+  m.impl("binary_conv_prepack", &quantkit::cpu::binary::binary_conv_prepack_cpu);
+  m.impl("binary_conv2d_prepacked", &quantkit::cpu::binary::binary_conv2d_prepacked_cpu);
   m.impl("binary_bmm", &quantkit::cpu::binary::binary_bmm_cpu);
   m.impl("binary_bmm_01", &quantkit::cpu::binary::binary_bmm_01_cpu);
 }

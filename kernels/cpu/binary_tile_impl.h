@@ -5,7 +5,8 @@
 //   template <bool AND> void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel,
 //                               int32_t* acc);
 // the MR x NR micro-kernel: acc[i*NR + j] = sum_{t<T, w<Cw} popcount(a[i*T+t][w] OP panel[(t*Cw + w)*NR + j]),
-// OP = AND or XOR, and `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
+// OP = AND or XOR, `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent) and
+// `kHasVecEpi` / `vec_epilogue` (a register form of the float/bits/fused epilogue; a stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
 // vectorises with the same registers as the micro-kernel. Types (Ctx, RowInfo, MR, NR, kEpi*) come from binary.cpp.
 
 static inline int32_t popc32(uint32_t v) { return __builtin_popcount(v); }
@@ -36,6 +37,7 @@ struct PixelCursor {
 template <bool CONV>
 inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint32_t** pi, RowInfo& ri) {
   const int64_t T = c.T, Cw = c.Cw;
+  int32_t apop = 0;  // from the per-pixel table c.xpop, when there is one
   if (CONV) {
     const int64_t n = pc.n, oh = pc.oh, ow = pc.ow;
     const int64_t ih0 = oh * c.sh - c.ph, iw0 = ow * c.sw - c.pw;
@@ -46,6 +48,11 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
       const int64_t row_step = c.dh * c.W * Cw, col_step = c.dw * Cw;
       for (int64_t r = 0; r < c.kh; ++r)
         for (int64_t s = 0; s < c.kw; ++s) pi[r * c.kw + s] = base + r * row_step + s * col_step;
+      if (c.xpop) {
+        const int32_t* xp = c.xpop + (n * c.H + ih0) * c.W + iw0;
+        for (int64_t r = 0; r < c.kh; ++r)
+          for (int64_t s = 0; s < c.kw; ++s) apop += xp[r * c.dh * c.W + s * c.dw];
+      }
       valid = T;
     } else {
       for (int64_t r = 0; r < c.kh; ++r) {
@@ -55,6 +62,7 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
           const int64_t iw = ow * c.sw - c.pw + s * c.dw;
           if (row_ok && iw >= 0 && iw < c.W) {
             pi[r * c.kw + s] = c.x + ((n * c.H + ih) * c.W + iw) * Cw;
+            if (c.xpop) apop += c.xpop[(n * c.H + ih) * c.W + iw];
             ++valid;
           } else {
             pi[r * c.kw + s] = c.zbuf;
@@ -70,9 +78,10 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
     ri.border = false;
   }
   if (c.need_apop) {
-    int32_t s = 0;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
+    int32_t s = apop;
+    if (!(CONV && c.xpop))
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t w = 0; w < Cw; ++w) s += popc32(pi[t][w]);  // zero words add 0
     ri.apop = s;
     ri.asum = static_cast<float>(2 * s - ri.nv);
   } else {
@@ -94,9 +103,13 @@ inline void setup_missing_row(const Ctx& c, const uint32_t** pi, RowInfo& ri) {
 template <bool CONV, int EPI, bool DOT>
 inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
                          const int32_t* acc) {
+  if constexpr (kHasVecEpi && !DOT && (EPI == kEpiFloat || EPI == kEpiBits || EPI == kEpiFused)) {
+    vec_epilogue<CONV, EPI>(c, cb, p, pi, ri, acc);  // this ISA's register form of the code below
+    return;
+  }
   const int64_t col0 = cb * NR;
   const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-  if (EPI == kEpiFloat || EPI == kEpiBits) {
+  if (EPI == kEpiFloat || EPI == kEpiBits || EPI == kEpiFused) {
     const float* sc = c.scale + col0;
     const float* as = c.ass + col0;
     const float* ws = c.wss + col0;
@@ -125,7 +138,34 @@ inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
       }
       y[j] = v;
     }
-    if (EPI == kEpiFloat) {
+    if (EPI == kEpiFused) {
+      // the unfused deploy graph's operations in its order: y + residual, then Maxout (the forms of
+      // kernels/cpu/elementwise.cpp, so the values are the same), then the float store and/or y >= threshold
+      if (c.res) {
+        const float* r = c.res + p * c.ldr + col0;
+        for (int j = 0; j < ncols; ++j) y[j] += r[j];
+      }
+      if (c.mpos) {
+        const float* mp = c.mpos + col0;
+        const float* mn = c.mneg + col0;
+        if (c.mo_finite) {
+          for (int j = 0; j < NR; ++j) y[j] = y[j] * (y[j] > 0.f ? mp[j] : mn[j]);
+        } else {
+          for (int j = 0; j < NR; ++j) y[j] = mp[j] * std::max(y[j], 0.f) - mn[j] * std::max(-y[j], 0.f);
+        }
+      }
+      if (c.out) {
+        float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
+        for (int j = 0; j < ncols; ++j) o[j] = y[j];
+      }
+      if (c.outb) {
+        const float* th = c.thr + col0;
+        uint32_t bits = 0;
+        for (int j = 0; j < NR; ++j) bits |= static_cast<uint32_t>(y[j] >= th[j]) << j;
+        if (ncols < NR) bits &= (1u << ncols) - 1u;
+        c.outb[p * c.ldb + cb] = static_cast<uint16_t>(bits);
+      }
+    } else if (EPI == kEpiFloat) {
       float* o = static_cast<float*>(c.out) + p * c.ldo + col0;
       if (ncols == NR) {
         for (int j = 0; j < NR; ++j) o[j] = y[j];

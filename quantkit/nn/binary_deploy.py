@@ -117,8 +117,25 @@ class _BinaryDeploy(nn.Module):
         return y if self.bias is None else y + self.bias.view(shape)
 
 
+_HAVE_PREPACKED: list[bool] = []
+
+
+def _have_prepacked_kernel() -> bool:
+    """Whether the compiled prepacked conv op exists (asked once: the extension does not change in a process)."""
+    if not _HAVE_PREPACKED:
+        _HAVE_PREPACKED.append(ops._dispatch.has_op("binary_conv2d_prepacked"))
+    return _HAVE_PREPACKED[0]
+
+
 class BinaryDeployConv2d(_BinaryDeploy):
-    """Packed binary conv2d (module docstring): NCHW float input -> bits packed NHWC -> ``binary_conv2d``."""
+    """Packed binary conv2d (module docstring): NCHW float input -> bits packed NHWC -> the binary conv kernel.
+
+    The weights are prepacked once, when the layer is built (and again when a state dict loads new
+    ``weight_packed``), by :func:`quantkit.ops.binary_conv_prepack` into the buffers ``weight_panels`` /
+    ``weight_popcounts`` (derived, not saved in the state dict); on CPU every call runs
+    :func:`quantkit.ops.binary_conv2d_prepacked` on them, so no call repacks weights. :meth:`fused` exposes that
+    op's epilogue (residual add, Maxout, thresholded packed-bit output) to fused deploy blocks
+    (:mod:`quantkit.graph.binary_fusion`)."""
 
     def __init__(self, weight_packed: Tensor, in_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int], in_threshold: Tensor | float | None,
@@ -129,6 +146,55 @@ class BinaryDeployConv2d(_BinaryDeploy):
         self.kernel_size = tuple(kernel_size)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self._register(weight_packed, in_threshold, epilogue)
+        self.register_buffer("weight_panels", None, persistent=False)
+        self.register_buffer("weight_popcounts", None, persistent=False)
+        self.register_buffer("in_threshold_channels", None, persistent=False)
+        self.prepack()
+
+    def prepack(self) -> None:
+        """(Re)build ``weight_panels`` / ``weight_popcounts`` from ``weight_packed``, and the per-channel input
+        threshold ``in_threshold_channels`` (explicit: the only place the prepacked form is made)."""
+        if self.weight_packed.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.weight_panels, self.weight_popcounts = ops.binary_conv_prepack(self.weight_packed, self.in_channels)
+            if self.in_threshold is not None:
+                self.in_threshold_channels = self._pack_threshold(self.in_channels).clone()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.prepack()  # the loaded weight_packed replaces the one the panels were made from
+
+    def in_threshold_vector(self) -> Tensor:
+        """The input threshold as a per-channel ``(in_channels,)`` vector (binary-input layers only)."""
+        t = self.in_threshold_channels
+        return t if t is not None and t.device == self.in_threshold.device else self._pack_threshold(self.in_channels)
+
+    def _prepacked_ready(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and self.weight_panels is not None
+                and self.weight_panels.device == x.device and _have_prepacked_kernel())
+
+    def fused(self, x_bits: Tensor, *, residual: Tensor | None = None, maxout: tuple[Tensor, Tensor] | None = None,
+              threshold: Tensor | None = None, float_out: bool = True) -> tuple[Tensor, Tensor]:
+        """The layer on already packed NHWC input bits ``x_bits``, with the fused epilogue of
+        :func:`quantkit.ops.binary_conv2d_prepacked` (``maxout`` = (pos, neg) slopes); returns ``(y, bits)``."""
+        mpos, mneg = maxout if maxout is not None else (None, None)
+        if self._prepacked_ready(x_bits):
+            # the op itself: the layer's buffers were checked when it was built, the kernel checks the rest
+            return torch.ops.quantkit.binary_conv2d_prepacked(
+                x_bits, self.weight_panels, self.weight_popcounts, self.in_channels, self.out_channels,
+                list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                self.scale, self.act_sum_scale, self.weight_sum_scale, self.count_scale, self.bias, residual,
+                mpos, mneg, threshold, float_out)
+        # other devices: the plain kernel and the same epilogue steps as separate ops
+        y = ops.binary_conv2d(x_bits, self.weight_packed, self.in_channels, self.stride, self.padding,
+                              self.dilation, **self._epilogue_kwargs())
+        if residual is not None:
+            y = y + residual
+        if maxout is not None:
+            y = ops.maxout(y, mpos, mneg)
+        bits = ops.pack_activation_nhwc(y, threshold) if threshold is not None else y.new_empty((0,), dtype=torch.int32)
+        return (y if float_out else y.new_empty((0,))), bits
 
     @classmethod
     def from_signs(cls, signs: Tensor, epilogue: dict, *, stride, padding, dilation,
@@ -152,7 +218,9 @@ class BinaryDeployConv2d(_BinaryDeploy):
                 ones = x.new_ones((1, self.in_channels) + self.kernel_size)
                 asum = F.conv2d(x, ones, None, *geo)
             return self._float_epilogue(dot, asum, (1, -1, 1, 1))
-        xp = ops.pack_activation_nhwc(x, self._pack_threshold(x.shape[1]))
+        xp = ops.pack_activation_nhwc(x, self.in_threshold_vector())
+        if self._prepacked_ready(xp):
+            return self.fused(xp)[0]
         return ops.binary_conv2d(xp, self.weight_packed, self.in_channels, self.stride, self.padding, self.dilation,
                                  **self._epilogue_kwargs())
 

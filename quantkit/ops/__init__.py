@@ -20,7 +20,11 @@ from quantkit.ops.binary import (
     binary_bmm_01_reference,
     binary_bmm_reference,
     binary_conv2d,
+    binary_conv2d_prepacked,
+    binary_conv2d_prepacked_reference,
     binary_conv2d_reference,
+    binary_conv_prepack,
+    binary_conv_prepack_reference,
     binary_linear,
     binary_linear_reference,
 )

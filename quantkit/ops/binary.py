@@ -260,6 +260,138 @@ def binary_conv2d(
     return binary_conv2d_reference(x, w, c_in, stride, padding, dilation, *vecs)
 
 
+# ---------------------------------------------------------------------------------------------- prepacked conv
+PANEL_CHANNELS = 16  # output channels per weight panel (the CPU micro-kernel's register width in int32 lanes)
+
+
+def binary_conv_prepack_reference(w: Tensor, c_in: int) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`binary_conv_prepack`: OHWI words ``(O, kh, kw, Cw)`` -> ``panels (NB, T * Cw, 16)``
+    (channels past ``O`` zero words) and ``wpop (NB, T + 1, 16)`` (per-tap popcounts, then their sum)."""
+    o, kh, kw, cw = w.shape
+    nb = -(-o // PANEL_CHANNELS)
+    t = kh * kw
+    bits = unpack_bits_reference(w, c_in, torch.bool)  # tail bits past c_in dropped
+    words = bits_to_words_reference(bits).reshape(o, t, cw)
+    full = torch.zeros(nb * PANEL_CHANNELS, t, cw, dtype=WORD_DTYPE, device=w.device)
+    full[:o] = words
+    panels = full.reshape(nb, PANEL_CHANNELS, t * cw).permute(0, 2, 1).contiguous()
+    pop = torch.zeros(nb * PANEL_CHANNELS, t, dtype=torch.int32, device=w.device)
+    pop[:o] = bits.reshape(o, t, c_in).sum(-1).to(torch.int32)
+    pop = pop.reshape(nb, PANEL_CHANNELS, t).permute(0, 2, 1)
+    wpop = torch.cat([pop, pop.sum(1, keepdim=True, dtype=torch.int32)], dim=1).contiguous()
+    return panels, wpop
+
+
+def unprepack_conv_weight(panels: Tensor, c_out: int, kernel_size: Sequence[int]) -> Tensor:
+    """The OHWI words ``(c_out, kh, kw, Cw)`` that ``panels`` was prepacked from (inverse of the panel layout)."""
+    nb, tcw, _ = panels.shape
+    kh, kw = _pair(kernel_size)
+    cw = tcw // (kh * kw)
+    return panels.permute(0, 2, 1).reshape(nb * PANEL_CHANNELS, tcw)[:c_out].reshape(c_out, kh, kw, cw)
+
+
+def binary_conv_prepack(w: Tensor, c_in: int) -> tuple[Tensor, Tensor]:
+    """Prepack conv weights once, for :func:`binary_conv2d_prepacked`: ``w`` OHWI words ``(C_out, kh, kw,
+    num_words(c_in))`` -> ``(panels, wpop)``: int32 ``(ceil(C_out/16), kh*kw*num_words(c_in), 16)`` (sixteen
+    channels' words side by side, the order the CPU micro-kernel loads them) and int32 ``(ceil(C_out/16), kh*kw + 1,
+    16)`` (each tap's weight popcount, last row their sum; the epilogue's border correction). Deploy layers keep
+    both as buffers, so no call repacks or re-tabulates weights."""
+    name = "binary_conv_prepack"
+    check_words(name, "w", w, c_in)
+    if w.dim() != 4:
+        raise KernelError(f"{name}: w must be OHWI packed (C_out, kh, kw, words), got shape {tuple(w.shape)}")
+    if use_kernel(name, w.device):
+        return tuple(torch.ops.quantkit.binary_conv_prepack(w.contiguous(), c_in))  # type: ignore[return-value]
+    return binary_conv_prepack_reference(w, c_in)
+
+
+def _maxout_ref(y: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    from quantkit.ops.elementwise import maxout_reference
+
+    return maxout_reference(y, pos, neg)
+
+
+def binary_conv2d_prepacked_reference(
+    x: Tensor, panels: Tensor, wpop: Tensor, c_in: int, c_out: int, kernel_size: Sequence[int],
+    stride: Sequence[int] | int = 1, padding: Sequence[int] | int = 0, dilation: Sequence[int] | int = 1,
+    scale: Tensor | None = None, act_sum_scale: Tensor | None = None, weight_sum_scale: Tensor | None = None,
+    count_scale: Tensor | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
+    maxout_pos: Tensor | None = None, maxout_neg: Tensor | None = None, threshold: Tensor | None = None,
+    float_out: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Reference of :func:`binary_conv2d_prepacked`: :func:`binary_conv2d_reference` on the unprepacked weights,
+    then ``+ residual``, Maxout and the threshold in float32."""
+    w = unprepack_conv_weight(panels, c_out, kernel_size)
+    y = binary_conv2d_reference(x, w, c_in, stride, padding, dilation, scale, act_sum_scale, weight_sum_scale,
+                                count_scale, bias)
+    if residual is not None:
+        y = y + residual
+    if maxout_pos is not None:
+        y = _maxout_ref(y, maxout_pos, maxout_neg)
+    y = y.contiguous(memory_format=torch.channels_last)
+    bits = (bits_to_words_reference(y.permute(0, 2, 3, 1) >= threshold.to(y.device, torch.float32))
+            if threshold is not None else x.new_empty((0,)))
+    return (y if float_out else y.new_empty((0,))), bits
+
+
+def binary_conv2d_prepacked(
+    x: Tensor,
+    panels: Tensor,
+    wpop: Tensor,
+    c_in: int,
+    c_out: int,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    *,
+    scale: Tensor | None = None,
+    act_sum_scale: Tensor | None = None,
+    weight_sum_scale: Tensor | None = None,
+    count_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    maxout_pos: Tensor | None = None,
+    maxout_neg: Tensor | None = None,
+    threshold: Tensor | None = None,
+    float_out: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """:func:`binary_conv2d` on weights from :func:`binary_conv_prepack`, with a fused epilogue: per position and
+    channel ``y`` (the affine epilogue), then ``y += residual`` (float32 ``(N, C_out, Ho, Wo)``), then Maxout
+    ``y * (maxout_pos if y > 0 else maxout_neg)`` (:func:`quantkit.ops.maxout`'s values), then both or either of:
+    the float32 ``y`` (channels_last; ``float_out``) and the packed bits of ``y >= threshold``, the input of the
+    next binary layer. Returns ``(y, bits)``, an empty tensor in place of an output not asked for. One pass over
+    the output instead of the conv, add, Maxout and packing passes."""
+    name = "binary_conv2d_prepacked"
+    check_words(name, "x", x, c_in)
+    if x.dim() != 4:
+        raise KernelError(f"{name}: expected x (N, H, W, words), got {tuple(x.shape)}")
+    kernel_size, stride, padding, dilation = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+    for arg, t in (("panels", panels), ("wpop", wpop)):
+        if not isinstance(t, Tensor) or t.dtype != WORD_DTYPE or t.device != x.device:
+            raise KernelError(f"{name}: {arg} must be an int32 tensor from binary_conv_prepack on {x.device}")
+    if not float_out and threshold is None:
+        raise KernelError(f"{name}: nothing to compute: pass float_out=True and/or a threshold")
+    if (maxout_pos is None) != (maxout_neg is None):
+        raise KernelError(f"{name}: maxout_pos and maxout_neg go together")
+    ho, wo = conv2d_output_hw(name, x.shape[1:3], kernel_size, stride, padding, dilation)
+    if residual is not None and (residual.dtype != torch.float32 or tuple(residual.shape) != (x.shape[0], c_out, ho, wo)):
+        raise KernelError(f"{name}: residual must be float32 {(x.shape[0], c_out, ho, wo)}, got "
+                          f"{residual.dtype} {tuple(residual.shape)}")
+    vecs = [_channel_vec(name, a, t, c_out, x.device) for a, t in (
+        ("scale", scale), ("act_sum_scale", act_sum_scale), ("weight_sum_scale", weight_sum_scale),
+        ("count_scale", count_scale), ("bias", bias))]
+    mo = [_channel_vec(name, a, t, c_out, x.device) for a, t in (("maxout_pos", maxout_pos),
+                                                                  ("maxout_neg", maxout_neg))]
+    thr = _channel_vec(name, "threshold", threshold, c_out, x.device)
+    if use_kernel(name, x.device):
+        return tuple(torch.ops.quantkit.binary_conv2d_prepacked(  # type: ignore[return-value]
+            x.contiguous(), panels, wpop, c_in, c_out, list(kernel_size), list(stride), list(padding),
+            list(dilation), *vecs, residual, *mo, thr, float_out))
+    return binary_conv2d_prepacked_reference(x, panels, wpop, c_in, c_out, kernel_size, stride, padding, dilation,
+                                             *vecs, residual, *mo, thr, float_out)
+
+
 def _bmm_operands(name: str, a: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor, tuple[int, ...]]:
     check_words(name, "a", a, k)
     check_words(name, "b", b, k)
@@ -329,6 +461,31 @@ def _binary_conv2d_fake(x, w, c_in, stride, padding, dilation, scale=None, act_s
     )
 
 
+@register_fake("binary_conv_prepack")
+def _binary_conv_prepack_fake(w, c_in):
+    check_devices("binary_conv_prepack", w=w)
+    torch._check(w.dim() == 4 and w.shape[3] == num_words(c_in))
+    nb = (w.shape[0] + PANEL_CHANNELS - 1) // PANEL_CHANNELS
+    t = w.shape[1] * w.shape[2]
+    return (w.new_empty((nb, t * w.shape[3], PANEL_CHANNELS), dtype=WORD_DTYPE),
+            w.new_empty((nb, t + 1, PANEL_CHANNELS), dtype=WORD_DTYPE))
+
+
+@register_fake("binary_conv2d_prepacked")
+def _binary_conv2d_prepacked_fake(x, panels, wpop, c_in, c_out, kernel_size, stride, padding, dilation, scale=None,
+                                  act_sum_scale=None, weight_sum_scale=None, count_scale=None, bias=None,
+                                  residual=None, maxout_pos=None, maxout_neg=None, threshold=None, float_out=True):
+    check_devices("binary_conv2d_prepacked", x=x, panels=panels, wpop=wpop, scale=scale, bias=bias,
+                  residual=residual, threshold=threshold)
+    torch._check(x.dim() == 4 and x.shape[3] == num_words(c_in))
+    ho, wo = conv2d_output_hw("binary_conv2d_prepacked", x.shape[1:3], kernel_size, stride, padding, dilation)
+    y = (x.new_empty((x.shape[0], c_out, ho, wo), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+         if float_out else x.new_empty((0,), dtype=torch.float32))
+    bits = (x.new_empty((x.shape[0], ho, wo, num_words(c_out)), dtype=WORD_DTYPE) if threshold is not None
+            else x.new_empty((0,), dtype=WORD_DTYPE))
+    return y, bits
+
+
 def _bmm_fake(name, a, b, k):
     check_devices(name, a=a, b=b)
     torch._check(a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0])
@@ -347,6 +504,11 @@ def _binary_bmm_01_fake(a, b, k):
 
 
 __all__ = [
+    "binary_conv_prepack",
+    "binary_conv2d_prepacked",
+    "binary_conv_prepack_reference",
+    "binary_conv2d_prepacked_reference",
+    "unprepack_conv_weight",
     "binary_linear",
     "binary_conv2d",
     "binary_bmm",

@@ -1,0 +1,175 @@
+"""Deploy-time fusion for binary networks (run by ``quantkit.convert`` after the BatchNorm folds):
+
+* an inference BatchNorm that directly follows a full-precision ``nn.Conv2d`` (a binary net's stem and 1x1
+  shortcuts) is folded into that conv's weight and bias -- one memory pass less, the conv's own layout unchanged;
+* every residual block ``act2(conv2(act1(conv1(x))) + shortcut(x))`` of binary-input deploy convs (acts: Maxout
+  or nothing; ``Identity`` left by folded BatchNorms anywhere in between) becomes a
+  :class:`~quantkit.nn.binary_fused.FusedBinaryBlock`: two kernel calls whose epilogues do the Maxouts, the
+  residual add and the packing of conv2's input (docs/kernels.md#fused-epilogues).
+
+Only models holding binary deploy convs are touched. Blocks are matched on their torch.fx graph, one submodule at a
+time: a block whose graph has anything else (another op, a value used twice, a layer called twice) is left as it
+is. Exporters undo the block fusion with :func:`~quantkit.nn.binary_fused.unfuse_binary_blocks`.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx, nn
+
+from ..nn.adabin import Maxout
+from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
+from ..nn.binary_fused import FusedBinaryBlock
+from .fold import _module_call_counts, batchnorm_affine
+from .passes import replace_module
+
+_ADD = (operator.add, operator.iadd, torch.add)
+_LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, FusedBinaryBlock)
+
+
+class _BlockTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module) -> fx.Graph | None:
+    try:
+        return _BlockTracer().trace(module)
+    except Exception:  # noqa: BLE001 - an untraceable module is simply not fused
+        return None
+
+
+def fold_float_conv_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold each inference BatchNorm2d that is the only user of a float ``nn.Conv2d`` (each called once) into the
+    conv, in place: ``W' = g W``, ``b' = g b + h``; the BatchNorm becomes ``nn.Identity``. Returns (conv, bn)."""
+    graph = _trace(model)
+    if graph is None:
+        return []
+    calls = _module_call_counts(graph)
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if type(conv) is not nn.Conv2d or calls[node.target] != 1 or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = modules.get(user.target) if user.op == "call_module" else None
+        if (type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None
+                or bn.num_features != conv.out_channels or calls[user.target] != 1 or user.args != (node,)
+                or user.kwargs):
+            continue
+        g, h = batchnorm_affine(bn)
+        with torch.no_grad():
+            w = conv.weight
+            w.mul_(g.to(w).view(-1, 1, 1, 1))
+            b = h.to(w) if conv.bias is None else conv.bias.detach() * g.to(w) + h.to(w)
+            conv.bias = nn.Parameter(b.clone(), requires_grad=False)
+        replace_module(model, user.target, nn.Identity())
+        folded.append((str(node.target), str(user.target)))
+    return folded
+
+
+def _skip_identities(node, modules):
+    while (isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), nn.Identity)
+           and len(node.users) == 1 and len(node.args) == 1):
+        node = node.args[0]
+    return node
+
+
+def _module_node(node, modules, kind) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), kind)
+
+
+def match_block(block: nn.Module) -> tuple | None:
+    """The fusion plan ``(conv1, act1, conv2, shortcut, act2)`` of ``block`` (attribute paths; acts may be None,
+    shortcut a list of modules applied in order), or None when its graph is not exactly a binary residual block."""
+    graph = _trace(block)
+    if graph is None:
+        return None
+    modules = dict(block.named_modules())
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if len(inputs) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+        return None
+    x = inputs[0]
+    v = outputs[0].args[0]
+    act2 = None
+    if _module_node(v, modules, Maxout) and len(v.args) == 1:
+        act2, v = v, v.args[0]
+    is_add = (v.op == "call_function" and v.target in _ADD) or (v.op == "call_method" and v.target in ("add", "add_"))
+    if not is_add or len(v.args) != 2 or v.kwargs or len(v.users) != 1:
+        return None
+    add = v
+    for main, short in (add.args, add.args[::-1]):
+        conv2 = _skip_identities(main, modules)
+        if _module_node(conv2, modules, BinaryDeployConv2d):
+            break
+    else:
+        return None
+    shortcut, s = [], short
+    while s is not x:
+        if not (isinstance(s, fx.Node) and s.op == "call_module" and len(s.args) == 1 and not s.kwargs
+                and len(s.users) == 1):
+            return None
+        shortcut.append(s)
+        s = s.args[0]
+    shortcut.reverse()
+    if len(conv2.args) != 1 or conv2.kwargs or len(conv2.users) != 1:
+        return None
+    a = _skip_identities(conv2.args[0], modules)
+    act1 = None
+    if _module_node(a, modules, Maxout) and len(a.args) == 1 and len(a.users) == 1:
+        act1, a = a, _skip_identities(a.args[0], modules)
+    conv1 = a
+    if not _module_node(conv1, modules, BinaryDeployConv2d) or conv1.args != (x,) or conv1.kwargs:
+        return None
+    c1, c2 = modules[conv1.target], modules[conv2.target]
+    if c1.float_input or c2.float_input or c1.out_channels != c2.in_channels or len(conv1.users) != 1:
+        return None
+    # every node of the graph is part of the pattern (nothing else is computed), each layer called once
+    between = {n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Identity)}
+    used = {x, outputs[0], add, conv1, conv2, *shortcut} | ({act1} if act1 else set()) | ({act2} if act2 else set())
+    if set(nodes) - used - between:
+        return None
+    calls = _module_call_counts(graph)
+    if calls[conv1.target] != 1 or calls[conv2.target] != 1 or any(calls[s.target] != 1 for s in shortcut):
+        return None
+    return (str(conv1.target), None if act1 is None else str(act1.target), str(conv2.target),
+            [str(s.target) for s in shortcut], None if act2 is None else str(act2.target))
+
+
+def fuse_binary_blocks(model: nn.Module) -> list[str]:
+    """Replace (in place) every submodule of ``model`` that :func:`match_block` accepts by a
+    :class:`FusedBinaryBlock`; returns their names. The root module itself is never replaced."""
+    fused = []
+    for name, module in list(model.named_modules()):
+        if not name or any(name.startswith(f + ".") for f in fused):
+            continue
+        if not any(isinstance(m, BinaryDeployConv2d) for m in module.children()):
+            continue
+        plan = match_block(module)
+        if plan is None:
+            continue
+        replace_module(model, name, FusedBinaryBlock(module, *plan))
+        fused.append(name)
+    return fused
+
+
+def fuse_binary_deploy(model: nn.Module) -> list[str]:
+    """Both fusions of the module docstring on a deploy model, in place; returns report notes."""
+    if not any(isinstance(m, BinaryDeployConv2d) for m in model.modules()):
+        return []
+    notes = []
+    folded = fold_float_conv_batchnorms(model)
+    if folded:
+        notes.append("full-precision conv BatchNorms folded: " + ", ".join(f"{bn!r} into {c!r}" for c, bn in folded))
+    blocks = fuse_binary_blocks(model)
+    if blocks:
+        notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual add "
+                     "and the next conv's packing in the epilogues): " + ", ".join(blocks))
+    return notes
+
+
+__all__ = ["fuse_binary_deploy", "fuse_binary_blocks", "fold_float_conv_batchnorms", "match_block"]

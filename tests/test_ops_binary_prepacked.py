@@ -1,0 +1,148 @@
+"""Prepacked binary conv (binary_conv_prepack + binary_conv2d_prepacked) on every CPU ISA level: the same values as
+the unfused ops it replaces (binary_conv2d, + residual, maxout, pack_bits), bit for bit; the reference agrees; the
+fused residual blocks of a converted AdaBin ResNet equal the unfused deploy blocks and the simulated model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import quantkit
+from quantkit import ops
+from quantkit.errors import KernelError
+from quantkit.ops import _dispatch
+from quantkit.ops.binary import binary_conv2d_prepacked_reference, binary_conv_prepack_reference
+from quantkit.ops.packing import pack_bits_reference
+
+HAVE = _dispatch.has_op("binary_conv2d_prepacked")
+TERMS = ["scale", "act_sum_scale", "weight_sum_scale", "count_scale", "bias"]
+
+
+def _examples(default: int) -> int:
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    if not HAVE:
+        pytest.skip("compiled quantkit kernels not built")
+    if request.param not in ops.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
+    return request.param
+
+
+def test_prepack_matches_reference_and_round_trips():
+    g = torch.Generator().manual_seed(0)
+    w = ops.pack_conv_weight(torch.randn(37, 45, 3, 2, generator=g))
+    w_dirty = w.clone()
+    w_dirty[..., -1] |= torch.tensor(-(1 << 20), dtype=torch.int32)  # tail bits past c_in = 45 are ignored
+    ref = binary_conv_prepack_reference(w, 45)
+    got = ops.binary_conv_prepack(w_dirty, 45)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+    assert got[0].shape == (3, 6 * 2, 16) and got[1].shape == (3, 7, 16)
+    assert torch.equal(ops.binary.unprepack_conv_weight(got[0], 37, (3, 2)), w)
+
+
+def test_prepacked_equals_unfused_ops_every_isa(isa):
+    @settings(max_examples=_examples(25), deadline=None)
+    @given(data=st.data(), present=st.lists(st.booleans(), min_size=5, max_size=5), residual=st.booleans(),
+           maxout=st.sampled_from(["none", "finite", "nan"]), seed=st.integers(0, 2**31 - 1))
+    def check(data, present, residual, maxout, seed):
+        batch = data.draw(st.integers(1, 2))
+        c_in, c_out = data.draw(st.integers(1, 70)), data.draw(st.integers(1, 50))
+        k = data.draw(st.integers(1, 3))
+        stride, pad = data.draw(st.integers(1, 2)), data.draw(st.integers(0, 2))
+        h = data.draw(st.integers(max(1, k - 2 * pad), 9))
+        g = torch.Generator().manual_seed(seed)
+        x = ops.pack_activation_nhwc(torch.randn(batch, c_in, h, h, generator=g))
+        w = ops.pack_conv_weight(torch.randn(c_out, c_in, k, k, generator=g))
+        terms = {t: (torch.randn(c_out, generator=g) if on else None) for t, on in zip(TERMS, present)}
+        panels, wpop = ops.binary_conv_prepack(w, c_in)
+        y0 = ops.binary_conv2d(x, w, c_in, stride, pad, 1, **terms)  # the unfused path, step by step
+        r = torch.randn(y0.shape, generator=g).contiguous(memory_format=torch.channels_last) if residual else None
+        pos = neg = None
+        if maxout != "none":
+            pos, neg = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
+            if maxout == "nan":
+                pos[0] = float("nan")
+        th = torch.randn(c_out, generator=g)
+        y1 = y0 + r if residual else y0
+        if pos is not None:
+            y1 = ops.maxout(y1, pos, neg)
+        yf, bits = ops.binary_conv2d_prepacked(x, panels, wpop, c_in, c_out, k, stride, pad, 1, **terms,
+                                               residual=r, maxout_pos=pos, maxout_neg=neg, threshold=th)
+        assert yf.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(yf, y1) or torch.equal(yf.isnan(), y1.isnan()) and torch.equal(
+            yf.nan_to_num(), y1.nan_to_num())
+        assert torch.equal(bits, pack_bits_reference(y1.permute(0, 2, 3, 1), th))
+        yf2, bits2 = ops.binary_conv2d_prepacked(x, panels, wpop, c_in, c_out, k, stride, pad, 1, **terms,
+                                                 residual=r, maxout_pos=pos, maxout_neg=neg, threshold=th,
+                                                 float_out=False)
+        assert yf2.numel() == 0 and torch.equal(bits2, bits)
+        # the float64 reference, within float32 rounding of the epilogue
+        ref, ref_bits = binary_conv2d_prepacked_reference(x, panels, wpop, c_in, c_out, (k, k), stride, pad, 1,
+                                                          *terms.values(), r, pos, neg, None)
+        assert ref_bits.numel() == 0
+        torch.testing.assert_close(yf, ref, rtol=1e-5, atol=1e-5 * c_in * k * k + 1e-5, equal_nan=True)
+
+    check()
+
+
+def test_prepacked_errors():
+    w = ops.pack_conv_weight(torch.randn(8, 16, 3, 3))
+    panels, wpop = ops.binary_conv_prepack(w, 16)
+    x = ops.pack_activation_nhwc(torch.randn(1, 16, 5, 5))
+    with pytest.raises(KernelError, match="nothing to compute"):
+        ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1, float_out=False)
+    with pytest.raises(KernelError, match="residual must be float32"):
+        ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1, residual=torch.zeros(1, 8, 4, 4))
+    with pytest.raises(KernelError, match="maxout_pos and maxout_neg"):
+        ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1, maxout_pos=torch.ones(8))
+    if HAVE:
+        with pytest.raises(RuntimeError, match="panels must be int32"):
+            ops.binary_conv2d_prepacked(x, panels[:, :-1], wpop, 16, 8, 3, 1, 1)
+
+
+def _resnet_pair():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    qat = quantkit.QAT(model, "adabin")
+    qat.model.train()
+    with torch.no_grad():  # BatchNorm statistics from data, so activations are not degenerate
+        for _ in range(2):
+            qat.model(torch.randn(4, 3, 32, 32))
+    return qat.model.eval(), qat.convert().eval()
+
+
+@pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
+def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
+    from quantkit.nn.binary_fused import FusedBinaryBlock, unfuse_binary_blocks
+
+    sim, dep = _resnet_pair()
+    blocks = [m for m in dep.modules() if isinstance(m, FusedBinaryBlock)]
+    assert len(blocks) == 4 and isinstance(dep.bn1, nn.Identity)  # stem BatchNorm folded into the stem conv
+    assert isinstance(dep.layer2[0].conv1, quantkit.nn.binary_deploy.BinaryDeployConv2d)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = dep(x)
+        y_unfused = unfuse_binary_blocks(__import__("copy").deepcopy(dep))(x)
+        ref = sim(x)
+    assert torch.equal(y, y_unfused)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # the state dict is the unfused model's: it loads into it, and prepacked panels follow a loaded weight
+    plain = unfuse_binary_blocks(__import__("copy").deepcopy(dep))
+    assert set(plain.state_dict()) == set(dep.state_dict())
+    conv = dep.layer1[0].conv1
+    before = conv.weight_panels.clone()
+    sd = dep.state_dict()
+    sd["layer1.0.conv1.weight_packed"] = ~sd["layer1.0.conv1.weight_packed"]
+    dep.load_state_dict(sd)
+    assert not torch.equal(conv.weight_panels, before)
+    assert torch.equal(conv.weight_panels, binary_conv_prepack_reference(conv.weight_packed, conv.in_channels)[0])
