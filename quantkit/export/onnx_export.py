@@ -677,16 +677,17 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
 def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_names: list[str], inputs: tuple,
                         probes: list, atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
     """Whole-model outputs differ beyond tolerance: check each quantized layer on onnxruntime's own inputs."""
-    from .verify import layerwise_check
+    from .verify import layer_tolerance, layerwise_check
 
     checks = layerwise_check(inferred, in_names, inputs, probes)
     for probe, diff, absmax in checks:
-        if not diff <= atol + rtol * absmax:
+        allowed = layer_tolerance(probe.module, absmax, atol, rtol)
+        if not diff <= allowed:
             if not np.isfinite(diff) and not np.isfinite(absmax):
                 why = "its deploy layer gives NaN/Inf on onnxruntime's input of the layer"
             else:
                 why = (f"onnxruntime's output differs from the deploy layer by {diff:.3g} on the same input (max |y| "
-                       f"= {absmax:.3g}, allowed {atol + rtol * absmax:.3g})")
+                       f"= {absmax:.3g}, allowed {allowed:.3g})")
             raise ExportError(f"layer {probe.name!r} ({probe.type_name}): {why}; nothing was written. This is a bug "
                               "in its ONNX emitter: please report it")
     worst = _nan_max(d for _, d, _ in checks)
@@ -711,8 +712,11 @@ def _mismatch(agreement: Agreement, note: str, allow_mismatch: bool, quiet: bool
 def _explain_simulated_difference(agreement: Agreement, simulated: nn.Module, deploy: nn.Module, inputs: tuple,
                                   atol: float, rtol: float, allow_mismatch: bool, quiet: bool) -> None:
     """Simulated and deploy outputs differ beyond tolerance: run each deploy layer on its simulated layer's input."""
+    from .verify import layer_tolerance
+
     checks = simulated_layerwise_check(simulated, deploy, inputs)
-    bad = [(n, t, d, m) for n, t, d, m in checks if not d <= atol + rtol * m]
+    layers = dict(deploy.named_modules())
+    bad = [(n, t, d, m) for n, t, d, m in checks if not d <= layer_tolerance(layers.get(n), m, atol, rtol)]
     worst = _nan_max(d for _, _, d, _ in checks)
     agreement.layerwise_max = worst
     total = agreement.simulated_vs_deploy

@@ -40,7 +40,7 @@ from .emit import EmitContext, LayerExport, emitter_for
 from .onnx_export import (_ACTIVE, _DYNAMIC_BATCH, _PLACEHOLDER_DOMAIN, _as_inputs, _attention_types,
                           _has_quant_modules, _max_diff, _swap_placeholders, _torch_export, agreement_table,
                           check_output_path, io_names, reference_outputs)
-from .verify import LayerProbe
+from .verify import LayerProbe, layer_tolerance
 
 #: the ONNX opset of the intermediate graph OpenVINO's frontend reads (int8 codes; no INT4 initializers needed)
 _ONNX_OPSET = 18
@@ -359,10 +359,11 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
             raise ExportError(f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output has NaN/inf values where "
                               "the deploy layer's is finite on the same input; nothing was written. This is a bug in "
                               "its OpenVINO emitter: please report it")
-        if not diff <= atol + rtol * absmax:
+        allowed = layer_tolerance(probe.module, absmax, atol, rtol)
+        if not diff <= allowed:
             raise ExportError(
                 f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output differs from the deploy layer by "
-                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {atol + rtol * absmax:.3g}); "
+                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {allowed:.3g}); "
                 "nothing was written. This is a bug in its OpenVINO emitter: please report it")
     worst = max((d for _, d, _ in checks), default=0.0)
     agreement.layerwise_max = worst

@@ -22,7 +22,12 @@ def _weight_scale(w: Tensor, bits: int) -> Tensor:
 
 
 class _UniformMixin(QuantModule):
-    optional_state = ("act_scale", "act_zero_point", "act_ready")
+    optional_state = ("act_scale", "act_zero_point", "act_ready", "out_scale", "out_zero_point", "out_ready")
+    #: None: float output. Otherwise the output (after a ReLU when ``output_relu``) is rounded to an unsigned affine
+    #: grid of this many bits, calibrated by a min/max observer: set by the scheme on convs whose output feeds a
+    #: residual Add, so integer runtimes can requantize it in the conv's epilogue (see enable_output_quant)
+    output_bits: int | None = None
+    output_relu: bool = False
 
     def _init_quant(self, config: Any, name: str) -> None:
         self.bits_w, self.bits_a = config.bits_w, config.bits_a
@@ -40,6 +45,29 @@ class _UniformMixin(QuantModule):
             return x  # not calibrated yet: weights-only simulation
         qmin, qmax = qrange(self.bits_a, signed=False)
         return fake_quantize_affine(x, self.act_scale, self.act_zero_point, qmin, qmax)
+
+    def enable_output_quant(self, bits: int = 8, relu: bool = False) -> None:
+        """Round this layer's output to a calibrated ``bits``-bit affine grid (applying the ReLU that follows it
+        first when ``relu``: the model's own ReLU is then the identity on it). A conv whose output is summed with
+        a residual branch has no later quantizer to requantize into; this grid lets onnxruntime run it as
+        ``QLinearConv`` (integer requantization) instead of a float Conv, at the cost of one 8-bit rounding."""
+        self.output_bits, self.output_relu = int(bits), bool(relu)
+        self.out_observer = make_observer("minmax", 100.0)
+        self.register_buffer("out_scale", torch.tensor(1.0))
+        self.register_buffer("out_zero_point", torch.tensor(0.0))
+        self.register_buffer("out_ready", torch.tensor(False))
+
+    def quant_output(self, y: Tensor) -> Tensor:
+        if self.output_bits is None:
+            return y
+        if self.output_relu:
+            y = F.relu(y)
+        if self.calibrating:
+            self.out_observer.observe(y)
+            return y
+        if not bool(self.out_ready):
+            return y
+        return fake_quantize_affine(y, self.out_scale, self.out_zero_point, *qrange(self.output_bits, signed=False))
 
     def quant_weight(self) -> Tensor:
         qmin, qmax = qrange(self.bits_w, signed=True)
@@ -63,11 +91,22 @@ class _UniformMixin(QuantModule):
         self.act_scale.copy_(scale)
         self.act_zero_point.copy_(zp)
         self.act_ready.fill_(True)
+        if self.output_bits is not None and self.out_observer.observed:
+            lo, hi = self.out_observer.range()
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                raise CalibrationDataError(f"layer {self.layer_name!r}: output range is not finite ({lo}, {hi})")
+            scale, zp = affine_params(lo, hi, self.output_bits)
+            self.out_scale.copy_(scale)
+            self.out_zero_point.copy_(zp)
+            self.out_ready.fill_(True)
 
     def describe(self) -> dict[str, Any]:
         if not bool(self.act_ready):
             return {"act": "not calibrated"}
-        return {"act_scale": float(self.act_scale), "act_zp": int(self.act_zero_point)}
+        info = {"act_scale": float(self.act_scale), "act_zp": int(self.act_zero_point)}
+        if self.output_bits is not None and bool(self.out_ready):
+            info.update(out_bits=self.output_bits, out_scale=float(self.out_scale), out_zp=int(self.out_zero_point))
+        return info
 
     def _deploy_tensors(self) -> dict[str, Tensor]:
         qmin, qmax = qrange(self.bits_w, signed=True)
@@ -94,7 +133,7 @@ class QuantConv2d(_UniformMixin, nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
+        return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias()))
 
     def to_deploy(self) -> nn.Module:
         return UniformDeployConv2d(self)
@@ -113,7 +152,7 @@ class QuantLinear(_UniformMixin, nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
+        return self.quant_output(F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias()))
 
     def to_deploy(self) -> nn.Module:
         return UniformDeployLinear(self)
@@ -148,6 +187,12 @@ class _UniformDeploy(nn.Module):
         self.register_buffer("act_zero_point", sim.act_zero_point.detach().clone())
         self.register_buffer("act_ready", sim.act_ready.detach().clone())
         self.act_qmax = qrange(self.bits_a, signed=False)[1]
+        # the output grid, when the simulated layer rounds its output (a calibrated one; else the output stays float)
+        ready = sim.output_bits is not None and bool(sim.out_ready)
+        self.output_bits, self.output_relu = (sim.output_bits, sim.output_relu) if ready else (None, False)
+        if ready:
+            self.register_buffer("out_scale", sim.out_scale.detach().clone())
+            self.register_buffer("out_zero_point", sim.out_zero_point.detach().clone())
         self._refresh()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -163,6 +208,15 @@ class _UniformDeploy(nn.Module):
 
     def weight(self) -> Tensor:
         return self.weight_int.float() * self.weight_scale
+
+    def quant_output(self, y: Tensor) -> Tensor:
+        """The simulated layer's output rounding (same integers as its fake quantization)."""
+        if self.output_bits is None:
+            return y
+        if self.output_relu:
+            y = F.relu(y)
+        q = quantize_affine(y, self.out_scale, self.out_zero_point, *qrange(self.output_bits, signed=False))
+        return (q - self.out_zero_point) * self.out_scale
 
 
 class UniformDeployConv2d(_UniformDeploy):
@@ -181,18 +235,20 @@ class UniformDeployConv2d(_UniformDeploy):
             x = F.pad(x, self._rp, mode=self.padding_mode)  # the simulated layer pads the same way, then quantizes
             padding = (0, 0)
         if self.integer and self.groups == 1 and not isinstance(padding, str):
-            return int8_ops.int8_conv2d(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
-                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias,
-                                        self.stride, padding, self.dilation)
+            return self.quant_output(int8_ops.int8_conv2d(
+                x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int, self.weight_packed,
+                self.weight_sum, self.weight_scale, self.bias, self.stride, padding, self.dilation))
         if self.integer:  # grouped / string-padded convs: the same integers through the float op
             q = quantize_affine(x, self.act_scale, self.act_zero_point, 0, self.act_qmax)
             x = (q - self.act_zero_point) * self.act_scale
-        return F.conv2d(x, self.weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+        return self.quant_output(F.conv2d(x, self.weight(), self.bias, self.stride, padding, self.dilation,
+                                          self.groups))
 
 
 class UniformDeployLinear(_UniformDeploy):
     def forward(self, x: Tensor) -> Tensor:
         if self.integer:
-            return int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
-                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias)
-        return F.linear(x, self.weight(), self.bias)
+            return self.quant_output(int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax,
+                                                          self.weight_int, self.weight_packed, self.weight_sum,
+                                                          self.weight_scale, self.bias))
+        return self.quant_output(F.linear(x, self.weight(), self.bias))

@@ -77,6 +77,22 @@ def _bias(b: GraphBuilder, m) -> str | None:
                 "bias_dequant", axis=0)
 
 
+def _quant_dequant_output(b: GraphBuilder, y: str, m) -> str:
+    """``[Relu ->] QuantizeLinear -> DequantizeLinear`` of a layer that rounds its output (a conv feeding a residual
+    Add): onnxruntime folds ``Conv [-> Relu] -> QuantizeLinear`` into QLinearConv's integer epilogue."""
+    if m.output_bits is None:
+        return y
+    if m.output_relu:
+        y = b.op("Relu", [y], "out_relu")
+    scale = b.f32("out_scale", np.float32(float(m.out_scale)))
+    zp = b.init("out_zero_point", np.uint8(int(round(float(m.out_zero_point)))))
+    q = b.op("QuantizeLinear", [y, scale, zp], "out_quant")
+    if int(m.output_bits) < 8:
+        q = b.op("Clip", [q, b.init("out_qmin", np.uint8(0)), b.init("out_qmax", np.uint8(2**int(m.output_bits) - 1))],
+                 "out_clip")
+    return b.op("DequantizeLinear", [q, scale, zp], "out_dequant")
+
+
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -97,6 +113,7 @@ def emit_uniform_conv(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -
     inputs_conv = [x, w] + ([bias] if bias is not None else [])
     y = b.op("Conv", inputs_conv, "conv", strides=list(m.stride), pads=pads, dilations=list(m.dilation),
              group=int(m.groups))
+    y = _quant_dequant_output(b, y, m)
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
                           int(np.prod(m.weight_int.shape)) * 4)
 
@@ -113,6 +130,7 @@ def emit_uniform_linear(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext)
         y = b.op("MatMul", [x, wt], "matmul")
         if bias is not None:
             y = b.op("Add", [y, bias], "bias")
+    y = _quant_dequant_output(b, y, m)
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
                           int(np.prod(m.weight_int.shape)) * 4)
 
