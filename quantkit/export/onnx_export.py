@@ -624,9 +624,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                               None if _fx_control_flow(deploy) is None else allow_traced_branch)
         layers, probes = _expand_placeholders(proto, opset, binary_form, custom_ops, uniform_form)
         if not custom_ops:
-            from .emit.uniform import quantize_before_reshapes
+            from .emit.uniform import integer_friendly_cleanup, quantize_before_reshapes
 
             quantize_before_reshapes(proto.graph)
+            integer_friendly_cleanup(proto.graph)
     finally:
         _ACTIVE.clear()
     inferred = _check(proto, custom_ops)  # the file keeps no value_info: every runtime re-infers shapes anyway

@@ -193,3 +193,115 @@ def quantize_before_reshapes(graph) -> int:
     del graph.node[:]
     graph.node.extend(ordered)
     return len(before)
+
+
+def _scalar(initializers: dict, name: str):
+    """The value of a scalar initializer (``None`` for anything else)."""
+    from onnx import numpy_helper
+
+    t = initializers.get(name)
+    if t is None:
+        return None
+    a = numpy_helper.to_array(t)
+    return a.reshape(()).item() if a.size == 1 else None
+
+
+def _same_grid(initializers: dict, a, b) -> bool:
+    """Whether two QuantizeLinear / DequantizeLinear nodes use the same per-tensor scale and zero point (and dtype)."""
+    from onnx import numpy_helper
+
+    if len(a.input) < 3 or len(b.input) < 3 or a.attribute or b.attribute:
+        return False
+    za, zb = initializers.get(a.input[2]), initializers.get(b.input[2])
+    if za is None or zb is None or za.data_type != zb.data_type:
+        return False
+    sa, sb = _scalar(initializers, a.input[1]), _scalar(initializers, b.input[1])
+    return (sa is not None and sa == sb and numpy_helper.to_array(za).size == 1
+            and _scalar(initializers, a.input[2]) == _scalar(initializers, b.input[2]))
+
+
+def integer_friendly_cleanup(graph) -> dict[str, int]:
+    """Exact rewrites after the QDQ graph is built, so onnxruntime keeps more of it in uint8:
+
+    * a ``Relu`` reading a ``DequantizeLinear`` with a uint8 zero point of 0 is dropped: every dequantized value is
+      ``q * s >= 0``, the ReLU is the identity (the model's ReLU after a conv that rounded ``relu(y)`` already);
+    * a ``MaxPool`` reading such a ``DequantizeLinear`` gets ``QuantizeLinear -> DequantizeLinear`` on the same
+      grid after it: the maximum of values on a grid lies on the grid, so the pair is exact, and onnxruntime then
+      runs the MaxPool on uint8 codes;
+    * ``DequantizeLinear -> QuantizeLinear`` on the same grid is dropped (the codes quantize back to themselves).
+
+    Returns how many of each were rewritten."""
+    from onnx import helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    counts = {"relu": 0, "maxpool": 0, "dq_q": 0}
+
+    def producers() -> dict:
+        return {o: n for n in graph.node for o in n.output}
+
+    def rename_input(old: str, new: str) -> None:
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name == old:
+                    n.input[i] = new
+
+    def zero_point_zero_dq(node) -> bool:
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.attribute:
+            return False
+        zp = initializers.get(node.input[2])
+        return zp is not None and zp.data_type == onnx_uint8() and _scalar(initializers, node.input[2]) == 0
+
+    prod = producers()
+    for relu in [n for n in graph.node if n.op_type == "Relu"]:
+        if relu.output[0] in outputs or not zero_point_zero_dq(prod.get(relu.input[0])):
+            continue
+        rename_input(relu.output[0], relu.input[0])
+        graph.node.remove(relu)
+        counts["relu"] += 1
+
+    prod = producers()
+    inserted: dict[int, list] = {}
+    for pool in graph.node:
+        dq = prod.get(pool.input[0]) if pool.op_type == "MaxPool" else None
+        if dq is None or len(pool.output) != 1 or pool.output[0] in outputs or dq.op_type != "DequantizeLinear":
+            continue
+        if len(dq.input) < 3 or dq.attribute or _scalar(initializers, dq.input[1]) is None:
+            continue
+        base = f"{pool.name or pool.output[0]}/requant"
+        q = helper.make_node("QuantizeLinear", [base + "_in", dq.input[1], dq.input[2]], [base + "_q"],
+                             name=base + "_q")
+        d = helper.make_node("DequantizeLinear", [base + "_q", dq.input[1], dq.input[2]], [base + "_dq"],
+                             name=base + "_dq")
+        rename_input(pool.output[0], base + "_dq")
+        q.input[0] = pool.output[0]
+        inserted[id(pool)] = [q, d]
+        counts["maxpool"] += 1
+    if inserted:
+        ordered = []
+        for n in graph.node:
+            ordered.append(n)
+            ordered.extend(inserted.get(id(n), []))
+        del graph.node[:]
+        graph.node.extend(ordered)
+
+    prod = producers()
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        dq = prod.get(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or q.output[0] in outputs or not _same_grid(
+                initializers, dq, q):
+            continue
+        rename_input(q.output[0], dq.input[0])
+        graph.node.remove(q)
+        counts["dq_q"] += 1
+    if counts["dq_q"]:  # a DequantizeLinear whose only reader was that QuantizeLinear is dead now
+        used = {i for n in graph.node for i in n.input} | outputs
+        for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            graph.node.remove(dq)
+    return counts
+
+
+def onnx_uint8() -> int:
+    from onnx import TensorProto
+
+    return TensorProto.UINT8
