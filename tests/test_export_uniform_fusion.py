@@ -12,6 +12,8 @@ import onnx
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -203,3 +205,26 @@ def test_layer_tolerance_allows_one_step_of_the_output_grid():
 
     assert layer_tolerance(Plain(), 10.0, 1e-4, 1e-4) == pytest.approx(1e-4 + 1e-3)
     assert layer_tolerance(Rounding(), 10.0, 1e-4, 1e-4) == pytest.approx(1e-4 + 1e-3 + 0.25)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(1e-3, 1.0), st.integers(0, 255), st.booleans(), st.integers(0, 2**31 - 1))
+def test_output_grid_eager_equals_compiled(scale, zero_point, relu, seed):
+    """The fused eager op and the op-by-op form used under torch.compile / torch.export give the same floats, on
+    values at and around every rounding threshold (half-integer codes)."""
+    from quantkit.nn.uniform import output_grid_params, round_to_output_grid
+
+    s, inv, z = output_grid_params(torch.tensor(scale), torch.tensor(float(zero_point)))
+    g = torch.Generator().manual_seed(seed)
+    halves = (torch.arange(-300, 300) + 0.5) * s
+    y = torch.cat([halves, torch.randn(500, generator=g) * 64 * s])
+    qmin = z if relu else 0
+
+    def grid(t):
+        return round_to_output_grid(t, s, inv, z, 8, qmin)
+
+    eager = grid(y)
+    compiled = torch.compile(grid, fullgraph=True, backend="eager")(y)
+    assert torch.equal(eager, compiled)
+    if relu:
+        assert eager.min() >= 0

@@ -21,6 +21,31 @@ def _weight_scale(w: Tensor, bits: int) -> Tensor:
     return symmetric_scale(absmax, bits).view(-1, *([1] * (w.dim() - 1)))
 
 
+def output_grid_params(scale: Tensor, zero_point: Tensor) -> tuple[float, float, int]:
+    """(s, 1 / s in float32, z) of an output grid as Python numbers, for :func:`round_to_output_grid`."""
+    s = scale.detach().float().reshape(())
+    return float(s), float(1.0 / s), int(zero_point)
+
+
+def round_to_output_grid(y: Tensor, scale: float, inv_scale: float, zero_point: int, bits: int, qmin: int) -> Tensor:
+    """A layer's output rounded to its unsigned ``bits``-bit affine grid (uniform affine quantization, Jacob et al.,
+    CVPR 2018):
+
+    forward:  y_hat = (clamp(round_half_even(y * (1 / s)) + z, qmin, 2^b - 1) - z) * s; ``qmin = z`` applies a ReLU
+              first (codes below z are the negative values, which the ReLU sends to 0 = code z), ``qmin = 0`` not
+    backward: dy_hat/dy = 1 where the code is inside [qmin, 2^b - 1], else 0 (straight-through estimator).
+
+    Eager mode runs it as one fused pass (``torch.fake_quantize_per_tensor_affine``: it is memory-bound, and six
+    separate passes made ResNet-18's deploy model slower than FP32 at batch 16). torch.compile / torch.export have no
+    fake kernel for that op; there the same float operations run one by one (the compiler fuses them; no gradient:
+    only deploy models are compiled)."""
+    qmax = 2**bits - 1
+    if not torch.compiler.is_compiling():
+        return torch.fake_quantize_per_tensor_affine(y, scale, zero_point, qmin, qmax)
+    q = torch.clamp(torch.round(y * inv_scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
 class _UniformMixin(QuantModule):
     optional_state = ("act_scale", "act_zero_point", "act_ready", "out_scale", "out_zero_point", "out_ready")
     #: None: float output. Otherwise the output (after a ReLU when ``output_relu``) is rounded to an unsigned affine
@@ -60,14 +85,13 @@ class _UniformMixin(QuantModule):
     def quant_output(self, y: Tensor) -> Tensor:
         if self.output_bits is None:
             return y
-        if self.output_relu:
-            y = F.relu(y)
-        if self.calibrating:
-            self.out_observer.observe(y)
+        if self.calibrating or not bool(self.out_ready):
+            y = F.relu(y) if self.output_relu else y
+            if self.calibrating:
+                self.out_observer.observe(y)
             return y
-        if not bool(self.out_ready):
-            return y
-        return fake_quantize_affine(y, self.out_scale, self.out_zero_point, *qrange(self.output_bits, signed=False))
+        scale, inv, zp = output_grid_params(self.out_scale, self.out_zero_point)
+        return round_to_output_grid(y, scale, inv, zp, self.output_bits, zp if self.output_relu else 0)
 
     def quant_weight(self) -> Tensor:
         qmin, qmax = qrange(self.bits_w, signed=True)
@@ -202,6 +226,9 @@ class _UniformDeploy(nn.Module):
     def _refresh(self) -> None:
         """Recompute the derived tensors from the stored codes (after construction and after load_state_dict)."""
         self.integer = bool(self.act_ready)
+        # the output grid as Python numbers, so forward reads no tensor value (torch.export / compile)
+        self.out_grid = (output_grid_params(self.out_scale, self.out_zero_point) if self.output_bits is not None
+                         else None)
         flat = self._flat_weight().detach()
         self.register_buffer("weight_packed", int8_ops.pack_weight(flat), persistent=False)
         self.register_buffer("weight_sum", int8_ops.weight_sum(flat), persistent=False)
@@ -213,10 +240,8 @@ class _UniformDeploy(nn.Module):
         """The simulated layer's output rounding (same integers as its fake quantization)."""
         if self.output_bits is None:
             return y
-        if self.output_relu:
-            y = F.relu(y)
-        q = quantize_affine(y, self.out_scale, self.out_zero_point, *qrange(self.output_bits, signed=False))
-        return (q - self.out_zero_point) * self.out_scale
+        scale, inv, zp = self.out_grid
+        return round_to_output_grid(y, scale, inv, zp, self.output_bits, zp if self.output_relu else 0)
 
 
 class UniformDeployConv2d(_UniformDeploy):

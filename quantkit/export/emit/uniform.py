@@ -3,11 +3,14 @@ tensor), DequantizeLinear on the integer weight (per output channel, ``axis=0``)
 ``s_x * s_w[o]``, the grid the simulated layer already rounds its bias to), then Conv / Gemm.
 
 This is the pattern onnxruntime's optimizer fuses into integer kernels: ``DQ -> Gemm`` becomes ``QGemm`` (float
-output), and ``DQ -> Conv -> [Relu] -> Q`` -- a conv whose output feeds the next quantized layer's QuantizeLinear --
-becomes ``QLinearConv`` (the requantization then happens in the integer epilogue; :func:`quantize_before_reshapes`
-extends this to a conv that reaches the next QuantizeLinear through a Flatten / Reshape). A conv whose output goes
-elsewhere (a residual Add, pooling) stays a float Conv of dequantized values: quantizing its output would add a
-rounding step the simulated model does not have.
+output), and ``DQ -> Conv -> [Relu] -> Q`` becomes ``QLinearConv`` (the requantization then happens in the integer
+epilogue). The Q is either the next quantized layer's input QuantizeLinear (:func:`quantize_before_reshapes` extends
+this to a conv that reaches it through a Flatten / Reshape), or, for a conv whose output feeds a residual Add (the
+second conv of a ResNet block, a downsample conv, a stem conv before its max-pool), the layer's own output grid: the
+uniform schemes round those outputs to 8 bits in simulation too (``quantize_residual``, :mod:`quantkit.graph.residual`),
+so the layer emits ``[Relu ->] Q -> DQ`` after its Conv and every conv of a ResNet runs as QLinearConv. The Add itself
+stays a float Add of dequantized values (it is cheap; a QLinearAdd would need the shortcut rounded too).
+:func:`integer_friendly_cleanup` then removes what would keep onnxruntime in float between two integer kernels.
 
 Two containers (``export_onnx(uniform_form=...)``):
 
