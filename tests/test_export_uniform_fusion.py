@@ -209,9 +209,9 @@ def test_layer_tolerance_allows_one_step_of_the_output_grid():
 
 @settings(max_examples=25, deadline=None)
 @given(st.floats(1e-3, 1.0), st.integers(0, 255), st.booleans(), st.integers(0, 2**31 - 1))
-def test_output_grid_eager_equals_compiled(scale, zero_point, relu, seed):
-    """The fused eager op and the op-by-op form used under torch.compile / torch.export give the same floats, on
-    values at and around every rounding threshold (half-integer codes)."""
+def test_output_grid_forms_agree(scale, zero_point, relu, seed):
+    """The simulated layer's fused op, the deploy layer's in-place chain and the op-by-op form used under
+    torch.compile / torch.export give the same floats, on values at and around every rounding threshold."""
     from quantkit.nn.uniform import output_grid_params, round_to_output_grid
 
     s, inv, z = output_grid_params(torch.tensor(scale), torch.tensor(float(zero_point)))
@@ -225,6 +225,7 @@ def test_output_grid_eager_equals_compiled(scale, zero_point, relu, seed):
 
     eager = grid(y)
     compiled = torch.compile(grid, fullgraph=True, backend="eager")(y)
-    assert torch.equal(eager, compiled)
+    in_place = round_to_output_grid(y.clone(), s, inv, z, 8, qmin, in_place=True)
+    assert torch.equal(eager, compiled) and torch.equal(eager, in_place)
     if relu:
         assert eager.min() >= 0
