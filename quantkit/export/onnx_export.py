@@ -730,9 +730,16 @@ def _explain_simulated_difference(agreement: Agreement, simulated: nn.Module, de
                 f"input: {listed}{more}")
     else:
         note = (f"{head}, but each of the {len(checks)} quantized layers matches its simulated layer on the same "
-                f"input (max difference {worst:.3g}): float rounding (the deploy kernels sum in another order) moved "
-                "values across quantization thresholds, which the network amplifies")
+                f"input (max difference {worst:.3g}{_one_step_note(deploy)}): float rounding (the deploy kernels "
+                "sum in another order) moved values across quantization thresholds, which the network amplifies")
     _mismatch(agreement, note, allow_mismatch, quiet)
+
+
+def _one_step_note(deploy: nn.Module) -> str:
+    """The layer-wise allowance, when some layer rounds its output (see :func:`.verify.layer_tolerance`)."""
+    if any(getattr(m, "output_bits", None) is not None for m in deploy.modules()):
+        return "; layers that round their output may differ by one step of that grid"
+    return ""
 
 
 def simulated_layerwise_check(simulated: nn.Module, deploy: nn.Module, inputs: tuple
