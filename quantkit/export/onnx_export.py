@@ -627,7 +627,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             from .emit.uniform import integer_friendly_cleanup, quantize_before_reshapes
 
             quantize_before_reshapes(proto.graph)
-            integer_friendly_cleanup(proto.graph)
+            if any(integer_friendly_cleanup(proto.graph).values()):
+                _drop_unused_initializers(proto.graph)
     finally:
         _ACTIVE.clear()
     inferred = _check(proto, custom_ops)  # the file keeps no value_info: every runtime re-infers shapes anyway

@@ -234,7 +234,7 @@ def integer_friendly_cleanup(graph) -> dict[str, int]:
     * ``DequantizeLinear -> QuantizeLinear`` on the same grid is dropped (the codes quantize back to themselves).
 
     Returns how many of each were rewritten."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     initializers = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -253,7 +253,7 @@ def integer_friendly_cleanup(graph) -> dict[str, int]:
         if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.attribute:
             return False
         zp = initializers.get(node.input[2])
-        return zp is not None and zp.data_type == onnx_uint8() and _scalar(initializers, node.input[2]) == 0
+        return zp is not None and zp.data_type == TensorProto.UINT8 and _scalar(initializers, node.input[2]) == 0
 
     prod = producers()
     for relu in [n for n in graph.node if n.op_type == "Relu"]:
@@ -302,9 +302,3 @@ def integer_friendly_cleanup(graph) -> dict[str, int]:
         for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
             graph.node.remove(dq)
     return counts
-
-
-def onnx_uint8() -> int:
-    from onnx import TensorProto
-
-    return TensorProto.UINT8
