@@ -333,7 +333,7 @@ def cmd_quantize(args, console: _Console) -> int:
     if out.suffix.lower() == ".onnx":
         result = _write_output(out, args.force, lambda tmp: quantkit.export_onnx(
             qmodel, example, tmp, opset=args.opset, binary_form=args.binary_form, custom_ops=args.custom_ops,
-            quiet=True))
+            uniform_form=args.uniform_form, quiet=True))
         result.path = str(out)
         deployed = quantkit.convert(qmodel)
         console.info(str(quantkit.report(deployed)))
@@ -565,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
     q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
                    help="ONNX form of binary layers (unpack: faster in onnxruntime)")
+    q.add_argument("--uniform-form", choices=("int8", "int4"), default="int8",
+                   help="ONNX container of w8a8 / w4a4 layers (int8: int8/uint8 codes, onnxruntime runs them as "
+                        "QLinearConv / QGemm; int4: INT4 weights and UINT4 activations at opset 21, half the weight "
+                        "bytes, runs unfused)")
     q.add_argument("--custom-ops", action="store_true",
                    help="emit compact quantkit.* custom-domain ops (not runnable by stock onnxruntime)")
     q.set_defaults(func=cmd_quantize)

@@ -435,3 +435,22 @@ def test_scheme_dict_round_trip_and_unstorable_rules():
     assert typed.rules == {nn.Linear: None}  # module types are stored by their import path
     with pytest.raises(ConfigError, match="expected"):
         scheme_from_dict({"fields": {}})
+
+
+@pytest.mark.parametrize("form, weight_type", [("int8", onnx.TensorProto.INT8), ("int4", onnx.TensorProto.INT4)])
+def test_quantize_uniform_form(tmp_path, capsys, form, weight_type):
+    """--uniform-form picks the ONNX container of w4a4 layers: int8 codes (fused by onnxruntime) or INT4."""
+    out = tmp_path / f"w4a4_{form}.onnx"
+    p = run_here(capsys, "-q", "quantize", "--model", f"{TINY}:tiny_resnet_digits", "--scheme", "w4a4", "--calib",
+                 "digits", "--num-calib", "16", "--uniform-form", form, "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    graph = onnx.load(str(out)).graph
+    assert {t.data_type for t in graph.initializer if "weight_int" in t.name} == {weight_type}
+    assert any(n.op_type == "Clip" for n in graph.node) == (form == "int8")  # 4-bit range on uint8 codes
+
+
+def test_quantize_uniform_form_rejects_other_values(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_here(capsys, *_pt_args(tmp_path, tmp_path / "m.onnx", "--uniform-form", "int2"))
+    assert exc.value.code == 2 and "--uniform-form" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

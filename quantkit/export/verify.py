@@ -44,6 +44,15 @@ def run_onnxruntime(model: bytes | str | os.PathLike | object, input_names: Sequ
         raise ExportError(f"onnxruntime failed to run the exported model: {str(exc).strip().splitlines()[0]}") from exc
 
 
+def layer_tolerance(module: object, absmax: float, atol: float, rtol: float) -> float:
+    """The difference one layer may show in the layer-wise checks: ``atol + rtol * max|y|``, plus one step of the
+    layer's output grid when it rounds its output (``output_bits``: a conv feeding a residual Add). Two float
+    computations of the value before that rounding differ in the last bits, which moves an element lying on a
+    rounding threshold by exactly one step."""
+    step = float(module.out_scale) if getattr(module, "output_bits", None) is not None else 0.0
+    return atol + rtol * absmax + step
+
+
 @dataclass
 class LayerProbe:
     """Where one exported layer sits in the graph (for the layer-wise check)."""
@@ -114,4 +123,4 @@ def onnx_accuracy(path: str, x: torch.Tensor, y: torch.Tensor, batch_size: int =
     return 100.0 * float((preds == y.numpy()).mean()), preds
 
 
-__all__ = ["ort_session", "run_onnxruntime", "LayerProbe", "layerwise_check", "onnx_accuracy"]
+__all__ = ["ort_session", "run_onnxruntime", "LayerProbe", "layerwise_check", "onnx_accuracy", "layer_tolerance"]

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..quantizers.base import Quantizer, get_quantizer
 from .base import NotQuantizable, QuantModule
 from .binary_deploy import BinaryDeployConv2d, BinaryDeployLinear, affine_epilogue
 
-_SLOTS = ("input_quantizer", "weight_quantizer")
+_SLOTS = ("input_quantizer", "weight_quantizer", "output_quantizer")
 
 
 @dataclasses.dataclass
@@ -68,6 +69,8 @@ class _QuantLayer(QuantModule):
         super().__init__(*args, **kwargs)
         self.register_module("input_quantizer", None)
         self.register_module("weight_quantizer", None)
+        #: optional grid of the layer's output (uniform schemes: convs that feed a residual Add); None: float output
+        self.register_module("output_quantizer", None)
         #: False runs the float layer (e.g. BiViT's cross-layer binarization, stage 1) and deploys as it
         self.enabled = True
         self.layer_name = ""
@@ -134,11 +137,23 @@ class _QuantLayer(QuantModule):
 
     @property
     def quantizers(self) -> list[Quantizer]:
-        return [q for q in (self.input_quantizer, self.weight_quantizer) if q is not None]
+        return [q for q in (self.input_quantizer, self.weight_quantizer, self.output_quantizer) if q is not None]
 
     @property
     def bits_w(self) -> int | None:  # type: ignore[override]
         return self.weight_quantizer.bits
+
+    @property
+    def output_bits(self) -> int | None:
+        """Bits of the output grid (``enable_output_quant``), None for a float output."""
+        oq = self._modules.get("output_quantizer")
+        return None if oq is None else oq.bits
+
+    @property
+    def output_relu(self) -> bool:
+        """Whether the output grid applies the ReLU that follows the layer."""
+        oq = self._modules.get("output_quantizer")
+        return oq is not None and oq.relu
 
     @property
     def bits_a(self) -> int | None:  # type: ignore[override]
@@ -161,7 +176,8 @@ class _QuantLayer(QuantModule):
 
     def describe(self) -> dict[str, Any]:
         info = {"acts": "fp"} if self.input_quantizer is None else self.input_quantizer.describe()
-        return {**info, **self.weight_quantizer.describe()}
+        out = {} if self.output_quantizer is None else self.output_quantizer.describe()
+        return {**info, **self.weight_quantizer.describe(), **out}
 
     def weight_nbytes(self) -> int:
         own = super().weight_nbytes()
@@ -175,10 +191,20 @@ class _QuantLayer(QuantModule):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if not wq.scale_after_product:
-            return self._op(x, wq(self.weight), wq.bias(self.bias, self.weight, self.input_quantizer))
-        signs, scale = wq.factors(self.weight)
-        y = self._op(x, signs, None) * scale.reshape(self._channel_shape)
-        return y if self.bias is None else y + self.bias.reshape(self._channel_shape)
+            y = self._op(x, wq(self.weight), wq.bias(self.bias, self.weight, self.input_quantizer))
+        else:
+            signs, scale = wq.factors(self.weight)
+            y = self._op(x, signs, None) * scale.reshape(self._channel_shape)
+            y = y if self.bias is None else y + self.bias.reshape(self._channel_shape)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+    def enable_output_quant(self, bits: int = 8, relu: bool = False) -> None:
+        """Round this layer's output to a calibrated ``bits``-bit grid (the ``uniform_output`` quantizer), after
+        the ReLU that follows it when ``relu``. Only layers that deploy on the integer kernels support it."""
+        if self.weight_quantizer.deploy != "uniform":
+            raise ConfigError(f"layer {self.layer_name!r}: an output grid needs a uniform weight quantizer, not "
+                              f"{self.weight_quantizer.name!r}")
+        self.output_quantizer = get_quantizer("uniform_output", "output")(bits=bits, relu=relu)
 
     # ---- deploy ----------------------------------------------------------------------------------------------
     def to_deploy(self) -> nn.Module:
@@ -187,6 +213,8 @@ class _QuantLayer(QuantModule):
         ``affine_epilogue(alpha_w, beta_w, scale_a, center_a, bias)`` and input threshold from the quantizers."""
         if not self.enabled:
             return self._float_copy()
+        if self.output_quantizer is not None and self.weight_quantizer.deploy != "uniform":
+            raise ConfigError(f"layer {self.layer_name!r}: an output grid deploys only on the integer kernels")
         if self.weight_quantizer.deploy != "binary":
             return _DEPLOY_BUILDERS[self.weight_quantizer.deploy](self)
         label = f"{type(self).__name__} {self.layer_name!r}" if self.layer_name else repr(self)

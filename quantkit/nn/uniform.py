@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from ..ops import int8 as int8_ops
-from ..quantizers.uniform import UniformActOptions, UniformWeightOptions, qrange, quantize_affine
+from ..quantizers.uniform import (UniformActOptions, UniformWeightOptions, qrange, quantize_affine,
+                                   output_grid_params, round_to_output_grid)
 from .layers import LayerQuantizers, QuantConv2d, QuantLinear, register_deploy
 
 
@@ -64,6 +65,13 @@ class _UniformDeploy(nn.Module):
         self.register_buffer("act_zero_point", sim.act_zero_point.detach().clone())
         self.register_buffer("act_ready", sim.act_ready.detach().clone())
         self.act_qmax = qrange(self.bits_a, signed=False)[1]
+        # the output grid, when the simulated layer rounds its output (a calibrated one; else the output stays float)
+        oq = sim.output_quantizer
+        ready = oq is not None and bool(oq.out_ready)
+        self.output_bits, self.output_relu = (oq.bits, oq.relu) if ready else (None, False)
+        if ready:
+            self.register_buffer("out_scale", oq.out_scale.detach().clone())
+            self.register_buffer("out_zero_point", oq.out_zero_point.detach().clone())
         self._refresh()
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -73,12 +81,23 @@ class _UniformDeploy(nn.Module):
     def _refresh(self) -> None:
         """Recompute the derived tensors from the stored codes (after construction and after load_state_dict)."""
         self.integer = bool(self.act_ready)
+        # the output grid as Python numbers, so forward reads no tensor value (torch.export / compile)
+        self.out_grid = (output_grid_params(self.out_scale, self.out_zero_point) if self.output_bits is not None
+                         else None)
         flat = self._flat_weight().detach()
         self.register_buffer("weight_packed", int8_ops.pack_weight(flat), persistent=False)
         self.register_buffer("weight_sum", int8_ops.weight_sum(flat), persistent=False)
 
     def weight(self) -> Tensor:
         return self.weight_int.float() * self.weight_scale
+
+    def quant_output(self, y: Tensor) -> Tensor:
+        """The simulated layer's output rounding (the same floats as its ``uniform_output`` quantizer), in place on
+        the kernel's fresh output."""
+        if self.output_bits is None:
+            return y
+        scale, inv, zp = self.out_grid
+        return round_to_output_grid(y, scale, inv, zp, self.output_bits, zp if self.output_relu else 0, in_place=True)
 
 
 class UniformDeployConv2d(_UniformDeploy):
@@ -97,21 +116,23 @@ class UniformDeployConv2d(_UniformDeploy):
             x = F.pad(x, self._rp, mode=self.padding_mode)  # the simulated layer pads the same way, then quantizes
             padding = (0, 0)
         if self.integer and self.groups == 1 and not isinstance(padding, str):
-            return int8_ops.int8_conv2d(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
-                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias,
-                                        self.stride, padding, self.dilation)
+            return self.quant_output(int8_ops.int8_conv2d(
+                x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int, self.weight_packed,
+                self.weight_sum, self.weight_scale, self.bias, self.stride, padding, self.dilation))
         if self.integer:  # grouped / string-padded convs: the same integers through the float op
             q = quantize_affine(x, self.act_scale, self.act_zero_point, 0, self.act_qmax)
             x = (q - self.act_zero_point) * self.act_scale
-        return F.conv2d(x, self.weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+        return self.quant_output(F.conv2d(x, self.weight(), self.bias, self.stride, padding, self.dilation,
+                                          self.groups))
 
 
 class UniformDeployLinear(_UniformDeploy):
     def forward(self, x: Tensor) -> Tensor:
         if self.integer:
-            return int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
-                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias)
-        return F.linear(x, self.weight(), self.bias)
+            return self.quant_output(int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax,
+                                                          self.weight_int, self.weight_packed, self.weight_sum,
+                                                          self.weight_scale, self.bias))
+        return self.quant_output(F.linear(x, self.weight(), self.bias))
 
 
 register_deploy("uniform", uniform_deploy)

@@ -42,7 +42,7 @@ class Quantizer(nn.Module):
 
     #: registry name (set by :func:`register_quantizer`)
     name: ClassVar[str] = ""
-    #: "input" (activations) or "weight"
+    #: "input" (activations), "weight" or "output" (a layer's output grid)
     kind: ClassVar[str] = "input"
     #: how a layer with this weight quantizer deploys: "binary" (packed signs + affine epilogue, BinaryDeploy*) or
     #: "uniform" (integer codes, UniformDeploy*)

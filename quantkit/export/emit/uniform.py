@@ -3,11 +3,14 @@ tensor), DequantizeLinear on the integer weight (per output channel, ``axis=0``)
 ``s_x * s_w[o]``, the grid the simulated layer already rounds its bias to), then Conv / Gemm.
 
 This is the pattern onnxruntime's optimizer fuses into integer kernels: ``DQ -> Gemm`` becomes ``QGemm`` (float
-output), and ``DQ -> Conv -> [Relu] -> Q`` -- a conv whose output feeds the next quantized layer's QuantizeLinear --
-becomes ``QLinearConv`` (the requantization then happens in the integer epilogue; :func:`quantize_before_reshapes`
-extends this to a conv that reaches the next QuantizeLinear through a Flatten / Reshape). A conv whose output goes
-elsewhere (a residual Add, pooling) stays a float Conv of dequantized values: quantizing its output would add a
-rounding step the simulated model does not have.
+output), and ``DQ -> Conv -> [Relu] -> Q`` becomes ``QLinearConv`` (the requantization then happens in the integer
+epilogue). The Q is either the next quantized layer's input QuantizeLinear (:func:`quantize_before_reshapes` extends
+this to a conv that reaches it through a Flatten / Reshape), or, for a conv whose output feeds a residual Add (the
+second conv of a ResNet block, a downsample conv, a stem conv before its max-pool), the layer's own output grid: the
+uniform schemes round those outputs to 8 bits in simulation too (``quantize_residual``, :mod:`quantkit.graph.residual`),
+so the layer emits ``[Relu ->] Q -> DQ`` after its Conv and every conv of a ResNet runs as QLinearConv. The Add itself
+stays a float Add of dequantized values (it is cheap; a QLinearAdd would need the shortcut rounded too).
+:func:`integer_friendly_cleanup` then removes what would keep onnxruntime in float between two integer kernels.
 
 Two containers (``export_onnx(uniform_form=...)``):
 
@@ -77,6 +80,22 @@ def _bias(b: GraphBuilder, m) -> str | None:
                 "bias_dequant", axis=0)
 
 
+def _quant_dequant_output(b: GraphBuilder, y: str, m) -> str:
+    """``[Relu ->] QuantizeLinear -> DequantizeLinear`` of a layer that rounds its output (a conv feeding a residual
+    Add): onnxruntime folds ``Conv [-> Relu] -> QuantizeLinear`` into QLinearConv's integer epilogue."""
+    if m.output_bits is None:
+        return y
+    if m.output_relu:
+        y = b.op("Relu", [y], "out_relu")
+    scale = b.f32("out_scale", np.float32(float(m.out_scale)))
+    zp = b.init("out_zero_point", np.uint8(int(round(float(m.out_zero_point)))))
+    q = b.op("QuantizeLinear", [y, scale, zp], "out_quant")
+    if int(m.output_bits) < 8:
+        q = b.op("Clip", [q, b.init("out_qmin", np.uint8(0)), b.init("out_qmax", np.uint8(2**int(m.output_bits) - 1))],
+                 "out_clip")
+    return b.op("DequantizeLinear", [q, scale, zp], "out_dequant")
+
+
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -97,6 +116,7 @@ def emit_uniform_conv(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -
     inputs_conv = [x, w] + ([bias] if bias is not None else [])
     y = b.op("Conv", inputs_conv, "conv", strides=list(m.stride), pads=pads, dilations=list(m.dilation),
              group=int(m.groups))
+    y = _quant_dequant_output(b, y, m)
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
                           int(np.prod(m.weight_int.shape)) * 4)
 
@@ -113,6 +133,7 @@ def emit_uniform_linear(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext)
         y = b.op("MatMul", [x, wt], "matmul")
         if bias is not None:
             y = b.op("Add", [y, bias], "bias")
+    y = _quant_dequant_output(b, y, m)
     return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
                           int(np.prod(m.weight_int.shape)) * 4)
 
@@ -175,3 +196,109 @@ def quantize_before_reshapes(graph) -> int:
     del graph.node[:]
     graph.node.extend(ordered)
     return len(before)
+
+
+def _scalar(initializers: dict, name: str):
+    """The value of a scalar initializer (``None`` for anything else)."""
+    from onnx import numpy_helper
+
+    t = initializers.get(name)
+    if t is None:
+        return None
+    a = numpy_helper.to_array(t)
+    return a.reshape(()).item() if a.size == 1 else None
+
+
+def _same_grid(initializers: dict, a, b) -> bool:
+    """Whether two QuantizeLinear / DequantizeLinear nodes use the same per-tensor scale and zero point (and dtype)."""
+    from onnx import numpy_helper
+
+    if len(a.input) < 3 or len(b.input) < 3 or a.attribute or b.attribute:
+        return False
+    za, zb = initializers.get(a.input[2]), initializers.get(b.input[2])
+    if za is None or zb is None or za.data_type != zb.data_type:
+        return False
+    sa, sb = _scalar(initializers, a.input[1]), _scalar(initializers, b.input[1])
+    return (sa is not None and sa == sb and numpy_helper.to_array(za).size == 1
+            and _scalar(initializers, a.input[2]) == _scalar(initializers, b.input[2]))
+
+
+def integer_friendly_cleanup(graph) -> dict[str, int]:
+    """Exact rewrites after the QDQ graph is built, so onnxruntime keeps more of it in uint8:
+
+    * a ``Relu`` reading a ``DequantizeLinear`` with a uint8 zero point of 0 is dropped: every dequantized value is
+      ``q * s >= 0``, the ReLU is the identity (the model's ReLU after a conv that rounded ``relu(y)`` already);
+    * a ``MaxPool`` reading such a ``DequantizeLinear`` gets ``QuantizeLinear -> DequantizeLinear`` on the same
+      grid after it: the maximum of values on a grid lies on the grid, so the pair is exact, and onnxruntime then
+      runs the MaxPool on uint8 codes;
+    * ``DequantizeLinear -> QuantizeLinear`` on the same grid is dropped (the codes quantize back to themselves).
+
+    Returns how many of each were rewritten."""
+    from onnx import TensorProto, helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    counts = {"relu": 0, "maxpool": 0, "dq_q": 0}
+
+    def producers() -> dict:
+        return {o: n for n in graph.node for o in n.output}
+
+    def rename_input(old: str, new: str) -> None:
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name == old:
+                    n.input[i] = new
+
+    def zero_point_zero_dq(node) -> bool:
+        if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3 or node.attribute:
+            return False
+        zp = initializers.get(node.input[2])
+        return zp is not None and zp.data_type == TensorProto.UINT8 and _scalar(initializers, node.input[2]) == 0
+
+    prod = producers()
+    for relu in [n for n in graph.node if n.op_type == "Relu"]:
+        if relu.output[0] in outputs or not zero_point_zero_dq(prod.get(relu.input[0])):
+            continue
+        rename_input(relu.output[0], relu.input[0])
+        graph.node.remove(relu)
+        counts["relu"] += 1
+
+    prod = producers()
+    inserted: dict[int, list] = {}
+    for pool in graph.node:
+        dq = prod.get(pool.input[0]) if pool.op_type == "MaxPool" else None
+        if dq is None or len(pool.output) != 1 or pool.output[0] in outputs or dq.op_type != "DequantizeLinear":
+            continue
+        if len(dq.input) < 3 or dq.attribute or _scalar(initializers, dq.input[1]) is None:
+            continue
+        base = f"{pool.name or pool.output[0]}/requant"
+        q = helper.make_node("QuantizeLinear", [base + "_in", dq.input[1], dq.input[2]], [base + "_q"],
+                             name=base + "_q")
+        d = helper.make_node("DequantizeLinear", [base + "_q", dq.input[1], dq.input[2]], [base + "_dq"],
+                             name=base + "_dq")
+        rename_input(pool.output[0], base + "_dq")
+        q.input[0] = pool.output[0]
+        inserted[id(pool)] = [q, d]
+        counts["maxpool"] += 1
+    if inserted:
+        ordered = []
+        for n in graph.node:
+            ordered.append(n)
+            ordered.extend(inserted.get(id(n), []))
+        del graph.node[:]
+        graph.node.extend(ordered)
+
+    prod = producers()
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        dq = prod.get(q.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or q.output[0] in outputs or not _same_grid(
+                initializers, dq, q):
+            continue
+        rename_input(q.output[0], dq.input[0])
+        graph.node.remove(q)
+        counts["dq_q"] += 1
+    if counts["dq_q"]:  # a DequantizeLinear whose only reader was that QuantizeLinear is dead now
+        used = {i for n in graph.node for i in n.input} | outputs
+        for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+            graph.node.remove(dq)
+    return counts

@@ -32,6 +32,20 @@ def _quant_input(ops, x, m, name: str):
     return fq
 
 
+def _quant_output(ops, y, m, name: str):
+    """A layer that rounds its output (a conv feeding a residual Add): [ReLU ->] FakeQuantize on the output grid."""
+    if m.output_bits is None:
+        return y
+    if m.output_relu:
+        y = ops.relu(y)
+    s, z = float(m.out_scale), float(np.round(float(m.out_zero_point)))
+    qmax = 2 ** int(m.output_bits) - 1
+    lo, hi = np.float32((0 - z) * s), np.float32((qmax - z) * s)
+    fq = ops.fake_quantize(y, lo, hi, lo, hi, qmax + 1)
+    fq.set_friendly_name(f"{name}/out_fake_quantize")
+    return fq
+
+
 def _weight(ops, m, name: str):
     import openvino as ov
 
@@ -69,6 +83,7 @@ def emit_uniform_conv(m, inputs: list, ctx: EmitContext) -> tuple:
     y.set_friendly_name(f"{ctx.name}/conv")
     if m.bias is not None:
         y = ops.add(y, m.bias.detach().float().numpy().reshape(1, -1, 1, 1))
+    y = _quant_output(ops, y, m, ctx.name)
     bits_a = m.bits_a if bool(m.act_ready) else None
     return y, LayerExport("uniform", "fake-quantize", m.bits_w, bits_a, w_int.size, w_int.size * 4)
 
@@ -82,6 +97,7 @@ def emit_uniform_linear(m, inputs: list, ctx: EmitContext) -> tuple:
     y.set_friendly_name(f"{ctx.name}/matmul")
     if m.bias is not None:
         y = ops.add(y, m.bias.detach().float().numpy())
+    y = _quant_output(ops, y, m, ctx.name)
     bits_a = m.bits_a if bool(m.act_ready) else None
     return y, LayerExport("uniform", "fake-quantize", m.bits_w, bits_a, w_int.size, w_int.size * 4)
 
