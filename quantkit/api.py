@@ -192,7 +192,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
     model.eval()
     report = getattr(model, _REPORT_ATTR)
     for layer, bn in folded:
-        report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r} after calibration")
+        report.notes.append(f"BatchNorm {bn!r} folded into {layer!r} after calibration")
         report.folded.append((layer, bn))
         report.folded_bytes += bn_bytes.get(bn, 0)
     report.stage = "calibrated"

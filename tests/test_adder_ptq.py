@@ -203,7 +203,8 @@ def test_act_mode_auto_and_bn_recalibration():
 
 def test_batchnorm_folds_into_the_simulated_layer_as_convert_folds_it():
     torch.manual_seed(0)
-    model = nn.Sequential(_spread_weights(AdderConv2d(3, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU(),
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          _spread_weights(AdderConv2d(8, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU(),
                           _spread_weights(AdderConv2d(8, 8, 3, padding=1)), nn.BatchNorm2d(8))
     with torch.no_grad():
         model.train()
@@ -213,21 +214,24 @@ def test_batchnorm_folds_into_the_simulated_layer_as_convert_folds_it():
     data = [torch.randn(16, 3, 6, 6) for _ in range(3)]
     unfolded = quantkit.quantize(model, "adder_ptq4", data, fold_bn=False, progress=False)
     folded = quantkit.quantize(model, "adder_ptq4", data, progress=False)
-    assert isinstance(folded[1], nn.Identity) and isinstance(folded[4], nn.Identity)
-    assert isinstance(unfolded[1], nn.BatchNorm2d)
+    assert all(isinstance(folded[i], nn.Identity) for i in (1, 4, 7))  # FP stem's, and each adder layer's
+    assert isinstance(unfolded[1], nn.BatchNorm2d) and isinstance(unfolded[4], nn.BatchNorm2d)
+    assert sorted(bn for _, bn in quantkit.report(folded).folded) == ["1", "4", "7"]
     x = torch.randn(4, 3, 6, 6)
     with torch.no_grad():
-        # the first layer sees the same input in both: only the fold's float rounding separates them
+        # the same inputs in both: only the fold's float rounding separates them
         torch.testing.assert_close(folded[0](x), unfolded[1](unfolded[0](x)), rtol=1e-5, atol=1e-5)
+        h = torch.relu(folded[0](x))
+        torch.testing.assert_close(folded[3](h), unfolded[4](unfolded[3](h)), rtol=1e-5, atol=1e-5)
         deploy = quantkit.convert(folded)
         # the deploy layer holds exactly the simulated layer's folded constants
-        delta, bias = folded[0].epilogue(folded[0].quant_params())
-        assert torch.equal(deploy[0].delta, delta) and torch.equal(deploy[0].bias, bias)
-        torch.testing.assert_close(deploy(x), folded(x), rtol=1e-5, atol=1e-5)
+        delta, bias = folded[3].epilogue(folded[3].quant_params())
+        assert torch.equal(deploy[3].delta, delta) and torch.equal(deploy[3].bias, bias)
         # kernels and simulation round the epilogue alike (a product, then a sum): bit for bit, layer by layer
-        assert torch.equal(deploy[0](x), folded[0](x))
-        h = folded[2](folded[1](folded[0](x)))
         assert torch.equal(deploy[3](h), folded[3](h))
+        h2 = folded[5](folded[4](folded[3](h)))
+        assert torch.equal(deploy[6](h2), folded[6](h2))
+        torch.testing.assert_close(deploy(x), folded(x), rtol=1e-5, atol=1e-5)
     # a folded, calibrated model round-trips through its state dict
     again = quantkit.prepare(model, "adder_ptq4")
     quantkit.calibrate(again, data, progress=False)

@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..nn.adabin import Maxout
 from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from ..nn.binary_fused import FusedBinaryBlock
-from .fold import _module_call_counts, batchnorm_affine
+from .fold import _module_call_counts, fold_batchnorms_into_float
 from .passes import replace_module
 
 _ADD = (operator.add, operator.iadd, torch.add)
@@ -41,33 +41,10 @@ def _trace(module: nn.Module) -> fx.Graph | None:
 
 
 def fold_float_conv_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
-    """Fold each inference BatchNorm2d that is the only user of a float ``nn.Conv2d`` (each called once) into the
-    conv, in place: ``W' = g W``, ``b' = g b + h``; the BatchNorm becomes ``nn.Identity``. Returns (conv, bn)."""
-    graph = _trace(model)
-    if graph is None:
-        return []
-    calls = _module_call_counts(graph)
-    modules = dict(model.named_modules())
-    folded = []
-    for node in graph.nodes:
-        conv = modules.get(node.target) if node.op == "call_module" else None
-        if type(conv) is not nn.Conv2d or calls[node.target] != 1 or len(node.users) != 1:
-            continue
-        user = next(iter(node.users))
-        bn = modules.get(user.target) if user.op == "call_module" else None
-        if (type(bn) is not nn.BatchNorm2d or bn.training or not bn.track_running_stats or bn.running_mean is None
-                or bn.num_features != conv.out_channels or calls[user.target] != 1 or user.args != (node,)
-                or user.kwargs):
-            continue
-        g, h = batchnorm_affine(bn)
-        with torch.no_grad():
-            w = conv.weight
-            w.mul_(g.to(w).view(-1, 1, 1, 1))
-            b = h.to(w) if conv.bias is None else conv.bias.detach() * g.to(w) + h.to(w)
-            conv.bias = nn.Parameter(b.clone(), requires_grad=False)
-        replace_module(model, user.target, nn.Identity())
-        folded.append((str(node.target), str(user.target)))
-    return folded
+    """Fold each BatchNorm that is the only user of a float conv / linear into it, in place (the deploy model's FP
+    stem and shortcuts; :func:`.fold.fold_batchnorms_into_float` with the deploy layers kept whole). Returns
+    (layer, bn)."""
+    return fold_batchnorms_into_float(model, leaves=_LEAVES)[0]
 
 
 def _skip_identities(node, modules):

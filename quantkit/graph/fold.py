@@ -71,19 +71,24 @@ def fold_batchnorms(model: nn.Module, include_training: bool = False) -> list[tu
 
 
 class _FloatTracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.leaves = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm) + tuple(leaves)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(
-            m, qualname)
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
-def fold_batchnorms_into_float(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
+def fold_batchnorms_into_float(model: nn.Module, leaves: tuple[type, ...] = ()
+                               ) -> tuple[list[tuple[str, str]], str | None]:
     """Fold every inference BatchNorm that directly follows a float ``nn.Conv2d`` / ``nn.Linear`` (the only user of
     that layer's output, each called once) into the layer's weight and bias, in place: ``W' = g * W``,
     ``b' = g * b + h`` per output channel. Run before quantization, so the quantizers see the folded weights and the
     simulated model computes what the exported one does. Returns the (layer, bn) pairs and, when torch.fx cannot
-    trace the model (nothing is folded then), why."""
+    trace the model (nothing is folded then), why. ``leaves``: further module types to keep whole while tracing (the
+    quantized layers of a prepared or deploy model)."""
     try:
-        graph = _FloatTracer().trace(model)
+        graph = _FloatTracer(leaves).trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the model as it is"
         return [], f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     calls = _module_call_counts(graph)

@@ -39,8 +39,9 @@ Defaults and why:
   scale (Fig. 3). ``"official"`` evaluates the official code's ``((W (2^b-1)) / s_g) / 2``, whose code at ``-s_g``
   depends on one ulp of ``s_g`` (docs/algorithms.md#adder-ptq-rounding says why it is not the default).
 * ``fold_bn=True``: after calibration (and the optional BN re-estimation), each BatchNorm that directly follows a
-  quantized adder layer is folded into the layer's epilogue, ``-(g Delta) S + (g b + h)``, in the simulated model as
-  convert does for the deploy one; both then use the same float32 constants and agree bit for bit. Unfolded, the two
+  quantized adder layer is folded into the layer's epilogue, ``-(g Delta) S + (g b + h)``, and each one after a
+  full-precision conv (stem, shortcuts) into that conv's weights, in the simulated model as convert does for the
+  deploy one; both then use the same float32 constants and agree bit for bit. Unfolded, the two
   differ by float rounding of ``g (-Delta S + b) + h`` (~1e-6), enough to move an activation across the next layer's
   grid now and then, which a network amplifies (seen: 0.04 on the digits example).
 """
@@ -53,7 +54,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConfigError
-from ..graph.fold import fold_batchnorms
+from ..graph.fold import fold_batchnorms, fold_batchnorms_into_float
 from ..nn.adder import AdderConv2d, AdderLinear
 from ..nn.adder_quant import QuantAdderConv2d, QuantAdderLinear
 from ..quantizers.adder import ACT_MODES, ROUND_MODES, SCALE_RULES, WEIGHT_CODE_ORDERS, AdderQuantOptions
@@ -124,7 +125,12 @@ class AdderPTQConfig(AdderQuantOptions, SchemeConfig):
         BatchNorm fold (``fold_bn``). Returns the (layer, BatchNorm) pairs folded."""
         if self.bn_recalib_batches > 0:
             recalibrate_batchnorm(model, run_batches, self.bn_recalib_batches)
-        return fold_batchnorms(model, include_training=True) if self.fold_bn else []
+        if not self.fold_bn:
+            return []
+        # the full-precision convs too (stem, shortcuts): their weights absorb the BatchNorm in simulation as in
+        # deploy, instead of deploy alone computing a differently rounded conv + BN
+        float_folds, _ = fold_batchnorms_into_float(model, leaves=(QuantAdderConv2d, QuantAdderLinear))
+        return float_folds + fold_batchnorms(model, include_training=True)
 
 
 def recalibrate_batchnorm(model: nn.Module, run_batches: Callable[[int | None], int], batches: int) -> int:
