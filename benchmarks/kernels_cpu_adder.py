@@ -57,7 +57,7 @@ def _median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[st
     """Median time of each function, calls interleaved round-robin so that every function sees the same machine
     state (the development VM shares its cores; contention then hits ours and the baselines alike)."""
     for fn in fns.values():
-        fn()  # warm-up (allocations, caches, packed-weight cache, lazy init)
+        fn()  # warm-up (allocations, caches, lazy init)
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

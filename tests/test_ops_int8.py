@@ -75,6 +75,25 @@ def test_int8_conv2d_equals_reference_on_every_isa(n, c, hw, n_out, kernel, stri
         assert torch.equal(got, ref), isa
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 37, 41), (1, 1, 64, 65), (3, 5, 29, 31)])
+def test_int8_conv2d_few_channel_input_on_every_isa(shape):
+    """Inputs with few channels (a stem: 3) are quantized as one long row in chunks (many pixels, a partial last
+    chunk, out-of-range values): the same codes as row by row."""
+    g = torch.Generator().manual_seed(7)
+    c = shape[1]
+    w, w_scale, qmax, s, z, bias = _operands(g, 16, c * 49, 8, 8)
+    w4 = w.view(16, 7, 7, c).permute(0, 3, 1, 2).contiguous()
+    x = torch.randn(*shape, generator=g) * 3
+    x.view(-1)[5::1009] = 1e6
+    x.view(-1)[11::1013] = -1e6
+    ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, (2, 2), (3, 3), (1, 1))
+    packed = I.pack_weight(I.flatten_conv_weight(w4))
+    for isa in ISAS:
+        with cpu_isa(isa), torch.no_grad():
+            got = I.int8_conv2d(x, s, z, qmax, w4, packed, I.weight_sum(w4), w_scale, bias, (2, 2), (3, 3), (1, 1))
+        assert torch.equal(got, ref), isa
+
+
 def test_reference_matches_float_math_of_the_simulated_layer():
     """The integer formula is the simulated layer's float math: conv((q - z) s_x, q_w s_w) + b."""
     g = torch.Generator().manual_seed(1)

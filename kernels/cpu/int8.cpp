@@ -377,6 +377,15 @@ QK_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, const ActParams
 // x (rows, K) float with row stride `ld` (elements) -> codes (rows, ldq) with zeroed tail columns K..ldq-1.
 void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const ActParams& p, uint8_t* q,
                    int64_t ldq) {
+  if (ld == K && ldq == K && K < 64 && rows > 1) {
+    // dense short rows (a 3-channel stem: one row per pixel): the same codes as one long row, quantized in
+    // chunks, instead of paying the per-row set-up of the vector loop every 3 values
+    constexpr int64_t kChunk = 4096;
+    const int64_t total = rows * K, chunks = (total + kChunk - 1) / kChunk;
+    quantize_rows(x, chunks - 1, kChunk, kChunk, p, q, kChunk);
+    quantize_rows(x + (chunks - 1) * kChunk, 1, total - (chunks - 1) * kChunk, 0, p, q + (chunks - 1) * kChunk, 0);
+    return;
+  }
   const float lo = -p.zp, hi = float(p.qmax) - p.zp;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
