@@ -34,20 +34,10 @@ import quantkit
 from quantkit.datasets import digits
 from quantkit.sysinfo import cpu_model
 from timing import median_ms
+from uniform_cpu import settle_bn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
-
-
-def settle_bn(model: nn.Module, shape: tuple) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, *shape))
-    return model.eval()
 
 
 def session(path: str, threads: int, optimized_path: str | None = None):

@@ -23,22 +23,12 @@ from quantkit.export import export_onnx
 from quantkit.export.emit.uniform import integer_friendly_cleanup
 from quantkit.export.verify import layer_tolerance, ort_session
 
+from conftest import settle_bn
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 RESNET_RESIDUAL_CONVS = (["conv1"] + [f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)]
                          + [f"layer{i}.0.downsample.0" for i in range(2, 5)])
-
-
-def settle_bn(model: nn.Module, shape: tuple) -> nn.Module:
-    """Non-trivial BatchNorm statistics (a fresh model's are 0 / 1), then eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(4, *shape))
-    return model.eval()
 
 
 def optimized_op_types(path: Path, tmp_path: Path) -> list[str]:
