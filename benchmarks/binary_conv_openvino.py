@@ -27,16 +27,7 @@ import torch
 from quantkit import ops
 from quantkit.sysinfo import cpu_model
 
-# ResNet-18's 3x3 convolutions: (C_in, C_out, input H=W, stride)
-RESNET18_3X3 = [
-    (64, 64, 56, 1),
-    (64, 128, 56, 2),
-    (128, 128, 28, 1),
-    (128, 256, 28, 2),
-    (256, 256, 14, 1),
-    (256, 512, 14, 2),
-    (512, 512, 7, 1),
-]
+from kernels_cpu import RESNET18_3X3  # noqa: E402  (ResNet-18's 3x3 shapes, shared with the kernel benchmark)
 
 
 def _openvino():

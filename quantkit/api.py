@@ -15,7 +15,7 @@ from torch import nn
 
 from .calibrate.data import run_calibration
 from .errors import ConfigError, NoQuantizableLayerError, UnsupportedModelError
-from .graph.fold import fold_batchnorms
+from .graph.fold import batchnorm_parameter_bytes, fold_batchnorms
 from .graph.passes import PassContext, PassManager, refresh_report, replace_module
 from .graph.records import fill_deployed_record
 from .graph.trace import trace
@@ -186,8 +186,7 @@ def calibrate(model: nn.Module, calib_data: Any, *, transform_fn: Callable | Non
         return run_calibration(model, calib_data, transform_fn=transform_fn, max_batches=n, progress=progress,
                                desc="re-estimating")
 
-    bn_bytes = {name: sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
-                for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bn_bytes = batchnorm_parameter_bytes(model)
     folded = cfg.calibrate_finish(model, run_batches) or []
     model.eval()
     report = getattr(model, _REPORT_ATTR)

@@ -904,6 +904,23 @@ void check_epilogue(const char* fn, int64_t n_out, const at::Tensor& delta, cons
   }
 }
 
+// The window of a conv whose N, C, H, W, Cout, kh, kw are set: stride, padding, dilation, output size, and the
+// size checks of the output and the tap-offset table.
+void set_conv_window(const char* fn, ConvGeom& gm, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation) {
+  const ConvOut osz = conv2d_out_hw(fn, gm.H, gm.W, gm.kh, gm.kw, stride, padding, dilation);
+  gm.sh = stride[0];
+  gm.sw = stride[1];
+  gm.ph = padding[0];
+  gm.pw = padding[1];
+  gm.dh = dilation[0];
+  gm.dw = dilation[1];
+  gm.Ho = osz.h;
+  gm.Wo = osz.w;
+  checked_numel(fn, "output elements", {gm.N, gm.Ho, gm.Wo, std::max<int64_t>(gm.Cout, 1)});
+  checked_numel(fn, "tap offsets", {gm.N, gm.Ho, gm.Wo, gm.kh, gm.kw});
+}
+
 at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq, const at::Tensor& group_index, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t w_mult,
                      const at::Tensor& delta, const c10::optional<at::Tensor>& bias, bool float_out) {
   TORCH_CHECK(xq.dim() == 5, fn, ": xq must have shape (G, N, C, H, W), got ", xq.sizes());
@@ -919,17 +936,7 @@ at::Tensor conv_impl(const char* fn, const at::Tensor& xq, const at::Tensor& wq,
   gm.Cout = wq.size(0);
   gm.kh = wq.size(2);
   gm.kw = wq.size(3);
-  const ConvOut osz = conv2d_out_hw(fn, gm.H, gm.W, gm.kh, gm.kw, stride, padding, dilation);
-  gm.sh = stride[0];
-  gm.sw = stride[1];
-  gm.ph = padding[0];
-  gm.pw = padding[1];
-  gm.dh = dilation[0];
-  gm.dw = dilation[1];
-  gm.Ho = osz.h;
-  gm.Wo = osz.w;
-  checked_numel(fn, "output elements", {gm.N, gm.Ho, gm.Wo, std::max<int64_t>(gm.Cout, 1)});
-  checked_numel(fn, "tap offsets", {gm.N, gm.Ho, gm.Wo, gm.kh, gm.kw});
+  set_conv_window(fn, gm, stride, padding, dilation);
   if (float_out) check_epilogue(fn, gm.Cout, delta, bias);
 
   // Common grid: the activation range, plus 0 where the convolution reads padding, placed at a canonical offset
@@ -1071,17 +1078,7 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   gm.Cout = pw.Cout;
   gm.kh = pw.kh;
   gm.kw = pw.kw;
-  const ConvOut osz = conv2d_out_hw(fn, gm.H, gm.W, gm.kh, gm.kw, stride, padding, dilation);
-  gm.sh = stride[0];
-  gm.sw = stride[1];
-  gm.ph = padding[0];
-  gm.pw = padding[1];
-  gm.dh = dilation[0];
-  gm.dw = dilation[1];
-  gm.Ho = osz.h;
-  gm.Wo = osz.w;
-  checked_numel(fn, "output elements", {gm.N, gm.Ho, gm.Wo, std::max<int64_t>(gm.Cout, 1)});
-  checked_numel(fn, "tap offsets", {gm.N, gm.Ho, gm.Wo, gm.kh, gm.kw});
+  set_conv_window(fn, gm, stride, padding, dilation);
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   const int64_t rows = gm.N * gm.H * gm.W;
   checked_numel(fn, "activation buffer", {G, rows + 1, Cp});

@@ -30,6 +30,12 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
     return g.float(), h.float()
 
 
+def batchnorm_parameter_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of each BatchNorm's own parameters, by qualified name (what a fold removes, for the report)."""
+    return {name: sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+            for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
 def _module_call_counts(graph: fx.Graph) -> dict[str, int]:
     """How many times each submodule is called in ``graph`` (a layer called twice shares its weights: never fold)."""
     calls: dict[str, int] = {}
@@ -127,8 +133,7 @@ class FoldBatchNormPass:
     label = "fold_bn"
 
     def run(self, model: nn.Module, ctx) -> None:
-        bn_bytes = {name: sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
-                    for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        bn_bytes = batchnorm_parameter_bytes(model)
         folded, why = fold_batchnorms_into_float(model)
         for layer, bn in folded:
             ctx.report.notes.append(f"BatchNorm {bn!r} folded into {layer!r} before quantization")

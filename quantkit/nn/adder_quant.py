@@ -200,13 +200,17 @@ class _QuantAdderMixin(QuantModule):
             if idx.numel() == 0:
                 continue
             s = -self._neg_l1(self.act_codes(x, g).to(dt), w_mult_codes[idx])  # exact integer sums
-            shape = (1, -1) + (1,) * (s.dim() - 2) if self._channel_dim == 1 else (-1,)
+            shape = self._channel_view(s.dim())
             y = s.float() * (-delta[idx]).view(shape) + bias[idx].view(shape)
             outs.append(y)
             order.append(idx)
         y = torch.cat(outs, dim=self._channel_dim)
         inverse = torch.argsort(torch.cat(order))
         return y.index_select(self._channel_dim, inverse).to(x.dtype)
+
+    def _channel_view(self, dim: int) -> tuple[int, ...]:
+        """The view that broadcasts a per-output-channel vector against a ``dim``-D output."""
+        return (1, -1) + (1,) * (dim - 2) if self._channel_dim == 1 else (-1,)
 
     def epilogue(self, p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The per-channel (delta, bias) of ``Y = -delta * S + bias``, with a folded BatchNorm's ``g, h`` applied as
@@ -230,7 +234,7 @@ class _QuantAdderMixin(QuantModule):
         y = self._fp_forward(x)
         if self.out_scale is None:
             return y
-        shape = (1, -1) + (1,) * (y.dim() - 2) if self._channel_dim == 1 else (-1,)
+        shape = self._channel_view(y.dim())
         return y * self.out_scale.view(shape).to(y.dtype) + self.out_shift.view(shape).to(y.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

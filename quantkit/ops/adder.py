@@ -50,6 +50,7 @@ import torch
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import check_devices, has_op, register_fake, use_kernel
 from quantkit.ops.layout import conv2d_output_hw, conv2d_output_size
+from quantkit.quantizers.uniform import qrange
 
 __all__ = [
     "adder_l1",
@@ -491,11 +492,6 @@ def has_packed_kernels() -> bool:
     return has_op("adder_prepack") and has_op("adder_conv2d_packed") and has_op("adder_linear_packed")
 
 
-def act_code_range(bits: int, signed: bool) -> Tuple[int, int]:
-    """Integer range of the activation codes: ``[-2^(b-1), 2^(b-1) - 1]`` (signed) or ``[0, 2^b - 1]`` (unsigned)."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-
-
 def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits: int, signed: bool
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pack integer weights once for :func:`adder_conv2d_packed` / :func:`adder_linear_packed` (CPU).
@@ -521,7 +517,7 @@ def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits
     _check_groups(fn, group_index, wq.shape[0], groups, wq.device)
     if wq.device.type != "cpu" or not has_packed_kernels():
         raise KernelError(f"{fn}: needs the compiled CPU kernels and CPU tensors (got {wq.device})")
-    lo, hi = act_code_range(int(bits), bool(signed))
+    lo, hi = qrange(int(bits), bool(signed))  # the activation code grid
     packed_weight, packed_meta = torch.ops.quantkit.adder_prepack(wq, group_index, int(w_mult), lo, hi)
     return packed_weight, packed_meta
 
