@@ -235,3 +235,19 @@ def test_opcheck_and_meta():
     torch.library.opcheck(torch.ops.quantkit.max_pool2d_nhwc_into.default, (x, [3, 3], [2, 2], [1, 1], False, out))
     meta = torch.ops.quantkit.max_pool2d_nhwc(x.to("meta"), [3, 3], [2, 2], [1, 1])
     assert meta.shape == (2, 5, 4, 4) and meta.is_contiguous(memory_format=CL)
+
+
+@pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit kernels not built")
+def test_compiled_caller_tiling_the_batch_into_out():
+    """torch.compile functionalizes the out= op (it returns nothing, so the write is its only effect)."""
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=CL)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(4, 8, 5, 5).contiguous(memory_format=CL)
+        ops.max_pool2d_nhwc(x, 3, 2, 1, out=out[:2])
+        ops.max_pool2d_nhwc(-x, 3, 2, 1, relu=True, out=out[2:])
+        return out
+
+    with torch.no_grad():
+        got = torch.compile(tiles, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got, torch.cat([F.max_pool2d(x, 3, 2, 1), F.max_pool2d(-x, 3, 2, 1).relu()]))
