@@ -5,8 +5,9 @@ thread count, medians over repeats, with the calls of both sides interleaved so 
 Rows per (threads, batch):
 
 * ``pool``: torch ``F.max_pool2d(x, 3, 2, 1)`` vs ``max_pool2d_nhwc(x, 3, 2, 1)``;
-* ``relu+pool``: torch ``F.max_pool2d(F.relu(x), 3, 2, 1)`` (the stem as the float model runs it) vs
-  ``max_pool2d_nhwc(x, 3, 2, 1, relu=True)`` (the ReLU fused, x read once);
+* ``relu+pool``: torch ``F.max_pool2d(F.relu(x), 3, 2, 1)`` (the stem as the float model runs it, a new tensor for
+  the ReLU) vs ``max_pool2d_nhwc(x, 3, 2, 1, relu=True)`` (the ReLU fused, x read once);
+* ``relu_+pool``: the same against torch's in-place ``relu_`` then ``max_pool2d`` (no allocation for the ReLU);
 * ``pool, out=``: the kernel writing into a preallocated channels_last output (how a caller tiling the batch uses it).
 
 Run: ``.venv/bin/python benchmarks/pooling_cpu.py [--quick] [--threads 1,2] [--batches 1,16]``
@@ -47,18 +48,21 @@ def pool_rows(threads: int, batch: int, repeats: int) -> list[tuple[str, float, 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 64, 112, 112, generator=g).contiguous(memory_format=torch.channels_last)
         x_relu = F.relu(x)
+        x_inplace = x_relu.clone()  # relu_ on it repeats the same work every call
         out = torch.empty(batch, 64, 56, 56).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            t_pool, q_pool, t_relu, q_relu, q_out = interleaved_medians([
+            t_pool, q_pool, t_relu, q_relu, t_inplace, q_out = interleaved_medians([
                 lambda: F.max_pool2d(x_relu, 3, 2, 1),
                 lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1),
                 lambda: F.max_pool2d(F.relu(x), 3, 2, 1),
                 lambda: ops.max_pool2d_nhwc(x, 3, 2, 1, relu=True),
+                lambda: F.max_pool2d(x_inplace.relu_(), 3, 2, 1),
                 lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1, out=out),
             ], repeats)
     finally:
         torch.set_num_threads(saved)
-    return [("pool", t_pool, q_pool), ("relu+pool", t_relu, q_relu), ("pool, out=", t_pool, q_out)]
+    return [("pool", t_pool, q_pool), ("relu+pool", t_relu, q_relu), ("relu_+pool", t_inplace, q_relu),
+            ("pool, out=", t_pool, q_out)]
 
 
 def main() -> None:
