@@ -75,6 +75,14 @@ TORCH_LIBRARY(quantkit, m) {
   m.def("maxout(Tensor x, Tensor pos, Tensor neg) -> Tensor");
   // quantize_groups: (G, *x.shape) int8 (signed) / uint8 codes of x on each group's grid (AdderNet PTQ activations)
   m.def("quantize_groups(Tensor x, Tensor scale, int bits, bool is_signed, bool half_even) -> Tensor");
+  // max_pool2d_nhwc: F.max_pool2d(x, kernel_size, stride, padding) (dilation 1, floor output size), then relu when
+  //   relu=True, bit for bit (NaN, signed zeros), without indices: x float32 (N, C, H, W) channels_last (a
+  //   contiguous NCHW x is copied first) -> float32 (N, C, Ho, Wo) channels_last (quantkit/ops/pooling.py).
+  // max_pool2d_nhwc_into: the same written into out (float32 (N, C, Ho, Wo), contiguous in channels_last memory,
+  //   e.g. a batch slice of a bigger output), returning nothing so that functionalization can handle the mutation.
+  m.def("max_pool2d_nhwc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) -> Tensor");
+  m.def("max_pool2d_nhwc_into(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu, "
+        "Tensor(a!) out) -> ()");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
   // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]

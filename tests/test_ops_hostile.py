@@ -210,6 +210,8 @@ def _op_calls():
         ("adder_linear", (xq, wq, gi, v, v, 1)),
         ("adder_l1_conv2d", (xq5, wq4, gi, [1, 1], [0, 0], [1, 1], 1)),
         ("adder_conv2d", (xq5, wq4, gi, v, v, [1, 1], [0, 0], [1, 1], 1)),
+        ("max_pool2d_nhwc", (torch.randn(1, 3, 5, 5).contiguous(memory_format=torch.channels_last), [3, 3], [2, 2],
+                             [1, 1], True)),
     ]
 
 

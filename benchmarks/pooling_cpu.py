@@ -1,0 +1,90 @@
+"""CPU speed of ``quantkit.ops.max_pool2d_nhwc`` against torch's ``max_pool2d`` on the ResNet stem's pool: (N, 64,
+112, 112) float32 channels_last, kernel 3, stride 2, padding 1, after a ReLU. Every ratio comes from one run at one
+thread count, medians over repeats, with the calls of both sides interleaved so that a load change hits both.
+
+Rows per (threads, batch):
+
+* ``pool``: torch ``F.max_pool2d(x, 3, 2, 1)`` vs ``max_pool2d_nhwc(x, 3, 2, 1)``;
+* ``relu+pool``: torch ``F.max_pool2d(F.relu(x), 3, 2, 1)`` (the stem as the float model runs it, a new tensor for
+  the ReLU) vs ``max_pool2d_nhwc(x, 3, 2, 1, relu=True)`` (the ReLU fused, x read once);
+* ``relu_+pool``: the same against torch's in-place ``relu_`` then ``max_pool2d`` (no allocation for the ReLU);
+* ``pool, out=``: the kernel writing into a preallocated channels_last output (how a caller tiling the batch uses it).
+
+Run: ``.venv/bin/python benchmarks/pooling_cpu.py [--quick] [--threads 1,2] [--batches 1,16]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from quantkit import ops
+from quantkit.sysinfo import cpu_model
+
+
+def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each function, calling them in turn ``repeats`` times after one warm-up round."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def pool_rows(threads: int, batch: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(row, torch ms, quantkit ms) at ``threads`` threads for one batch size."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 64, 112, 112, generator=g).contiguous(memory_format=torch.channels_last)
+        x_relu = F.relu(x)
+        x_inplace = x_relu.clone()  # relu_ on it repeats the same work every call
+        out = torch.empty(batch, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            t_pool, q_pool, t_relu, q_relu, t_inplace, q_out = interleaved_medians([
+                lambda: F.max_pool2d(x_relu, 3, 2, 1),
+                lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1),
+                lambda: F.max_pool2d(F.relu(x), 3, 2, 1),
+                lambda: ops.max_pool2d_nhwc(x, 3, 2, 1, relu=True),
+                lambda: F.max_pool2d(x_inplace.relu_(), 3, 2, 1),
+                lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1, out=out),
+            ], repeats)
+    finally:
+        torch.set_num_threads(saved)
+    return [("pool", t_pool, q_pool), ("relu+pool", t_relu, q_relu), ("relu_+pool", t_inplace, q_relu),
+            ("pool, out=", t_pool, q_out)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="max_pool2d_nhwc vs torch max_pool2d (ResNet stem pool)")
+    parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all)")
+    parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes (default: 1,16)")
+    args = parser.parse_args()
+    all_threads = os.cpu_count() or 1
+    threads = sorted({int(t) for t in args.threads.split(",")}) if args.threads else sorted({1, all_threads})
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"# CPU: {cpu_model()}, {all_threads} logical CPUs; torch {torch.__version__}; "
+          f"quantkit CPU ISA: {ops.cpu_isa()}; (N, 64, 112, 112) fp32 channels_last, k3 s2 p1; medians, calls "
+          "interleaved; speedup = torch time / quantkit time")
+    print("| threads | batch | op | torch ms | quantkit ms | speedup |")
+    print("|---|---|---|---|---|---|")
+    for t in threads:
+        for b in batches:
+            repeats = 5 if args.quick else (41 if b <= 2 else 15)
+            for name, base, ours in pool_rows(t, b, repeats):
+                print(f"| {t} | {b} | {name} | {base * 1e3:.3f} | {ours * 1e3:.3f} | {base / ours:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
