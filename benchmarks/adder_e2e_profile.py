@@ -37,6 +37,8 @@ _CATEGORIES = (
     ("aten::addmm", "FP classifier"),
     ("aten::linear", "FP classifier"),
     ("aten::max_pool2d", "pooling"),
+    ("aten::max_pool2d_with_indices", "pooling"),
+    ("quantkit::max_pool2d_nhwc", "pooling"),
     ("aten::adaptive_avg_pool2d", "pooling"),
     ("aten::mean", "pooling"),
     ("aten::batch_norm", "BatchNorm"),

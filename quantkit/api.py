@@ -265,6 +265,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     from .graph.binary_fusion import fuse_binary_deploy
 
     report.notes.extend(fuse_binary_deploy(work))
+    from .graph.conv_pool import tile_conv_pools
+
+    report.notes.extend(tile_conv_pools(work))
     report.stage = "deployed"
     report.other_bytes = other_parameter_bytes(work, report)  # folded BatchNorms are gone
     setattr(work, _REPORT_ATTR, report)
