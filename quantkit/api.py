@@ -262,9 +262,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for layer, bn in fold_batchnorms(work):
         report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
         report.folded.append((layer, bn))
-    from .graph.binary_fusion import fuse_binary_deploy
+    from .graph.block_fusion import fuse_deploy_blocks
 
-    report.notes.extend(fuse_binary_deploy(work))
+    report.notes.extend(fuse_deploy_blocks(work))
     report.stage = "deployed"
     report.other_bytes = other_parameter_bytes(work, report)  # folded BatchNorms are gone
     setattr(work, _REPORT_ATTR, report)

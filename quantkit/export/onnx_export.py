@@ -41,7 +41,7 @@ from ..api import check_example_inputs, check_finite, convert
 from ..errors import ExportError, QuantkitError
 from ..files import atomic_write_bytes, check_output_path
 from ..log import get_logger
-from ..nn.binary_fused import unfuse_binary_blocks
+from ..nn.fused_block import unfuse_blocks
 from ..nn.base import QuantModule
 from ..version import __version__
 from .builder import GraphBuilder
@@ -232,7 +232,7 @@ def deploy_and_simulated(model: nn.Module, what: str) -> tuple[nn.Module, nn.Mod
 def traceable_copy(deploy: nn.Module) -> nn.Module:
     """An eval-mode copy of ``deploy`` to swap placeholders into (a single quantized layer gets a parent; fused
     binary blocks are split back into their layers, which export one by one)."""
-    work = unfuse_binary_blocks(copy.deepcopy(deploy).eval())
+    work = unfuse_blocks(copy.deepcopy(deploy).eval())
     return nn.Sequential(work) if is_exported_unit(work) else work
 
 
