@@ -108,11 +108,13 @@ TORCH_LIBRARY(quantkit, m) {
   //   (NB = ceil(Cout/16); layout in kernels/cpu/adder.cpp). Deploy layers keep both as buffers.
   // adder_conv2d_packed / adder_linear_packed: float32 x (N, C, H, W) / (M, K) is re-quantized per group exactly as
   //   quantize_groups(x, scale, bits, is_signed, half_even) and fed to the l1 kernel; output as adder_conv2d /
-  //   adder_linear, and NaN wherever a window (a row) reads a NaN input, as the float model gives.
+  //   adder_linear, and NaN wherever a window (a row) reads a NaN input, as the float model gives. The conv's
+  //   optional block epilogue: y += residual (float32, the output's shape), then y = relu(y) when relu (torch's relu:
+  //   NaN and -0.0 pass), the unfused block's "out += identity; relu(out)" in the same float operations.
   m.def("adder_prepack(Tensor wq, Tensor group_index, int w_mult, int x_lo, int x_hi) -> Tensor[]");
   m.def("adder_conv2d_packed(Tensor x, Tensor scale, Tensor packed_weight, Tensor packed_meta, Tensor delta, "
         "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int bits, bool is_signed, "
-        "bool half_even) "
+        "bool half_even, Tensor? residual=None, bool relu=False) "
         "-> Tensor");
   m.def("adder_linear_packed(Tensor x, Tensor scale, Tensor packed_weight, Tensor packed_meta, Tensor delta, "
         "Tensor? bias, int bits, bool is_signed, bool half_even) -> Tensor");

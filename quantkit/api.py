@@ -262,9 +262,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for layer, bn in fold_batchnorms(work):
         report.notes.append(f"BatchNorm {bn!r} folded into the epilogue of {layer!r}")
         report.folded.append((layer, bn))
-    from .graph.binary_fusion import fuse_binary_deploy
+    from .graph.block_fusion import fuse_deploy_blocks
 
-    report.notes.extend(fuse_binary_deploy(work))
+    report.notes.extend(fuse_deploy_blocks(work))
     from .graph.conv_pool import tile_conv_pools
 
     report.notes.extend(tile_conv_pools(work))

@@ -19,10 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 # Kernel test files run under ASan (every ISA level each: they parametrize over QUANTKIT_CPU_ISA). The hostile-input
 # suite covers every op (adder, elementwise and packing included) with few examples per property.
 ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tests/test_ops_binary_prepacked.py",
-                   "tests/test_ops_hostile.py", "tests/test_ops_int8.py", "tests/test_pooling.py"]
+                   "tests/test_ops_hostile.py", "tests/test_ops_int8.py", "tests/test_pooling.py",
+                   "tests/test_adder_fused.py"]
 # Tests that only start subprocesses (nothing for ASan to see in this process, and slow under it), and the whole-model
-# test of the prepacked ops (its kernel calls are the ones the op tests make, on a model that is slow under ASan).
-ASAN_DESELECT = "not import_quantkit_registers and not converted_resnet"
+# tests of the prepacked ops and of the fused adder blocks (their kernel calls are the ones the op tests make, on
+# models that are slow under ASan).
+ASAN_DESELECT = ("not import_quantkit_registers and not converted_resnet and not fused_adder_model "
+                 "and not convert_fuses_every_adder")
 
 
 def _runtime_lib(name: str) -> str | None:

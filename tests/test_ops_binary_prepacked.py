@@ -123,7 +123,8 @@ def _resnet_pair():
 
 @pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
 def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
-    from quantkit.nn.binary_fused import FusedBinaryBlock, unfuse_binary_blocks
+    from quantkit.nn.binary_fused import FusedBinaryBlock
+    from quantkit.nn.fused_block import unfuse_blocks
 
     sim, dep = _resnet_pair()
     blocks = [m for m in dep.modules() if isinstance(m, FusedBinaryBlock)]
@@ -132,12 +133,12 @@ def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = dep(x)
-        y_unfused = unfuse_binary_blocks(__import__("copy").deepcopy(dep))(x)
+        y_unfused = unfuse_blocks(__import__("copy").deepcopy(dep))(x)
         ref = sim(x)
     assert torch.equal(y, y_unfused)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     # the state dict is the unfused model's: it loads into it, and prepacked panels follow a loaded weight
-    plain = unfuse_binary_blocks(__import__("copy").deepcopy(dep))
+    plain = unfuse_blocks(__import__("copy").deepcopy(dep))
     assert set(plain.state_dict()) == set(dep.state_dict())
     conv = dep.layer1[0].conv1
     before = conv.weight_panels.clone()

@@ -92,7 +92,14 @@ struct Problem {
   const float* bias = nullptr;   // [NB * 16] or nullptr
   float* outf = nullptr;
   int32_t* outi = nullptr;
+  // Fused block epilogue (float output only): y += res[row, o] (rows of ldo floats), then y = relu(y) -- the
+  // residual block's "out += identity; relu(out)" while the tile is in registers.
+  const float* res = nullptr;
+  bool relu = false;
 };
+
+// relu as torch computes it: NaN and -0.0 pass through (max(0, y) returns y unless 0 > y).
+inline float relu_like_torch(float y) { return 0.f > y ? 0.f : y; }
 
 // Store one row of 16 sorted-lane sums (without the correction) through the epilogue.
 template <typename E>
@@ -105,7 +112,10 @@ inline void store_row_scalar(const Problem<E>& pb, int64_t blk, int64_t row, con
     if (pb.outf != nullptr) {
       const float b = pb.bias != nullptr ? pb.bias[base + j] : 0.f;
       // a product, then a sum (two roundings, no FMA): the simulated layer's -delta * S + bias in PyTorch, bit for bit
-      pb.outf[row * pb.ldo + o] = pb.nd[base + j] * static_cast<float>(v) + b;
+      float y = pb.nd[base + j] * static_cast<float>(v) + b;
+      if (pb.res != nullptr) y += pb.res[row * pb.ldo + o];
+      if (pb.relu) y = relu_like_torch(y);
+      pb.outf[row * pb.ldo + o] = y;
     } else {
       pb.outi[row * pb.ldo + o] = v;
     }
@@ -265,8 +275,14 @@ QK_TARGET_AVX512 inline void store_rows_avx512(const Problem<uint8_t>& pb, int64
     const int64_t row = p0 + r;
     if (pb.outf != nullptr) {
       // product then sum, no FMA (-ffp-contract=off keeps them apart): bit-equal to the simulated layer's epilogue
-      const __m512 y = _mm512_add_ps(_mm512_mul_ps(nd, _mm512_cvtepi32_ps(s)), bias);
+      __m512 y = _mm512_add_ps(_mm512_mul_ps(nd, _mm512_cvtepi32_ps(s)), bias);
       float* dst = pb.outf + row * pb.ldo;
+      if (pb.res != nullptr) {
+        const float* rrow = pb.res + row * pb.ldo;
+        y = _mm512_add_ps(y, bi.contiguous ? _mm512_maskz_loadu_ps(valid, rrow + first)
+                                           : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, rrow, 4));
+      }
+      if (pb.relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // (0 > y) ? 0 : y, as relu_like_torch
       if (bi.contiguous) {
         _mm512_mask_storeu_ps(dst + first, valid, y);
       } else {
@@ -766,7 +782,8 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, const fl
 // xabs_max bounds |x| (the sum-overflow check).
 template <typename E>
 at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int64_t xabs_max, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
-                      bool float_out, Isa isa, const at::TensorOptions& opts) {
+                      bool float_out, Isa isa, const at::TensorOptions& opts, const float* residual = nullptr,
+                      bool relu = false) {
   const int64_t T = gm.kh * gm.kw;
   const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
   const int64_t rows = gm.N * gm.H * gm.W;
@@ -810,6 +827,8 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
     pb.nd = nd.data();
     pb.bias = bs.empty() ? nullptr : bs.data();
     pb.outf = out.data_ptr<float>();
+    pb.res = residual;
+    pb.relu = relu;
   } else {
     pb.outi = out.data_ptr<int32_t>();
   }
@@ -1044,7 +1063,8 @@ std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor
 at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& wbuf,
                       const at::Tensor& meta, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t bits,
-                      bool is_signed, bool half_even) {
+                      bool is_signed, bool half_even, const c10::optional<at::Tensor>& residual = c10::nullopt,
+                      bool relu = false) {
   TORCH_CHECK(x.device().is_cpu() && scale.device().is_cpu(), fn, ": x and scale must be CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat, fn, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.dim() == 4, fn, ": x must be (N, C, H, W), got ", x.sizes());
@@ -1102,8 +1122,19 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
                   static_cast<float>(qlo), static_cast<float>(qhi), half_even, static_cast<int32_t>(-pw.lo)};
   const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, ss, G, q, isa, abuf, nan_row.data());
   const int64_t xabs_max = std::max(std::abs(qlo), std::abs(qhi));
-  at::Tensor out = run_packed<uint8_t>(gm, abuf, pw, xabs_max, delta, bias, true, isa,
-                                       x.options());
+  // the residual in the output's layout: channels-last rows of Cout floats (free for the block input it usually is)
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == at::kFloat, fn,
+                ": residual must be a float32 CPU tensor, got ", residual->scalar_type(), " on ", residual->device());
+    TORCH_CHECK(residual->dim() == 4 && residual->size(0) == gm.N && residual->size(1) == gm.Cout &&
+                    residual->size(2) == gm.Ho && residual->size(3) == gm.Wo,
+                fn, ": residual must have the output's shape (", gm.N, ", ", gm.Cout, ", ", gm.Ho, ", ", gm.Wo,
+                "), got ", residual->sizes());
+    res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor out = run_packed<uint8_t>(gm, abuf, pw, xabs_max, delta, bias, true, isa, x.options(),
+                                       res.defined() ? res.data_ptr<float>() : nullptr, relu);
   if (any_nan) {
     // NaN where the float model has it: |NaN - w| poisons every output whose window reads a NaN (any channel).
     const int64_t P = gm.N * gm.Ho * gm.Wo, T = gm.kh * gm.kw;
@@ -1126,9 +1157,10 @@ at::Tensor adder_conv2d_packed_cpu(const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& packed_meta, const at::Tensor& delta,
                                    const c10::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   int64_t bits, bool is_signed, bool half_even) {
+                                   int64_t bits, bool is_signed, bool half_even,
+                                   const c10::optional<at::Tensor>& residual, bool relu) {
   return fused_impl("adder_conv2d_packed", x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
-                    dilation, bits, is_signed, half_even);
+                    dilation, bits, is_signed, half_even, residual, relu);
 }
 
 at::Tensor adder_linear_packed_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& packed_weight,

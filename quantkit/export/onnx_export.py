@@ -41,9 +41,9 @@ from ..api import check_example_inputs, check_finite, convert
 from ..errors import ExportError, QuantkitError
 from ..files import atomic_write_bytes, check_output_path
 from ..log import get_logger
-from ..nn.binary_fused import unfuse_binary_blocks
-from ..nn.conv_pool import untile_conv_pools
 from ..nn.base import QuantModule
+from ..nn.conv_pool import untile_conv_pools
+from ..nn.fused_block import unfuse_blocks
 from ..version import __version__
 from .builder import GraphBuilder
 from .emit import BINARY_FORMS, CUSTOM_DOMAIN, UNIFORM_FORMS, EmitContext, LayerExport, emit_custom, emitter_for
@@ -233,7 +233,7 @@ def deploy_and_simulated(model: nn.Module, what: str) -> tuple[nn.Module, nn.Mod
 def traceable_copy(deploy: nn.Module) -> nn.Module:
     """An eval-mode copy of ``deploy`` to swap placeholders into (a single quantized layer gets a parent; fused
     binary blocks are split back into their layers, which export one by one)."""
-    work = unfuse_binary_blocks(untile_conv_pools(copy.deepcopy(deploy).eval()))
+    work = unfuse_blocks(untile_conv_pools(copy.deepcopy(deploy).eval()))
     return nn.Sequential(work) if is_exported_unit(work) else work
 
 

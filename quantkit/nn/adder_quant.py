@@ -394,16 +394,35 @@ class AdderDeployConv2d(_AdderDeploy):
         super().__init__(sim)
         self.stride, self.padding, self.dilation = sim.stride, sim.padding, sim.dilation
 
-    def forward(self, x: Tensor) -> Tensor:
-        from ..ops.adder import adder_conv2d, adder_conv2d_packed
-
+    def _check_conv_input(self, x: Tensor) -> None:
         rank_ok = isinstance(x, Tensor) and x.dim() == 4
         self._check_input(x, rank_ok, "an (N, C, H, W)", self.weight_int.shape[1], x.shape[1] if rank_ok else -1)
-        if self._use_packed(x):  # NaN outputs are produced by the op itself
-            return adder_conv2d_packed(x, self.group_scale, self.packed_weight, self.packed_meta, self.delta,
-                                       self.bias, tuple(self.weight_int.shape[2:]), self.stride, self.padding,
-                                       self.dilation, self.bits_a,
-                                       self.signed_act, self.round_mode)
+
+    def _packed(self, x: Tensor, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        from ..ops.adder import adder_conv2d_packed
+
+        # NaN outputs are produced by the op itself
+        return adder_conv2d_packed(x, self.group_scale, self.packed_weight, self.packed_meta, self.delta, self.bias,
+                                   tuple(self.weight_int.shape[2:]), self.stride, self.padding, self.dilation,
+                                   self.bits_a, self.signed_act, self.round_mode, residual=residual, relu=relu)
+
+    def fused(self, x: Tensor, *, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+        """``relu(self(x) + residual)`` (each part optional) with the add and the ReLU in the kernel's epilogue
+        (:class:`~quantkit.nn.adder_fused.FusedAdderBlock`); elsewhere the same steps as separate ops."""
+        self._check_conv_input(x)
+        if self._use_packed(x):
+            return self._packed(x, residual, relu)
+        y = self(x)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ..ops.adder import adder_conv2d
+
+        self._check_conv_input(x)
+        if self._use_packed(x):
+            return self._packed(x)
         y = adder_conv2d(self.quant_input(x), self.weight_int, self.group_index, self.delta, self.bias, self.stride,
                          self.padding, self.dilation, self.w_mult)
         kh, kw = self.weight_int.shape[2:]

@@ -137,7 +137,7 @@ class BinaryDeployConv2d(_BinaryDeploy):
     ``weight_popcounts`` (derived, not saved in the state dict); on CPU every call runs
     :func:`quantkit.ops.binary_conv2d_prepacked` on them, so no call repacks weights. :meth:`fused` exposes that
     op's epilogue (residual add, Maxout, thresholded packed-bit output) to fused deploy blocks
-    (:mod:`quantkit.graph.binary_fusion`)."""
+    (:mod:`quantkit.graph.block_fusion`)."""
 
     def __init__(self, weight_packed: Tensor, in_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int], in_threshold: Tensor | float | None,

@@ -536,16 +536,22 @@ def adder_conv2d_packed(
     bits: int,
     signed: bool,
     round_mode: str = "half_even",
+    residual: Optional[torch.Tensor] = None,
+    relu: bool = False,
 ) -> torch.Tensor:
     """Deploy adder conv on prepacked weights with the activation re-quantization fused in:
     ``adder_conv2d(quantize_groups(x, scale, bits, signed, round_mode), wq, ...)`` in one op, plus NaN in every
     output whose window reads a NaN input (as the float model). ``x`` is float32 (N, C, H, W), channels-last memory
-    is read in place; the output is (N, Cout, Ho, Wo) float32 in channels-last memory."""
+    is read in place; the output is (N, Cout, Ho, Wo) float32 in channels-last memory.
+
+    Block epilogue: ``y = y + residual`` (float32, the output's shape) when given, then ``y = torch.relu(y)`` when
+    ``relu`` -- a residual block's ``out += identity; relu(out)`` without two more passes over the output, the same
+    float operations in the same order (bit for bit)."""
     k = _pair(kernel_size, "kernel_size", 1)
     s, p, d = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     return torch.ops.quantkit.adder_conv2d_packed(x, scale, packed_weight, packed_meta, _f32(delta), _f32(bias),
                                                   list(k), list(s), list(p), list(d), int(bits), bool(signed),
-                                                  round_mode == "half_even")
+                                                  round_mode == "half_even", residual, bool(relu))
 
 
 def adder_linear_packed(
@@ -567,9 +573,9 @@ def adder_linear_packed(
 
 @register_fake("adder_conv2d_packed")
 def _adder_conv2d_packed_fake(x, scale, packed_weight, packed_meta, delta, bias, kernel_size, stride, padding,
-                              dilation, bits, is_signed, half_even):
+                              dilation, bits, is_signed, half_even, residual=None, relu=False):
     check_devices("adder_conv2d_packed", x=x, scale=scale, packed_weight=packed_weight, packed_meta=packed_meta,
-                  delta=delta, bias=bias)
+                  delta=delta, bias=bias, residual=residual)
     torch._check(x.dim() == 4 and packed_weight.dim() == 1)
     ho, wo = conv2d_output_hw("adder_conv2d_packed", x.shape[2:4], kernel_size, stride, padding, dilation)
     out = x.new_empty((x.shape[0], delta.shape[0], ho, wo), dtype=torch.float32)

@@ -1,31 +1,62 @@
-"""Deploy-time fusion for binary networks (run by ``quantkit.convert`` after the BatchNorm folds):
+"""Deploy-time fusion of residual blocks (run by ``quantkit.convert`` after the BatchNorm folds):
 
 * an inference BatchNorm that directly follows a full-precision ``nn.Conv2d`` (a binary net's stem and 1x1
   shortcuts) is folded into that conv's weight and bias -- one memory pass less, the conv's own layout unchanged;
 * every residual block ``act2(conv2(act1(conv1(x))) + shortcut(x))`` of binary-input deploy convs (acts: Maxout
   or nothing; ``Identity`` left by folded BatchNorms anywhere in between) becomes a
   :class:`~quantkit.nn.binary_fused.FusedBinaryBlock`: two kernel calls whose epilogues do the Maxouts, the
-  residual add and the packing of conv2's input (docs/kernels.md#fused-epilogues).
+  residual add and the packing of conv2's input (docs/kernels.md#fused-epilogues);
+* every such block of quantized adder deploy convs (acts: ReLU or nothing) becomes a
+  :class:`~quantkit.nn.adder_fused.FusedAdderBlock`: two kernel calls whose epilogues do the ReLUs and the
+  residual add.
 
-Only models holding binary deploy convs are touched. Blocks are matched on their torch.fx graph, one submodule at a
-time: a block whose graph has anything else (another op, a value used twice, a layer called twice) is left as it
-is. Exporters undo the block fusion with :func:`~quantkit.nn.binary_fused.unfuse_binary_blocks`.
+Blocks are matched on their torch.fx graph, one submodule at a time: a block whose graph has anything else (another
+op, a value used twice, a layer called twice) is left as it is. Exporters undo the block fusion with
+:func:`~quantkit.nn.fused_block.unfuse_blocks`.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from ..nn.adabin import Maxout
+from ..nn.adder_fused import FusedAdderBlock
+from ..nn.adder_quant import AdderDeployConv2d
 from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from ..nn.binary_fused import FusedBinaryBlock
+from ..nn.fused_block import FusedResidualBlock
 from .fold import _module_call_counts, fold_batchnorms_into_float
 from .passes import replace_module
 
 _ADD = (operator.add, operator.iadd, torch.add)
-_LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, FusedBinaryBlock)
+_LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, AdderDeployConv2d, FusedResidualBlock)
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """What a fusable block is made of: its conv type, its activation type, a check on the two convs and the fused
+    module that replaces it."""
+
+    conv: type
+    act: type
+    convs_fit: Callable[[nn.Module, nn.Module], bool]
+    fused: type
+
+
+def _binary_convs_fit(c1: BinaryDeployConv2d, c2: BinaryDeployConv2d) -> bool:
+    return not c1.float_input and not c2.float_input and c1.out_channels == c2.in_channels
+
+
+def _adder_convs_fit(c1: AdderDeployConv2d, c2: AdderDeployConv2d) -> bool:
+    return c1.weight_int.shape[0] == c2.weight_int.shape[1]
+
+
+BINARY_BLOCK = BlockKind(BinaryDeployConv2d, Maxout, _binary_convs_fit, FusedBinaryBlock)
+ADDER_BLOCK = BlockKind(AdderDeployConv2d, nn.ReLU, _adder_convs_fit, FusedAdderBlock)
 
 
 class _BlockTracer(fx.Tracer):
@@ -58,9 +89,10 @@ def _module_node(node, modules, kind) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), kind)
 
 
-def match_block(block: nn.Module) -> tuple | None:
+def match_block(block: nn.Module, kind: BlockKind = BINARY_BLOCK) -> tuple | None:
     """The fusion plan ``(conv1, act1, conv2, shortcut, act2)`` of ``block`` (attribute paths; acts may be None,
-    shortcut a list of modules applied in order), or None when its graph is not exactly a binary residual block."""
+    shortcut a list of modules applied in order), or None when its graph is not exactly a residual block of
+    ``kind``."""
     graph = _trace(block)
     if graph is None:
         return None
@@ -73,7 +105,7 @@ def match_block(block: nn.Module) -> tuple | None:
     x = inputs[0]
     v = outputs[0].args[0]
     act2 = None
-    if _module_node(v, modules, Maxout) and len(v.args) == 1:
+    if _module_node(v, modules, kind.act) and len(v.args) == 1:
         act2, v = v, v.args[0]
     is_add = (v.op == "call_function" and v.target in _ADD) or (v.op == "call_method" and v.target in ("add", "add_"))
     if not is_add or len(v.args) != 2 or v.kwargs or len(v.users) != 1:
@@ -81,7 +113,7 @@ def match_block(block: nn.Module) -> tuple | None:
     add = v
     for main, short in (add.args, add.args[::-1]):
         conv2 = _skip_identities(main, modules)
-        if _module_node(conv2, modules, BinaryDeployConv2d):
+        if _module_node(conv2, modules, kind.conv):
             break
     else:
         return None
@@ -97,13 +129,12 @@ def match_block(block: nn.Module) -> tuple | None:
         return None
     a = _skip_identities(conv2.args[0], modules)
     act1 = None
-    if _module_node(a, modules, Maxout) and len(a.args) == 1 and len(a.users) == 1:
+    if _module_node(a, modules, kind.act) and len(a.args) == 1 and len(a.users) == 1:
         act1, a = a, _skip_identities(a.args[0], modules)
     conv1 = a
-    if not _module_node(conv1, modules, BinaryDeployConv2d) or conv1.args != (x,) or conv1.kwargs:
+    if not _module_node(conv1, modules, kind.conv) or conv1.args != (x,) or conv1.kwargs:
         return None
-    c1, c2 = modules[conv1.target], modules[conv2.target]
-    if c1.float_input or c2.float_input or c1.out_channels != c2.in_channels or len(conv1.users) != 1:
+    if not kind.convs_fit(modules[conv1.target], modules[conv2.target]) or len(conv1.users) != 1:
         return None
     # every node of the graph is part of the pattern (nothing else is computed), each layer called once
     between = {n for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.Identity)}
@@ -117,36 +148,42 @@ def match_block(block: nn.Module) -> tuple | None:
             [str(s.target) for s in shortcut], None if act2 is None else str(act2.target))
 
 
-def fuse_binary_blocks(model: nn.Module) -> list[str]:
-    """Replace (in place) every submodule of ``model`` that :func:`match_block` accepts by a
-    :class:`FusedBinaryBlock`; returns their names. The root module itself is never replaced."""
+def fuse_blocks(model: nn.Module, kind: BlockKind) -> list[str]:
+    """Replace (in place) every submodule of ``model`` that :func:`match_block` accepts as a ``kind`` block by
+    ``kind.fused``; returns their names. The root module itself is never replaced."""
     fused = []
     for name, module in list(model.named_modules()):
         if not name or any(name.startswith(f + ".") for f in fused):
             continue
-        if not any(isinstance(m, BinaryDeployConv2d) for m in module.children()):
+        if not any(isinstance(m, kind.conv) for m in module.children()):
             continue
-        plan = match_block(module)
+        plan = match_block(module, kind)
         if plan is None:
             continue
-        replace_module(model, name, FusedBinaryBlock(module, *plan))
+        replace_module(model, name, kind.fused(module, *plan))
         fused.append(name)
     return fused
 
 
-def fuse_binary_deploy(model: nn.Module) -> list[str]:
-    """Both fusions of the module docstring on a deploy model, in place; returns report notes."""
-    if not any(isinstance(m, BinaryDeployConv2d) for m in model.modules()):
-        return []
+def fuse_deploy_blocks(model: nn.Module) -> list[str]:
+    """The fusions of the module docstring on a deploy model, in place; returns report notes."""
     notes = []
-    folded = fold_float_conv_batchnorms(model)
-    if folded:
-        notes.append("full-precision conv BatchNorms folded: " + ", ".join(f"{bn!r} into {c!r}" for c, bn in folded))
-    blocks = fuse_binary_blocks(model)
-    if blocks:
-        notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual add "
-                     "and the next conv's packing in the epilogues): " + ", ".join(blocks))
+    if any(isinstance(m, BinaryDeployConv2d) for m in model.modules()):
+        folded = fold_float_conv_batchnorms(model)
+        if folded:
+            notes.append("full-precision conv BatchNorms folded: "
+                         + ", ".join(f"{bn!r} into {c!r}" for c, bn in folded))
+        blocks = fuse_blocks(model, BINARY_BLOCK)
+        if blocks:
+            notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual "
+                         "add and the next conv's packing in the epilogues): " + ", ".join(blocks))
+    if any(isinstance(m, AdderDeployConv2d) for m in model.modules()):
+        blocks = fuse_blocks(model, ADDER_BLOCK)
+        if blocks:
+            notes.append(f"{len(blocks)} adder residual block(s) fused into two kernel calls each (ReLUs and the "
+                         "residual add in the epilogues): " + ", ".join(blocks))
     return notes
 
 
-__all__ = ["fuse_binary_deploy", "fuse_binary_blocks", "fold_float_conv_batchnorms", "match_block"]
+__all__ = ["fuse_deploy_blocks", "fuse_blocks", "fold_float_conv_batchnorms", "match_block", "BlockKind",
+           "BINARY_BLOCK", "ADDER_BLOCK"]

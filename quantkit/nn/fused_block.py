@@ -1,0 +1,59 @@
+"""The shared part of fused residual blocks (deploy models only, built at ``quantkit.convert``):
+``act2(conv2(act1(conv1(x))) + shortcut(x))`` computed by two kernel calls whose epilogues do the activations and
+the residual add (:class:`~quantkit.nn.binary_fused.FusedBinaryBlock`,
+:class:`~quantkit.nn.adder_fused.FusedAdderBlock`).
+
+A fused block keeps the original block's children under their names (the state dict is unchanged) and the original
+block itself in :attr:`FusedResidualBlock.unfused`, which exporters use (:func:`unfuse_blocks`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+
+class FusedResidualBlock(nn.Module):
+    """Base of the fused blocks. ``conv1, act1, conv2, shortcut, act2`` are attribute paths inside ``block`` (acts
+    may be None; ``shortcut`` the modules applied in order to ``x``, empty for the identity); subclasses define
+    ``forward`` on :attr:`_parts` (the modules themselves)."""
+
+    def __init__(self, block: nn.Module, conv1: str, act1: str | None, conv2: str, shortcut: Sequence[str],
+                 act2: str | None) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self._unfused = (block,)  # a tuple: not a registered child (its children are already ours)
+        get = block.get_submodule
+        # the modules in a tuple, so they are not registered twice (they are children under their own names)
+        self._parts = (get(conv1), None if act1 is None else get(act1), get(conv2), tuple(get(n) for n in shortcut),
+                       None if act2 is None else get(act2))
+        self.plan = (conv1, act1, conv2, tuple(shortcut), act2)
+
+    @property
+    def unfused(self) -> nn.Module:
+        """The original block (same child modules), computing the same values layer by layer."""
+        return self._unfused[0]
+
+    def extra_repr(self) -> str:
+        c1, a1, c2, sc, a2 = self.plan
+        return (f"fused: {c1}{' -> ' + a1 if a1 else ''} -> {self.link} -> {c2} + "
+                f"{' -> '.join(sc) if sc else 'identity'}{' -> ' + a2 if a2 else ''}")
+
+    link = "y"  # what conv1's epilogue hands to conv2 (for the repr)
+
+
+def unfuse_blocks(model: nn.Module) -> nn.Module:
+    """Replace every fused block in ``model`` (in place) by its original block; returns ``model`` (or the original
+    block when ``model`` itself is fused). Exporters use it: they emit the block layer by layer."""
+    if isinstance(model, FusedResidualBlock):
+        return model.unfused
+    for name, child in list(model.named_children()):
+        if isinstance(child, FusedResidualBlock):
+            setattr(model, name, child.unfused)
+        else:
+            unfuse_blocks(child)
+    return model
+
+
+__all__ = ["FusedResidualBlock", "unfuse_blocks"]
