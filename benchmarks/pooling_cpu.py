@@ -10,6 +10,10 @@ Rows per (threads, batch):
 * ``relu_+pool``: the same against torch's in-place ``relu_`` then ``max_pool2d`` (no allocation for the ReLU);
 * ``pool, out=``: the kernel writing into a preallocated channels_last output (how a caller tiling the batch uses it).
 
+Then the whole stem, conv (3 -> 64, 7x7, stride 2, padding 3) -> ReLU -> max pool on (N, 3, 224, 224) channels_last:
+torch's layers one after the other on the whole batch vs the deploy model's ``TiledConvPool`` (the same conv a few
+images at a time, the ReLU fused into the pool, each tile pooled into its slice of the output).
+
 Run: ``.venv/bin/python benchmarks/pooling_cpu.py [--quick] [--threads 1,2] [--batches 1,16]``
 """
 from __future__ import annotations
@@ -65,6 +69,40 @@ def pool_rows(threads: int, batch: int, repeats: int) -> list[tuple[str, float, 
             ("pool, out=", t_pool, q_out)]
 
 
+class _Stem(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 64, 7, 2, 3)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.maxpool = torch.nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.conv1(x)))
+
+
+def stem_row(threads: int, batch: int, repeats: int) -> tuple[float, float, int]:
+    """(torch layers ms, tiled stem ms, images per tile) for the ResNet stem at ``threads`` threads."""
+    import copy
+
+    from quantkit.graph.conv_pool import tile_conv_pools
+    from quantkit.nn.conv_pool import tile_images
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        layers = _Stem().eval().to(memory_format=torch.channels_last)
+        tiled = copy.deepcopy(layers)
+        tile_conv_pools(tiled)
+        x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            t_layers, t_tiled = interleaved_medians([lambda: layers(x), lambda: tiled(x)], repeats)
+        step = tile_images(64 * 112 * 112 * 4, threads)
+    finally:
+        torch.set_num_threads(saved)
+    return t_layers, t_tiled, step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="max_pool2d_nhwc vs torch max_pool2d (ResNet stem pool)")
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
@@ -84,6 +122,16 @@ def main() -> None:
             repeats = 5 if args.quick else (41 if b <= 2 else 15)
             for name, base, ours in pool_rows(t, b, repeats):
                 print(f"| {t} | {b} | {name} | {base * 1e3:.3f} | {ours * 1e3:.3f} | {base / ours:.2f} |", flush=True)
+    print("\n# ResNet stem conv 7x7/2 -> ReLU -> max pool 3/2, (N, 3, 224, 224) channels_last: torch's layers on the "
+          "whole batch vs TiledConvPool; speedup = layers time / tiled time")
+    print("| threads | batch | images per tile | layers ms | tiled ms | speedup |")
+    print("|---|---|---|---|---|---|")
+    for t in threads:
+        for b in batches:
+            repeats = 5 if args.quick else (41 if b <= 2 else 11)
+            base, ours, step = stem_row(t, b, repeats)
+            print(f"| {t} | {b} | {min(step, b)} | {base * 1e3:.2f} | {ours * 1e3:.2f} | {base / ours:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
