@@ -26,6 +26,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/cpu_features.h"
 
@@ -73,12 +76,24 @@ Path active_path() {
   return Path::Portable;
 }
 
-// Per-output-channel epilogue constants, padded to a multiple of 16 channels.
+// Per-output-channel epilogue constants, padded to a multiple of 16 channels, and the optional output grid.
 struct Epilogue {
   std::vector<int32_t> corr;   // z_x * wsum[o]
   std::vector<float> scale;    // s_x * s_w[o]
   std::vector<float> bias;     // bias[o] or 0
+  // Output grid (round_to_output_grid in quantkit/quantizers/uniform.py), applied to y while it is in registers:
+  // y = (clamp(round_half_even(y * out_inv) + out_zp, out_lo, out_hi) - out_zp) * out_scale, each step one float32
+  // operation in this order, as the six in-place torch ops compute it. clamp keeps a NaN (torch.clamp does).
+  bool out_grid = false;
+  float out_inv = 1.f, out_scale = 1.f, out_zp = 0.f, out_lo = 0.f, out_hi = 0.f;
 };
+
+inline float to_output_grid(float y, const Epilogue& e) {
+  float t = std::nearbyint(y * e.out_inv) + e.out_zp;  // default rounding mode: half to even
+  t = t < e.out_lo ? e.out_lo : t;                      // a NaN fails both tests and stays NaN
+  t = t > e.out_hi ? e.out_hi : t;
+  return (t - e.out_zp) * e.out_scale;
+}
 
 struct Gemm {
   const uint8_t* a = nullptr;  // (M, lda) activation codes; columns K..Kp-1 are zero
@@ -111,7 +126,8 @@ void tile_portable(const Gemm& g, int64_t m0, int64_t mrows, int64_t b0, int64_t
       for (int c = 0; c < kNB; ++c) {
         const int64_t o = b * kNB + c;
         if (o >= g.N) break;
-        yr[o] = float(acc[c] - g.epi->corr[o]) * g.epi->scale[o] + g.epi->bias[o];
+        const float v = float(acc[c] - g.epi->corr[o]) * g.epi->scale[o] + g.epi->bias[o];
+        yr[o] = g.epi->out_grid ? to_output_grid(v, *g.epi) : v;
       }
     }
   }
@@ -134,6 +150,24 @@ QK_TARGET_AVX2 inline __m256i bcast_quad_avx2(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_set1_epi32(v));
 }
 
+// to_output_grid 8 lanes at a time: VROUNDPS rounds half to even; MAXPS / MINPS return their second operand when
+// one is NaN, so a NaN y stays NaN like the scalar rule.
+struct GridAvx2 {
+  __m256 inv, scale, zp, lo, hi;
+};
+
+QK_TARGET_AVX2 inline GridAvx2 grid_avx2(const Epilogue& e) {
+  return {_mm256_set1_ps(e.out_inv), _mm256_set1_ps(e.out_scale), _mm256_set1_ps(e.out_zp),
+          _mm256_set1_ps(e.out_lo), _mm256_set1_ps(e.out_hi)};
+}
+
+QK_TARGET_AVX2 inline __m256 to_output_grid_avx2(__m256 y, const GridAvx2& c) {
+  __m256 t = _mm256_round_ps(_mm256_mul_ps(y, c.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  t = _mm256_add_ps(t, c.zp);
+  t = _mm256_min_ps(c.hi, _mm256_max_ps(c.lo, t));
+  return _mm256_mul_ps(_mm256_sub_ps(t, c.zp), c.scale);
+}
+
 template <int MR>
 QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
   // acc[r][q]: 8 int32 = channels 4q..4q+3 of the block, two partial sums (k pairs) each
@@ -151,6 +185,8 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
     }
   }
   const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const bool out_grid = g.epi->out_grid;
+  const GridAvx2 grid = grid_avx2(*g.epi);
   const int64_t n0 = b * kNB;
   const int valid = int(std::min<int64_t>(kNB, g.N - n0));
   for (int r = 0; r < MR; ++r) {
@@ -162,7 +198,8 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
       s = _mm256_sub_epi32(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.epi->corr.data() + o)));
       __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(g.epi->scale.data() + o));
       no_contract(prod);
-      const __m256 v = _mm256_add_ps(prod, _mm256_loadu_ps(g.epi->bias.data() + o));
+      __m256 v = _mm256_add_ps(prod, _mm256_loadu_ps(g.epi->bias.data() + o));
+      if (out_grid) v = to_output_grid_avx2(v, grid);
       const int n_here = std::max(0, std::min(8, valid - 8 * h));
       if (n_here == 8) {
         _mm256_storeu_ps(yr + 8 * h, v);
@@ -185,6 +222,23 @@ QK_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t mrows, int64_t 
 }
 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
+// to_output_grid 16 lanes at a time (the AVX2 comments hold: VRNDSCALE rounds half to even, NaN stays NaN).
+struct Grid512 {
+  __m512 inv, scale, zp, lo, hi;
+};
+
+QK_TARGET_VNNI inline Grid512 grid_512(const Epilogue& e) {
+  return {_mm512_set1_ps(e.out_inv), _mm512_set1_ps(e.out_scale), _mm512_set1_ps(e.out_zp),
+          _mm512_set1_ps(e.out_lo), _mm512_set1_ps(e.out_hi)};
+}
+
+QK_TARGET_VNNI inline __m512 to_output_grid_512(__m512 y, const Grid512& c) {
+  __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(y, c.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  t = _mm512_add_ps(t, c.zp);
+  t = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, t));
+  return _mm512_mul_ps(_mm512_sub_ps(t, c.zp), c.scale);
+}
+
 template <int MR, int NB>
 QK_TARGET_VNNI void block_vnni(const Gemm& g, int64_t m0, int64_t b0) {
   __m512i acc[MR][NB];
@@ -205,6 +259,8 @@ QK_TARGET_VNNI void block_vnni(const Gemm& g, int64_t m0, int64_t b0) {
       for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, wv[c]);
     }
   }
+  const bool out_grid = g.epi->out_grid;
+  const Grid512 grid = grid_512(*g.epi);
   for (int c = 0; c < NB; ++c) {
     const int64_t o = (b0 + c) * kNB;
     const int valid = int(std::min<int64_t>(kNB, g.N - o));
@@ -215,7 +271,8 @@ QK_TARGET_VNNI void block_vnni(const Gemm& g, int64_t m0, int64_t b0) {
     for (int r = 0; r < MR; ++r) {
       __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], corr)), scale);
       no_contract(prod);
-      const __m512 v = _mm512_add_ps(prod, bias);
+      __m512 v = _mm512_add_ps(prod, bias);
+      if (out_grid) v = to_output_grid_512(v, grid);
       _mm512_mask_storeu_ps(g.y + (m0 + r) * g.N + o, mask, v);
     }
   }
@@ -374,6 +431,17 @@ QK_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, const ActParams
 }
 #endif
 
+// One row of K floats -> K codes on the active ISA.
+inline void quantize_row(cpu::Isa isa, const float* x, int64_t K, const ActParams& p, uint8_t* q) {
+  const float lo = -p.zp, hi = float(p.qmax) - p.zp;
+#if QUANTKIT_X86
+  if (isa == cpu::Isa::Avx512) return quantize_row_avx512(x, K, p, lo, hi, q);
+  if (isa == cpu::Isa::Avx2) return quantize_row_avx2(x, K, p, lo, hi, q);
+#endif
+  (void)isa;
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_one(x[k], p.scale, p.zp, lo, hi);
+}
+
 // x (rows, K) float with row stride `ld` (elements) -> codes (rows, ldq) with zeroed tail columns K..ldq-1.
 void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const ActParams& p, uint8_t* q,
                    int64_t ldq) {
@@ -386,25 +454,87 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const Ac
     quantize_rows(x + (chunks - 1) * kChunk, 1, total - (chunks - 1) * kChunk, 0, p, q + (chunks - 1) * kChunk, 0);
     return;
   }
-  const float lo = -p.zp, hi = float(p.qmax) - p.zp;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* xr = x + r * ld;
       uint8_t* qr = q + r * ldq;
-#if QUANTKIT_X86
-      if (isa == cpu::Isa::Avx512) {
-        quantize_row_avx512(xr, K, p, lo, hi, qr);
-      } else if (isa == cpu::Isa::Avx2) {
-        quantize_row_avx2(xr, K, p, lo, hi, qr);
-      } else
-#endif
-      {
-        for (int64_t k = 0; k < K; ++k) qr[k] = quantize_one(xr[k], p.scale, p.zp, lo, hi);
-      }
+      quantize_row(isa, x + r * ld, K, p, qr);
       for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
     }
   });
+}
+
+// The codes of x (B, C, H, W) in a channels-last image padded by (ph, pw) on each side, the padding holding z_x
+// (the code of 0.0): (B, H + 2 ph, W + 2 pw, C) bytes. A conv over it needs no border tests: every kernel row of an
+// output pixel is one run of kw * C bytes (dilation 1 along W). x may be NCHW (channel rows are quantized then
+// interleaved, which saves the float permute) or channels-last (rows quantized in place).
+at::Tensor quantize_padded_image(const at::Tensor& x, const ActParams& p, int64_t ph, int64_t pw) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  at::Tensor img = at::empty({B * Hp * Wp * C}, x.options().dtype(at::kByte));
+  uint8_t* dst = img.data_ptr<uint8_t>();
+  const uint8_t zp = uint8_t(p.zp_int);
+  const cpu::Isa isa = cpu::active_isa();
+  const bool nhwc = C > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor xc = nhwc ? x : x.contiguous();
+  const float* src = xc.data_ptr<float>();
+  at::parallel_for(0, B * Hp, std::max<int64_t>(1, 16384 / std::max<int64_t>(Wp * C, 1)), [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> rowq(size_t(W * C));
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / Hp, h = r % Hp - ph;
+      uint8_t* out = dst + r * Wp * C;
+      if (h < 0 || h >= H) {  // a padding row
+        std::memset(out, zp, size_t(Wp * C));
+        continue;
+      }
+      std::memset(out, zp, size_t(pw * C));
+      std::memset(out + (pw + W) * C, zp, size_t(pw * C));
+      uint8_t* interior = out + pw * C;
+      if (nhwc) {
+        quantize_row(isa, src + (n * H + h) * W * C, W * C, p, interior);
+      } else if (C == 1) {
+        quantize_row(isa, src + (n * H + h) * W, W, p, interior);
+      } else {
+        for (int64_t c = 0; c < C; ++c) quantize_row(isa, src + ((n * C + c) * H + h) * W, W, p, rowq.data() + c * W);
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t c = 0; c < C; ++c) interior[w * C + c] = rowq[c * W + w];
+      }
+    }
+  });
+  return img;
+}
+
+// Copies n bytes with fixed-width unaligned moves that overlap at the end (16 / 8 / 4 bytes), never touching a
+// byte outside [0, n): no per-byte loop for runs of 4 bytes or more, no dependence on what follows the run.
+inline void copy_run(uint8_t* d, const uint8_t* s, int64_t n) {
+  if (n >= 16) {
+    for (int64_t o = 0; o + 16 < n; o += 16) std::memcpy(d + o, s + o, 16);
+    std::memcpy(d + n - 16, s + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(d, s, 8);
+    std::memcpy(d + n - 8, s + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(d, s, 4);
+    std::memcpy(d + n - 4, s + n - 4, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  }
+}
+
+// A large fresh output is written once, sequentially; faulting it in 4 KiB pages cost about as much as the GEMM of
+// a ResNet stem (measured: the batch-16 stem op 40 -> 21 ms with 2 MiB pages). Asking for transparent huge pages on
+// its 2 MiB-aligned interior is a hint only (no effect where THP is off; already-touched memory is unchanged).
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------ checks
@@ -474,12 +604,35 @@ void check_weights(const at::Tensor& w_packed, const at::Tensor& w_sum, const at
   out.K4 = K4;
 }
 
+// The optional output grid of the epilogue; the Python layer passes round_to_output_grid's numbers (s, 1/s as a
+// float32, z, qmin, qmax), which are exact float32 values, so the casts below are exact.
+void set_output_grid(Epilogue& e, const c10::optional<double>& out_scale, double out_inv_scale,
+                     int64_t out_zero_point, int64_t out_qmin, int64_t out_qmax, const char* op) {
+  if (!out_scale.has_value()) return;
+  constexpr int64_t kExact = int64_t{1} << 24;  // integers up to 2^24 are exact float32 values
+  TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0 && std::isfinite(out_inv_scale) && out_inv_scale > 0, op,
+              ": out_scale and out_inv_scale must be positive finite numbers, got ", *out_scale, " and ",
+              out_inv_scale);
+  TORCH_CHECK(out_qmin <= out_qmax && std::llabs(out_qmin) <= kExact && std::llabs(out_qmax) <= kExact &&
+                  std::llabs(out_zero_point) <= kExact,
+              op, ": the output grid needs out_qmin <= out_qmax and |out_qmin|, |out_qmax|, |out_zero_point| <= 2^24, "
+              "got out_qmin=", out_qmin, ", out_qmax=", out_qmax, ", out_zero_point=", out_zero_point);
+  e.out_grid = true;
+  e.out_scale = float(*out_scale);
+  e.out_inv = float(out_inv_scale);
+  e.out_zp = float(out_zero_point);
+  e.out_lo = float(out_qmin);
+  e.out_hi = float(out_qmax);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& act_scale, const at::Tensor& act_zero_point,
                            int64_t act_qmax, const at::Tensor& w_packed, const at::Tensor& w_sum,
-                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out) {
+                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                           c10::optional<double> out_scale, double out_inv_scale, int64_t out_zero_point,
+                           int64_t out_qmin, int64_t out_qmax) {
   const char* op = "quantkit::int8_linear";
   check_cpu(x, op, "x");
   check_cpu(act_scale, op, "act_scale");
@@ -491,9 +644,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   Weights wt;
   at::Tensor w_keep;
   check_weights(w_packed, w_sum, w_scale, bias, n_out, K, p, op, wt, w_keep);
+  set_output_grid(wt.epi, out_scale, out_inv_scale, out_zero_point, out_qmin, out_qmax, op);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(n_out);
   at::Tensor y = at::empty(out_shape, x.options());
+  advise_huge_pages(y);
   int64_t rows = 1;
   for (int64_t d = 0; d < x.dim() - 1; ++d) rows = checked_mul(rows, x.size(d), op, "rows");
   checked_mul(rows, n_out, op, "output size");
@@ -519,7 +674,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
                            int64_t act_qmax, const at::Tensor& w_packed, const at::Tensor& w_sum,
                            const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation) {
+                           at::IntArrayRef dilation, c10::optional<double> out_scale, double out_inv_scale,
+                           int64_t out_zero_point, int64_t out_qmin, int64_t out_qmax) {
   const char* op = "quantkit::int8_conv2d";
   check_cpu(x, op, "x");
   check_cpu(act_scale, op, "act_scale");
@@ -551,66 +707,93 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   Weights wt;
   at::Tensor w_keep;
   check_weights(w_packed, w_sum, w_scale, bias, n_out, K, p, op, wt, w_keep);
+  set_output_grid(wt.epi, out_scale, out_inv_scale, out_zero_point, out_qmin, out_qmax, op);
   const int64_t M = checked_mul(checked_mul(B, Ho, op, "output size"), Wo, op, "output size");
   checked_mul(M, n_out, op, "output size");
   at::Tensor y = at::empty({B, n_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(y);
   if (M == 0 || n_out == 0) return y;
   const int64_t Kp = wt.K4 * kKQ;
   checked_mul(M, std::max<int64_t>(Kp, 1), op, "im2col buffer size");
-  // 1. codes of the input in channels-last order (N, H, W, C)
-  at::Tensor xl = x.permute({0, 2, 3, 1}).contiguous();
   const bool direct = kh == 1 && kw == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
                       padding[1] == 0 && C % kKQ == 0 && C > 0;
-  at::Tensor codes = at::empty({std::max<int64_t>(B * H * W, 1), std::max<int64_t>(C, 1)},
-                               x.options().dtype(at::kByte));
-  if (B * H * W > 0 && C > 0)
-    quantize_rows(xl.data_ptr<float>(), B * H * W, C, C, p, codes.data_ptr<uint8_t>(), C);
+  // Few channels (the stem, C = 3; a one-channel input): kernel rows of kw * C <= 64 bytes are copied from a
+  // z_x-padded code image as whole runs; the padded image may not be much larger than the input.
+  const int64_t Hp = H + 2 * padding[0], Wp = W + 2 * padding[1];
+  const bool run_fill = !direct && C > 0 && dilation[1] == 1 && kw * C <= 64 &&
+                        double(Hp) * double(Wp) <= 4.0 * double(H) * double(W) + 65536.0;
   Gemm g;
-  if (direct) {
-    g.a = codes.data_ptr<uint8_t>();
-    g.lda = C;
-  } else {
-    // 2. im2col rows (pixel, (kh, kw, c)), built by the GEMM driver per pixel chunk; padded taps hold the code of
-    //    0.0 (z_x), the K tail 0
-    const int64_t ldc = std::max<int64_t>(Kp, 1);
-    const uint8_t* src = codes.data_ptr<uint8_t>();
-    const uint8_t zp = uint8_t(p.zp_int);
-    const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
-                  dw = dilation[1];
+  at::Tensor codes, image;
+  if (run_fill) {
+    image = quantize_padded_image(x, p, padding[0], padding[1]);
+    const uint8_t* img = image.data_ptr<uint8_t>();
+    const int64_t ldc = Kp, kwC = kw * C, sh = stride[0], sw = stride[1], row_step = dilation[0] * Wp * C;
     g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
+      int64_t n = m0 / (Ho * Wo), oh = (m0 % (Ho * Wo)) / Wo, ow = m0 % Wo;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t m = m0 + r;
-        const int64_t n = m / (Ho * Wo), rem = m % (Ho * Wo), oh = rem / Wo, ow = rem % Wo;
         uint8_t* row = dst + r * ldc;
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * sh - ph + i * dh, iw0 = ow * sw - pw;
-          uint8_t* trow = row + i * kw * C;
-          if (ih < 0 || ih >= H) {  // a padded kernel row
-            std::memset(trow, zp, kw * C);
-            continue;
-          }
-          if (dw == 1 && iw0 >= 0 && iw0 + kw <= W) {  // the kw taps are consecutive pixels of the source row
-            std::memcpy(trow, src + ((n * H + ih) * W + iw0) * C, kw * C);
-            continue;
-          }
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * sw - pw + j * dw;
-            uint8_t* tap = row + (i * kw + j) * C;
-            const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-            const uint8_t* from = inside ? src + ((n * H + ih) * W + iw) * C : nullptr;
-            if (C >= 32) {  // library calls pay off for long runs only; the stem (C = 3) copies 3 bytes a tap
-              if (inside) std::memcpy(tap, from, C); else std::memset(tap, zp, C);
-            } else if (inside) {
-              for (int64_t c = 0; c < C; ++c) tap[c] = from[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) tap[c] = zp;
-            }
-          }
+        std::memset(row + ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); runs overwrite [0, K)
+        const uint8_t* from = img + ((n * Hp + oh * sh) * Wp + ow * sw) * C;
+        for (int64_t i = 0; i < kh; ++i) copy_run(row + i * kwC, from + i * row_step, kwC);
+        if (++ow == Wo) {
+          ow = 0;
+          if (++oh == Ho) oh = 0, ++n;
         }
-        if (ldc > K) std::memset(row + K, 0, ldc - K);
       }
     };
     g.lda = ldc;
+  } else {
+    // codes of the input in channels-last order (N, H, W, C)
+    at::Tensor xl = x.permute({0, 2, 3, 1}).contiguous();
+    codes = at::empty({std::max<int64_t>(B * H * W, 1), std::max<int64_t>(C, 1)}, x.options().dtype(at::kByte));
+    if (B * H * W > 0 && C > 0)
+      quantize_rows(xl.data_ptr<float>(), B * H * W, C, C, p, codes.data_ptr<uint8_t>(), C);
+    if (direct) {
+      g.a = codes.data_ptr<uint8_t>();
+      g.lda = C;
+    } else {
+      // 2. im2col rows (pixel, (kh, kw, c)), built by the GEMM driver per pixel chunk; padded taps hold the code of
+      //    0.0 (z_x), the K tail 0
+      const int64_t ldc = std::max<int64_t>(Kp, 1);
+      const uint8_t* src = codes.data_ptr<uint8_t>();
+      const uint8_t zp = uint8_t(p.zp_int);
+      const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
+                    dw = dilation[1];
+      g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t m = m0 + r;
+          const int64_t n = m / (Ho * Wo), rem = m % (Ho * Wo), oh = rem / Wo, ow = rem % Wo;
+          uint8_t* row = dst + r * ldc;
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t ih = oh * sh - ph + i * dh, iw0 = ow * sw - pw;
+            uint8_t* trow = row + i * kw * C;
+            if (ih < 0 || ih >= H) {  // a padded kernel row
+              std::memset(trow, zp, kw * C);
+              continue;
+            }
+            if (dw == 1 && iw0 >= 0 && iw0 + kw <= W) {  // the kw taps are consecutive pixels of the source row
+              std::memcpy(trow, src + ((n * H + ih) * W + iw0) * C, kw * C);
+              continue;
+            }
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t iw = ow * sw - pw + j * dw;
+              uint8_t* tap = row + (i * kw + j) * C;
+              const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+              const uint8_t* from = inside ? src + ((n * H + ih) * W + iw) * C : nullptr;
+              if (C >= 32) {  // library calls pay off for long runs only; the stem (C = 3) copies 3 bytes a tap
+                if (inside) std::memcpy(tap, from, C); else std::memset(tap, zp, C);
+              } else if (inside) {
+                for (int64_t c = 0; c < C; ++c) tap[c] = from[c];
+              } else {
+                for (int64_t c = 0; c < C; ++c) tap[c] = zp;
+              }
+            }
+          }
+          if (ldc > K) std::memset(row + K, 0, ldc - K);
+        }
+      };
+      g.lda = ldc;
+    }
   }
   g.M = M;
   g.N = n_out;
@@ -640,11 +823,15 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
   // packed weight -> float32 y = (acc - z_x * w_sum) * act_scale * w_scale + bias.
   // int8_linear: x (..., K) -> (..., n_out).  int8_conv2d: x (N, C, H, W), weight flattened OHWI, groups = 1
   //   -> (N, n_out, Ho, Wo) in channels-last memory.
+  // With out_scale given, the epilogue also rounds y to the output grid (out_scale, out_inv_scale = float32(1 /
+  // out_scale), out_zero_point, [out_qmin, out_qmax]) with round_to_output_grid's float operations, bit for bit.
   m.def("int8_linear(Tensor x, Tensor act_scale, Tensor act_zero_point, int act_qmax, Tensor w_packed, "
-        "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out) -> Tensor");
+        "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out, float? out_scale=None, float out_inv_scale=1.0, "
+        "int out_zero_point=0, int out_qmin=0, int out_qmax=0) -> Tensor");
   m.def("int8_conv2d(Tensor x, Tensor act_scale, Tensor act_zero_point, int act_qmax, Tensor w_packed, "
         "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> Tensor");
+        "int[2] padding, int[2] dilation, float? out_scale=None, float out_inv_scale=1.0, int out_zero_point=0, "
+        "int out_qmin=0, int out_qmax=0) -> Tensor");
   m.def("int8_kernel_path() -> str");
 }
 
