@@ -519,21 +519,51 @@ at::Tensor quantize_padded_image(const at::Tensor& x, const ActParams& p, int64_
   return img;
 }
 
-// Copies n bytes with fixed-width unaligned moves that overlap at the end (16 / 8 / 4 bytes), never touching a
-// byte outside [0, n): no per-byte loop for runs of 4 bytes or more, no dependence on what follows the run.
+// Copies a run of n bytes with fixed-width unaligned moves, the last one overlapping the previous ones, so no byte
+// outside [0, n) is read or written and there is no per-byte loop from 4 bytes on. kWidth is the run-length class
+// (n in [kWidth, 2 kWidth], or 1..3 for kWidth = 1), chosen once per conv.
+template <int kWidth>
 inline void copy_run(uint8_t* d, const uint8_t* s, int64_t n) {
-  if (n >= 16) {
-    for (int64_t o = 0; o + 16 < n; o += 16) std::memcpy(d + o, s + o, 16);
-    std::memcpy(d + n - 16, s + n - 16, 16);
-  } else if (n >= 8) {
-    std::memcpy(d, s, 8);
-    std::memcpy(d + n - 8, s + n - 8, 8);
-  } else if (n >= 4) {
-    std::memcpy(d, s, 4);
-    std::memcpy(d + n - 4, s + n - 4, 4);
-  } else {
+  if constexpr (kWidth == 1) {
     for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  } else if constexpr (kWidth == 32) {  // 32..64 bytes: four 16-byte moves
+    std::memcpy(d, s, 16);
+    std::memcpy(d + 16, s + 16, 16);
+    std::memcpy(d + n - 32, s + n - 32, 16);
+    std::memcpy(d + n - 16, s + n - 16, 16);
+  } else {
+    std::memcpy(d, s, kWidth);
+    std::memcpy(d + n - kWidth, s + n - kWidth, kWidth);
   }
+}
+
+// The im2col rows of a conv over a quantize_padded_image: row (pixel m) = kh runs of kw * C bytes, then zeros.
+struct RunFill {
+  const uint8_t* image = nullptr;
+  int64_t Hp = 0, Wp = 0, C = 0, kh = 0, run = 0, sh = 0, sw = 0, row_step = 0, Ho = 0, Wo = 0, ldc = 0;
+};
+
+template <int kWidth>
+void fill_runs(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
+  int64_t n = m0 / (f.Ho * f.Wo), oh = (m0 % (f.Ho * f.Wo)) / f.Wo, ow = m0 % f.Wo;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row = dst + r * f.ldc;
+    std::memset(row + f.ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); the runs fill [0, K)
+    const uint8_t* from = f.image + ((n * f.Hp + oh * f.sh) * f.Wp + ow * f.sw) * f.C;
+    for (int64_t i = 0; i < f.kh; ++i) copy_run<kWidth>(row + i * f.run, from + i * f.row_step, f.run);
+    if (++ow == f.Wo) {
+      ow = 0;
+      if (++oh == f.Ho) oh = 0, ++n;
+    }
+  }
+}
+
+void fill_runs_any(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
+  if (f.run >= 32) return fill_runs<32>(f, m0, rows, dst);
+  if (f.run >= 16) return fill_runs<16>(f, m0, rows, dst);
+  if (f.run >= 8) return fill_runs<8>(f, m0, rows, dst);
+  if (f.run >= 4) return fill_runs<4>(f, m0, rows, dst);
+  fill_runs<1>(f, m0, rows, dst);
 }
 
 // A large fresh output is written once, sequentially; faulting it in 4 KiB pages cost about as much as the GEMM of
@@ -741,22 +771,12 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   at::Tensor codes, image;
   if (run_fill) {
     image = quantize_padded_image(x, p, padding[0], padding[1]);
-    const uint8_t* img = image.data_ptr<uint8_t>();
-    const int64_t ldc = Kp, kwC = kw * C, sh = stride[0], sw = stride[1], row_step = dilation[0] * Wp * C;
-    g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
-      int64_t n = m0 / (Ho * Wo), oh = (m0 % (Ho * Wo)) / Wo, ow = m0 % Wo;
-      for (int64_t r = 0; r < rows; ++r) {
-        uint8_t* row = dst + r * ldc;
-        std::memset(row + ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); runs overwrite [0, K)
-        const uint8_t* from = img + ((n * Hp + oh * sh) * Wp + ow * sw) * C;
-        for (int64_t i = 0; i < kh; ++i) copy_run(row + i * kwC, from + i * row_step, kwC);
-        if (++ow == Wo) {
-          ow = 0;
-          if (++oh == Ho) oh = 0, ++n;
-        }
-      }
-    };
-    g.lda = ldc;
+    RunFill f;
+    f.image = image.data_ptr<uint8_t>();
+    f.Hp = Hp, f.Wp = Wp, f.C = C, f.kh = kh, f.run = kw * C, f.sh = stride[0], f.sw = stride[1];
+    f.row_step = dilation[0] * Wp * C, f.Ho = Ho, f.Wo = Wo, f.ldc = Kp;
+    g.fill = [f](int64_t m0, int64_t rows, uint8_t* dst) { fill_runs_any(f, m0, rows, dst); };
+    g.lda = Kp;
   } else {
     // codes of the input in channels-last order (N, H, W, C)
     at::Tensor xl = x.permute({0, 2, 3, 1}).contiguous();
