@@ -6,8 +6,12 @@
 //   y[p, o] = float(acc[p, o] - z_x * wsum[o]) * (s_x * s_w[o]) + bias[o]   (wsum[o] = sum_k q_w[o, k])
 //
 // which equals sum_k ((q_x - z_x) s_x) (q_w s_w) + bias, the simulated layer's float math, up to float rounding.
+// Optional output grid (out_scale given): y is then rounded like round_to_output_grid, in registers, with its float32
+// operations in its order: y * (1/s) -> round half even -> + z -> clamp(qmin, qmax) -> - z -> * s.
 // Conv zero padding: a padded tap holds the code z_x (the code of 0.0), so the correction z_x * wsum[o] is the same
 // at every output position, borders included.
+// Convs with few input channels (kw * C <= 64 bytes a kernel row) read a z_x-padded code image instead, where each
+// kernel row of an output pixel is one run of bytes (quantize_padded_image, fill_runs).
 //
 // Layout of the packed weight (quantkit/ops/int8.py packs it once at conversion): int8 (ceil(N/16), ceil(K/4), 64),
 // block b, quad j holds [16 output channels][4 consecutive k] of channels 16b..16b+15 and k 4j..4j+3, zero padded.
@@ -545,15 +549,19 @@ struct RunFill {
 
 template <int kWidth>
 void fill_runs(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
-  int64_t n = m0 / (f.Ho * f.Wo), oh = (m0 % (f.Ho * f.Wo)) / f.Wo, ow = m0 % f.Wo;
+  // local copies: the byte stores below may alias f as far as the compiler knows, which reloaded every field per run
+  const uint8_t* const image = f.image;
+  const int64_t Hp = f.Hp, Wp = f.Wp, C = f.C, kh = f.kh, run = f.run, sh = f.sh, sw = f.sw, step = f.row_step,
+                Ho = f.Ho, Wo = f.Wo, ldc = f.ldc;
+  int64_t n = m0 / (Ho * Wo), oh = (m0 % (Ho * Wo)) / Wo, ow = m0 % Wo;
   for (int64_t r = 0; r < rows; ++r) {
-    uint8_t* row = dst + r * f.ldc;
-    std::memset(row + f.ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); the runs fill [0, K)
-    const uint8_t* from = f.image + ((n * f.Hp + oh * f.sh) * f.Wp + ow * f.sw) * f.C;
-    for (int64_t i = 0; i < f.kh; ++i) copy_run<kWidth>(row + i * f.run, from + i * f.row_step, f.run);
-    if (++ow == f.Wo) {
+    uint8_t* row = dst + r * ldc;
+    std::memset(row + ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); the runs fill [0, K)
+    const uint8_t* from = image + ((n * Hp + oh * sh) * Wp + ow * sw) * C;
+    for (int64_t i = 0; i < kh; ++i, row += run, from += step) copy_run<kWidth>(row, from, run);
+    if (++ow == Wo) {
       ow = 0;
-      if (++oh == f.Ho) oh = 0, ++n;
+      if (++oh == Ho) oh = 0, ++n;
     }
   }
 }
