@@ -135,7 +135,8 @@ def int8_linear(x: Tensor, act_scale: Tensor, act_zero_point: Tensor, act_qmax: 
                 out_grid: OutputGrid | None = None) -> Tensor:
     """:func:`int8_linear_reference` on the compiled kernel for float32 CPU inputs (no gradient); ``w_packed`` and
     ``w_sum`` are :func:`pack_weight` / :func:`weight_sum` of ``w_int`` (N, K), computed once by the layer. With
-    ``out_grid`` the output is rounded to it (in the kernel's epilogue)."""
+    ``out_grid`` the output is rounded to it (in the kernel's epilogue). A NaN in ``x`` becomes code 0 on the kernel,
+    NaN on the reference (module notes)."""
     if _kernel_ok("int8_linear", x):
         grid = _NO_GRID if out_grid is None else out_grid.op_args()
         return torch.ops.quantkit.int8_linear(x, act_scale, act_zero_point, act_qmax, w_packed, w_sum,
@@ -148,7 +149,8 @@ def int8_conv2d(x: Tensor, act_scale: Tensor, act_zero_point: Tensor, act_qmax: 
                 dilation, out_grid: OutputGrid | None = None) -> Tensor:
     """:func:`int8_conv2d_reference` on the compiled kernel for float32 CPU inputs (no gradient); ``w_packed`` is
     :func:`pack_weight` of :func:`flatten_conv_weight` of ``w_int`` (O, C, kh, kw). Output channels_last. With
-    ``out_grid`` the output is rounded to it (in the kernel's epilogue)."""
+    ``out_grid`` the output is rounded to it (in the kernel's epilogue). A NaN in ``x`` becomes code 0 on the kernel,
+    NaN on the reference (module notes)."""
     if _kernel_ok("int8_conv2d", x) and x.dim() == 4:
         grid = _NO_GRID if out_grid is None else out_grid.op_args()
         return torch.ops.quantkit.int8_conv2d(x, act_scale, act_zero_point, act_qmax, w_packed, w_sum,
