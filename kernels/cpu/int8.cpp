@@ -483,6 +483,25 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const Ac
   });
 }
 
+// Channel rows (C, W) of codes -> one channels-last row (W, C); a constant C lets the compiler vectorize the
+// interleave (the stem's C = 3).
+template <int kC>
+inline void interleave_rows(const uint8_t* rows, int64_t W, uint8_t* out) {
+  for (int64_t w = 0; w < W; ++w)
+    for (int c = 0; c < kC; ++c) out[w * kC + c] = rows[c * W + w];
+}
+
+inline void interleave_rows_any(const uint8_t* rows, int64_t C, int64_t W, uint8_t* out) {
+  switch (C) {
+    case 2: return interleave_rows<2>(rows, W, out);
+    case 3: return interleave_rows<3>(rows, W, out);
+    case 4: return interleave_rows<4>(rows, W, out);
+    default:
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) out[w * C + c] = rows[c * W + w];
+  }
+}
+
 // The codes of x (B, C, H, W) in a channels-last image padded by (ph, pw) on each side, the padding holding z_x
 // (the code of 0.0): (B, H + 2 ph, W + 2 pw, C) bytes. A conv over it needs no border tests: every kernel row of an
 // output pixel is one run of kw * C bytes (dilation 1 along W). x may be NCHW (channel rows are quantized then
@@ -515,8 +534,7 @@ at::Tensor quantize_padded_image(const at::Tensor& x, const ActParams& p, int64_
         quantize_row(isa, src + (n * H + h) * W, W, p, interior);
       } else {
         for (int64_t c = 0; c < C; ++c) quantize_row(isa, src + ((n * C + c) * H + h) * W, W, p, rowq.data() + c * W);
-        for (int64_t w = 0; w < W; ++w)
-          for (int64_t c = 0; c < C; ++c) interior[w * C + c] = rowq[c * W + w];
+        interleave_rows_any(rowq.data(), C, W, interior);
       }
     }
   });
