@@ -20,7 +20,7 @@
 // (OHWI), the order of the im2col rows built here from channels-last codes.
 //
 // ISA (cpu/cpu_features.h, QUANTKIT_CPU_ISA lowers it): AVX-512 with VNNI -> VPDPBUSD micro-kernel 6 pixels x 64
-// channels (24 accumulators); AVX2 (or AVX-512 without VNNI) -> VPMADDWD on the same layout, 3 pixels x 16 channels;
+// channels (24 accumulators); AVX2 (or AVX-512 without VNNI) -> VPMADDWD on the same layout, 2 pixels x 16 channels;
 // portable -> plain loops. All levels compute identical integers; the epilogue is the same float expression.
 // No u8 x s8 pair product can saturate (VPDPBUSD adds four 16-bit products into int32 without saturation; the AVX2
 // path widens to int16 and uses VPMADDWD, exact), and K is limited so that the int32 accumulator cannot overflow.
@@ -175,17 +175,24 @@ QK_TARGET_AVX2 inline __m256 to_output_grid_avx2(__m256 y, const GridAvx2& c) {
 template <int MR>
 QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
   // acc[r][q]: 8 int32 = channels 4q..4q+3 of the block, two partial sums (k pairs) each
+  // loops over the accumulators fully unrolled (constant indices keep them in registers, as in block_vnni); MR = 2
+  // rows (8 accumulators) fit the 16 ymm registers with broadcasts and widened weights, MR = 3 spilled
   __m256i acc[MR][4];
+#pragma GCC unroll 3
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
   const int8_t* wb = g.w + b * g.K4 * 64;
   for (int64_t j = 0; j < g.K4; ++j) {
-    __m256i wq[4];
-    for (int q = 0; q < 4; ++q)
-      wq[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + j * 64 + q * 16)));
-    for (int r = 0; r < MR; ++r) {
-      const __m256i av = bcast_quad_avx2(g.a + (m0 + r) * g.lda + j * kKQ);
-      for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(av, wq[q]));
+    __m256i av[MR];
+#pragma GCC unroll 3
+    for (int r = 0; r < MR; ++r) av[r] = bcast_quad_avx2(g.a + (m0 + r) * g.lda + j * kKQ);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256i wq =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + j * 64 + q * 16)));
+#pragma GCC unroll 3
+      for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(av[r], wq));
     }
   }
   const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
@@ -193,8 +200,10 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
   const GridAvx2 grid = grid_avx2(*g.epi);
   const int64_t n0 = b * kNB;
   const int valid = int(std::min<int64_t>(kNB, g.N - n0));
+#pragma GCC unroll 3
   for (int r = 0; r < MR; ++r) {
     float* yr = g.y + (m0 + r) * g.N + n0;
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       // hadd within 128-bit lanes gives channels [0 1 4 5 | 2 3 6 7] of this 8-channel half
       __m256i s = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), order);
@@ -219,9 +228,8 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
 QK_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t mrows, int64_t b0, int64_t nblocks) {
   for (int64_t b = b0; b < b0 + nblocks; ++b) {
     int64_t r = 0;
-    for (; r + 3 <= mrows; r += 3) block_avx2<3>(g, m0 + r, b);
-    if (mrows - r == 2) block_avx2<2>(g, m0 + r, b);
-    else if (mrows - r == 1) block_avx2<1>(g, m0 + r, b);
+    for (; r + 2 <= mrows; r += 2) block_avx2<2>(g, m0 + r, b);
+    if (r < mrows) block_avx2<1>(g, m0 + r, b);
   }
 }
 
