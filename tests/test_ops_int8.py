@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import quantkit
 from quantkit.ops import int8 as I
 from quantkit.ops._dispatch import has_op, supported_cpu_isas
+from quantkit.quantizers.uniform import round_to_output_grid
 
 from conftest import cpu_isa
 
@@ -122,6 +123,13 @@ def test_int8_opcheck():
     torch.library.opcheck(torch.ops.quantkit.int8_conv2d.default,
                           (torch.randn(2, 2, 6, 5), s, z, qmax, I.pack_weight(I.flatten_conv_weight(w4)),
                            I.weight_sum(w4), w_scale, None, 20, [3, 3], [2, 1], [1, 0], [1, 1]))
+    torch.library.opcheck(torch.ops.quantkit.int8_conv2d.default,
+                          (torch.randn(2, 2, 6, 5), s, z, qmax, I.pack_weight(I.flatten_conv_weight(w4)),
+                           I.weight_sum(w4), w_scale, bias, 20, [3, 3], [1, 1], [1, 1], [1, 1], 0.05, 20.0, 3, 3,
+                           255))
+    torch.library.opcheck(torch.ops.quantkit.int8_linear.default,
+                          (torch.randn(3, 18), s, z, qmax, I.pack_weight(w), I.weight_sum(w), w_scale, None, 20,
+                           0.25, 4.0, 1, 0, 15))
 
 
 def test_int8_bad_input_is_a_clear_error():
@@ -210,4 +218,122 @@ def test_int8_quantization_ties_and_clamps_match_the_simulated_grid():
     for isa in ISAS:
         with cpu_isa(isa), torch.no_grad():
             got = I.int8_linear(x, s, z, 15, eye, I.pack_weight(eye), I.weight_sum(eye), torch.ones(k), None)
+        assert torch.equal(got, ref), isa
+
+
+def _grid(scale: float, zero_point: int, bits: int, relu: bool) -> I.OutputGrid:
+    inv = float(1.0 / torch.tensor(scale, dtype=torch.float32))  # output_grid_params' float32 reciprocal
+    return I.OutputGrid(float(torch.tensor(scale, dtype=torch.float32)), inv, zero_point, zero_point if relu else 0,
+                        bits)
+
+
+@settings(max_examples=_examples(40), deadline=None, derandomize=True)
+@given(rows=st.integers(1, 13), n_out=st.integers(1, 70), bits=st.sampled_from([2, 4, 8]), relu=st.booleans(),
+       grid_exp=st.integers(0, 5), zp_frac=st.floats(0, 1), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_linear_output_grid_equals_unfused_rounding_on_every_isa(rows, n_out, bits, relu, grid_exp, zp_frac,
+                                                                       ties, seed):
+    """The epilogue's output grid gives the floats of the kernel's output rounded by round_to_output_grid (the six
+    in-place ops), incl. values exactly on .5 code boundaries (half to even) and the ReLU grid (qmin = z)."""
+    g = torch.Generator().manual_seed(seed)
+    qmax_out = 2**bits - 1
+    zp = round(zp_frac * qmax_out)
+    if ties:  # y = (q - 7) / 16 exactly and a power-of-two grid: y / s_out lands on k + 0.5 for many codes
+        w = torch.eye(n_out, dtype=torch.int8)
+        w_scale, s, z, bias = torch.ones(n_out), torch.tensor(1 / 16), torch.tensor(7.0), None
+        x = torch.randint(-30, 40, (rows, n_out), generator=g).float() / 16
+        x[0, 0], x[-1, -1] = 2.0**grid_exp / 16, -3 * 2.0**grid_exp / 16  # y / s_out = 0.5 and -1.5
+        grid = _grid(2.0**grid_exp / 8, zp, bits, relu)
+    else:
+        w, w_scale, _, s, z, bias = _operands(g, n_out, 37, 8, 8)
+        x = torch.randn(rows, 37, generator=g) * 3
+        grid = _grid(float(torch.rand((), generator=g)) * 2.0**-grid_exp + 1e-3, zp, bits, relu)
+    ref = I.int8_linear_reference(x, s, z, 255, w, w_scale, bias, grid)
+    for isa in ISAS:
+        with cpu_isa(isa), torch.no_grad():
+            args = (x, s, z, 255, w, I.pack_weight(w), I.weight_sum(w), w_scale, bias)
+            unfused = I.int8_linear(*args)
+            if ties:
+                assert ((unfused * grid.inv_scale).frac().abs() == 0.5).any()
+            expect = round_to_output_grid(unfused.clone(), grid.scale, grid.inv_scale, grid.zero_point, bits,
+                                          grid.qmin, in_place=True)
+            got = I.int8_linear(*args, out_grid=grid)
+        assert torch.equal(got, expect), isa
+        assert torch.equal(got, ref), isa
+
+
+@settings(max_examples=_examples(20), deadline=None, derandomize=True)
+@given(n=st.integers(1, 2), c=st.integers(1, 9), hw=st.integers(3, 9), n_out=st.integers(1, 70),
+       kernel=st.sampled_from([1, 3]), stride=st.integers(1, 2), relu=st.booleans(), bits=st.sampled_from([4, 8]),
+       seed=st.integers(0, 2**16))
+def test_int8_conv2d_output_grid_equals_unfused_rounding_on_every_isa(n, c, hw, n_out, kernel, stride, relu, bits,
+                                                                       seed):
+    g = torch.Generator().manual_seed(seed)
+    w, w_scale, qmax, s, z, bias = _operands(g, n_out, c * kernel * kernel, 8, 8)
+    w4 = w.view(n_out, kernel, kernel, c).permute(0, 3, 1, 2).contiguous()
+    x = torch.randn(n, c, hw, hw + 2, generator=g) * 3
+    grid = _grid(float(torch.rand((), generator=g)) * 0.2 + 1e-3, int(torch.randint(0, 2**bits, (), generator=g)),
+                 bits, relu)
+    conv = ((stride,) * 2, (kernel // 2,) * 2, (1, 1))
+    ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, *conv, grid)
+    packed = I.pack_weight(I.flatten_conv_weight(w4))
+    for isa in ISAS:
+        with cpu_isa(isa), torch.no_grad():
+            args = (x, s, z, qmax, w4, packed, I.weight_sum(w4), w_scale, bias, *conv)
+            expect = round_to_output_grid(I.int8_conv2d(*args), grid.scale, grid.inv_scale, grid.zero_point, bits,
+                                          grid.qmin, in_place=True)
+            got = I.int8_conv2d(*args, out_grid=grid)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, expect), isa
+        assert torch.equal(got, ref), isa
+
+
+def test_int8_output_grid_keeps_nan_and_clamps_inf_like_torch_clamp():
+    """A NaN / infinite bias gives NaN / the end codes after the fused grid, as the unfused in-place ops do."""
+    w = torch.eye(4, dtype=torch.int8)
+    bias = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.3])
+    grid = _grid(0.1, 3, 4, False)
+    args = (torch.full((2, 4), 0.25), torch.tensor(0.125), torch.tensor(2.0), 255, w, I.pack_weight(w),
+            I.weight_sum(w), torch.ones(4), bias)
+    for isa in ISAS:
+        with cpu_isa(isa), torch.no_grad():
+            expect = round_to_output_grid(I.int8_linear(*args), grid.scale, grid.inv_scale, 3, 4, 0, in_place=True)
+            got = I.int8_linear(*args, out_grid=grid)
+        torch.testing.assert_close(got, expect, rtol=0, atol=0, equal_nan=True)
+        assert got[:, 0].isnan().all() and torch.equal(got[:, 1:3], expect[:, 1:3])
+
+
+def test_int8_output_grid_bad_input_is_a_clear_error():
+    w = torch.ones(4, 8, dtype=torch.int8)
+    args = (torch.randn(2, 8), torch.tensor(0.1), torch.tensor(3.0), 255, I.pack_weight(w), I.weight_sum(w),
+            torch.ones(4), None, 4)
+    with pytest.raises(RuntimeError, match="out_scale and out_inv_scale must be positive"):
+        torch.ops.quantkit.int8_linear(*args, 0.0, 1.0, 0, 0, 255)
+    with pytest.raises(RuntimeError, match="out_qmin <= out_qmax"):
+        torch.ops.quantkit.int8_linear(*args, 0.1, 10.0, 0, 9, 3)
+
+
+@settings(max_examples=_examples(40), deadline=None, derandomize=True)
+@given(n=st.integers(1, 2), c=st.sampled_from([1, 2, 3, 4]), h=st.integers(1, 13), w=st.integers(1, 13),
+       kh=st.integers(3, 7), kw=st.integers(3, 7), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 3), st.integers(0, 3)), dilation_h=st.integers(1, 2),
+       channels_last=st.booleans(), n_out=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_int8_conv2d_few_channel_runs_equal_reference_on_every_isa(n, c, h, w, kh, kw, stride, padding, dilation_h,
+                                                                   channels_last, n_out, seed):
+    """Few-channel convs (kw * C <= 64 bytes a kernel row: the stem, a one-channel input) copy whole kernel rows
+    from a z_x-padded code image: the same integers as the reference at the borders, for odd sizes, strides,
+    paddings and row dilation, from NCHW and channels-last inputs."""
+    dilation = (dilation_h, 1)
+    if h + 2 * padding[0] < dilation_h * (kh - 1) + 1 or w + 2 * padding[1] < kw:
+        return
+    g = torch.Generator().manual_seed(seed)
+    wq, w_scale, qmax, s, z, bias = _operands(g, n_out, c * kh * kw, 8, 8)
+    w4 = wq.view(n_out, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    x = torch.randn(n, c, h, w, generator=g) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = I.int8_conv2d_reference(x, s, z, qmax, w4, w_scale, bias, stride, padding, dilation)
+    packed = I.pack_weight(I.flatten_conv_weight(w4))
+    for isa in ISAS:
+        with cpu_isa(isa), torch.no_grad():
+            got = I.int8_conv2d(x, s, z, qmax, w4, packed, I.weight_sum(w4), w_scale, bias, stride, padding, dilation)
         assert torch.equal(got, ref), isa

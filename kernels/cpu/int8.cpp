@@ -6,8 +6,12 @@
 //   y[p, o] = float(acc[p, o] - z_x * wsum[o]) * (s_x * s_w[o]) + bias[o]   (wsum[o] = sum_k q_w[o, k])
 //
 // which equals sum_k ((q_x - z_x) s_x) (q_w s_w) + bias, the simulated layer's float math, up to float rounding.
+// Optional output grid (out_scale given): y is then rounded like round_to_output_grid, in registers, with its float32
+// operations in its order: y * (1/s) -> round half even -> + z -> clamp(qmin, qmax) -> - z -> * s.
 // Conv zero padding: a padded tap holds the code z_x (the code of 0.0), so the correction z_x * wsum[o] is the same
 // at every output position, borders included.
+// Convs with few input channels (kw * C <= 64 bytes a kernel row) read a z_x-padded code image instead, where each
+// kernel row of an output pixel is one run of bytes (quantize_padded_image, fill_runs).
 //
 // Layout of the packed weight (quantkit/ops/int8.py packs it once at conversion): int8 (ceil(N/16), ceil(K/4), 64),
 // block b, quad j holds [16 output channels][4 consecutive k] of channels 16b..16b+15 and k 4j..4j+3, zero padded.
@@ -16,7 +20,7 @@
 // (OHWI), the order of the im2col rows built here from channels-last codes.
 //
 // ISA (cpu/cpu_features.h, QUANTKIT_CPU_ISA lowers it): AVX-512 with VNNI -> VPDPBUSD micro-kernel 6 pixels x 64
-// channels (24 accumulators); AVX2 (or AVX-512 without VNNI) -> VPMADDWD on the same layout, 3 pixels x 16 channels;
+// channels (24 accumulators); AVX2 (or AVX-512 without VNNI) -> VPMADDWD on the same layout, 2 pixels x 16 channels;
 // portable -> plain loops. All levels compute identical integers; the epilogue is the same float expression.
 // No u8 x s8 pair product can saturate (VPDPBUSD adds four 16-bit products into int32 without saturation; the AVX2
 // path widens to int16 and uses VPMADDWD, exact), and K is limited so that the int32 accumulator cannot overflow.
@@ -26,6 +30,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/cpu_features.h"
 
@@ -73,12 +80,24 @@ Path active_path() {
   return Path::Portable;
 }
 
-// Per-output-channel epilogue constants, padded to a multiple of 16 channels.
+// Per-output-channel epilogue constants, padded to a multiple of 16 channels, and the optional output grid.
 struct Epilogue {
   std::vector<int32_t> corr;   // z_x * wsum[o]
   std::vector<float> scale;    // s_x * s_w[o]
   std::vector<float> bias;     // bias[o] or 0
+  // Output grid (round_to_output_grid in quantkit/quantizers/uniform.py), applied to y while it is in registers:
+  // y = (clamp(round_half_even(y * out_inv) + out_zp, out_lo, out_hi) - out_zp) * out_scale, each step one float32
+  // operation in this order, as the six in-place torch ops compute it. clamp keeps a NaN (torch.clamp does).
+  bool out_grid = false;
+  float out_inv = 1.f, out_scale = 1.f, out_zp = 0.f, out_lo = 0.f, out_hi = 0.f;
 };
+
+inline float to_output_grid(float y, const Epilogue& e) {
+  float t = std::nearbyint(y * e.out_inv) + e.out_zp;  // default rounding mode: half to even
+  t = t < e.out_lo ? e.out_lo : t;                      // a NaN fails both tests and stays NaN
+  t = t > e.out_hi ? e.out_hi : t;
+  return (t - e.out_zp) * e.out_scale;
+}
 
 struct Gemm {
   const uint8_t* a = nullptr;  // (M, lda) activation codes; columns K..Kp-1 are zero
@@ -111,7 +130,8 @@ void tile_portable(const Gemm& g, int64_t m0, int64_t mrows, int64_t b0, int64_t
       for (int c = 0; c < kNB; ++c) {
         const int64_t o = b * kNB + c;
         if (o >= g.N) break;
-        yr[o] = float(acc[c] - g.epi->corr[o]) * g.epi->scale[o] + g.epi->bias[o];
+        const float v = float(acc[c] - g.epi->corr[o]) * g.epi->scale[o] + g.epi->bias[o];
+        yr[o] = g.epi->out_grid ? to_output_grid(v, *g.epi) : v;
       }
     }
   }
@@ -134,27 +154,56 @@ QK_TARGET_AVX2 inline __m256i bcast_quad_avx2(const uint8_t* p) {
   return _mm256_cvtepu8_epi16(_mm_set1_epi32(v));
 }
 
+// to_output_grid 8 lanes at a time: VROUNDPS rounds half to even; MAXPS / MINPS return their second operand when
+// one is NaN, so a NaN y stays NaN like the scalar rule.
+struct GridAvx2 {
+  __m256 inv, scale, zp, lo, hi;
+};
+
+QK_TARGET_AVX2 inline GridAvx2 grid_avx2(const Epilogue& e) {
+  return {_mm256_set1_ps(e.out_inv), _mm256_set1_ps(e.out_scale), _mm256_set1_ps(e.out_zp),
+          _mm256_set1_ps(e.out_lo), _mm256_set1_ps(e.out_hi)};
+}
+
+QK_TARGET_AVX2 inline __m256 to_output_grid_avx2(__m256 y, const GridAvx2& c) {
+  __m256 t = _mm256_round_ps(_mm256_mul_ps(y, c.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  t = _mm256_add_ps(t, c.zp);
+  t = _mm256_min_ps(c.hi, _mm256_max_ps(c.lo, t));
+  return _mm256_mul_ps(_mm256_sub_ps(t, c.zp), c.scale);
+}
+
 template <int MR>
 QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
   // acc[r][q]: 8 int32 = channels 4q..4q+3 of the block, two partial sums (k pairs) each
+  // loops over the accumulators fully unrolled (constant indices keep them in registers, as in block_vnni); MR = 2
+  // rows (8 accumulators) fit the 16 ymm registers with broadcasts and widened weights, MR = 3 spilled
   __m256i acc[MR][4];
+#pragma GCC unroll 3
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
   const int8_t* wb = g.w + b * g.K4 * 64;
   for (int64_t j = 0; j < g.K4; ++j) {
-    __m256i wq[4];
-    for (int q = 0; q < 4; ++q)
-      wq[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + j * 64 + q * 16)));
-    for (int r = 0; r < MR; ++r) {
-      const __m256i av = bcast_quad_avx2(g.a + (m0 + r) * g.lda + j * kKQ);
-      for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(av, wq[q]));
+    __m256i av[MR];
+#pragma GCC unroll 3
+    for (int r = 0; r < MR; ++r) av[r] = bcast_quad_avx2(g.a + (m0 + r) * g.lda + j * kKQ);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256i wq =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + j * 64 + q * 16)));
+#pragma GCC unroll 3
+      for (int r = 0; r < MR; ++r) acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(av[r], wq));
     }
   }
   const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const bool out_grid = g.epi->out_grid;
+  const GridAvx2 grid = grid_avx2(*g.epi);
   const int64_t n0 = b * kNB;
   const int valid = int(std::min<int64_t>(kNB, g.N - n0));
+#pragma GCC unroll 3
   for (int r = 0; r < MR; ++r) {
     float* yr = g.y + (m0 + r) * g.N + n0;
+#pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       // hadd within 128-bit lanes gives channels [0 1 4 5 | 2 3 6 7] of this 8-channel half
       __m256i s = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(acc[r][2 * h], acc[r][2 * h + 1]), order);
@@ -162,7 +211,8 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
       s = _mm256_sub_epi32(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.epi->corr.data() + o)));
       __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(g.epi->scale.data() + o));
       no_contract(prod);
-      const __m256 v = _mm256_add_ps(prod, _mm256_loadu_ps(g.epi->bias.data() + o));
+      __m256 v = _mm256_add_ps(prod, _mm256_loadu_ps(g.epi->bias.data() + o));
+      if (out_grid) v = to_output_grid_avx2(v, grid);
       const int n_here = std::max(0, std::min(8, valid - 8 * h));
       if (n_here == 8) {
         _mm256_storeu_ps(yr + 8 * h, v);
@@ -178,33 +228,65 @@ QK_TARGET_AVX2 void block_avx2(const Gemm& g, int64_t m0, int64_t b) {
 QK_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t mrows, int64_t b0, int64_t nblocks) {
   for (int64_t b = b0; b < b0 + nblocks; ++b) {
     int64_t r = 0;
-    for (; r + 3 <= mrows; r += 3) block_avx2<3>(g, m0 + r, b);
-    if (mrows - r == 2) block_avx2<2>(g, m0 + r, b);
-    else if (mrows - r == 1) block_avx2<1>(g, m0 + r, b);
+    for (; r + 2 <= mrows; r += 2) block_avx2<2>(g, m0 + r, b);
+    if (r < mrows) block_avx2<1>(g, m0 + r, b);
   }
 }
 
 // ------------------------------------------------------------------------------------------------ AVX-512 VNNI
+// to_output_grid 16 lanes at a time (the AVX2 comments hold: VRNDSCALE rounds half to even, NaN stays NaN).
+struct Grid512 {
+  __m512 inv, scale, zp, lo, hi;
+};
+
+QK_TARGET_VNNI inline Grid512 grid_512(const Epilogue& e) {
+  return {_mm512_set1_ps(e.out_inv), _mm512_set1_ps(e.out_scale), _mm512_set1_ps(e.out_zp),
+          _mm512_set1_ps(e.out_lo), _mm512_set1_ps(e.out_hi)};
+}
+
+QK_TARGET_VNNI inline __m512 to_output_grid_512(__m512 y, const Grid512& c) {
+  __m512 t = _mm512_roundscale_ps(_mm512_mul_ps(y, c.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  t = _mm512_add_ps(t, c.zp);
+  t = _mm512_min_ps(c.hi, _mm512_max_ps(c.lo, t));
+  return _mm512_mul_ps(_mm512_sub_ps(t, c.zp), c.scale);
+}
+
+// acc += dot4(a (u8), w (s8)) per int32 lane, as asm with the accumulator tied in place. With the intrinsic, GCC 12
+// copied every accumulator to another register and to the stack on each k step (24 accumulators); the asm, together
+// with fully unrolled loops over the accumulators (constant indices, so the array lives in registers), gives a k
+// loop of 4 weight loads, 6 broadcasts and 24 VPDPBUSD and nothing else.
+QK_TARGET_VNNI inline void dpbusd(__m512i& acc, __m512i a, __m512i w) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w));
+}
+
 template <int MR, int NB>
 QK_TARGET_VNNI void block_vnni(const Gemm& g, int64_t m0, int64_t b0) {
   __m512i acc[MR][NB];
+#pragma GCC unroll 6
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_si512();
   const int64_t bstride = g.K4 * 64;
   const int8_t* wb = g.w + b0 * bstride;
   const uint8_t* arow[MR];
   for (int r = 0; r < MR; ++r) arow[r] = g.a + (m0 + r) * g.lda;
-#pragma GCC unroll 2
   for (int64_t j = 0; j < g.K4; ++j) {
     __m512i wv[NB];
+#pragma GCC unroll 4
     for (int c = 0; c < NB; ++c) wv[c] = _mm512_loadu_si512(wb + c * bstride + j * 64);
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       int32_t q;
       std::memcpy(&q, arow[r] + j * kKQ, 4);
       const __m512i av = _mm512_set1_epi32(q);
-      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], av, wv[c]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NB; ++c) dpbusd(acc[r][c], av, wv[c]);
     }
   }
+  const bool out_grid = g.epi->out_grid;
+  const Grid512 grid = grid_512(*g.epi);
+  // every loop over the accumulators unrolled completely: with constant indices GCC keeps them in registers
+#pragma GCC unroll 4
   for (int c = 0; c < NB; ++c) {
     const int64_t o = (b0 + c) * kNB;
     const int valid = int(std::min<int64_t>(kNB, g.N - o));
@@ -212,10 +294,12 @@ QK_TARGET_VNNI void block_vnni(const Gemm& g, int64_t m0, int64_t b0) {
     const __m512i corr = _mm512_loadu_si512(g.epi->corr.data() + o);
     const __m512 scale = _mm512_loadu_ps(g.epi->scale.data() + o);
     const __m512 bias = _mm512_loadu_ps(g.epi->bias.data() + o);
+#pragma GCC unroll 6
     for (int r = 0; r < MR; ++r) {
       __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], corr)), scale);
       no_contract(prod);
-      const __m512 v = _mm512_add_ps(prod, bias);
+      __m512 v = _mm512_add_ps(prod, bias);
+      if (out_grid) v = to_output_grid_512(v, grid);
       _mm512_mask_storeu_ps(g.y + (m0 + r) * g.N + o, mask, v);
     }
   }
@@ -374,6 +458,17 @@ QK_TARGET_AVX2 void quantize_row_avx2(const float* x, int64_t K, const ActParams
 }
 #endif
 
+// One row of K floats -> K codes on the active ISA.
+inline void quantize_row(cpu::Isa isa, const float* x, int64_t K, const ActParams& p, uint8_t* q) {
+  const float lo = -p.zp, hi = float(p.qmax) - p.zp;
+#if QUANTKIT_X86
+  if (isa == cpu::Isa::Avx512) return quantize_row_avx512(x, K, p, lo, hi, q);
+  if (isa == cpu::Isa::Avx2) return quantize_row_avx2(x, K, p, lo, hi, q);
+#endif
+  (void)isa;
+  for (int64_t k = 0; k < K; ++k) q[k] = quantize_one(x[k], p.scale, p.zp, lo, hi);
+}
+
 // x (rows, K) float with row stride `ld` (elements) -> codes (rows, ldq) with zeroed tail columns K..ldq-1.
 void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const ActParams& p, uint8_t* q,
                    int64_t ldq) {
@@ -386,25 +481,139 @@ void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ld, const Ac
     quantize_rows(x + (chunks - 1) * kChunk, 1, total - (chunks - 1) * kChunk, 0, p, q + (chunks - 1) * kChunk, 0);
     return;
   }
-  const float lo = -p.zp, hi = float(p.qmax) - p.zp;
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const float* xr = x + r * ld;
       uint8_t* qr = q + r * ldq;
-#if QUANTKIT_X86
-      if (isa == cpu::Isa::Avx512) {
-        quantize_row_avx512(xr, K, p, lo, hi, qr);
-      } else if (isa == cpu::Isa::Avx2) {
-        quantize_row_avx2(xr, K, p, lo, hi, qr);
-      } else
-#endif
-      {
-        for (int64_t k = 0; k < K; ++k) qr[k] = quantize_one(xr[k], p.scale, p.zp, lo, hi);
-      }
+      quantize_row(isa, x + r * ld, K, p, qr);
       for (int64_t k = K; k < ldq; ++k) qr[k] = 0;
     }
   });
+}
+
+// Channel rows (C, W) of codes -> one channels-last row (W, C); a constant C lets the compiler vectorize the
+// interleave (the stem's C = 3).
+template <int kC>
+inline void interleave_rows(const uint8_t* rows, int64_t W, uint8_t* out) {
+  for (int64_t w = 0; w < W; ++w)
+    for (int c = 0; c < kC; ++c) out[w * kC + c] = rows[c * W + w];
+}
+
+inline void interleave_rows_any(const uint8_t* rows, int64_t C, int64_t W, uint8_t* out) {
+  switch (C) {
+    case 2: return interleave_rows<2>(rows, W, out);
+    case 3: return interleave_rows<3>(rows, W, out);
+    case 4: return interleave_rows<4>(rows, W, out);
+    default:
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) out[w * C + c] = rows[c * W + w];
+  }
+}
+
+// The codes of x (B, C, H, W) in a channels-last image padded by (ph, pw) on each side, the padding holding z_x
+// (the code of 0.0): (B, H + 2 ph, W + 2 pw, C) bytes. A conv over it needs no border tests: every kernel row of an
+// output pixel is one run of kw * C bytes (dilation 1 along W). x may be NCHW (channel rows are quantized then
+// interleaved, which saves the float permute) or channels-last (rows quantized in place).
+at::Tensor quantize_padded_image(const at::Tensor& x, const ActParams& p, int64_t ph, int64_t pw) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  at::Tensor img = at::empty({B * Hp * Wp * C}, x.options().dtype(at::kByte));
+  uint8_t* dst = img.data_ptr<uint8_t>();
+  const uint8_t zp = uint8_t(p.zp_int);
+  const cpu::Isa isa = cpu::active_isa();
+  const bool nhwc = C > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor xc = nhwc ? x : x.contiguous();
+  const float* src = xc.data_ptr<float>();
+  at::parallel_for(0, B * Hp, std::max<int64_t>(1, 16384 / std::max<int64_t>(Wp * C, 1)), [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> rowq(size_t(W * C));
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / Hp, h = r % Hp - ph;
+      uint8_t* out = dst + r * Wp * C;
+      if (h < 0 || h >= H) {  // a padding row
+        std::memset(out, zp, size_t(Wp * C));
+        continue;
+      }
+      std::memset(out, zp, size_t(pw * C));
+      std::memset(out + (pw + W) * C, zp, size_t(pw * C));
+      uint8_t* interior = out + pw * C;
+      if (nhwc) {
+        quantize_row(isa, src + (n * H + h) * W * C, W * C, p, interior);
+      } else if (C == 1) {
+        quantize_row(isa, src + (n * H + h) * W, W, p, interior);
+      } else {
+        for (int64_t c = 0; c < C; ++c) quantize_row(isa, src + ((n * C + c) * H + h) * W, W, p, rowq.data() + c * W);
+        interleave_rows_any(rowq.data(), C, W, interior);
+      }
+    }
+  });
+  return img;
+}
+
+// Copies a run of n bytes with fixed-width unaligned moves, the last one overlapping the previous ones, so no byte
+// outside [0, n) is read or written and there is no per-byte loop from 4 bytes on. kWidth is the run-length class
+// (n in [kWidth, 2 kWidth], or 1..3 for kWidth = 1), chosen once per conv.
+template <int kWidth>
+inline void copy_run(uint8_t* d, const uint8_t* s, int64_t n) {
+  if constexpr (kWidth == 1) {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i];
+  } else if constexpr (kWidth == 32) {  // 32..64 bytes: four 16-byte moves
+    std::memcpy(d, s, 16);
+    std::memcpy(d + 16, s + 16, 16);
+    std::memcpy(d + n - 32, s + n - 32, 16);
+    std::memcpy(d + n - 16, s + n - 16, 16);
+  } else {
+    std::memcpy(d, s, kWidth);
+    std::memcpy(d + n - kWidth, s + n - kWidth, kWidth);
+  }
+}
+
+// The im2col rows of a conv over a quantize_padded_image: row (pixel m) = kh runs of kw * C bytes, then zeros.
+struct RunFill {
+  const uint8_t* image = nullptr;
+  int64_t Hp = 0, Wp = 0, C = 0, kh = 0, run = 0, sh = 0, sw = 0, row_step = 0, Ho = 0, Wo = 0, ldc = 0;
+};
+
+template <int kWidth>
+void fill_runs(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
+  // local copies: the byte stores below may alias f as far as the compiler knows, which reloaded every field per run
+  const uint8_t* const image = f.image;
+  const int64_t Hp = f.Hp, Wp = f.Wp, C = f.C, kh = f.kh, run = f.run, sh = f.sh, sw = f.sw, step = f.row_step,
+                Ho = f.Ho, Wo = f.Wo, ldc = f.ldc;
+  int64_t n = m0 / (Ho * Wo), oh = (m0 % (Ho * Wo)) / Wo, ow = m0 % Wo;
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row = dst + r * ldc;
+    std::memset(row + ldc - kKQ, 0, kKQ);  // the K tail (K..ldc-1 lies in the last quad); the runs fill [0, K)
+    const uint8_t* from = image + ((n * Hp + oh * sh) * Wp + ow * sw) * C;
+    for (int64_t i = 0; i < kh; ++i, row += run, from += step) copy_run<kWidth>(row, from, run);
+    if (++ow == Wo) {
+      ow = 0;
+      if (++oh == Ho) oh = 0, ++n;
+    }
+  }
+}
+
+void fill_runs_any(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
+  if (f.run >= 32) return fill_runs<32>(f, m0, rows, dst);
+  if (f.run >= 16) return fill_runs<16>(f, m0, rows, dst);
+  if (f.run >= 8) return fill_runs<8>(f, m0, rows, dst);
+  if (f.run >= 4) return fill_runs<4>(f, m0, rows, dst);
+  fill_runs<1>(f, m0, rows, dst);
+}
+
+// A large fresh output is written once, sequentially; faulting it in 4 KiB pages cost about as much as the GEMM of
+// a ResNet stem (measured: the batch-16 stem op 40 -> 21 ms with 2 MiB pages). Asking for transparent huge pages on
+// its 2 MiB-aligned interior is a hint only (no effect where THP is off; already-touched memory is unchanged).
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // ------------------------------------------------------------------------------------------------ checks
@@ -474,12 +683,35 @@ void check_weights(const at::Tensor& w_packed, const at::Tensor& w_sum, const at
   out.K4 = K4;
 }
 
+// The optional output grid of the epilogue; the Python layer passes round_to_output_grid's numbers (s, 1/s as a
+// float32, z, qmin, qmax), which are exact float32 values, so the casts below are exact.
+void set_output_grid(Epilogue& e, const c10::optional<double>& out_scale, double out_inv_scale,
+                     int64_t out_zero_point, int64_t out_qmin, int64_t out_qmax, const char* op) {
+  if (!out_scale.has_value()) return;
+  constexpr int64_t kExact = int64_t{1} << 24;  // integers up to 2^24 are exact float32 values
+  TORCH_CHECK(std::isfinite(*out_scale) && *out_scale > 0 && std::isfinite(out_inv_scale) && out_inv_scale > 0, op,
+              ": out_scale and out_inv_scale must be positive finite numbers, got ", *out_scale, " and ",
+              out_inv_scale);
+  TORCH_CHECK(out_qmin <= out_qmax && std::llabs(out_qmin) <= kExact && std::llabs(out_qmax) <= kExact &&
+                  std::llabs(out_zero_point) <= kExact,
+              op, ": the output grid needs out_qmin <= out_qmax and |out_qmin|, |out_qmax|, |out_zero_point| <= 2^24, "
+              "got out_qmin=", out_qmin, ", out_qmax=", out_qmax, ", out_zero_point=", out_zero_point);
+  e.out_grid = true;
+  e.out_scale = float(*out_scale);
+  e.out_inv = float(out_inv_scale);
+  e.out_zp = float(out_zero_point);
+  e.out_lo = float(out_qmin);
+  e.out_hi = float(out_qmax);
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& act_scale, const at::Tensor& act_zero_point,
                            int64_t act_qmax, const at::Tensor& w_packed, const at::Tensor& w_sum,
-                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out) {
+                           const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                           c10::optional<double> out_scale, double out_inv_scale, int64_t out_zero_point,
+                           int64_t out_qmin, int64_t out_qmax) {
   const char* op = "quantkit::int8_linear";
   check_cpu(x, op, "x");
   check_cpu(act_scale, op, "act_scale");
@@ -491,9 +723,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   Weights wt;
   at::Tensor w_keep;
   check_weights(w_packed, w_sum, w_scale, bias, n_out, K, p, op, wt, w_keep);
+  set_output_grid(wt.epi, out_scale, out_inv_scale, out_zero_point, out_qmin, out_qmax, op);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(n_out);
   at::Tensor y = at::empty(out_shape, x.options());
+  advise_huge_pages(y);
   int64_t rows = 1;
   for (int64_t d = 0; d < x.dim() - 1; ++d) rows = checked_mul(rows, x.size(d), op, "rows");
   checked_mul(rows, n_out, op, "output size");
@@ -519,7 +753,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
                            int64_t act_qmax, const at::Tensor& w_packed, const at::Tensor& w_sum,
                            const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
                            at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation) {
+                           at::IntArrayRef dilation, c10::optional<double> out_scale, double out_inv_scale,
+                           int64_t out_zero_point, int64_t out_qmin, int64_t out_qmax) {
   const char* op = "quantkit::int8_conv2d";
   check_cpu(x, op, "x");
   check_cpu(act_scale, op, "act_scale");
@@ -551,66 +786,83 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   Weights wt;
   at::Tensor w_keep;
   check_weights(w_packed, w_sum, w_scale, bias, n_out, K, p, op, wt, w_keep);
+  set_output_grid(wt.epi, out_scale, out_inv_scale, out_zero_point, out_qmin, out_qmax, op);
   const int64_t M = checked_mul(checked_mul(B, Ho, op, "output size"), Wo, op, "output size");
   checked_mul(M, n_out, op, "output size");
   at::Tensor y = at::empty({B, n_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  advise_huge_pages(y);
   if (M == 0 || n_out == 0) return y;
   const int64_t Kp = wt.K4 * kKQ;
   checked_mul(M, std::max<int64_t>(Kp, 1), op, "im2col buffer size");
-  // 1. codes of the input in channels-last order (N, H, W, C)
-  at::Tensor xl = x.permute({0, 2, 3, 1}).contiguous();
   const bool direct = kh == 1 && kw == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
                       padding[1] == 0 && C % kKQ == 0 && C > 0;
-  at::Tensor codes = at::empty({std::max<int64_t>(B * H * W, 1), std::max<int64_t>(C, 1)},
-                               x.options().dtype(at::kByte));
-  if (B * H * W > 0 && C > 0)
-    quantize_rows(xl.data_ptr<float>(), B * H * W, C, C, p, codes.data_ptr<uint8_t>(), C);
+  // Few channels (the stem, C = 3; a one-channel input): kernel rows of kw * C <= 64 bytes are copied from a
+  // z_x-padded code image as whole runs; the padded image may not be much larger than the input.
+  const int64_t Hp = H + 2 * padding[0], Wp = W + 2 * padding[1];
+  const bool run_fill = !direct && C > 0 && dilation[1] == 1 && kw * C <= 64 &&
+                        double(Hp) * double(Wp) <= 4.0 * double(H) * double(W) + 65536.0;
   Gemm g;
-  if (direct) {
-    g.a = codes.data_ptr<uint8_t>();
-    g.lda = C;
+  at::Tensor codes, image;
+  if (run_fill) {
+    image = quantize_padded_image(x, p, padding[0], padding[1]);
+    RunFill f;
+    f.image = image.data_ptr<uint8_t>();
+    f.Hp = Hp, f.Wp = Wp, f.C = C, f.kh = kh, f.run = kw * C, f.sh = stride[0], f.sw = stride[1];
+    f.row_step = dilation[0] * Wp * C, f.Ho = Ho, f.Wo = Wo, f.ldc = Kp;
+    g.fill = [f](int64_t m0, int64_t rows, uint8_t* dst) { fill_runs_any(f, m0, rows, dst); };
+    g.lda = Kp;
   } else {
-    // 2. im2col rows (pixel, (kh, kw, c)), built by the GEMM driver per pixel chunk; padded taps hold the code of
-    //    0.0 (z_x), the K tail 0
-    const int64_t ldc = std::max<int64_t>(Kp, 1);
-    const uint8_t* src = codes.data_ptr<uint8_t>();
-    const uint8_t zp = uint8_t(p.zp_int);
-    const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
-                  dw = dilation[1];
-    g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t m = m0 + r;
-        const int64_t n = m / (Ho * Wo), rem = m % (Ho * Wo), oh = rem / Wo, ow = rem % Wo;
-        uint8_t* row = dst + r * ldc;
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * sh - ph + i * dh, iw0 = ow * sw - pw;
-          uint8_t* trow = row + i * kw * C;
-          if (ih < 0 || ih >= H) {  // a padded kernel row
-            std::memset(trow, zp, kw * C);
-            continue;
-          }
-          if (dw == 1 && iw0 >= 0 && iw0 + kw <= W) {  // the kw taps are consecutive pixels of the source row
-            std::memcpy(trow, src + ((n * H + ih) * W + iw0) * C, kw * C);
-            continue;
-          }
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * sw - pw + j * dw;
-            uint8_t* tap = row + (i * kw + j) * C;
-            const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-            const uint8_t* from = inside ? src + ((n * H + ih) * W + iw) * C : nullptr;
-            if (C >= 32) {  // library calls pay off for long runs only; the stem (C = 3) copies 3 bytes a tap
-              if (inside) std::memcpy(tap, from, C); else std::memset(tap, zp, C);
-            } else if (inside) {
-              for (int64_t c = 0; c < C; ++c) tap[c] = from[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) tap[c] = zp;
+    // codes of the input in channels-last order (N, H, W, C)
+    at::Tensor xl = x.permute({0, 2, 3, 1}).contiguous();
+    codes = at::empty({std::max<int64_t>(B * H * W, 1), std::max<int64_t>(C, 1)}, x.options().dtype(at::kByte));
+    if (B * H * W > 0 && C > 0)
+      quantize_rows(xl.data_ptr<float>(), B * H * W, C, C, p, codes.data_ptr<uint8_t>(), C);
+    if (direct) {
+      g.a = codes.data_ptr<uint8_t>();
+      g.lda = C;
+    } else {
+      // 2. im2col rows (pixel, (kh, kw, c)), built by the GEMM driver per pixel chunk; padded taps hold the code of
+      //    0.0 (z_x), the K tail 0
+      const int64_t ldc = std::max<int64_t>(Kp, 1);
+      const uint8_t* src = codes.data_ptr<uint8_t>();
+      const uint8_t zp = uint8_t(p.zp_int);
+      const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1], dh = dilation[0],
+                    dw = dilation[1];
+      g.fill = [=](int64_t m0, int64_t rows, uint8_t* dst) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t m = m0 + r;
+          const int64_t n = m / (Ho * Wo), rem = m % (Ho * Wo), oh = rem / Wo, ow = rem % Wo;
+          uint8_t* row = dst + r * ldc;
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t ih = oh * sh - ph + i * dh, iw0 = ow * sw - pw;
+            uint8_t* trow = row + i * kw * C;
+            if (ih < 0 || ih >= H) {  // a padded kernel row
+              std::memset(trow, zp, kw * C);
+              continue;
+            }
+            if (dw == 1 && iw0 >= 0 && iw0 + kw <= W) {  // the kw taps are consecutive pixels of the source row
+              std::memcpy(trow, src + ((n * H + ih) * W + iw0) * C, kw * C);
+              continue;
+            }
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t iw = ow * sw - pw + j * dw;
+              uint8_t* tap = row + (i * kw + j) * C;
+              const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+              const uint8_t* from = inside ? src + ((n * H + ih) * W + iw) * C : nullptr;
+              if (C >= 32) {  // library calls pay off for long runs only; the stem (C = 3) copies 3 bytes a tap
+                if (inside) std::memcpy(tap, from, C); else std::memset(tap, zp, C);
+              } else if (inside) {
+                for (int64_t c = 0; c < C; ++c) tap[c] = from[c];
+              } else {
+                for (int64_t c = 0; c < C; ++c) tap[c] = zp;
+              }
             }
           }
+          if (ldc > K) std::memset(row + K, 0, ldc - K);
         }
-        if (ldc > K) std::memset(row + K, 0, ldc - K);
-      }
-    };
-    g.lda = ldc;
+      };
+      g.lda = ldc;
+    }
   }
   g.M = M;
   g.N = n_out;
@@ -640,11 +892,15 @@ TORCH_LIBRARY_FRAGMENT(quantkit, m) {
   // packed weight -> float32 y = (acc - z_x * w_sum) * act_scale * w_scale + bias.
   // int8_linear: x (..., K) -> (..., n_out).  int8_conv2d: x (N, C, H, W), weight flattened OHWI, groups = 1
   //   -> (N, n_out, Ho, Wo) in channels-last memory.
+  // With out_scale given, the epilogue also rounds y to the output grid (out_scale, out_inv_scale = float32(1 /
+  // out_scale), out_zero_point, [out_qmin, out_qmax]) with round_to_output_grid's float operations, bit for bit.
   m.def("int8_linear(Tensor x, Tensor act_scale, Tensor act_zero_point, int act_qmax, Tensor w_packed, "
-        "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out) -> Tensor");
+        "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out, float? out_scale=None, float out_inv_scale=1.0, "
+        "int out_zero_point=0, int out_qmin=0, int out_qmax=0) -> Tensor");
   m.def("int8_conv2d(Tensor x, Tensor act_scale, Tensor act_zero_point, int act_qmax, Tensor w_packed, "
         "Tensor w_sum, Tensor w_scale, Tensor? bias, int n_out, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> Tensor");
+        "int[2] padding, int[2] dilation, float? out_scale=None, float out_inv_scale=1.0, int out_zero_point=0, "
+        "int out_qmin=0, int out_qmax=0) -> Tensor");
   m.def("int8_kernel_path() -> str");
 }
 

@@ -84,6 +84,11 @@ class _UniformDeploy(nn.Module):
         # the output grid as Python numbers, so forward reads no tensor value (torch.export / compile)
         self.out_grid = (output_grid_params(self.out_scale, self.out_zero_point) if self.output_bits is not None
                          else None)
+        # the same grid for the int8 kernels, which round in their epilogue instead of six passes over the output
+        self.kernel_grid = None
+        if self.out_grid is not None:
+            scale, inv, zp = self.out_grid
+            self.kernel_grid = int8_ops.OutputGrid(scale, inv, zp, zp if self.output_relu else 0, self.output_bits)
         flat = self._flat_weight().detach()
         self.register_buffer("weight_packed", int8_ops.pack_weight(flat), persistent=False)
         self.register_buffer("weight_sum", int8_ops.weight_sum(flat), persistent=False)
@@ -93,7 +98,7 @@ class _UniformDeploy(nn.Module):
 
     def quant_output(self, y: Tensor) -> Tensor:
         """The simulated layer's output rounding (the same floats as its ``uniform_output`` quantizer), in place on
-        the kernel's fresh output."""
+        the float op's fresh output (the integer kernels take :attr:`kernel_grid` instead)."""
         if self.output_bits is None:
             return y
         scale, inv, zp = self.out_grid
@@ -116,9 +121,9 @@ class UniformDeployConv2d(_UniformDeploy):
             x = F.pad(x, self._rp, mode=self.padding_mode)  # the simulated layer pads the same way, then quantizes
             padding = (0, 0)
         if self.integer and self.groups == 1 and not isinstance(padding, str):
-            return self.quant_output(int8_ops.int8_conv2d(
-                x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int, self.weight_packed,
-                self.weight_sum, self.weight_scale, self.bias, self.stride, padding, self.dilation))
+            return int8_ops.int8_conv2d(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
+                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias,
+                                        self.stride, padding, self.dilation, self.kernel_grid)
         if self.integer:  # grouped / string-padded convs: the same integers through the float op
             q = quantize_affine(x, self.act_scale, self.act_zero_point, 0, self.act_qmax)
             x = (q - self.act_zero_point) * self.act_scale
@@ -129,9 +134,9 @@ class UniformDeployConv2d(_UniformDeploy):
 class UniformDeployLinear(_UniformDeploy):
     def forward(self, x: Tensor) -> Tensor:
         if self.integer:
-            return self.quant_output(int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax,
-                                                          self.weight_int, self.weight_packed, self.weight_sum,
-                                                          self.weight_scale, self.bias))
+            return int8_ops.int8_linear(x, self.act_scale, self.act_zero_point, self.act_qmax, self.weight_int,
+                                        self.weight_packed, self.weight_sum, self.weight_scale, self.bias,
+                                        self.kernel_grid)
         return self.quant_output(F.linear(x, self.weight(), self.bias))
 
 
