@@ -25,6 +25,7 @@
 
 #include "conv_shape.h"
 #include "cpu/cpu_features.h"
+#include "cpu/memory.h"
 
 // GCC 12 reports false "may be used uninitialized" inside its own AVX-512 intrinsic headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -809,6 +810,7 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
   at::Tensor out = at::empty({gm.N, gm.Cout, gm.Ho, gm.Wo},
                              opts.dtype(float_out ? at::kFloat : at::kInt).memory_format(at::MemoryFormat::ChannelsLast));
   if (P == 0 || gm.Cout == 0) return out;
+  cpu::advise_huge_pages(out);
   (void)rows;
 
   Problem<E> pb;

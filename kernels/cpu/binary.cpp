@@ -33,6 +33,7 @@
 
 #include "conv_shape.h"
 #include "cpu/cpu_features.h"
+#include "cpu/memory.h"
 
 namespace quantkit {
 namespace cpu {
@@ -866,6 +867,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
                      : (NB % 2) ? at::zeros({Nb, Ho, Wo, num_words(c_out)}, x.options().dtype(at::kInt))
                                 : at::empty({Nb, Ho, Wo, num_words(c_out)}, x.options().dtype(at::kInt));
   if (Nb * Ho * Wo == 0 || c_out == 0) return {out_f, out_b};
+  if (float_out) cpu::advise_huge_pages(out_f);
   EpiVecs ev;
   ev.scale = padded(scale, c_out, NB * NR, 1.f, op, "scale");
   ev.ass = padded(act_sum_scale, c_out, NB * NR, 0.f, op, "act_sum_scale");

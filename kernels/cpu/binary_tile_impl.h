@@ -208,6 +208,19 @@ void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, cons
         setup_missing_row(c, ptrs + i * T, ri[i]);
       }
     }
+    if ((EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat) {
+      // the residual and float output rows two blocks ahead: read (or, for the store, owned) once, late, between
+      // the micro-kernel's loads, they would otherwise wait on memory -- the hardware prefetchers miss them among the
+      // tap streams (measured at batch 16)
+      const int64_t ahead = p0 + 2 * MR, stop = std::min<int64_t>(c.P, ahead + MR);
+      const int64_t col0 = cb0 * NR, col1 = std::min<int64_t>(c.Nout, cb1 * NR);
+      float* const out = static_cast<float*>(c.out);
+      for (int64_t q = ahead; q < stop; ++q)
+        for (int64_t col = col0; col < col1; col += 16) {
+          if (EPI == kEpiFused && c.res) __builtin_prefetch(c.res + q * c.ldr + col, 0, 3);
+          if (out) __builtin_prefetch(out + q * c.ldo + col, 1, 3);
+        }
+    }
     int64_t cb = cb0;
     if (kHasMk2) {
       for (; cb + 1 < cb1; cb += 2) {

@@ -30,11 +30,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "cpu/cpu_features.h"
+#include "cpu/memory.h"
 
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -600,21 +598,6 @@ void fill_runs_any(const RunFill& f, int64_t m0, int64_t rows, uint8_t* dst) {
   fill_runs<1>(f, m0, rows, dst);
 }
 
-// A large fresh output is written once, sequentially; faulting it in 4 KiB pages cost about as much as the GEMM of
-// a ResNet stem (measured: the batch-16 stem op 40 -> 21 ms with 2 MiB pages). Asking for transparent huge pages on
-// its 2 MiB-aligned interior is a hint only (no effect where THP is off; already-touched memory is unchanged).
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t bytes = size_t(t.numel()) * t.element_size();
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // ------------------------------------------------------------------------------------------------ checks
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -727,7 +710,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(n_out);
   at::Tensor y = at::empty(out_shape, x.options());
-  advise_huge_pages(y);
+  cpu::advise_huge_pages(y);
   int64_t rows = 1;
   for (int64_t d = 0; d < x.dim() - 1; ++d) rows = checked_mul(rows, x.size(d), op, "rows");
   checked_mul(rows, n_out, op, "output size");
@@ -790,7 +773,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x, const at::Tensor& act_scale, con
   const int64_t M = checked_mul(checked_mul(B, Ho, op, "output size"), Wo, op, "output size");
   checked_mul(M, n_out, op, "output size");
   at::Tensor y = at::empty({B, n_out, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  advise_huge_pages(y);
+  cpu::advise_huge_pages(y);
   if (M == 0 || n_out == 0) return y;
   const int64_t Kp = wt.K4 * kKQ;
   checked_mul(M, std::max<int64_t>(Kp, 1), op, "im2col buffer size");
