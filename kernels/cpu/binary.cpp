@@ -41,6 +41,7 @@ namespace binary {
 
 constexpr int MR = 8;   // output rows (pixels) per micro-kernel
 constexpr int NR = 16;  // output channels per micro-kernel (one zmm of int32 lanes)
+constexpr int kPixelGroup = 4;  // pixel blocks that share each weight panel read (binary_tile_impl.h, tile)
 
 // kEpiFused (binary_conv2d_prepacked): the affine terms, then an optional residual add and Maxout, then a float
 // store and/or thresholded packed bits -- each part present or not per call (Ctx fields below).
@@ -82,6 +83,7 @@ struct RowInfo {
   int32_t apop = 0;    // popcount of the activation bits over the valid taps (when need_apop)
   float asum = 0.f;    // sum of s_a over the valid taps = 2*apop - nv (when need_apop)
   bool border = false; // some taps are padding
+  uint64_t pad_taps = 0; // which taps are padding (bit t; kept when T <= 64, else the epilogue scans the taps)
 };
 
 using TileFn = void (*)(const Ctx&, int64_t, int64_t, int64_t, int64_t, const uint32_t**);
@@ -302,8 +304,13 @@ inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
   __m512i inv = _mm512_setzero_si512();  // popcount of the weight words of this position's padded taps
   if (CONV && ri.border) {
     const int32_t* wp = c.wpop + cb * c.T * NR;
-    for (int64_t t = 0; t < c.T; ++t)
-      if (pi[t] == c.zbuf) inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + t * NR));
+    if (c.T <= 64) {  // the padded taps' bits: no data-dependent branch per tap
+      for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
+        inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + __builtin_ctzll(m) * NR));
+    } else {
+      for (int64_t t = 0; t < c.T; ++t)
+        if (pi[t] == c.zbuf) inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + t * NR));
+    }
   }
   const __m512i nv = _mm512_set1_epi32(ri.nv);
   const __m512i dot = _mm512_sub_epi32(nv, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc), inv), 1));
@@ -605,7 +612,7 @@ void run(const std::vector<Ctx>& ctxs, TileFn fn, bool amx = false) {
   const int64_t n_pchunks = (PB + pb_per - 1) / pb_per;
   const int64_t tasks = static_cast<int64_t>(ctxs.size()) * n_super * n_pchunks;
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    std::vector<const uint32_t*> ptrs(static_cast<size_t>(mr * std::max<int64_t>(1, c0.T)));
+    std::vector<const uint32_t*> ptrs(static_cast<size_t>(kPixelGroup * mr * std::max<int64_t>(1, c0.T)));
     for (int64_t task = b; task < e; ++task) {
       const int64_t bi = task / (n_super * n_pchunks);
       const int64_t rest = task - bi * n_super * n_pchunks;
@@ -656,15 +663,31 @@ void check_reduction(const char* op, int64_t taps, int64_t k) {
 }
 
 // Per-pixel activation popcounts of an NHWC word tensor (pixels x Cw words), the table of Ctx::xpop.
+// (The POPCNT instruction where the ISA level has it: the SWAR form costs a percent of a 512-channel conv.)
+#if QUANTKIT_X86
+QK_TARGET_AVX2 void pixel_popcounts_hw(const uint32_t* x, int64_t b, int64_t e, int64_t Cw, int32_t* pop) {
+  for (int64_t q = b; q < e; ++q) {
+    int32_t s = 0;
+    for (int64_t w = 0; w < Cw; ++w) s += __builtin_popcount(x[q * Cw + w]);
+    pop[q] = s;
+  }
+}
+#endif
+
 std::vector<int32_t> pixel_popcounts(const uint32_t* x, int64_t pixels, int64_t Cw) {
   std::vector<int32_t> pop(static_cast<size_t>(pixels));
+  const bool hw = QUANTKIT_X86 && cpu::active_isa() != Isa::Portable;
   at::parallel_for(0, pixels, 4096, [&](int64_t b, int64_t e) {
+#if QUANTKIT_X86
+    if (hw) return pixel_popcounts_hw(x, b, e, Cw, pop.data());
+#endif
     for (int64_t q = b; q < e; ++q) {
       int32_t s = 0;
       for (int64_t w = 0; w < Cw; ++w) s += popcount_swar(x[q * Cw + w]);
       pop[q] = s;
     }
   });
+  (void)hw;
   return pop;
 }
 

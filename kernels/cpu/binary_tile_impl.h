@@ -55,6 +55,7 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
       }
       valid = T;
     } else {
+      uint64_t pad = 0;
       for (int64_t r = 0; r < c.kh; ++r) {
         const int64_t ih = oh * c.sh - c.ph + r * c.dh;
         const bool row_ok = ih >= 0 && ih < c.H;
@@ -66,9 +67,11 @@ inline void setup_row(const Ctx& c, int64_t p, const PixelCursor& pc, const uint
             ++valid;
           } else {
             pi[r * c.kw + s] = c.zbuf;
+            if (r * c.kw + s < 64) pad |= uint64_t{1} << (r * c.kw + s);
           }
         }
       }
+      ri.pad_taps = pad;
     }
     ri.nv = static_cast<int32_t>(valid * c.c_in);
     ri.border = valid != T;
@@ -120,9 +123,14 @@ inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
     for (int j = 0; j < NR; ++j) inv[j] = 0;
     if (CONV && ri.border) {
       const int32_t* wp = c.wpop + cb * c.T * NR;
-      for (int64_t t = 0; t < c.T; ++t)
-        if (pi[t] == c.zbuf)
-          for (int j = 0; j < NR; ++j) inv[j] += wp[t * NR + j];
+      if (c.T <= 64) {
+        for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
+          for (int j = 0; j < NR; ++j) inv[j] += wp[__builtin_ctzll(m) * NR + j];
+      } else {
+        for (int64_t t = 0; t < c.T; ++t)
+          if (pi[t] == c.zbuf)
+            for (int j = 0; j < NR; ++j) inv[j] += wp[t * NR + j];
+      }
     }
     const int32_t n_valid = ri.nv;
     const float a_sum = ri.asum;
@@ -188,53 +196,71 @@ inline void epilogue_row(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
   }
 }
 
-// Rows [pb0*MR, pb1*MR) x channel blocks [cb0, cb1) of one problem. `ptrs` is scratch for MR*T tap pointers.
+// Rows [pb0*MR, pb1*MR) x channel blocks [cb0, cb1) of one problem. `ptrs` is scratch for kPixelGroup*MR*T tap
+// pointers. Pixel blocks go in groups of kPixelGroup: each channel block's weight panel then serves the whole group
+// from L1 before the next panel is read (one pass over the panels per group instead of per block).
 template <bool CONV, int EPI>
 void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, const uint32_t** ptrs) {
   const int64_t T = c.T, Cw = c.Cw;
   alignas(64) int32_t acc[MR * NR];
   alignas(64) int32_t acc2[MR * NR];
-  RowInfo ri[MR];
-  for (int64_t pb = pb0; pb < pb1; ++pb) {
-    const int64_t p0 = pb * MR;
-    const int rows = static_cast<int>(std::min<int64_t>(MR, c.P - p0));
-    PixelCursor pc;
-    if (CONV) pc.seek(c, p0);
-    for (int i = 0; i < MR; ++i) {
-      if (i < rows) {
-        setup_row<CONV>(c, p0 + i, pc, ptrs + i * T, ri[i]);
-        if (CONV) pc.next(c);
-      } else {
-        setup_missing_row(c, ptrs + i * T, ri[i]);
-      }
-    }
-    if ((EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat) {
-      // the residual and float output rows two blocks ahead: read (or, for the store, owned) once, late, between
-      // the micro-kernel's loads, they would otherwise wait on memory -- the hardware prefetchers miss them among the
-      // tap streams (measured at batch 16)
-      const int64_t ahead = p0 + 2 * MR, stop = std::min<int64_t>(c.P, ahead + MR);
-      const int64_t col0 = cb0 * NR, col1 = std::min<int64_t>(c.Nout, cb1 * NR);
-      float* const out = static_cast<float*>(c.out);
-      for (int64_t q = ahead; q < stop; ++q)
-        for (int64_t col = col0; col < col1; col += 16) {
-          if (EPI == kEpiFused && c.res) __builtin_prefetch(c.res + q * c.ldr + col, 0, 3);
-          if (out) __builtin_prefetch(out + q * c.ldo + col, 1, 3);
+  RowInfo ri[kPixelGroup][MR];
+  int rows[kPixelGroup];
+  for (int64_t g0 = pb0; g0 < pb1; g0 += kPixelGroup) {
+    const int ng = static_cast<int>(std::min<int64_t>(kPixelGroup, pb1 - g0));
+    for (int gi = 0; gi < ng; ++gi) {
+      const int64_t p0 = (g0 + gi) * MR;
+      const uint32_t** gp = ptrs + gi * MR * T;
+      rows[gi] = static_cast<int>(std::min<int64_t>(MR, c.P - p0));
+      PixelCursor pc;
+      if (CONV) pc.seek(c, p0);
+      for (int i = 0; i < MR; ++i) {
+        if (i < rows[gi]) {
+          setup_row<CONV>(c, p0 + i, pc, gp + i * T, ri[gi][i]);
+          if (CONV) pc.next(c);
+        } else {
+          setup_missing_row(c, gp + i * T, ri[gi][i]);
         }
+      }
+      if ((EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat) {
+        // the residual and float output rows two blocks ahead: read (or, for the store, owned) once, late, between
+        // the micro-kernel's loads, they would otherwise wait on memory -- the hardware prefetchers miss them among
+        // the tap streams (measured at batch 16)
+        const int64_t ahead = p0 + 2 * MR, stop = std::min<int64_t>(c.P, ahead + MR);
+        const int64_t col0 = cb0 * NR, col1 = std::min<int64_t>(c.Nout, cb1 * NR);
+        float* const out = static_cast<float*>(c.out);
+        for (int64_t q = ahead; q < stop; ++q)
+          for (int64_t col = col0; col < col1; col += 16) {
+            if (EPI == kEpiFused && c.res) __builtin_prefetch(c.res + q * c.ldr + col, 0, 3);
+            if (out) __builtin_prefetch(out + q * c.ldo + col, 1, 3);
+          }
+      }
     }
     int64_t cb = cb0;
     if (kHasMk2) {
       for (; cb + 1 < cb1; cb += 2) {
-        mk2<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, c.panels + (cb + 1) * T * Cw * NR, acc,
-                              acc2);
-        for (int i = 0; i < rows; ++i) {
-          epilogue_row<CONV, EPI, false>(c, cb, p0 + i, ptrs + i * T, ri[i], acc + i * NR);
-          epilogue_row<CONV, EPI, false>(c, cb + 1, p0 + i, ptrs + i * T, ri[i], acc2 + i * NR);
+        const uint32_t* pan0 = c.panels + cb * T * Cw * NR;
+        const uint32_t* pan1 = c.panels + (cb + 1) * T * Cw * NR;
+        for (int gi = 0; gi < ng; ++gi) {
+          const int64_t p0 = (g0 + gi) * MR;
+          const uint32_t* const* gp = ptrs + gi * MR * T;
+          mk2<EPI == kEpiAnd01>(gp, T, Cw, pan0, pan1, acc, acc2);
+          for (int i = 0; i < rows[gi]; ++i) {
+            epilogue_row<CONV, EPI, false>(c, cb, p0 + i, gp + i * T, ri[gi][i], acc + i * NR);
+            epilogue_row<CONV, EPI, false>(c, cb + 1, p0 + i, gp + i * T, ri[gi][i], acc2 + i * NR);
+          }
         }
       }
     }
     for (; cb < cb1; ++cb) {
-      mk<EPI == kEpiAnd01>(ptrs, T, Cw, c.panels + cb * T * Cw * NR, acc);
-      for (int i = 0; i < rows; ++i) epilogue_row<CONV, EPI, false>(c, cb, p0 + i, ptrs + i * T, ri[i], acc + i * NR);
+      const uint32_t* pan = c.panels + cb * T * Cw * NR;
+      for (int gi = 0; gi < ng; ++gi) {
+        const int64_t p0 = (g0 + gi) * MR;
+        const uint32_t* const* gp = ptrs + gi * MR * T;
+        mk<EPI == kEpiAnd01>(gp, T, Cw, pan, acc);
+        for (int i = 0; i < rows[gi]; ++i)
+          epilogue_row<CONV, EPI, false>(c, cb, p0 + i, gp + i * T, ri[gi][i], acc + i * NR);
+      }
     }
   }
 }
