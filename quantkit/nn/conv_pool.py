@@ -6,7 +6,7 @@ Why: the stem's conv output is the largest tensor of the network (64 x 112 x 112
 batch 16) and is read once, by the pool. Computed for the whole batch it goes to memory and back (and, that large,
 is a fresh allocation on every call); computed a few images at a time it stays in cache between the conv and the
 pool, and the pool writes straight into its slice of the output. The ReLU runs inside the pool kernel
-(``max(relu(a), relu(b)) == relu(max(a, b))``, up to the sign of a zero: torch's ``relu(-0.0)`` is -0.0). The conv
+(``max(relu(a), relu(b)) == relu(max(a, b))``, up to the sign of a zero: torch's ``relu(-0.0)`` is -0.0). A float conv
 runs channels_last whatever the input's layout (torch's CPU conv with a 3-channel NCHW input is several times
 slower): on a channels_last input the values are those of the layers run one after the other (zeros' signs
 aside); on an NCHW input the conv's float32 sums are in another order. The pool and the ReLU are exact.
@@ -68,7 +68,8 @@ class TiledConvPool(nn.Module):
         if not self._fast(x):
             return self._one_by_one(x)
         n = x.shape[0]
-        x = x.contiguous(memory_format=torch.channels_last)
+        if isinstance(self.conv, nn.Conv2d):  # the int8 conv reads NCHW directly; torch's float conv wants NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
         y = self.conv(x[:1])
         if n == 1:
             return self._pool_into(y, None)
