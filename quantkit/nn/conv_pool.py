@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import pooling as pool_ops
+from ..ops.layout import int_pair
 
 # Images per tile: enough to give every thread one image, with the tile's conv output within about this many bytes
 # (cache-resident between the conv and the pool).
@@ -43,8 +44,9 @@ class TiledConvPool(nn.Module):
         self.conv = conv
         self._layers = (relu, pool)
         self.places = places
-        self.kernel_size, self.stride, self.padding = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
-                                                       _pair(pool.padding))
+        self.kernel_size = int_pair(pool.kernel_size, "kernel_size", 1, "MaxPool2d")
+        self.stride = int_pair(pool.stride or pool.kernel_size, "stride", 1, "MaxPool2d")
+        self.padding = int_pair(pool.padding, "padding", 0, "MaxPool2d")
 
     def layers(self) -> tuple[nn.Module, nn.Module | None, nn.MaxPool2d]:
         relu, pool = self._layers
@@ -73,8 +75,8 @@ class TiledConvPool(nn.Module):
         y = self.conv(x[:1])
         if n == 1:
             return self._pool_into(y, None)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        shape = (n, y.shape[1], (y.shape[2] + 2 * ph - kh) // sh + 1, (y.shape[3] + 2 * pw - kw) // sw + 1)
+        shape = (n, y.shape[1]) + pool_ops.pool_output_hw(y.shape[2], y.shape[3], self.kernel_size, self.stride,
+                                                          self.padding)
         out = torch.empty(shape, dtype=y.dtype, memory_format=torch.channels_last)
         self._pool_into(y, out[:1])
         step = tile_images(y.numel() * y.element_size(), torch.get_num_threads())
@@ -85,10 +87,6 @@ class TiledConvPool(nn.Module):
     def extra_repr(self) -> str:
         c, r, p = self.places
         return f"tiled: {c}{' -> ' + r if r else ''} -> {p}"
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def untile_conv_pools(model: nn.Module) -> nn.Module:

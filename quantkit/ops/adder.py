@@ -49,7 +49,7 @@ import torch
 
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import check_devices, has_op, register_fake, use_kernel
-from quantkit.ops.layout import conv2d_output_hw, conv2d_output_size
+from quantkit.ops.layout import conv2d_output_hw, conv2d_output_size, int_pair
 from quantkit.quantizers.uniform import qrange
 
 __all__ = [
@@ -80,18 +80,7 @@ IntPair = Union[int, Sequence[int]]
 # validation (the Python wrappers raise KernelError before the C++ TORCH_CHECKs would)
 # ---------------------------------------------------------------------------------------------------------------
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        try:
-            pair = tuple(int(v) for v in value)
-        except TypeError:
-            raise KernelError(f"adder_conv2d: {name} must be an int or a pair of ints, got {value!r}") from None
-        if len(pair) != 2:
-            raise KernelError(f"adder_conv2d: {name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise KernelError(f"adder_conv2d: {name} must be >= {minimum}, got {pair}")
-    return pair  # type: ignore[return-value]
+    return int_pair(value, name, minimum, "adder_conv2d")
 
 
 def _check_int(t: torch.Tensor, name: str, fn: str) -> None:

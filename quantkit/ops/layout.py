@@ -62,6 +62,27 @@ def num_words(k: int) -> int:
 _INT64_MAX = 2**63 - 1
 
 
+def int_pair(value: int | Sequence[int], name: str, minimum: int, op: str) -> tuple[int, int]:
+    """``value`` (an int, or two ints: height, width) as an int pair, each >= ``minimum``; the op wrappers' argument
+    check. Raises :class:`~quantkit.errors.KernelError` naming ``op`` and ``name`` otherwise (a bool is refused)."""
+    from quantkit.errors import KernelError
+
+    if isinstance(value, bool):
+        raise KernelError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise KernelError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+        if len(pair) != 2:
+            raise KernelError(f"{op}: {name} must be an int or a pair of ints (height, width), got {value!r}")
+    if min(pair) < minimum:
+        raise KernelError(f"{op}: {name} must be >= {minimum}, got {pair}")
+    return pair  # type: ignore[return-value]
+
+
 def conv2d_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     """Output length of one spatial axis of a convolution, PyTorch's formula with FLOOR division:
     ``(size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1`` (<= 0 when the kernel does not fit).

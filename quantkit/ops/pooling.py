@@ -20,33 +20,22 @@ from torch import Tensor
 
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import check_devices, register_fake, use_kernel
+from quantkit.ops.layout import conv2d_output_size, int_pair
 
 IntPair = Union[int, Sequence[int]]
 _OP = "max_pool2d_nhwc"
 
 
 def _pair(value: IntPair, name: str, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise KernelError(f"{_OP}: {name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
-        try:
-            pair = tuple(int(v) for v in value)
-        except (TypeError, ValueError):
-            raise KernelError(f"{_OP}: {name} must be an int or a pair of ints, got {value!r}") from None
-        if len(pair) != 2:
-            raise KernelError(f"{_OP}: {name} must be an int or a pair of ints (height, width), got {value!r}")
-    if min(pair) < minimum:
-        raise KernelError(f"{_OP}: {name} must be >= {minimum}, got {pair}")
-    return pair  # type: ignore[return-value]
+    return int_pair(value, name, minimum, _OP)
 
 
 def pool_output_hw(h: int, w: int, kernel_size: Tuple[int, int], stride: Tuple[int, int],
                    padding: Tuple[int, int]) -> Tuple[int, int]:
-    """``(Ho, Wo)`` of a max pool with dilation 1 and floor rounding (torch's ``ceil_mode=False``):
-    ``floor((size + 2 * padding - kernel) / stride) + 1``."""
-    return tuple((n + 2 * p - k) // s + 1 for n, k, s, p in zip((h, w), kernel_size, stride, padding))  # type: ignore
+    """``(Ho, Wo)`` of a max pool with dilation 1 and floor rounding (torch's ``ceil_mode=False``): the conv output
+    size rule of :func:`quantkit.ops.layout.conv2d_output_size` with dilation 1."""
+    sizes = zip((h, w), kernel_size, stride, padding)
+    return tuple(conv2d_output_size(n, k, s, p, 1) for n, k, s, p in sizes)  # type: ignore[return-value]
 
 
 def _check_geometry(shape: Sequence[int], kernel_size: Tuple[int, int], padding: Tuple[int, int]) -> None:
