@@ -30,7 +30,7 @@ from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from ..nn.binary_fused import FusedBinaryBlock
 from ..nn.fused_block import FusedResidualBlock
 from .fold import _module_call_counts, fold_batchnorms_into_float
-from .passes import replace_module
+from .passes import calls_module, replace_module
 
 _ADD = (operator.add, operator.iadd, torch.add)
 _LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, AdderDeployConv2d, FusedResidualBlock)
@@ -85,10 +85,6 @@ def _skip_identities(node, modules):
     return node
 
 
-def _module_node(node, modules, kind) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), kind)
-
-
 def match_block(block: nn.Module, kind: BlockKind = BINARY_BLOCK) -> tuple | None:
     """The fusion plan ``(conv1, act1, conv2, shortcut, act2)`` of ``block`` (attribute paths; acts may be None,
     shortcut a list of modules applied in order), or None when its graph is not exactly a residual block of
@@ -105,7 +101,7 @@ def match_block(block: nn.Module, kind: BlockKind = BINARY_BLOCK) -> tuple | Non
     x = inputs[0]
     v = outputs[0].args[0]
     act2 = None
-    if _module_node(v, modules, kind.act) and len(v.args) == 1:
+    if calls_module(v, modules, kind.act) and len(v.args) == 1:
         act2, v = v, v.args[0]
     is_add = (v.op == "call_function" and v.target in _ADD) or (v.op == "call_method" and v.target in ("add", "add_"))
     if not is_add or len(v.args) != 2 or v.kwargs or len(v.users) != 1:
@@ -113,7 +109,7 @@ def match_block(block: nn.Module, kind: BlockKind = BINARY_BLOCK) -> tuple | Non
     add = v
     for main, short in (add.args, add.args[::-1]):
         conv2 = _skip_identities(main, modules)
-        if _module_node(conv2, modules, kind.conv):
+        if calls_module(conv2, modules, kind.conv):
             break
     else:
         return None
@@ -129,10 +125,10 @@ def match_block(block: nn.Module, kind: BlockKind = BINARY_BLOCK) -> tuple | Non
         return None
     a = _skip_identities(conv2.args[0], modules)
     act1 = None
-    if _module_node(a, modules, kind.act) and len(a.args) == 1 and len(a.users) == 1:
+    if calls_module(a, modules, kind.act) and len(a.args) == 1 and len(a.users) == 1:
         act1, a = a, _skip_identities(a.args[0], modules)
     conv1 = a
-    if not _module_node(conv1, modules, kind.conv) or conv1.args != (x,) or conv1.kwargs:
+    if not calls_module(conv1, modules, kind.conv) or conv1.args != (x,) or conv1.kwargs:
         return None
     if not kind.convs_fit(modules[conv1.target], modules[conv2.target]) or len(conv1.users) != 1:
         return None

@@ -15,7 +15,7 @@ from torch import fx, nn
 from ..nn.conv_pool import TiledConvPool
 from ..nn.uniform import UniformDeployConv2d
 from .fold import _module_call_counts
-from .passes import replace_module
+from .passes import calls_module, replace_module
 
 _CONVS = (nn.Conv2d, UniformDeployConv2d)
 
@@ -32,10 +32,10 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _module_of(node: fx.Node | None, modules: dict, kind) -> nn.Module | None:
-    if node is None or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+    """The ``kind`` submodule ``node`` calls on one positional input, else None."""
+    if not calls_module(node, modules, kind) or len(node.args) != 1 or node.kwargs:
         return None
-    m = modules.get(node.target)
-    return m if isinstance(m, kind) else None
+    return modules[node.target]
 
 
 def _plain_pool(pool: nn.MaxPool2d) -> bool:

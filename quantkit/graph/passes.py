@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import nn
+from torch import fx, nn
 
 from ..nn.base import NotQuantizable, QuantModule, module_nbytes
 from ..report import QuantReport
@@ -28,6 +28,12 @@ class PassContext:
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def calls_module(node: Any, modules: dict, kind: type | tuple[type, ...]) -> bool:
+    """Whether the torch.fx ``node`` calls a submodule (``modules``: the traced root's ``named_modules()``) of type
+    ``kind``."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules.get(node.target), kind)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
