@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 from collections import defaultdict
-from typing import Callable, Dict
+from typing import Dict
 
 import torch
 import torchvision
@@ -25,6 +23,7 @@ import quantkit
 from quantkit.models import adder_resnet18
 from quantkit.ops._dispatch import cpu_isa
 from quantkit.sysinfo import cpu_model
+from timing import interleaved_medians
 
 # op name -> category of the profile
 _CATEGORIES = (
@@ -82,20 +81,6 @@ def build_models(size: int, bits: int) -> Dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Medians of round-robin timed calls (contention from other processes hits every function alike)."""
-    for fn in fns.values():
-        fn()
-    times: Dict[str, list] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-@torch.no_grad()
 def profile_split(model: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> Dict[str, float]:
     """Share of the deploy model's self CPU time per op category (torch.profiler, ``runs`` forwards)."""
     from torch.profiler import ProfilerActivity, profile
@@ -131,8 +116,9 @@ def main(argv=None) -> None:
         for b in args.batches:
             x = torch.randn(b, 3, args.size, args.size)
             xcl = x.contiguous(memory_format=cl)
-            t = median_times({"fp32": lambda: models["fp32"](x), "fp32_cl": lambda: models["fp32_cl"](xcl),
-                              "adder": lambda: models["adder"](xcl)}, args.repeats)
+            with torch.no_grad():
+                t = interleaved_medians({"fp32": lambda: models["fp32"](x), "fp32_cl": lambda: models["fp32_cl"](xcl),
+                                         "adder": lambda: models["adder"](xcl)}, args.repeats)
             best = min(t["fp32"], t["fp32_cl"])
             print(f"{threads:>7} {b:>5} {t['fp32'] * 1e3:>9.1f} {t['fp32_cl'] * 1e3:>10.1f} {t['adder'] * 1e3:>9.1f} "
                   f"{best / t['adder']:>7.2f}", flush=True)

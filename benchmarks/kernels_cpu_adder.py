@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from quantkit.ops import adder as A
 from quantkit.ops._dispatch import cpu_isa, has_op
+from timing import interleaved_medians
 
 
 def _median_time(fn: Callable[[], object], repeats: int, min_time: float = 0.2) -> float:
@@ -51,20 +52,6 @@ def _median_time(fn: Callable[[], object], repeats: int, min_time: float = 0.2) 
 def _sad_rate() -> float:
     """abs-differences/s of one short VPSADBW register loop on the calling thread (0 without AVX-512)."""
     return torch.ops.quantkit.adder_isa_peak(200_000, "sad") if has_op("adder_isa_peak") else 0.0
-
-
-def _median_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median time of each function, calls interleaved round-robin so that every function sees the same machine
-    state (the development VM shares its cores; contention then hits ours and the baselines alike)."""
-    for fn in fns.values():
-        fn()  # warm-up (allocations, caches, lazy init)
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _operands(bits: int, groups: int, x_shape, w_shape, gen: torch.Generator):
@@ -86,7 +73,7 @@ def _gemm_row(m: int, n: int, k: int, bits: int, groups: int, repeats: int, with
     xf = torch.randn(m, k, generator=gen).abs()
     a, b = torch.randn(m, k), torch.randn(k, n)
     peaks: List[float] = []
-    t = _median_times({"ours": lambda: A.adder_linear_packed(xf, scale, *packed, delta, bias, bits, False),
+    t = interleaved_medians({"ours": lambda: A.adder_linear_packed(xf, scale, *packed, delta, bias, bits, False),
                        "mm": lambda: torch.matmul(a, b), "peak": lambda: peaks.append(_sad_rate())}, repeats)
     ours, t_mm = t["ours"], t["mm"]
     row = {
@@ -117,7 +104,7 @@ def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, gr
     xcl, wcl = xf.contiguous(memory_format=torch.channels_last), wf.contiguous(memory_format=torch.channels_last)
     xin = xcl.abs()  # post-ReLU activations, channels-last as the previous adder layer returns them
     peaks: List[float] = []
-    t = _median_times(
+    t = interleaved_medians(
         {
             "ours": lambda: A.adder_conv2d_packed(xin, scale, *packed, delta, bias, 3, stride, 1, 1, bits, False),
             "nchw": lambda: F.conv2d(xf, wf, None, stride, 1),

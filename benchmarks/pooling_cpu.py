@@ -20,28 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from quantkit import ops
 from quantkit.sysinfo import cpu_model
-
-
-def interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, calling them in turn ``repeats`` times after one warm-up round."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+from timing import interleaved_medians
 
 
 def pool_rows(threads: int, batch: int, repeats: int) -> list[tuple[str, float, float]]:
@@ -55,14 +40,14 @@ def pool_rows(threads: int, batch: int, repeats: int) -> list[tuple[str, float, 
         x_inplace = x_relu.clone()  # relu_ on it repeats the same work every call
         out = torch.empty(batch, 64, 56, 56).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            t_pool, q_pool, t_relu, q_relu, t_inplace, q_out = interleaved_medians([
-                lambda: F.max_pool2d(x_relu, 3, 2, 1),
-                lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1),
-                lambda: F.max_pool2d(F.relu(x), 3, 2, 1),
-                lambda: ops.max_pool2d_nhwc(x, 3, 2, 1, relu=True),
-                lambda: F.max_pool2d(x_inplace.relu_(), 3, 2, 1),
-                lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1, out=out),
-            ], repeats)
+            t_pool, q_pool, t_relu, q_relu, t_inplace, q_out = interleaved_medians({
+                "torch pool": lambda: F.max_pool2d(x_relu, 3, 2, 1),
+                "pool": lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1),
+                "torch relu+pool": lambda: F.max_pool2d(F.relu(x), 3, 2, 1),
+                "relu+pool": lambda: ops.max_pool2d_nhwc(x, 3, 2, 1, relu=True),
+                "torch relu_+pool": lambda: F.max_pool2d(x_inplace.relu_(), 3, 2, 1),
+                "pool, out=": lambda: ops.max_pool2d_nhwc(x_relu, 3, 2, 1, out=out),
+            }, repeats).values()
     finally:
         torch.set_num_threads(saved)
     return [("pool", t_pool, q_pool), ("relu+pool", t_relu, q_relu), ("relu_+pool", t_inplace, q_relu),
@@ -96,7 +81,8 @@ def stem_row(threads: int, batch: int, repeats: int) -> tuple[float, float, int]
         tile_conv_pools(tiled)
         x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            t_layers, t_tiled = interleaved_medians([lambda: layers(x), lambda: tiled(x)], repeats)
+            t_layers, t_tiled = interleaved_medians({"layers": lambda: layers(x), "tiled": lambda: tiled(x)},
+                                                    repeats).values()
         step = tile_images(64 * 112 * 112 * 4, threads)
     finally:
         torch.set_num_threads(saved)
