@@ -37,6 +37,25 @@ def settle_bn(model: nn.Module, shape: tuple, batches: int = 3) -> nn.Module:
     return model.eval()
 
 
+def hypothesis_examples(default: int) -> int:
+    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
+    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+
+
+def use_isa_level(level: str, monkeypatch, have_kernels: bool) -> str:
+    """The body of the kernel tests' per-ISA fixtures: skip without compiled kernels or where this CPU lacks
+    ``level``, else set QUANTKIT_CPU_ISA for the test and return ``level``."""
+    from quantkit import ops
+
+    if not have_kernels:
+        pytest.skip("compiled quantkit kernels not built")
+    if level not in ops.supported_cpu_isas():
+        pytest.skip(f"this CPU cannot run the {level} kernels")
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", level)
+    assert ops.cpu_isa() == level
+    return level
+
+
 @contextlib.contextmanager
 def cpu_isa(isa: str):
     """Set QUANTKIT_CPU_ISA for the duration of a block (the kernels read it on every call)."""

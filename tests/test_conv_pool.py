@@ -149,8 +149,13 @@ def test_uniform_stem_is_tiled_and_exact():
 
 
 def test_onnx_export_sees_the_untiled_layers(tmp_path):
+    from quantkit.export.onnx_export import traceable_copy
+
     model = settle_bn(Stem(), (3, 20, 20))
     sim = quantkit.quantize(model, "w8a8", [torch.randn(4, 3, 20, 20)], progress=False)
+    work = traceable_copy(quantkit.convert(sim))  # what the exporter traces
+    assert not any(isinstance(m, TiledConvPool) for m in work.modules())
+    assert isinstance(work.relu, nn.ReLU) and isinstance(work.maxpool, nn.MaxPool2d)
     path = tmp_path / "stem.onnx"
     quantkit.export_onnx(sim, (torch.randn(2, 3, 20, 20),), str(path), quiet=True)
     import onnx

@@ -2,8 +2,6 @@
 bitwise decomposition against a float convolution, packed-bit epilogues, opcheck, and the errors."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,10 +19,7 @@ from quantkit.ops.binary import (
 )
 from quantkit.ops.packing import pack_bits_reference
 
-
-def _examples(default: int) -> int:
-    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
-    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
+from conftest import hypothesis_examples, use_isa_level
 
 
 HAVE_KERNELS = _dispatch.has_op("binary_conv2d")
@@ -34,13 +29,7 @@ needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit k
 @pytest.fixture(params=["portable", "avx2", "avx512", "amx"])
 def isa(request, monkeypatch):
     """Run the test once per CPU instruction-set level this machine supports (QUANTKIT_CPU_ISA)."""
-    if not HAVE_KERNELS:
-        pytest.skip("compiled quantkit kernels not built")
-    if request.param not in ops.supported_cpu_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
-    assert ops.cpu_isa() == request.param
-    return request.param
+    return use_isa_level(request.param, monkeypatch, HAVE_KERNELS)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -59,7 +48,7 @@ def _assert_float_close(y: torch.Tensor, ref: torch.Tensor, scale_bound: float) 
 
 # ---------------------------------------------------------------------------------------------- linear
 def test_linear_every_isa(isa):
-    @settings(max_examples=_examples(30), deadline=None)
+    @settings(max_examples=hypothesis_examples(30), deadline=None)
     @given(
         lead=st.lists(st.integers(1, 3), max_size=2),
         m=st.integers(1, 20),
@@ -109,7 +98,7 @@ def _conv_case(data):
 
 
 def test_conv2d_every_isa(isa):
-    @settings(max_examples=_examples(30), deadline=None)
+    @settings(max_examples=hypothesis_examples(30), deadline=None)
     @given(
         data=st.data(),
         present=st.lists(st.booleans(), min_size=5, max_size=5),
@@ -219,7 +208,7 @@ def test_conv2d_many_rows_every_isa(isa, batch, c_in, c_out, hw, ksize, stride, 
 
 # ---------------------------------------------------------------------------------------------- attention products
 def test_bmm_every_isa(isa):
-    @settings(max_examples=_examples(30), deadline=None)
+    @settings(max_examples=hypothesis_examples(30), deadline=None)
     @given(
         batch_a=st.lists(st.integers(1, 3), max_size=2),
         broadcast=st.booleans(),

@@ -3,8 +3,6 @@ the unfused ops it replaces (binary_conv2d, + residual, maxout, pack_bits), bit 
 fused residual blocks of a converted AdaBin ResNet equal the unfused deploy blocks and the simulated model."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,22 +16,15 @@ from quantkit.ops import _dispatch
 from quantkit.ops.binary import binary_conv2d_prepacked_reference, binary_conv_prepack_reference
 from quantkit.ops.packing import pack_bits_reference
 
+from conftest import hypothesis_examples, use_isa_level
+
 HAVE = _dispatch.has_op("binary_conv2d_prepacked")
 TERMS = ["scale", "act_sum_scale", "weight_sum_scale", "count_scale", "bias"]
 
 
-def _examples(default: int) -> int:
-    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
-
-
 @pytest.fixture(params=["portable", "avx2", "avx512"])
 def isa(request, monkeypatch):
-    if not HAVE:
-        pytest.skip("compiled quantkit kernels not built")
-    if request.param not in ops.supported_cpu_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
-    return request.param
+    return use_isa_level(request.param, monkeypatch, HAVE)
 
 
 def test_prepack_matches_reference_and_round_trips():
@@ -50,7 +41,7 @@ def test_prepack_matches_reference_and_round_trips():
 
 
 def test_prepacked_equals_unfused_ops_every_isa(isa):
-    @settings(max_examples=_examples(25), deadline=None)
+    @settings(max_examples=hypothesis_examples(25), deadline=None)
     @given(data=st.data(), present=st.lists(st.booleans(), min_size=5, max_size=5), residual=st.booleans(),
            maxout=st.sampled_from(["none", "finite", "nan"]), seed=st.integers(0, 2**31 - 1))
     def check(data, present, residual, maxout, seed):

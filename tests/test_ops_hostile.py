@@ -26,6 +26,8 @@ from quantkit.ops.binary import (binary_bmm_01_reference, binary_bmm_reference, 
 from quantkit.ops.elementwise import maxout_reference, quantize_groups_reference
 from quantkit.ops.layout import conv2d_output_hw
 
+from conftest import hypothesis_examples, use_isa_level
+
 HAVE_KERNELS = _dispatch.has_op("binary_conv2d")
 Q = torch.ops.quantkit
 I32 = torch.int32
@@ -37,20 +39,10 @@ HYP = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.f
                                                                    HealthCheck.too_slow])
 
 
-def _examples(default: int) -> int:
-    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
-    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
-
-
 @pytest.fixture(params=["portable", "avx2", "avx512"])
 def isa(request, monkeypatch):
     """Once per CPU instruction-set level this machine supports (QUANTKIT_CPU_ISA)."""
-    if not HAVE_KERNELS:
-        pytest.skip("compiled quantkit kernels not built")
-    if request.param not in O.supported_cpu_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
-    return request.param
+    return use_isa_level(request.param, monkeypatch, HAVE_KERNELS)
 
 
 def _same(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -105,7 +97,7 @@ def test_empty_kernel_message_names_the_kernel(isa):
 _GEOM = st.sampled_from([0, 1, 2, 3, 5, 2**31, 2**62, D_WRAP, 2**63 - 1, -1])
 
 
-@settings(max_examples=_examples(150), **HYP)
+@settings(max_examples=hypothesis_examples(150), **HYP)
 @given(h=st.integers(0, 4), w=st.integers(0, 4), kh=st.integers(0, 3), kw=st.integers(0, 3),
        s=st.tuples(_GEOM, _GEOM), p=st.tuples(_GEOM, _GEOM), d=st.tuples(_GEOM, _GEOM))
 def test_conv_geometry_accepted_exactly_when_python_accepts(isa, h, w, kh, kw, s, p, d):
@@ -144,7 +136,7 @@ def test_tail_bits_are_ignored_like_the_reference(isa):
     _same(Q.binary_linear(x, w, 33, None, None, None, None), binary_linear_reference(x, w, 33))
 
 
-@settings(max_examples=_examples(40), **HYP)
+@settings(max_examples=hypothesis_examples(40), **HYP)
 @given(k=st.integers(1, 100), m=st.integers(0, 10), n=st.integers(0, 20), seed=st.integers(0, 2**16),
        kh=st.integers(1, 3), pad=st.integers(0, 1))
 def test_dirty_tail_words_match_the_reference(isa, k, m, n, seed, kh, pad):
@@ -260,7 +252,7 @@ _EXTREME = st.sampled_from([-(2**63), -(2**63) + 1, -(2**31), -(2**31) + 1, -(2*
                             2**15, 2**30, 2**31 - 1, 2**31, 2**63 - 1])
 
 
-@settings(max_examples=_examples(120), **HYP)
+@settings(max_examples=hypothesis_examples(120), **HYP)
 @given(xs=st.lists(_EXTREME, min_size=1, max_size=6), ws=st.lists(_EXTREME, min_size=1, max_size=6),
        w_mult=st.sampled_from([1, 2]), pad=st.integers(0, 1))
 def test_extreme_integer_ranges_are_exact_or_rejected(isa, xs, ws, w_mult, pad):
@@ -352,7 +344,7 @@ def test_empty_bmm_wrappers(isa, m, n, k):
         assert op(a[None], b, k).shape == (1, 2, m, n)
 
 
-@settings(max_examples=_examples(40), **HYP)
+@settings(max_examples=hypothesis_examples(40), **HYP)
 @given(m=st.integers(0, 3), n=st.integers(0, 3), k=st.integers(0, 40), b=st.integers(0, 2), seed=st.integers(0, 99))
 def test_empty_dimensions_everywhere(isa, m, n, k, b, seed):
     g = torch.Generator().manual_seed(seed)
@@ -381,7 +373,7 @@ def test_empty_dimensions_everywhere(isa, m, n, k, b, seed):
 _SPECIAL = st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.5, -2.0, 0.25])
 
 
-@settings(max_examples=_examples(80), **HYP)
+@settings(max_examples=hypothesis_examples(80), **HYP)
 @given(xv=st.lists(_SPECIAL, min_size=6, max_size=6), pv=st.lists(_SPECIAL, min_size=3, max_size=3),
        nv=st.lists(_SPECIAL, min_size=3, max_size=3), cl=st.booleans())
 def test_maxout_kernel_equals_reference_for_every_special_value(isa, xv, pv, nv, cl):
@@ -403,7 +395,7 @@ def test_maxout_reproduction_and_rank():
         O.maxout(torch.randn(2, 3), torch.ones(4), torch.ones(3))
 
 
-@settings(max_examples=_examples(60), **HYP)
+@settings(max_examples=hypothesis_examples(60), **HYP)
 @given(vals=st.lists(_SPECIAL, min_size=5, max_size=5), which=st.integers(0, 3), seed=st.integers(0, 99),
        bits_out=st.booleans())
 def test_nan_inf_in_binary_epilogue_arguments(isa, vals, which, seed, bits_out):
@@ -424,7 +416,7 @@ def test_nan_inf_in_binary_epilogue_arguments(isa, vals, which, seed, bits_out):
     _same(O.binary_conv2d(xc, wc, k, 1, 1, 1, **ckw), binary_conv2d_reference(xc, wc, k, 1, 1, 1, *cargs))
 
 
-@settings(max_examples=_examples(60), **HYP)
+@settings(max_examples=hypothesis_examples(60), **HYP)
 @given(xv=st.lists(_SPECIAL, min_size=8, max_size=8), signed=st.booleans(), half_even=st.booleans(),
        bits=st.integers(2, 8), four_d=st.booleans())
 def test_quantize_groups_special_values(isa, xv, signed, half_even, bits, four_d):
@@ -441,7 +433,7 @@ def test_quantize_groups_special_values(isa, xv, signed, half_even, bits, four_d
             Q.quantize_groups(x, torch.tensor([1.0, bad]), bits, signed, half_even)
 
 
-@settings(max_examples=_examples(40), **HYP)
+@settings(max_examples=hypothesis_examples(40), **HYP)
 @given(dv=st.lists(_SPECIAL, min_size=3, max_size=3), bv=st.lists(_SPECIAL, min_size=3, max_size=3),
        seed=st.integers(0, 99))
 def test_nan_inf_in_adder_epilogue_arguments(isa, dv, bv, seed):
@@ -505,7 +497,7 @@ _INTS = st.sampled_from([-(2**63), -1, 0, 1, 2, 31, 32, 33, 2**31, 2**63 - 1])
 _DTYPES = st.sampled_from([torch.int32, torch.int64, torch.float32, torch.bool, torch.int8])
 
 
-@settings(max_examples=_examples(200), **HYP)
+@settings(max_examples=hypothesis_examples(200), **HYP)
 @given(op=st.sampled_from(sorted({n for n, _ in _op_calls()})), pos=st.integers(0, 11), kind=st.integers(0, 5),
        val=_INTS, dt=_DTYPES)
 def test_direct_calls_with_one_bad_argument_raise_or_answer(isa, op, pos, kind, val, dt):

@@ -2,8 +2,6 @@
 payloads, infinities and signed zeros included; out= writes only its slice; bad input raises a clear error."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +12,8 @@ from quantkit import ops
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import has_op
 
+from conftest import hypothesis_examples, use_isa_level
+
 HAVE_KERNELS = has_op("max_pool2d_nhwc")
 HYP = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 CL = torch.channels_last
@@ -22,21 +22,10 @@ _SPECIAL_BITS = [0x7FC00000, -0x00400000, 0x7FC12345, -0x003EDCBB, 0x7F800001, 0
                  -0x80000000]
 
 
-def _examples(default: int) -> int:
-    """Hypothesis examples per test; QUANTKIT_HYPOTHESIS_EXAMPLES lowers it (the ASan run uses fewer)."""
-    return min(default, int(os.environ.get("QUANTKIT_HYPOTHESIS_EXAMPLES", default)))
-
-
 @pytest.fixture(params=["portable", "avx2", "avx512"])
 def isa(request, monkeypatch):
     """Once per CPU instruction-set level this machine supports (QUANTKIT_CPU_ISA)."""
-    if not HAVE_KERNELS:
-        pytest.skip("compiled quantkit kernels not built")
-    if request.param not in ops.supported_cpu_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv("QUANTKIT_CPU_ISA", request.param)
-    assert ops.cpu_isa() == request.param
-    return request.param
+    return use_isa_level(request.param, monkeypatch, HAVE_KERNELS)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -60,7 +49,7 @@ def _input(g: torch.Generator, n: int, c: int, h: int, w: int, special: float) -
     return x.contiguous(memory_format=CL)
 
 
-@settings(max_examples=_examples(60), **HYP)
+@settings(max_examples=hypothesis_examples(60), **HYP)
 @given(n=st.integers(1, 2), c=st.sampled_from([1, 3, 8, 15, 16, 17, 33, 64, 70]), h=st.integers(1, 12),
        w=st.integers(1, 12), k=st.sampled_from([1, 2, 3, 5]), s=st.integers(1, 3), pad_frac=st.integers(0, 2),
        relu=st.booleans(), special=st.sampled_from([0.0, 0.05, 0.3]), seed=st.integers(0, 2**16))
@@ -78,7 +67,7 @@ def test_kernel_equals_torch_max_pool2d_bit_for_bit(isa, n, c, h, w, k, s, pad_f
     assert torch.equal(_bits(ops.max_pool2d_nhwc_reference(x, k, s, p, relu)), _bits(ref))
 
 
-@settings(max_examples=_examples(20), **HYP)
+@settings(max_examples=hypothesis_examples(20), **HYP)
 @given(kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3), seed=st.integers(0, 99))
 def test_rectangular_geometry(isa, kh, kw, sh, sw, seed):
     x = _input(torch.Generator().manual_seed(seed), 2, 19, 9, 7, 0.05)
