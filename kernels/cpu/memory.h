@@ -13,10 +13,10 @@
 namespace quantkit {
 namespace cpu {
 
-// A large fresh output is written once, sequentially; faulting it in 4 KiB pages cost about as much as the GEMM of
-// a ResNet stem (measured: the batch-16 int8 stem op 40 -> 21 ms with 2 MiB pages), and a batch-16 binary or adder
-// layer's 12.8 MB output pays the same. Asking for transparent huge pages on its 2 MiB-aligned interior is a hint
-// only: no effect where THP is off or already "always", none on memory already touched, and the values are the same.
+// A large fresh output is written once, sequentially; in a profile of the batch-16 int8 ResNet stem, faulting it in
+// 4 KiB pages cost about as much as the op's GEMM, and a batch-16 binary or adder layer's 12.8 MB output pays the
+// same kind of cost. Asking for transparent huge pages on its 2 MiB-aligned interior is a hint only: no effect where
+// THP is off or already "always", none on memory already touched, and the values are the same.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;

@@ -58,7 +58,7 @@ inline float relu_step(float m) { return 0.f > m ? 0.f : m; }
 // input row and updates the running maxima of every output pixel of the row (kept in y: Wo * C floats, in L1/L2)
 // with that row's taps, left to right. The taps are still combined in ATen's order for each output (row by row,
 // left to right within a row), and the input is read as one linear stream per pass instead of kh interleaved ones:
-// 1.5x faster once the input no longer fits the cache (a batch of stems), the same when it does.
+// faster once the input no longer fits the cache (a batch of stems), the same when it does.
 // The channel loop over __restrict locals: with the sizes read through `g` (which a store to y could alias, as
 // far as the compiler knows) it would not vectorise.
 inline void pool_taps_portable(const float* __restrict t, float* __restrict y, int64_t C) {
