@@ -103,7 +103,8 @@ TORCH_LIBRARY(quantkit, m) {
   m.def("adder_isa_peak(int iters, str loop) -> float");
   // Deploy path (CPU): weights packed once, activation re-quantization fused into the kernel's input side.
   // adder_prepack: wq (N, K) or (Cout, C, kh, kw) integer codes, group_index (Cout,), w_mult, the activation code
-  //   grid [x_lo, x_hi] (must hold 0 and span <= 256 integers) -> [packed_weight uint8 (NB kh kw ceil(C/8) 128,) flat,
+  //   grid [x_lo, x_hi] (must hold 0 and span <= 256 integers), the tap-row form ("bytes", "thermometer" for grids of
+  //   <= 4 values, "auto": thermometer where it is faster) -> [packed_weight uint8 (NB kh kw Cp/8 128,) flat,
   //   packed_meta int32 (4, max(16 NB, 16)): sorted lanes' channel, group, clamp correction, header]
   //   (NB = ceil(Cout/16); layout in kernels/cpu/adder.cpp). Deploy layers keep both as buffers.
   // adder_conv2d_packed / adder_linear_packed: float32 x (N, C, H, W) / (M, K) is re-quantized per group exactly as
@@ -111,7 +112,7 @@ TORCH_LIBRARY(quantkit, m) {
   //   adder_linear, and NaN wherever a window (a row) reads a NaN input, as the float model gives. The conv's
   //   optional block epilogue: y += residual (float32, the output's shape), then y = relu(y) when relu (torch's relu:
   //   NaN and -0.0 pass), the unfused block's "out += identity; relu(out)" in the same float operations.
-  m.def("adder_prepack(Tensor wq, Tensor group_index, int w_mult, int x_lo, int x_hi) -> Tensor[]");
+  m.def("adder_prepack(Tensor wq, Tensor group_index, int w_mult, int x_lo, int x_hi, str form=\"auto\") -> Tensor[]");
   m.def("adder_conv2d_packed(Tensor x, Tensor scale, Tensor packed_weight, Tensor packed_meta, Tensor delta, "
         "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int bits, bool is_signed, "
         "bool half_even, Tensor? residual=None, bool relu=False) "

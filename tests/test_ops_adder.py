@@ -15,7 +15,7 @@ from quantkit.ops import adder as A
 from quantkit.ops._dispatch import has_op, supported_cpu_isas
 from quantkit.ops.elementwise import quantize_groups_reference
 
-from conftest import cpu_isa
+from conftest import cpu_isa, hypothesis_examples
 
 HAVE_KERNELS = has_op("adder_l1") and has_op("adder_conv2d")
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled quantkit._C adder kernels are not built")
@@ -430,6 +430,79 @@ def test_packed_linear_equals_quantize_then_linear(groups, m, k, n, bits, signed
         assert y.shape == (m, n)
         assert torch.equal(torch.isnan(y), nan), isa
         assert torch.equal(y[~nan], ref[~nan]), isa
+
+
+@needs_kernels
+@settings(max_examples=hypothesis_examples(40), **SETTINGS)
+@given(
+    groups=st.integers(1, 4),
+    batch=st.integers(1, 2),
+    c=st.integers(1, 140),
+    hw=st.integers(1, 7),
+    cout=st.integers(1, 40),
+    k=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    signed=st.booleans(),
+    fused_block=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_thermometer_form_equals_bytes_form(groups, batch, c, hw, cout, k, stride, padding, signed, fused_block, seed):
+    """2-bit grids: the thermometer packing (popcount of xor) gives the byte packing's outputs bit for bit on every ISA
+    level, across the 5-codes-per-lane layout's edges (C = 1 .. 140: partial lanes, partial words, partial fields),
+    zero padding, groups straddling channel blocks, NaN inputs and the fused residual + relu epilogue."""
+    ho = (hw + 2 * padding - k) // stride + 1
+    if ho < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(groups, generator=gen) + 0.25
+    x = torch.randint(-40, 41, (batch, c, hw, hw), generator=gen).float() / 16
+    x.view(-1)[seed % x.numel()] = float("nan") if seed % 3 == 0 else x.view(-1)[seed % x.numel()]
+    w = torch.randint(-2, 2, (cout, c, k, k), generator=gen).to(torch.int8)
+    gi = torch.randint(0, groups, (cout,), generator=gen)
+    delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+    res = torch.randn(batch, cout, ho, ho, generator=gen) if fused_block else None
+    w_mult = 1 if signed else 2
+    bytes_form = A.adder_prepack(w, gi, w_mult, 2, signed, "bytes")
+    thermo_form = A.adder_prepack(w, gi, w_mult, 2, signed, "thermometer")
+    lanes = -(-c // 5)
+    assert thermo_form[0].numel() == -(-cout // 16) * k * k * -(-lanes // 4) * 128  # 20 codes per 8 bytes
+    for isa in ISAS:
+        with cpu_isa(isa):
+            want = A.adder_conv2d_packed(x, scale, *bytes_form, delta, bias, k, stride, padding, 1, 2, signed,
+                                         residual=res, relu=fused_block)
+            got = A.adder_conv2d_packed(x, scale, *thermo_form, delta, bias, k, stride, padding, 1, 2, signed,
+                                        residual=res, relu=fused_block)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), isa
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), isa
+
+
+@needs_kernels
+def test_prepack_form_choice_and_errors():
+    w = torch.randint(-2, 2, (20, 64, 3, 3), dtype=torch.int8)
+    gi = torch.zeros(20, dtype=torch.long)
+    thermo = A.adder_prepack(w, gi, 2, 2, False, "thermometer")[0]
+    bytes_ = A.adder_prepack(w, gi, 2, 2, False, "bytes")[0]
+    assert thermo.numel() * 2 == bytes_.numel()  # 64 channels: 4 words of 20 codes against 8 words of 8 bytes
+    auto = A.adder_prepack(w, gi, 2, 2, False)[0]
+    assert auto.numel() == (thermo.numel() if "avx512" in ISAS else bytes_.numel())
+    # 4-bit codes and few channels stay in bytes under "auto"
+    assert A.adder_prepack(w, gi, 2, 4, False)[0].numel() == bytes_.numel()
+    assert A.adder_prepack(w[:, :8], gi, 2, 2, False)[0].numel() == A.adder_prepack(w[:, :8], gi, 2, 2, False,
+                                                                                     "bytes")[0].numel()
+    with pytest.raises(KernelError, match="2-bit codes only"):
+        A.adder_prepack(w, gi, 2, 3, False, "thermometer")
+    with pytest.raises(KernelError, match="form must be one of"):
+        A.adder_prepack(w, gi, 2, 2, False, "nibbles")
+    with pytest.raises(RuntimeError, match="at most 4 values"):
+        torch.ops.quantkit.adder_prepack(w, gi, 2, 0, 7, "thermometer")
+    # a thermometer packing whose header claims a wider grid is rejected, not misread
+    pw, pm = A.adder_prepack(w, gi, 2, 2, False, "thermometer")
+    bad = pm.clone()
+    bad[3, 1] = 7  # grid hi
+    with pytest.raises(RuntimeError, match="invalid header"):
+        A.adder_conv2d_packed(torch.randn(1, 64, 4, 4), torch.ones(1), pw, bad, torch.ones(20), None, 3, 1, 1, 1, 2,
+                              False)
 
 
 @needs_kernels

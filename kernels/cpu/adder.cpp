@@ -52,7 +52,23 @@ using cpu::Isa;
 constexpr Isa kPortable = Isa::Portable, kAvx2 = Isa::Avx2, kAvx512 = Isa::Avx512;
 
 constexpr int kNR = 16;  // output channels per packed block
-constexpr int kKB = 8;   // values per channel per packed step (one u64 lane of VPSADBW)
+constexpr int kKB = 8;   // bytes per channel per packed step (one u64 lane of VPSADBW / VPOPCNTQ)
+
+// Two forms of a packed tap row (weights and activations alike), chosen by adder_prepack:
+// * bytes: one value per byte, channel c at byte c, Cp = C rounded up to 8; |x - w| by VPSADBW.
+// * thermometer (grids of at most 4 values, i.e. 2-bit codes): value v in [0, 3] as the 3-bit code T(v) = 2^v - 1,
+//   so |a - b| = popcount(T(a) xor T(b)). Five codes share a 16-bit lane (bits 3f .. 3f + 2 hold field f): with
+//   L = ceil(C / 5) lanes, channel c sits in lane c % L, field c / L (each field is a contiguous run of channels, so
+//   the quantizer fills a field with one vector op per 32 lanes). Lanes are padded to a multiple of 4 (one u64 word
+//   = 4 lanes = 20 values), Cp = 8 * ceil(L / 4) bytes; padding is T(0) = 0 on both sides and adds nothing.
+enum Form : int64_t { kFormBytes = 0, kFormThermo = 1 };
+
+inline int64_t thermo_lanes(int64_t C) { return (C + 4) / 5; }
+// elements per tap row: bytes for u8 storage (both forms), u16 values in the bytes form's layout otherwise
+inline int64_t row_elems(int64_t form, int64_t C) {
+  return form == kFormThermo ? (thermo_lanes(C) + 3) / 4 * kKB : (C + kKB - 1) / kKB * kKB;
+}
+inline uint16_t thermo_code(int64_t v) { return static_cast<uint16_t>((1u << v) - 1u); }
 
 // ------------------------------------------------------------------------------------------------------------
 // Problem description shared by the micro-kernels
@@ -78,7 +94,8 @@ template <typename E>
 struct Problem {
   int64_t P = 0;       // output pixels (rows)
   int64_t T = 0;       // taps
-  int64_t Cp = 0;      // padded values per tap row (multiple of kKB)
+  int64_t Cp = 0;      // bytes per tap row (multiple of kKB; see Form)
+  bool thermo = false; // tap rows in the thermometer form (popcount of xor instead of the byte SAD)
   int64_t gstride = 0; // elements between two groups' activation buffers
   int64_t NB = 0;      // 16-channel blocks
   int64_t ldo = 0;     // output row stride (= number of output channels)
@@ -126,8 +143,9 @@ inline void store_row_scalar(const Problem<E>& pb, int64_t blk, int64_t row, con
 // ------------------------------------------------------------------------------------------------------------
 // Portable micro-kernel (any element type; also the u16 path)
 // ------------------------------------------------------------------------------------------------------------
-template <typename E>
-void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
+template <typename E, bool kThermo>
+inline __attribute__((always_inline)) void tile_portable_body(const Problem<E>& pb, int64_t blk, int64_t p0,
+                                                              int nrows) {
   constexpr int MR = 4;
   const BlockInfo& bi = pb.blocks[blk];
   int lane_group[kNR];
@@ -150,9 +168,16 @@ void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
           for (int64_t c8 = 0; c8 < pb.Cp / kKB; ++c8) {
             const E* wv = w + (c8 * kNR + j) * kKB;
             const E* av = a + c8 * kKB;
-            for (int b = 0; b < kKB; ++b) {
-              const int32_t d = static_cast<int32_t>(av[b]) - static_cast<int32_t>(wv[b]);
-              sum += d < 0 ? -d : d;
+            if constexpr (kThermo) {
+              uint64_t xa, xw;
+              std::memcpy(&xa, av, 8);
+              std::memcpy(&xw, wv, 8);
+              sum += __builtin_popcountll(xa ^ xw);
+            } else {
+              for (int b = 0; b < kKB; ++b) {
+                const int32_t d = static_cast<int32_t>(av[b]) - static_cast<int32_t>(wv[b]);
+                sum += d < 0 ? -d : d;
+              }
             }
           }
           acc[r][j] += sum;
@@ -161,6 +186,20 @@ void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
     }
     for (int r = 0; r < nr; ++r) store_row_scalar(pb, blk, p0 + r0 + r, acc[r]);
   }
+}
+
+template <typename E>
+void tile_portable(const Problem<E>& pb, int64_t blk, int64_t p0, int nrows) {
+  if constexpr (sizeof(E) == 1) {
+    if (pb.thermo) return tile_portable_body<E, true>(pb, blk, p0, nrows);
+  }
+  tile_portable_body<E, false>(pb, blk, p0, nrows);
+}
+
+// Thermometer rows at the AVX2 level: the portable loop compiled with POPCNT (AVX2 has no vector popcount; this
+// path is for correctness on such CPUs -- adder_prepack's "auto" form picks bytes there).
+QK_TARGET_AVX2 void tile_avx2_thermo(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
+  tile_portable_body<uint8_t, true>(pb, blk, p0, nrows);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -300,16 +339,28 @@ QK_TARGET_AVX512 inline void store_rows_avx512(const Problem<uint8_t>& pb, int64
   }
 }
 
-// kMode 0: all 16 lanes read one group (one broadcast per pixel and step). kMode 1: each 8-lane half reads at most
-// two groups (a broadcast, then a masked broadcast over the second group's lanes) -- the usual case at group
-// boundaries of the sorted channels. kMode 2: anything else (a loop over the groups of each half).
-template <int kMode>
+// One micro-tile of MR rows (nrows <= MR valid; the others repeat the last valid row and are not stored).
+// kMerge0 / kMerge1: whether 8-lane half 0 / 1 reads two groups (a broadcast of the first group, then a masked
+// broadcast over the second group's lanes) -- at a group boundary of the sorted channels only the half that contains
+// the boundary pays for the merge: the masked merge is an ALU uop competing with VPSADBW / VPADDQ, while a plain
+// broadcast is a load and costs nothing next to them (measured on Zen 5: a merge in both halves of every row ran at
+// 0.58x the plain loop, two plain broadcasts per row at 1.0x). kUniform: all 16 lanes read one group (one broadcast
+// per row; in the full kernel a second one cost ~10%). kGeneric: a half reads more than two groups (a loop).
+// |x - w| summed per u64 lane: VPSADBW on bytes, VPOPCNTQ(x xor w) on thermometer codes.
+template <bool kThermo>
+QK_TARGET_AVX512 inline __m512i lane_l1(__m512i x, __m512i w) {
+  if constexpr (kThermo) {
+    return _mm512_popcnt_epi64(_mm512_xor_si512(x, w));
+  } else {
+    return _mm512_sad_epu8(x, w);
+  }
+}
+
+template <int MR, bool kThermo, bool kUniform, bool kMerge0, bool kMerge1, bool kGeneric>
 QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
-  constexpr int MR = 8;
   const BlockInfo& bi = pb.blocks[blk];
   const int64_t steps = pb.Cp / kKB;
-  const uint8_t* a0 = pb.A + bi.group0 * pb.gstride;
-  // kMode 1: first and second group of each half and the second group's lane mask (mask 0 if there is none).
+  // first and second group of each half and the second group's lane mask
   const uint8_t* hb[2][2];
   __mmask8 hm[2];
   for (int h = 0; h < 2; ++h) {
@@ -318,81 +369,98 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
     hb[h][1] = pb.A + lg.group[lg.count > 1 ? 1 : 0] * pb.gstride;
     hm[h] = static_cast<__mmask8>(lg.count > 1 ? lg.mask[1] : 0u);
   }
-  for (int r0 = 0; r0 < nrows; r0 += MR) {
-    const int nr = std::min(MR, nrows - r0);
-    __m512i acc0[MR], acc1[MR];
-    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
-    for (int64_t t = 0; t < pb.T; ++t) {
-      const int64_t* offs = pb.off + t;
-      int64_t o[MR];
-      for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + r0 + std::min(r, nr - 1) - pb.off_first) * pb.T];
-      const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
-      if (kMode == 0) {
-        const uint8_t* a[MR];
-        for (int r = 0; r < MR; ++r) a[r] = a0 + o[r];
-        for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
-          const __m512i w0 = _mm512_loadu_si512(w);
-          const __m512i w1 = _mm512_loadu_si512(w + 64);
+  __m512i acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < pb.T; ++t) {
+    const int64_t* offs = pb.off + t;
+    int64_t o[MR];
+    for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + std::min(r, nrows - 1) - pb.off_first) * pb.T];
+    const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
+    if (!kGeneric) {
+      // One pointer per row plus three group distances: opaque row pointers keep the compiler from turning the
+      // 4 x MR addresses into induction variables (which spilled the accumulators).
+      const uint8_t* a[MR];
+      for (int r = 0; r < MR; ++r) a[r] = hb[0][0] + o[r];
+      const int64_t d01 = hb[0][1] - hb[0][0], d10 = hb[1][0] - hb[0][0], d11 = hb[1][1] - hb[0][0];
+      for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+        const __m512i w0 = _mm512_loadu_si512(w);
+        const __m512i w1 = _mm512_loadu_si512(w + 64);
 #pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) {
-            const __m512i x = bcast8_avx512(a[r] + c8 * kKB);
-            acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(x, w0));
-            acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(x, w1));
+        for (int r = 0; r < MR; ++r) {
+          const uint8_t* pr = a[r] + c8 * kKB;
+          if (!kUniform) __asm__("" : "+r"(pr));  // (uniform: one address per row, nothing to keep apart)
+          __m512i x0 = bcast8_avx512(pr);
+          __m512i x1 = kUniform ? x0 : bcast8_avx512(pr + d10);
+          if (kMerge0) {
+            int64_t v;
+            std::memcpy(&v, pr + d01, 8);
+            x0 = _mm512_mask_set1_epi64(x0, hm[0], v);
           }
+          if (kMerge1) {
+            int64_t v;
+            std::memcpy(&v, pr + d11, 8);
+            x1 = _mm512_mask_set1_epi64(x1, hm[1], v);
+          }
+          acc0[r] = _mm512_add_epi64(acc0[r], lane_l1<kThermo>(x0, w0));
+          acc1[r] = _mm512_add_epi64(acc1[r], lane_l1<kThermo>(x1, w1));
         }
-      } else if (kMode == 1) {
-        // One pointer per row plus three group distances: opaque row pointers keep the compiler from turning the
-        // 4 x 8 addresses into 32 induction variables (which spilled the accumulators).
-        const uint8_t* a[MR];
-        for (int r = 0; r < MR; ++r) a[r] = hb[0][0] + o[r];
-        const int64_t d01 = hb[0][1] - hb[0][0], d10 = hb[1][0] - hb[0][0], d11 = hb[1][1] - hb[0][0];
-        for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
-          const __m512i w0 = _mm512_loadu_si512(w);
-          const __m512i w1 = _mm512_loadu_si512(w + 64);
-#pragma GCC unroll 8
-          for (int r = 0; r < MR; ++r) {
-            const uint8_t* pr = a[r] + c8 * kKB;
-            __asm__("" : "+r"(pr));
-            int64_t v0, v1;
-            std::memcpy(&v0, pr + d01, 8);
-            std::memcpy(&v1, pr + d11, 8);
-            const __m512i x0 = _mm512_mask_set1_epi64(bcast8_avx512(pr), hm[0], v0);
-            const __m512i x1 = _mm512_mask_set1_epi64(bcast8_avx512(pr + d10), hm[1], v1);
-            acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(x0, w0));
-            acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(x1, w1));
-          }
-        }
-      } else {
-        for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
-          const __m512i w0 = _mm512_loadu_si512(w);
-          const __m512i w1 = _mm512_loadu_si512(w + 64);
-          for (int r = 0; r < MR; ++r) {
-            const int64_t k = o[r] + c8 * kKB;
-            acc0[r] = _mm512_add_epi64(acc0[r], _mm512_sad_epu8(build_half(pb, bi.half[0], k), w0));
-            acc1[r] = _mm512_add_epi64(acc1[r], _mm512_sad_epu8(build_half(pb, bi.half[1], k), w1));
-          }
+      }
+    } else {
+      for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+        const __m512i w0 = _mm512_loadu_si512(w);
+        const __m512i w1 = _mm512_loadu_si512(w + 64);
+        for (int r = 0; r < MR; ++r) {
+          const int64_t k = o[r] + c8 * kKB;
+          acc0[r] = _mm512_add_epi64(acc0[r], lane_l1<kThermo>(build_half(pb, bi.half[0], k), w0));
+          acc1[r] = _mm512_add_epi64(acc1[r], lane_l1<kThermo>(build_half(pb, bi.half[1], k), w1));
         }
       }
     }
-    // Copies: passing the accumulator arrays themselves by pointer kept them in memory in the inner loop.
-    __m512i out0[MR], out1[MR];
-    for (int r = 0; r < MR; ++r) {
-      out0[r] = acc0[r];
-      out1[r] = acc1[r];
-    }
-    store_rows_avx512(pb, blk, p0 + r0, nr, out0, out1);
+  }
+  // Copies: passing the accumulator arrays themselves by pointer kept them in memory in the inner loop.
+  __m512i out0[8], out1[8];
+  for (int r = 0; r < MR; ++r) {
+    out0[r] = acc0[r];
+    out1[r] = acc1[r];
+  }
+  store_rows_avx512(pb, blk, p0, nrows, out0, out1);
+}
+
+template <int MR, bool kThermo>
+QK_TARGET_AVX512 void tile_avx512_rows(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
+  const BlockInfo& bi = pb.blocks[blk];
+  const int c0 = bi.half[0].count, c1 = bi.half[1].count;
+  if (bi.uniform) {
+    tile_avx512_impl<MR, kThermo, true, false, false, false>(pb, blk, p0, nrows);
+  } else if (c0 > 2 || c1 > 2) {
+    tile_avx512_impl<MR, kThermo, false, false, false, true>(pb, blk, p0, nrows);
+  } else if (c0 == 2 && c1 == 2) {
+    tile_avx512_impl<MR, kThermo, false, true, true, false>(pb, blk, p0, nrows);
+  } else if (c0 == 2) {
+    tile_avx512_impl<MR, kThermo, false, true, false, false>(pb, blk, p0, nrows);
+  } else if (c1 == 2) {
+    tile_avx512_impl<MR, kThermo, false, false, true, false>(pb, blk, p0, nrows);
+  } else {
+    tile_avx512_impl<MR, kThermo, false, false, false, false>(pb, blk, p0, nrows);
   }
 }
 
-void tile_avx512(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
-  const BlockInfo& bi = pb.blocks[blk];
-  if (bi.uniform) {
-    tile_avx512_impl<0>(pb, blk, p0, nrows);
-  } else if (bi.half[0].count <= 2 && bi.half[1].count <= 2) {
-    tile_avx512_impl<1>(pb, blk, p0, nrows);
-  } else {
-    tile_avx512_impl<2>(pb, blk, p0, nrows);
+// A panel of rows: micro-tiles of 8 rows, then the remainder as tiles of 4, 2 and 1 rows (a 49-row panel -- one
+// 7x7 image -- is 6 x 8 + 1 instead of 7 x 8 rows of work: a micro-tile costs its MR rows whether they are valid
+// or not).
+template <bool kThermo>
+void tile_avx512_panel(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
+  int r = 0;
+  for (; r + 8 <= nrows; r += 8) tile_avx512_rows<8, kThermo>(pb, blk, p0 + r, 8);
+  if (nrows - r >= 4) {
+    tile_avx512_rows<4, kThermo>(pb, blk, p0 + r, 4);
+    r += 4;
   }
+  if (nrows - r >= 2) {
+    tile_avx512_rows<2, kThermo>(pb, blk, p0 + r, 2);
+    r += 2;
+  }
+  if (nrows - r >= 1) tile_avx512_rows<1, kThermo>(pb, blk, p0 + r, 1);
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -417,6 +485,31 @@ inline void pixel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p, int64_t* of
   }
 }
 
+// pixel_offsets for the nrows pixels from p0 on, stepping (n, oy, ox) instead of dividing per pixel (three 64-bit
+// divisions per pixel had cost ~10% of a 64-channel conv).
+inline void panel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p0, int64_t nrows, int64_t T, int64_t* off) {
+  const int64_t rows = gm.N * gm.H * gm.W;
+  int64_t n = p0 / (gm.Ho * gm.Wo), oy = (p0 / gm.Wo) % gm.Ho, ox = p0 % gm.Wo;
+  for (int64_t r = 0; r < nrows; ++r, off += T) {
+    for (int64_t i = 0; i < gm.kh; ++i) {
+      const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh;
+      const bool row_inside = iy >= 0 && iy < gm.H;
+      const int64_t row_base = (n * gm.H + iy) * gm.W;
+      for (int64_t j = 0; j < gm.kw; ++j) {
+        const int64_t ix = ox * gm.sw - gm.pw + j * gm.dw;
+        off[i * gm.kw + j] = (row_inside && ix >= 0 && ix < gm.W ? row_base + ix : rows) * Cp;
+      }
+    }
+    if (++ox == gm.Wo) {
+      ox = 0;
+      if (++oy == gm.Ho) {
+        oy = 0;
+        ++n;
+      }
+    }
+  }
+}
+
 template <typename E, typename TileFn>
 void run_tiles(const Problem<E>& pb, const ConvGeom& gm, int64_t rows_per_tile, TileFn tile) {
   const int64_t nrb = (pb.P + rows_per_tile - 1) / rows_per_tile;
@@ -434,7 +527,7 @@ void run_tiles(const Problem<E>& pb, const ConvGeom& gm, int64_t rows_per_tile, 
       const int64_t p0 = (tix / pb.NB) * rows_per_tile;
       const int64_t nrows = std::min(rows_per_tile, pb.P - p0);
       if (local.off_first != p0) {
-        for (int64_t r = 0; r < nrows; ++r) pixel_offsets(gm, pb.Cp, p0 + r, panel_off.data() + r * pb.T);
+        panel_offsets(gm, pb.Cp, p0, nrows, pb.T, panel_off.data());
         local.off_first = p0;
       }
       tile(local, blk, p0, static_cast<int>(nrows));
@@ -480,12 +573,14 @@ std::vector<BlockInfo> make_blocks(const std::vector<int32_t>& lane_group, const
 // ------------------------------------------------------------------------------------------------------------
 // Packed weights: made once by the prepack op (deploy layers keep them as buffers), or per call by the ops that
 // take raw integer weights. Two tensors:
-//   wbuf  [NB][T][Cp/8][16][8] values clamp(w_mult * w, lo, hi) - lo (u8, or u16 stored as int16), stored flat
+//   wbuf  [NB][T][Cp/8][16][8] values clamp(w_mult * w, lo, hi) - lo (u8, or u16 stored as int16), stored flat;
+//         each channel's tap row in the bytes or the thermometer form (Form; thermometer: u8 storage only)
 //   meta  int32 [4][L], L = max(NB * 16, kHeaderLen): row 0 original channel of each sorted lane, row 1 its group,
 //         row 2 the exact clamp correction, row 3 a header (grid, form, shape; see Header) the ops validate.
 // ------------------------------------------------------------------------------------------------------------
 enum MetaRow : int64_t { kRowPerm = 0, kRowGroup = 1, kRowCorr = 2, kRowHeader = 3, kMetaRows = 4 };
-enum Header : int64_t { kHLo = 0, kHHi, kHWmult, kHWabs, kHCout, kHC, kHKh, kHKw, kHEsize, kHGroups, kHeaderLen };
+// kHForm came last: packings made before it have 0 there, the bytes form they are in.
+enum Header : int64_t { kHLo = 0, kHHi, kHWmult, kHWabs, kHCout, kHC, kHKh, kHKw, kHEsize, kHGroups, kHForm, kHeaderLen };
 
 struct PackedView {
   const void* W = nullptr;
@@ -493,14 +588,18 @@ struct PackedView {
   const int32_t* corr = nullptr;
   std::vector<BlockInfo> blocks;
   int64_t lo = 0, hi = 0, w_mult = 1, wabs_max = 0, Cout = 0, C = 0, kh = 1, kw = 1, esize = 1, groups = 1;
+  int64_t form = kFormBytes, Cp = 0;  // tap-row form and elements per tap row
 };
 
 template <typename E>
 std::vector<at::Tensor> pack_weights(const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult, int64_t lo,
-                                     int64_t hi) {
+                                     int64_t hi, int64_t form = kFormBytes) {
+  static_assert(sizeof(E) <= 2, "u8 or u16 values");
+  TORCH_INTERNAL_ASSERT(form == kFormBytes || (sizeof(E) == 1 && hi - lo <= 3));
   const int64_t Cout = wq.size(0), C = wq.size(1), kh = wq.size(2), kw = wq.size(3);
   const int64_t T = kh * kw;
-  const int64_t Cp = (C + kKB - 1) / kKB * kKB;
+  const int64_t Cp = row_elems(form, C);
+  const int64_t lanes = thermo_lanes(C);
   const int64_t NB = (Cout + kNR - 1) / kNR;
   const int64_t L = std::max<int64_t>(NB * kNR, kHeaderLen);
   const auto e_dtype = sizeof(E) == 1 ? at::kByte : at::kShort;
@@ -556,15 +655,21 @@ std::vector<at::Tensor> pack_weights(const at::Tensor& wq, const at::Tensor& gro
         int64_t cj = 0;
         for (int64_t t = 0; t < T; ++t) {
           E* __restrict__ dst = dst_blk + t * Cp * kNR;
-          for (int64_t c0 = 0; c0 < C; c0 += kKB) {
-            const int64_t cn = std::min<int64_t>(kKB, C - c0);
-            for (int64_t b = 0; b < cn; ++b) {
-              const int64_t v = static_cast<int64_t>(src[(c0 + b) * T + t]) * wm;
-              const int64_t cl = std::min(std::max(v, wlo), whi);
-              cj += v > cl ? v - cl : cl - v;
-              dst[b] = static_cast<E>(cl - wlo);
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t v = static_cast<int64_t>(src[c * T + t]) * wm;
+            const int64_t cl = std::min(std::max(v, wlo), whi);
+            cj += v > cl ? v - cl : cl - v;
+            if (form == kFormThermo) {
+              // lane m = c % lanes of word m / 4 (bytes 2 (m % 4) .. + 1 of the channel's 8-byte slot), field c / lanes
+              const int64_t m = c % lanes;
+              uint8_t* lane = reinterpret_cast<uint8_t*>(dst) + (m / 4) * kNR * kKB + 2 * (m % 4);
+              uint16_t bits;
+              std::memcpy(&bits, lane, 2);
+              bits = static_cast<uint16_t>(bits | thermo_code(cl - wlo) << (3 * (c / lanes)));
+              std::memcpy(lane, &bits, 2);
+            } else {
+              dst[(c / kKB) * kNR * kKB + c % kKB] = static_cast<E>(cl - wlo);
             }
-            dst += kNR * kKB;
           }
         }
         if (cj > std::numeric_limits<int32_t>::max()) overflow = true;
@@ -575,7 +680,7 @@ std::vector<at::Tensor> pack_weights(const at::Tensor& wq, const at::Tensor& gro
   });
   TORCH_CHECK(!corr_overflow, "adder: a weight clamp correction overflows int32; the operands are far outside 2-8 bits");
   const int64_t hdr[kHeaderLen] = {lo, hi, w_mult, wabs_max, Cout, C, kh, kw, static_cast<int64_t>(sizeof(E)),
-                                   gmax + 1};
+                                   gmax + 1, form};
   for (int64_t i = 0; i < kHeaderLen; ++i) header[i] = static_cast<int32_t>(hdr[i]);
   return {wbuf, meta};
 }
@@ -598,9 +703,13 @@ PackedView view_packed(const char* fn, const at::Tensor& wbuf, const at::Tensor&
   v.kw = h[kHKw];
   v.esize = h[kHEsize];
   v.groups = h[kHGroups];
-  const int64_t NB = (v.Cout + kNR - 1) / kNR, T = v.kh * v.kw, Cp = (v.C + kKB - 1) / kKB * kKB;
+  v.form = h[kHForm];
+  const bool form_ok = v.form == kFormBytes || (v.form == kFormThermo && v.hi - v.lo <= 3);
+  const int64_t NB = (v.Cout + kNR - 1) / kNR, T = v.kh * v.kw, Cp = form_ok ? row_elems(v.form, v.C) : 0;
+  v.Cp = Cp;
   const bool header_ok = v.Cout >= 0 && v.C >= 0 && v.kh >= 1 && v.kw >= 1 && (v.w_mult == 1 || v.w_mult == 2) &&
                          v.esize == 1 && v.hi >= v.lo && v.hi - v.lo <= 255 && v.groups >= 1 && v.wabs_max >= 0 &&
+                         form_ok &&
                          meta.size(1) == std::max<int64_t>(NB * kNR, kHeaderLen);
   TORCH_CHECK(header_ok, fn, ": packed_meta has an invalid header; rebuild it with quantkit.ops.adder.adder_prepack");
   TORCH_CHECK(wbuf.device().is_cpu() && wbuf.scalar_type() == at::kByte && wbuf.is_contiguous() && wbuf.dim() == 1 &&
@@ -747,31 +856,80 @@ QK_TARGET_AVX512 bool quant_row_avx512(const float* __restrict__ x, int64_t C, f
   return nan != 0;
 }
 
-// x: float NHWC rows [rows][C] (contiguous). Fills A [G][rows + 1][Cp] (channel padding 0, zero-padding row code 0)
-// and nan_row (one flag per row); returns whether any input was NaN.
-bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, const float* scale, int64_t G,
+// Thermometer tap row (Form) from C grid values in [0, 3] (one byte each): Cp bytes of 16-bit lanes.
+void thermo_row_scalar(const uint8_t* __restrict__ v, int64_t C, int64_t Cp, uint8_t* __restrict__ dst) {
+  const int64_t lanes = thermo_lanes(C);
+  for (int64_t m = 0; m < Cp / 2; ++m) {
+    uint16_t bits = 0;
+    for (int64_t f = 0; f < 5 && m < lanes; ++f) {
+      const int64_t c = f * lanes + m;
+      if (c < C) bits = static_cast<uint16_t>(bits | thermo_code(v[c]) << (3 * f));
+    }
+    std::memcpy(dst + 2 * m, &bits, 2);
+  }
+}
+
+QK_TARGET_AVX512 void thermo_row_avx512(const uint8_t* __restrict__ v, int64_t C, int64_t Cp,
+                                        uint8_t* __restrict__ dst) {
+  const int64_t lanes = thermo_lanes(C), lanes_padded = Cp / 2;
+  const __m256i table = _mm256_setr_epi8(0, 1, 3, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  // T(v) = 2^v - 1
+                                         0, 1, 3, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int64_t m0 = 0; m0 < lanes_padded; m0 += 32) {
+    __m512i bits = _mm512_setzero_si512();
+    for (int f = 0; f < 5; ++f) {
+      // field f of lanes m0 .. m0 + 31: channels f * lanes + m (lanes < `lanes` and channels < C only)
+      const int64_t n = std::min<int64_t>({32, lanes - m0, C - f * lanes - m0});
+      if (n <= 0) break;  // later fields start further on
+      const __mmask32 m = n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << n) - 1u);
+      const __m256i t = _mm256_shuffle_epi8(table, _mm256_maskz_loadu_epi8(m, v + f * lanes + m0));
+      bits = _mm512_or_si512(bits, _mm512_sll_epi16(_mm512_cvtepu8_epi16(t), _mm_cvtsi32_si128(3 * f)));
+    }
+    const int64_t nl = std::min<int64_t>(32, lanes_padded - m0);
+    _mm512_mask_storeu_epi16(dst + 2 * m0, nl >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << nl) - 1u), bits);
+  }
+}
+
+// x: float NHWC rows [rows][C] (contiguous). Fills A [G][rows + 1][Cp] with the tap rows in `form` (channel padding
+// 0, the zero-padding row holds code 0) and nan_row (one flag per row); returns whether any input was NaN.
+bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t form, const float* scale, int64_t G,
                    const ActGrid& q, Isa isa, uint8_t* A, uint8_t* nan_row) {
   const int64_t gstride = (rows + 1) * Cp;
+  const bool thermo = form == kFormThermo;
   std::atomic<bool> any_nan{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     bool nan_here = false;
+    std::vector<uint8_t> values(thermo ? C : 0);  // grid values of one row before the thermometer encoding
     for (int64_t r = begin; r < end; ++r) {
       bool nan = false;
       for (int64_t g = 0; g < G; ++g) {
         uint8_t* dst = A + g * gstride + r * Cp;
-        nan |= isa == kAvx512 ? quant_row_avx512(x + r * C, C, scale[g], q, dst)
-                              : quant_row_scalar(x + r * C, C, scale[g], q, dst);
-        if (Cp > C) std::memset(dst + C, 0, Cp - C);
+        uint8_t* v = thermo ? values.data() : dst;
+        nan |= isa == kAvx512 ? quant_row_avx512(x + r * C, C, scale[g], q, v)
+                              : quant_row_scalar(x + r * C, C, scale[g], q, v);
+        if (thermo) {
+          if (isa == kAvx512) {
+            thermo_row_avx512(v, C, Cp, dst);
+          } else {
+            thermo_row_scalar(v, C, Cp, dst);
+          }
+        } else if (Cp > C) {
+          std::memset(dst + C, 0, Cp - C);
+        }
       }
       nan_row[r] = nan;
       nan_here |= nan;
     }
     if (nan_here) any_nan = true;
   });
+  std::vector<uint8_t> zero_values(C, static_cast<uint8_t>(q.shift));
   for (int64_t g = 0; g < G; ++g) {
     uint8_t* zero_row = A + g * gstride + rows * Cp;
-    std::memset(zero_row, 0, Cp);
-    std::memset(zero_row, q.shift, C);
+    if (thermo) {
+      thermo_row_scalar(zero_values.data(), C, Cp, zero_row);
+    } else {
+      std::memset(zero_row, 0, Cp);
+      std::memset(zero_row, q.shift, C);
+    }
   }
   return any_nan;
 }
@@ -786,7 +944,7 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
                       bool float_out, Isa isa, const at::TensorOptions& opts, const float* residual = nullptr,
                       bool relu = false) {
   const int64_t T = gm.kh * gm.kw;
-  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
+  const int64_t Cp = pw.Cp;
   const int64_t rows = gm.N * gm.H * gm.W;
   const int64_t P = gm.N * gm.Ho * gm.Wo;
   const int64_t NB = (gm.Cout + kNR - 1) / kNR;
@@ -817,6 +975,7 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
   pb.P = P;
   pb.T = T;
   pb.Cp = Cp;
+  pb.thermo = pw.form == kFormThermo;
   pb.gstride = (rows + 1) * Cp;
   pb.NB = NB;
   pb.ldo = gm.Cout;
@@ -836,7 +995,11 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
   }
   if constexpr (sizeof(E) == 1) {
     if (isa == kAvx512) {
-      run_tiles(pb, gm, 64, tile_avx512);
+      run_tiles(pb, gm, 64, pb.thermo ? tile_avx512_panel<true> : tile_avx512_panel<false>);
+      return out;
+    }
+    if (isa == kAvx2 && pb.thermo) {
+      run_tiles(pb, gm, 16, tile_avx2_thermo);
       return out;
     }
     if (isa == kAvx2) {
@@ -884,6 +1047,8 @@ at::Tensor run_conv(const ConvGeom& gm, const at::Tensor& xq, const at::Tensor& 
     pw.perm = packed[1][kRowPerm].data_ptr<int32_t>();
     pw.corr = packed[1][kRowCorr].data_ptr<int32_t>();
     pw.wabs_max = h[kHWabs];
+    pw.form = kFormBytes;
+    pw.Cp = Cp;
     const int32_t* lgp = packed[1][kRowGroup].data_ptr<int32_t>();
     pw.blocks = make_blocks(std::vector<int32_t>(lgp, lgp + NB * kNR), std::vector<int32_t>(pw.perm, pw.perm + NB * kNR),
                             NB, gm.Cout);
@@ -1038,8 +1203,17 @@ at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 
 
 // ---- prepacked, fused-input ops (deploy layers) --------------------------------------------------------------
+// The tap-row form "auto" picks: the thermometer form where its popcounts beat the byte SADs -- a grid of at most
+// 4 values (2-bit codes), VPOPCNTQ available (the AVX-512 level; AVX2 would popcount word by word), and fewer
+// XOR+POPCNT+ADD triples than SAD+ADD pairs per tap row (3 * words < 2 * byte steps: C >= 9, e.g. 4 words against
+// 8 steps at C = 64). The VPXORQ+VPOPCNTQ register loop runs 2.0x the VPSADBW one on Zen 5 (adder_isa_peak).
+int64_t auto_form(int64_t C, int64_t x_lo, int64_t x_hi) {
+  if (x_hi - x_lo > 3 || cpu::best_supported_isa() != kAvx512) return kFormBytes;
+  return 3 * (row_elems(kFormThermo, C) / kKB) < 2 * (row_elems(kFormBytes, C) / kKB) ? kFormThermo : kFormBytes;
+}
+
 std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult,
-                                          int64_t x_lo, int64_t x_hi) {
+                                          int64_t x_lo, int64_t x_hi, c10::string_view form) {
   const char* fn = "adder_prepack";
   TORCH_CHECK(wq.device().is_cpu() && group_index.device().is_cpu(), fn, ": wq and group_index must be CPU tensors");
   TORCH_CHECK(wq.dim() == 2 || wq.dim() == 4, fn, ": wq must be (N, K) or (Cout, C, kh, kw), got ", wq.sizes());
@@ -1059,7 +1233,13 @@ std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor
   checked_numel(fn, "weights", {w4.size(0), w4.size(1), w4.size(2), w4.size(3)});
   TORCH_CHECK(w4.size(1) < (int64_t(1) << 24) && w4.size(2) * w4.size(3) < (int64_t(1) << 24), fn,
               ": the weight shape ", wq.sizes(), " is too large");
-  return pack_weights<uint8_t>(w4, group_index, w_mult, x_lo, x_hi);
+  const bool thermo = form == "thermometer", bytes = form == "bytes";
+  TORCH_CHECK(thermo || bytes || form == "auto", fn, ": form must be 'auto', 'bytes' or 'thermometer', got '", form,
+              "'");
+  TORCH_CHECK(!thermo || x_hi - x_lo <= 3, fn, ": the thermometer form holds grids of at most 4 values (2-bit codes); "
+              "the grid [", x_lo, ", ", x_hi, "] has ", x_hi - x_lo + 1, "; use form='bytes' or 'auto'");
+  const int64_t f = thermo ? kFormThermo : bytes ? kFormBytes : auto_form(w4.size(1), x_lo, x_hi);
+  return pack_weights<uint8_t>(w4, group_index, w_mult, x_lo, x_hi, f);
 }
 
 at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& wbuf,
@@ -1101,7 +1281,7 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   gm.kh = pw.kh;
   gm.kw = pw.kw;
   set_conv_window(fn, gm, stride, padding, dilation);
-  const int64_t Cp = (gm.C + kKB - 1) / kKB * kKB;
+  const int64_t Cp = pw.Cp;
   const int64_t rows = gm.N * gm.H * gm.W;
   checked_numel(fn, "activation buffer", {G, rows + 1, Cp});
 
@@ -1122,7 +1302,8 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   const Isa isa = cpu::active_isa();
   const ActGrid q{is_signed ? static_cast<float>((1 << bits) - 1) / 2.0f : static_cast<float>((1 << bits) - 1),
                   static_cast<float>(qlo), static_cast<float>(qhi), half_even, static_cast<int32_t>(-pw.lo)};
-  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, ss, G, q, isa, abuf, nan_row.data());
+  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, pw.form, ss, G, q, isa, abuf,
+                                     nan_row.data());
   const int64_t xabs_max = std::max(std::abs(qlo), std::abs(qhi));
   // the residual in the output's layout: channels-last rows of Cout floats (free for the block input it usually is)
   at::Tensor res;

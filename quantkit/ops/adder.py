@@ -481,8 +481,11 @@ def has_packed_kernels() -> bool:
     return has_op("adder_prepack") and has_op("adder_conv2d_packed") and has_op("adder_linear_packed")
 
 
-def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits: int, signed: bool
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+PACKED_FORMS = ("auto", "bytes", "thermometer")
+
+
+def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits: int, signed: bool,
+                  form: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Pack integer weights once for :func:`adder_conv2d_packed` / :func:`adder_linear_packed` (CPU).
 
     The weights ``w_mult * wq`` are clamped into the activation code grid of ``bits`` / ``signed`` (which holds the
@@ -493,6 +496,10 @@ def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits
         group_index: (Cout,) group of each output channel.
         w_mult: 1 (signed form) or 2 (code form ``|q_x - 2 q_w|``).
         bits, signed: the activation codes the packing will be used with.
+        form: how a tap row is stored -- ``"bytes"`` (one value per byte, VPSADBW), ``"thermometer"`` (2-bit grids
+            only: 3-bit thermometer codes, ``|a - b| = popcount(T(a) xor T(b))``, VPOPCNTQ) or ``"auto"``
+            (thermometer for 2-bit codes with at least 9 input channels on AVX-512 CPUs, else bytes). Every form
+            runs on every ISA level with the same results (docs/kernels.md#cpu-adder-micro-kernel).
     Returns:
         ``(packed_weight, packed_meta)``: flat uint8 and (4, L) int32 tensors (layout in ``kernels/cpu/adder.cpp``).
     """
@@ -506,8 +513,13 @@ def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits
     _check_groups(fn, group_index, wq.shape[0], groups, wq.device)
     if wq.device.type != "cpu" or not has_packed_kernels():
         raise KernelError(f"{fn}: needs the compiled CPU kernels and CPU tensors (got {wq.device})")
+    if form not in PACKED_FORMS:
+        raise KernelError(f"{fn}: form must be one of {PACKED_FORMS}, got {form!r}")
     lo, hi = qrange(int(bits), bool(signed))  # the activation code grid
-    packed_weight, packed_meta = torch.ops.quantkit.adder_prepack(wq, group_index, int(w_mult), lo, hi)
+    if form == "thermometer" and hi - lo > 3:
+        raise KernelError(f"{fn}: the thermometer form holds 2-bit codes only, got bits={bits}; use form='auto' or "
+                          "'bytes'")
+    packed_weight, packed_meta = torch.ops.quantkit.adder_prepack(wq, group_index, int(w_mult), lo, hi, form)
     return packed_weight, packed_meta
 
 
