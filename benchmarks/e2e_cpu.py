@@ -1,8 +1,8 @@
 """End-to-end CPU latency of deploy models against FP32 torch, ResNet-18 at 224x224.
 
 Rows: the deploy ``adabin`` ResNet-18 (binary 3x3 convs on packed bits; stem, downsample shortcuts and classifier
-FP as in the paper) and the deploy ``adder_ptq4`` adder ResNet-18 (integer l1 convs; FP stem and classifier), each
-against torchvision's FP32 ResNet-18 (same shapes) measured in the same run at the same thread count. Medians of
+FP as in the paper) and the deploy ``adder_ptq4`` / ``adder_ptq2`` adder ResNet-18s (integer l1 convs on 4-bit /
+2-bit codes, the 2-bit tap rows thermometer-coded on AVX-512; FP stem and classifier), each against torchvision's FP32 ResNet-18 (same shapes) measured in the same run at the same thread count. Medians of
 repeats after warm-up; ``--threads`` chooses the thread counts (default: 1 and all).
 
 Then a per-op-type profile of the ``adabin`` deploy model at every thread count and batch (``torch.profiler``, self
@@ -108,9 +108,12 @@ def build_models(calib_batch: torch.Tensor) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     fp32 = torchvision.models.resnet18().eval()
     adabin = quantkit.QAT(torchvision.models.resnet18(), "adabin").convert().eval()
-    adder_sim = quantkit.quantize(adder_resnet18().eval(), "adder_ptq4", calib_data=[calib_batch], progress=False)
-    adder = quantkit.convert(adder_sim).eval()
-    return {"fp32": fp32, "adabin": adabin, "adder_ptq4": adder}
+    models = {"fp32": fp32, "adabin": adabin}
+    for scheme in ("adder_ptq4", "adder_ptq2"):  # 2 bits: thermometer-coded tap rows (XOR + popcount) on AVX-512
+        torch.manual_seed(0)
+        sim = quantkit.quantize(adder_resnet18().eval(), scheme, calib_data=[calib_batch], progress=False)
+        models[scheme] = quantkit.convert(sim).eval()
+    return models
 
 
 def main(argv=None) -> None:
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
     print(f"# medians of {args.repeats} runs after warm-up; x FP32 = the faster FP32 layout's time / deploy time "
           "(same run, same threads); deploy models run channels_last, as their binary convs produce it")
     print(f"{'threads':>7} {'batch':>5} {'FP32 ms':>9} {'FP32 CL ms':>10} {'adabin ms':>10} {'x FP32':>7} "
-          f"{'adder4 ms':>10} {'x FP32':>7}")
+          f"{'adder4 ms':>10} {'x FP32':>7} {'adder2 ms':>10} {'x FP32':>7}")
     cl = torch.channels_last
     models = {name: (m.to(memory_format=cl) if name != "fp32" else m) for name, m in models.items()}
     fp32_cl = copy.deepcopy(models["fp32"]).to(memory_format=cl)
@@ -143,7 +146,8 @@ def main(argv=None) -> None:
             t["fp32_cl"] = median_time(lambda: fp32_cl(xcl), args.repeats)
             best = min(t["fp32"], t["fp32_cl"])
             print(f"{threads:>7} {b:>5} {t['fp32'] * 1e3:>9.1f} {t['fp32_cl'] * 1e3:>10.1f} {t['adabin'] * 1e3:>10.1f} "
-                  f"{best / t['adabin']:>7.2f} {t['adder_ptq4'] * 1e3:>10.1f} {best / t['adder_ptq4']:>7.2f}",
+                  f"{best / t['adabin']:>7.2f} {t['adder_ptq4'] * 1e3:>10.1f} {best / t['adder_ptq4']:>7.2f} "
+                  f"{t['adder_ptq2'] * 1e3:>10.1f} {best / t['adder_ptq2']:>7.2f}",
                   flush=True)
     if args.no_profile:
         return

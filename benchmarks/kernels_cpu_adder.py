@@ -3,8 +3,11 @@
 Rows (``adder_rows(threads)``):
 * ``adder_gemm`` 8-bit (code form |q_x - 2 q_w|, the PTQ default for post-ReLU inputs) and 4-bit, G = 4 groups,
   vs torch FP32 ``matmul`` of the same M, N, K and vs ``torch.cdist(p=1)`` of the same operands;
-* ``adder_conv`` on ResNet-18's 3x3 layer shapes, 8 and 4 bits, vs torch FP32 ``conv2d`` (NCHW and channels-last,
-  the faster one is the baseline) and vs ``F.unfold`` + ``torch.cdist(p=1)``;
+* ``adder_conv`` on ResNet-18's 3x3 layer shapes, 8, 4 and 2 bits, vs torch FP32 ``conv2d`` (NCHW and channels-last,
+  the faster one is the baseline) and vs ``F.unfold`` + ``torch.cdist(p=1)``; ``form`` is the packing
+  ``adder_prepack(form="auto")`` chose (2 bits on AVX-512: thermometer codes, XOR + popcount, whose abs-difference
+  rate can exceed the SAD loop's: ``pct_sad_peak`` > 100), and ``x_vs_bytes_form`` the same layer on byte tap rows
+  over it, timed in the same loop;
   both run the deploy path: float32 input, ``adder_linear_packed`` / ``adder_conv2d_packed`` on weights packed once
   (``adder_prepack``), the per-group activation re-quantization fused into the kernel's input side, so "ours"
   is everything a deploy layer pays per call. ``pct_sad_peak``: abs-differences/s as a share of the VPSADBW
@@ -98,28 +101,33 @@ def _conv_row(batch: int, c: int, hw: int, cout: int, stride: int, bits: int, gr
     _, w, gi, delta, bias = _operands(bits, groups, (1, 1), (cout, c, 3, 3), gen)
     gi = torch.sort(gi).values  # deploy layers' groups come sorted from k-means; any order is exact
     scale = torch.rand(groups, generator=gen) + 0.5
-    packed = A.adder_prepack(w, gi, 2, bits, False)
+    packed = A.adder_prepack(w, gi, 2, bits, False)  # form "auto": thermometer at 2 bits on AVX-512
+    form = "thermometer" if packed[0].numel() < A.adder_prepack(w, gi, 2, bits, False, "bytes")[0].numel() else "bytes"
     xf = torch.randn(batch, c, hw, hw)
     wf = torch.randn(cout, c, 3, 3)
     xcl, wcl = xf.contiguous(memory_format=torch.channels_last), wf.contiguous(memory_format=torch.channels_last)
     xin = xcl.abs()  # post-ReLU activations, channels-last as the previous adder layer returns them
     peaks: List[float] = []
-    t = interleaved_medians(
-        {
-            "ours": lambda: A.adder_conv2d_packed(xin, scale, *packed, delta, bias, 3, stride, 1, 1, bits, False),
-            "nchw": lambda: F.conv2d(xf, wf, None, stride, 1),
-            "cl": lambda: F.conv2d(xcl, wcl, None, stride, 1),
-            "peak": lambda: peaks.append(_sad_rate()),
-        },
-        repeats,
-    )
+    fns = {
+        "ours": lambda: A.adder_conv2d_packed(xin, scale, *packed, delta, bias, 3, stride, 1, 1, bits, False),
+        "nchw": lambda: F.conv2d(xf, wf, None, stride, 1),
+        "cl": lambda: F.conv2d(xcl, wcl, None, stride, 1),
+        "peak": lambda: peaks.append(_sad_rate()),
+    }
+    if form != "bytes":  # the same layer on byte tap rows, for the form's own speed-up
+        packed_bytes = A.adder_prepack(w, gi, 2, bits, False, "bytes")
+        fns["bytes"] = lambda: A.adder_conv2d_packed(xin, scale, *packed_bytes, delta, bias, 3, stride, 1, 1, bits,
+                                                     False)
+    t = interleaved_medians(fns, repeats)
     ours, t_nchw, t_cl = t["ours"], t["nchw"], t["cl"]
     t_conv = min(t_nchw, t_cl)
     ho = (hw + 2 - 3) // stride + 1
     row = {
         "name": f"adder_conv3x3_{bits}bit",
         "shape": f"N={batch} C={c} {hw}x{hw} Cout={cout} s={stride} G={groups}",
+        "form": form,
         "ours_ms": ours * 1e3,
+        **({"x_vs_bytes_form": t["bytes"] / ours} if "bytes" in t else {}),
         "fp32_conv2d_ms": t_conv * 1e3,
         "fp32_conv2d_layout": "channels_last" if t_cl < t_nchw else "nchw",
         "x_vs_fp32_conv2d": t_conv / ours,
@@ -195,7 +203,7 @@ def adder_rows(threads: int, quick: bool = False) -> List[Dict]:
                        (16, 64, 56, 64, 1), (16, 128, 28, 128, 1), (16, 256, 14, 256, 1), (16, 512, 7, 512, 1)]
         if quick:
             conv_shapes = conv_shapes[:2]
-        for bits in (8, 4):
+        for bits in (8, 4, 2):
             for batch, c, hw, cout, stride in conv_shapes:
                 rows.append(_conv_row(batch, c, hw, cout, stride, bits, 4, repeats, with_cdist=batch == 1))
         if threads == 1:
@@ -219,9 +227,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     args = parser.parse_args()
     print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, ISA {cpu_isa()}")
-    cols = ["threads", "name", "shape", "ours_ms", "fp32_matmul_ms", "fp32_conv2d_ms", "cdist_ms",
-            "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "G_absdiff_per_s", "pct_sad_peak",
-            "fraction_of_sad_peak"]
+    cols = ["threads", "name", "shape", "form", "ours_ms", "fp32_matmul_ms", "fp32_conv2d_ms", "cdist_ms",
+            "x_vs_fp32_matmul", "x_vs_fp32_conv2d", "x_vs_cdist", "x_vs_bytes_form", "G_absdiff_per_s",
+            "pct_sad_peak", "fraction_of_sad_peak"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for threads in sorted({int(t) for t in args.threads.split(",")}):

@@ -829,29 +829,34 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
   return nan;
 }
 
-QK_TARGET_AVX512 bool quant_row_avx512(const float* __restrict__ x, int64_t C, float s, const ActGrid& q,
-                                       uint8_t* __restrict__ dst) {
-  const __m512 vs = _mm512_set1_ps(s), vc = _mm512_set1_ps(q.c), vlo = _mm512_set1_ps(q.qlo),
-               vhi = _mm512_set1_ps(q.qhi), half = _mm512_set1_ps(0.5f);
+// One row for every group: x is loaded once per 16 channels and the groups' divisions (VDIVPS, the long pole) are
+// independent of each other, so they overlap instead of one row-length loop per group.
+QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64_t C, const float* scale, int64_t G,
+                                              const ActGrid& q, uint8_t* __restrict__ dst, int64_t dst_stride) {
+  const __m512 vc = _mm512_set1_ps(q.c), vlo = _mm512_set1_ps(q.qlo), vhi = _mm512_set1_ps(q.qhi),
+               half = _mm512_set1_ps(0.5f);
   const __m512i shift = _mm512_set1_epi32(q.shift);
   __mmask16 nan = 0;
   for (int64_t i = 0; i < C; i += 16) {
     const __mmask16 m = C - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (C - i)) - 1u);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
     const __mmask16 isnan = _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
-    // max/min return their second operand for a NaN first one; NaN lanes are overwritten with code 0 below.
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_div_ps(xv, vs), vc), vlo), vhi);
-    __m512i code;
-    if (q.half_even) {
-      code = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-      const __m512i a = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_abs_ps(v), half));
-      const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
-      code = _mm512_mask_sub_epi32(a, neg, _mm512_setzero_si512(), a);
-    }
-    code = _mm512_add_epi32(_mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), shift);
-    _mm_mask_storeu_epi8(dst + i, m, _mm512_cvtepi32_epi8(code));
     nan |= isnan & m;
+    for (int64_t g = 0; g < G; ++g) {
+      // max/min return their second operand for a NaN first one; NaN lanes are overwritten with code 0 below.
+      const __m512 v =
+          _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_div_ps(xv, _mm512_set1_ps(scale[g])), vc), vlo), vhi);
+      __m512i code;
+      if (q.half_even) {
+        code = _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        const __m512i a = _mm512_cvttps_epi32(_mm512_add_ps(_mm512_abs_ps(v), half));
+        const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        code = _mm512_mask_sub_epi32(a, neg, _mm512_setzero_si512(), a);
+      }
+      code = _mm512_add_epi32(_mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), shift);
+      _mm_mask_storeu_epi8(dst + g * dst_stride + i, m, _mm512_cvtepi32_epi8(code));
+    }
   }
   return nan != 0;
 }
@@ -898,14 +903,20 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t 
   std::atomic<bool> any_nan{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     bool nan_here = false;
-    std::vector<uint8_t> values(thermo ? C : 0);  // grid values of one row before the thermometer encoding
+    std::vector<uint8_t> values(thermo ? G * C : 0);  // grid values of one row before the thermometer encoding
     for (int64_t r = begin; r < end; ++r) {
       bool nan = false;
+      // the grid values of every group: straight into A (bytes form) or into `values` [G][C] (thermometer form)
+      uint8_t* vbase = thermo ? values.data() : A + r * Cp;
+      const int64_t vstride = thermo ? C : gstride;
+      if (isa == kAvx512) {
+        nan = quant_row_groups_avx512(x + r * C, C, scale, G, q, vbase, vstride);
+      } else {
+        for (int64_t g = 0; g < G; ++g) nan |= quant_row_scalar(x + r * C, C, scale[g], q, vbase + g * vstride);
+      }
       for (int64_t g = 0; g < G; ++g) {
         uint8_t* dst = A + g * gstride + r * Cp;
-        uint8_t* v = thermo ? values.data() : dst;
-        nan |= isa == kAvx512 ? quant_row_avx512(x + r * C, C, scale[g], q, v)
-                              : quant_row_scalar(x + r * C, C, scale[g], q, v);
+        const uint8_t* v = vbase + g * vstride;
         if (thermo) {
           if (isa == kAvx512) {
             thermo_row_avx512(v, C, Cp, dst);
