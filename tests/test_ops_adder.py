@@ -478,6 +478,63 @@ def test_thermometer_form_equals_bytes_form(groups, batch, c, hw, cout, k, strid
 
 
 @needs_kernels
+@settings(max_examples=hypothesis_examples(30), **SETTINGS)
+@given(
+    groups=st.integers(1, 4),
+    batch=st.integers(1, 2),
+    c=st.integers(1, 70),
+    vectors=st.integers(2, 4),
+    h=st.integers(1, 6),
+    cout=st.integers(1, 40),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride_h=st.integers(1, 2),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    bits=st.sampled_from([2, 4, 8]),
+    signed=st.booleans(),
+    fused_block=st.booleans(),
+    n_nan=st.integers(0, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_conv2d_pixel_vector_kernel(groups, batch, c, vectors, h, cout, kh, kw, stride_h, padding, dilation,
+                                           bits, signed, fused_block, n_nan, seed):
+    """Output rows of 16, 24 or 32 pixels with stride 1 along them: the AVX-512 path runs the pixel-vector kernel on
+    the planar layout (image by image, padding ring, both tap-row forms, groups split anywhere inside a channel
+    block). It must equal the integer op on the quantized input bit for bit, NaN windows included, on every ISA."""
+    wo = 8 * vectors
+    w_ = wo - 2 * padding[1] + dilation[1] * (kw - 1)  # so that the output row is exactly wo pixels
+    if w_ < 1:
+        return
+    ho, wo_ = A.adder_conv2d_output_size(h, w_, (kh, kw), (stride_h, 1), padding, dilation)
+    if ho < 1:
+        return
+    assert wo_ == wo
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(groups, generator=gen) + 0.25
+    x = torch.randint(-40, 41, (batch, c, h, w_), generator=gen).float() / 16
+    x.view(-1)[torch.randint(0, x.numel(), (n_nan,), generator=gen)] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (cout, c, kh, kw), generator=gen).to(torch.int8)
+    gi = torch.randint(0, groups, (cout,), generator=gen)
+    delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+    res = torch.randn(batch, cout, ho, wo, generator=gen) if fused_block else None
+    w_mult = 1 if signed else 2
+    codes = quantize_groups_reference(x, scale, bits, signed, "half_even").to(torch.int16)
+    nan = _nan_windows(x, (kh, kw), (stride_h, 1), padding, dilation).expand(batch, cout, ho, wo)
+    want = A.adder_conv2d(codes, w, gi, delta, bias, (stride_h, 1), padding, dilation, w_mult)
+    if fused_block:
+        want = torch.relu(want + res)
+    packed = A.adder_prepack(w, gi, w_mult, bits, signed)
+    for isa in ISAS:
+        with cpu_isa(isa):
+            y = A.adder_conv2d_packed(x, scale, *packed, delta, bias, (kh, kw), (stride_h, 1), padding, dilation,
+                                      bits, signed, residual=res, relu=fused_block)
+        assert torch.equal(torch.isnan(y), nan), isa
+        torch.testing.assert_close(y[~nan], want[~nan], rtol=0, atol=0, msg=isa)
+
+
+@needs_kernels
 def test_prepack_form_choice_and_errors():
     w = torch.randint(-2, 2, (20, 64, 3, 3), dtype=torch.int8)
     gi = torch.zeros(20, dtype=torch.long)

@@ -9,12 +9,13 @@
 //   clamped into [lo, hi] and the exact correction dist(w, [lo, hi]) summed per channel is added to S:
 //   |x - w| = |x - clamp(w, lo, hi)| + dist(w, [lo, hi]) for every lo <= x <= hi. Both operands are then stored as
 //   (v - lo) in u8 when hi - lo <= 255 (all 2-8-bit forms, including the 8-bit code form |q_x - 2 q_w|), else u16.
-// * Weights are packed per call as [Cout/16][tap][Cp/8][16 channels][8 values], channels sorted by group so that
-//   a 16-channel block reads (mostly) one group's activation rows; results are scattered back to the original
-//   channel order in the epilogue.
-// * AVX-512BW micro-kernel: 8 pixels x 16 channels, broadcast 8 activation bytes per pixel, VPSADBW against two
-//   weight registers (8 channels x 8 bytes each), VPADDQ into 16 accumulators. AVX2: the same with ymm on
-//   4 pixels x 8 channels at a time. Portable: plain loops (also the u16 path).
+// * Weights are packed (once by adder_prepack, or per call by the integer-input ops) as
+//   [Cout/16][tap][Cp/8][16 channels][8 bytes], channels sorted by group so that a 16-channel block reads (mostly)
+//   one group's activation rows; results are scattered back to the original channel order in the epilogue.
+//   2-bit grids may use the thermometer form of a tap row (Form below): XOR + popcount instead of the byte SAD.
+// * AVX-512BW micro-kernel: 8 pixels x 16 channels, broadcast 8 activation bytes per pixel, VPSADBW (or VPXORQ +
+//   VPOPCNTQ) against two weight registers (8 channels x 8 bytes each), VPADDQ into 16 accumulators. AVX2: the same
+//   with ymm on 4 pixels x 8 channels at a time. Portable: plain loops (also the u16 path).
 // * ISA: runtime dispatch AVX-512 -> AVX2 -> portable via cpu/cpu_features.h (QUANTKIT_CPU_ISA lowers it). Threads: at::parallel_for over (channel block, pixel block) tiles.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -38,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -830,15 +832,21 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
 }
 
 // One row for every group: x is loaded once per 16 channels and the groups' divisions (VDIVPS, the long pole) are
-// independent of each other, so they overlap instead of one row-length loop per group.
-QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64_t C, const float* scale, int64_t G,
-                                              const ActGrid& q, uint8_t* __restrict__ dst, int64_t dst_stride) {
+// independent of each other, so they overlap instead of one row-length loop per group. Channel c of group g goes to
+// dst + g * gstride + (c / 8) * sstride + c % 8 (sstride 8: one contiguous row; larger: the planar layout's step
+// planes), channels C .. Cp - 1 get 0.
+QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64_t C, int64_t Cp, const float* scale,
+                                              int64_t G, const ActGrid& q, uint8_t* __restrict__ dst, int64_t gstride,
+                                              int64_t sstride) {
   const __m512 vc = _mm512_set1_ps(q.c), vlo = _mm512_set1_ps(q.qlo), vhi = _mm512_set1_ps(q.qhi),
                half = _mm512_set1_ps(0.5f);
   const __m512i shift = _mm512_set1_epi32(q.shift);
   __mmask16 nan = 0;
-  for (int64_t i = 0; i < C; i += 16) {
-    const __mmask16 m = C - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (C - i)) - 1u);
+  for (int64_t i = 0; i < Cp; i += 16) {
+    const __mmask16 m = C - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                        : C > i     ? static_cast<__mmask16>((1u << (C - i)) - 1u)
+                                    : static_cast<__mmask16>(0);
+    const __mmask16 mp = Cp - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (Cp - i)) - 1u);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
     const __mmask16 isnan = _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
     nan |= isnan & m;
@@ -854,8 +862,15 @@ QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64
         const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
         code = _mm512_mask_sub_epi32(a, neg, _mm512_setzero_si512(), a);
       }
-      code = _mm512_add_epi32(_mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), shift);
-      _mm_mask_storeu_epi8(dst + g * dst_stride + i, m, _mm512_cvtepi32_epi8(code));
+      code = _mm512_maskz_add_epi32(m, _mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), shift);
+      const __m128i bytes = _mm512_cvtepi32_epi8(code);
+      uint8_t* d = dst + g * gstride + (i / kKB) * sstride;
+      if (sstride == kKB) {
+        _mm_mask_storeu_epi8(d, mp, bytes);
+      } else {  // two steps (Cp is a multiple of 8, so a chunk holds one or two whole steps)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(d), bytes);
+        if (mp >> 8) _mm_storel_epi64(reinterpret_cast<__m128i*>(d + sstride), _mm_unpackhi_epi64(bytes, bytes));
+      }
     }
   }
   return nan != 0;
@@ -894,37 +909,91 @@ QK_TARGET_AVX512 void thermo_row_avx512(const uint8_t* __restrict__ v, int64_t C
   }
 }
 
-// x: float NHWC rows [rows][C] (contiguous). Fills A [G][rows + 1][Cp] with the tap rows in `form` (channel padding
-// 0, the zero-padding row holds code 0) and nan_row (one flag per row); returns whether any input was NaN.
+// Planar activation layout of the pixel-vector kernel (stride-1 convs, tile_pv): [G][Cp/8 steps][N][Hp][Wp][8 bytes],
+// the image with its zero padding around it (Hp = H + 2 ph, Wp = W + 2 pw + 8: 8 more columns so the last, partly
+// valid pixel vector of an output row stays inside its image row), so the 8 pixels of an output-row vector read 64
+// contiguous bytes per tap and step.
+struct Planar {
+  int64_t Hp = 0, Wp = 0, ph = 0, pw = 0, N = 0, H = 0, W = 0;
+  int64_t sstride = 0;  // bytes between two steps' planes (N Hp Wp 8)
+  int64_t gstride = 0;  // bytes between two groups (steps * sstride)
+};
+
+// The planar buffer of one image (the pixel-vector path quantizes and runs a batch image by image).
+inline Planar make_planar(const ConvGeom& gm, int64_t Cp) {
+  Planar pl;
+  pl.N = 1;
+  pl.H = gm.H;
+  pl.W = gm.W;
+  pl.ph = gm.ph;
+  pl.pw = gm.pw;
+  pl.Hp = gm.H + 2 * gm.ph;
+  pl.Wp = gm.W + 2 * gm.pw + 8;
+  pl.sstride = gm.N * pl.Hp * pl.Wp * kKB;
+  pl.gstride = (Cp / kKB) * pl.sstride;
+  return pl;
+}
+
+// x: float NHWC rows [rows][C] (contiguous). Fills the activation buffer A with the tap rows in `form` (channel
+// padding 0, zero padding holds code 0) and nan_row (one flag per row); returns whether any input was NaN.
+// Row layout (planar == nullptr): A [G][rows + 1][Cp], the last row of each group the zero-padding row. Planar
+// layout: see Planar; the padding ring is written too.
 bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t form, const float* scale, int64_t G,
-                   const ActGrid& q, Isa isa, uint8_t* A, uint8_t* nan_row) {
-  const int64_t gstride = (rows + 1) * Cp;
+                   const ActGrid& q, Isa isa, uint8_t* A, uint8_t* nan_row, const Planar* planar = nullptr) {
+  const int64_t gstride = planar != nullptr ? planar->gstride : (rows + 1) * Cp;
   const bool thermo = form == kFormThermo;
+  const int64_t steps = Cp / kKB;
+  // the tap row of code 0 (zero padding) in this form
+  std::vector<uint8_t> zero_row(Cp, 0);
+  {
+    std::vector<uint8_t> zero_values(C, static_cast<uint8_t>(q.shift));
+    if (thermo) {
+      thermo_row_scalar(zero_values.data(), C, Cp, zero_row.data());
+    } else {
+      std::memcpy(zero_row.data(), zero_values.data(), C);
+    }
+  }
   std::atomic<bool> any_nan{false};
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
     bool nan_here = false;
-    std::vector<uint8_t> values(thermo ? G * C : 0);  // grid values of one row before the thermometer encoding
+    // thermometer form: grid values [G][Cv] of one row (one byte per channel), then its encoded tap rows [G][Cp]
+    // (planar layout only)
+    const int64_t Cv = (C + kKB - 1) / kKB * kKB;
+    std::vector<uint8_t> values(thermo ? G * Cv : 0), staged(thermo && planar != nullptr ? G * Cp : 0);
+    const int64_t sstride = planar != nullptr ? planar->sstride : kKB;
     for (int64_t r = begin; r < end; ++r) {
-      bool nan = false;
-      // the grid values of every group: straight into A (bytes form) or into `values` [G][C] (thermometer form)
-      uint8_t* vbase = thermo ? values.data() : A + r * Cp;
-      const int64_t vstride = thermo ? C : gstride;
-      if (isa == kAvx512) {
-        nan = quant_row_groups_avx512(x + r * C, C, scale, G, q, vbase, vstride);
-      } else {
-        for (int64_t g = 0; g < G; ++g) nan |= quant_row_scalar(x + r * C, C, scale[g], q, vbase + g * vstride);
+      // the row's first byte in A: row layout r * Cp; planar layout its cell (n, y + ph, x + pw) of step plane 0
+      int64_t cell = r * Cp;
+      if (planar != nullptr) {
+        const Planar& pl = *planar;
+        const int64_t n = r / (pl.H * pl.W), y = (r / pl.W) % pl.H, xx = r % pl.W;
+        cell = ((n * pl.Hp + y + pl.ph) * pl.Wp + xx + pl.pw) * kKB;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        uint8_t* dst = A + g * gstride + r * Cp;
-        const uint8_t* v = vbase + g * vstride;
-        if (thermo) {
+      bool nan = false;
+      if (!thermo && isa == kAvx512) {
+        nan = quant_row_groups_avx512(x + r * C, C, Cp, scale, G, q, A + cell, gstride, sstride);
+      } else if (!thermo) {  // (row layout only: the planar layout is an AVX-512 kernel's)
+        for (int64_t g = 0; g < G; ++g) {
+          uint8_t* dst = A + g * gstride + cell;
+          nan |= quant_row_scalar(x + r * C, C, scale[g], q, dst);
+          if (Cp > C) std::memset(dst + C, 0, Cp - C);
+        }
+      } else {
+        if (isa == kAvx512) {
+          nan = quant_row_groups_avx512(x + r * C, C, Cv, scale, G, q, values.data(), Cv, kKB);
+        } else {
+          for (int64_t g = 0; g < G; ++g) nan |= quant_row_scalar(x + r * C, C, scale[g], q, values.data() + g * Cv);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          uint8_t* dst = planar != nullptr ? staged.data() + g * Cp : A + g * gstride + cell;
           if (isa == kAvx512) {
-            thermo_row_avx512(v, C, Cp, dst);
+            thermo_row_avx512(values.data() + g * Cv, C, Cp, dst);
           } else {
-            thermo_row_scalar(v, C, Cp, dst);
+            thermo_row_scalar(values.data() + g * Cv, C, Cp, dst);
           }
-        } else if (Cp > C) {
-          std::memset(dst + C, 0, Cp - C);
+          if (planar != nullptr)
+            for (int64_t st = 0; st < steps; ++st)
+              std::memcpy(A + g * gstride + cell + st * sstride, dst + st * kKB, kKB);
         }
       }
       nan_row[r] = nan;
@@ -932,18 +1001,188 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t 
     }
     if (nan_here) any_nan = true;
   });
-  std::vector<uint8_t> zero_values(C, static_cast<uint8_t>(q.shift));
-  for (int64_t g = 0; g < G; ++g) {
-    uint8_t* zero_row = A + g * gstride + rows * Cp;
-    if (thermo) {
-      thermo_row_scalar(zero_values.data(), C, Cp, zero_row);
-    } else {
-      std::memset(zero_row, 0, Cp);
-      std::memset(zero_row, q.shift, C);
-    }
+  if (planar == nullptr) {
+    for (int64_t g = 0; g < G; ++g) std::memcpy(A + g * gstride + rows * Cp, zero_row.data(), Cp);
+  } else {
+    // the padding ring (and the slack columns) of every image, group and step: code 0
+    const Planar& pl = *planar;
+    at::parallel_for(0, G * steps * pl.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t g = i / (steps * pl.N), st = (i / pl.N) % steps, n = i % pl.N;
+        uint64_t z;
+        std::memcpy(&z, zero_row.data() + st * kKB, kKB);
+        uint64_t* img = reinterpret_cast<uint64_t*>(A + g * gstride + st * pl.sstride + n * pl.Hp * pl.Wp * kKB);
+        for (int64_t yp = 0; yp < pl.Hp; ++yp) {
+          uint64_t* row = img + yp * pl.Wp;
+          if (yp < pl.ph || yp >= pl.ph + pl.H) {
+            std::fill(row, row + pl.Wp, z);
+          } else {
+            std::fill(row, row + pl.pw, z);
+            std::fill(row + pl.pw + pl.W, row + pl.Wp, z);
+          }
+        }
+      }
+    });
   }
   return any_nan;
 }
+
+// ------------------------------------------------------------------------------------------------------------
+// Pixel-vector micro-kernel (AVX-512; stride-1 convs on the planar layout)
+// ------------------------------------------------------------------------------------------------------------
+// The 64-bit lanes of an accumulator are 8 consecutive output pixels of one output row; there is one accumulator
+// per (pixel vector, output channel) of an 8-channel half, 2 vectors x 8 channels. Each step loads 8 pixels' 8
+// activation bytes (64 contiguous bytes of the planar layout) and broadcasts one channel's 8 weight bytes. A
+// channel's group only picks the planar buffer its pixel vectors are loaded from -- plain loads -- so a channel block
+// at a group boundary costs what a one-group block costs (the row kernel merges two groups' bytes per lane there,
+// an ALU uop per row and step), and there is no per-pixel tap-offset table: a tap is one constant offset.
+struct PvRun {
+  const uint8_t* A = nullptr;
+  Planar pl;
+  int64_t kh = 1, kw = 1, dh = 1, dw = 1, sh = 1, Ho = 0, Wo = 0, steps = 0, T = 0;
+};
+
+// a[j]: lane p = pixel p of channel j  ->  r[p]: lane j = channel j of pixel p (8 x 8 64-bit transpose).
+QK_TARGET_AVX512 inline void transpose8x8_epi64(const __m512i* a, __m512i* r) {
+  __m512i b[8], c[8];
+  for (int k = 0; k < 4; ++k) {
+    b[2 * k] = _mm512_unpacklo_epi64(a[2 * k], a[2 * k + 1]);      // pixels 0 2 4 6 of channels 2k, 2k+1
+    b[2 * k + 1] = _mm512_unpackhi_epi64(a[2 * k], a[2 * k + 1]);  // pixels 1 3 5 7
+  }
+  // 128-bit blocks: c[0] = pixels 0|4 of channels 0-3, c[1] = 2|6 (0-3), c[2] = 0|4 (4-7), c[3] = 2|6 (4-7),
+  // c[4..7] the same for the odd pixels
+  c[0] = _mm512_shuffle_i64x2(b[0], b[2], 0x88);
+  c[1] = _mm512_shuffle_i64x2(b[0], b[2], 0xDD);
+  c[2] = _mm512_shuffle_i64x2(b[4], b[6], 0x88);
+  c[3] = _mm512_shuffle_i64x2(b[4], b[6], 0xDD);
+  c[4] = _mm512_shuffle_i64x2(b[1], b[3], 0x88);
+  c[5] = _mm512_shuffle_i64x2(b[1], b[3], 0xDD);
+  c[6] = _mm512_shuffle_i64x2(b[5], b[7], 0x88);
+  c[7] = _mm512_shuffle_i64x2(b[5], b[7], 0xDD);
+  r[0] = _mm512_shuffle_i64x2(c[0], c[2], 0x88);
+  r[4] = _mm512_shuffle_i64x2(c[0], c[2], 0xDD);
+  r[2] = _mm512_shuffle_i64x2(c[1], c[3], 0x88);
+  r[6] = _mm512_shuffle_i64x2(c[1], c[3], 0xDD);
+  r[1] = _mm512_shuffle_i64x2(c[4], c[6], 0x88);
+  r[5] = _mm512_shuffle_i64x2(c[4], c[6], 0xDD);
+  r[3] = _mm512_shuffle_i64x2(c[5], c[7], 0x88);
+  r[7] = _mm512_shuffle_i64x2(c[5], c[7], 0xDD);
+}
+
+// One 8-channel half h of block blk for V pixel vectors from output pixel (oy, ox0) of the buffer's image. kSplit: 8 = one group for
+// all lanes; 1..7 = lanes [0, kSplit) read the half's first group, the rest its second (the channels are sorted by
+// group, so the second group's lanes are a suffix); 0 = any groups (one load per lane). rows[v][p]: pixel p of
+// vector v, lanes = the half's 8 channel sums.
+template <bool kThermo, int V, int kSplit>
+QK_TARGET_AVX512 void pv_half(const Problem<uint8_t>& pb, const PvRun& run, int64_t blk, int h, int64_t oy,
+                              int64_t ox0, __m512i (*rows)[8]) {
+  const BlockInfo& bi = pb.blocks[blk];
+  const LaneGroups& lg = bi.half[h];
+  const Planar& pl = run.pl;
+  const int64_t pix = (oy * run.sh * pl.Wp + ox0) * kKB;  // tap (0, 0) of the first pixel (one image per buffer)
+  const uint8_t* xa = run.A + lg.group[0] * pl.gstride + pix;
+  const uint8_t* xb = run.A + lg.group[lg.count > 1 ? 1 : 0] * pl.gstride + pix;
+  const uint8_t* xl[8];  // kSplit 0: each lane's own group
+  if (kSplit == 0) {
+    for (int l = 0; l < 8; ++l) {
+      int g = lg.group[0];
+      for (int e = 1; e < lg.count; ++e)
+        if (lg.mask[e] >> l & 1u) g = lg.group[e];
+      xl[l] = run.A + g * pl.gstride + pix;
+    }
+  }
+  __m512i acc[V][8];
+  for (int v = 0; v < V; ++v)
+    for (int j = 0; j < 8; ++j) acc[v][j] = _mm512_setzero_si512();
+  for (int64_t i = 0; i < run.kh; ++i) {
+    for (int64_t j = 0; j < run.kw; ++j) {
+      const int64_t toff = (i * run.dh * pl.Wp + j * run.dw) * kKB;
+      const uint8_t* w = pb.W + ((blk * run.T + i * run.kw + j) * run.steps) * kNR * kKB + h * 8 * kKB;
+      const uint8_t* pa = xa + toff;
+      const uint8_t* pbp = xb + toff;
+      for (int64_t st = 0; st < run.steps; ++st, w += kNR * kKB, pa += pl.sstride, pbp += pl.sstride) {
+        if (kSplit == 0) {
+          for (int l = 0; l < 8; ++l) {
+            const __m512i wl = bcast8_avx512(w + l * kKB);
+            const uint8_t* px = xl[l] + toff + st * pl.sstride;
+            for (int v = 0; v < V; ++v) acc[v][l] = _mm512_add_epi64(acc[v][l], lane_l1<kThermo>(_mm512_loadu_si512(px + v * 64), wl));
+          }
+        } else {
+          __m512i va[V], vb[V];
+          for (int v = 0; v < V; ++v) {
+            va[v] = _mm512_loadu_si512(pa + v * 64);
+            vb[v] = kSplit < 8 ? _mm512_loadu_si512(pbp + v * 64) : va[v];
+          }
+#pragma GCC unroll 8
+          for (int l = 0; l < 8; ++l) {
+            const __m512i wl = bcast8_avx512(w + l * kKB);
+            for (int v = 0; v < V; ++v)
+              acc[v][l] = _mm512_add_epi64(acc[v][l], lane_l1<kThermo>(l < kSplit ? va[v] : vb[v], wl));
+          }
+        }
+      }
+    }
+  }
+  for (int v = 0; v < V; ++v) transpose8x8_epi64(acc[v], rows[v]);
+}
+
+template <bool kThermo, int V>
+QK_TARGET_AVX512 void pv_half_any(const Problem<uint8_t>& pb, const PvRun& run, int64_t blk, int h, int64_t oy,
+                                  int64_t ox0, __m512i (*rows)[8]) {
+  const LaneGroups& lg = pb.blocks[blk].half[h];
+  int split = 8;
+  if (lg.count == 2) {
+    split = __builtin_ctz(lg.mask[1]);
+    if (lg.mask[1] != (0xFFu << split & 0xFFu)) split = 0;  // not a suffix: the general loop
+  } else if (lg.count > 2) {
+    split = 0;
+  }
+  switch (split) {
+    case 1: return pv_half<kThermo, V, 1>(pb, run, blk, h, oy, ox0, rows);
+    case 2: return pv_half<kThermo, V, 2>(pb, run, blk, h, oy, ox0, rows);
+    case 3: return pv_half<kThermo, V, 3>(pb, run, blk, h, oy, ox0, rows);
+    case 4: return pv_half<kThermo, V, 4>(pb, run, blk, h, oy, ox0, rows);
+    case 5: return pv_half<kThermo, V, 5>(pb, run, blk, h, oy, ox0, rows);
+    case 6: return pv_half<kThermo, V, 6>(pb, run, blk, h, oy, ox0, rows);
+    case 7: return pv_half<kThermo, V, 7>(pb, run, blk, h, oy, ox0, rows);
+    case 8: return pv_half<kThermo, V, 8>(pb, run, blk, h, oy, ox0, rows);
+    default: return pv_half<kThermo, V, 0>(pb, run, blk, h, oy, ox0, rows);
+  }
+}
+
+// V pixel vectors (8 V pixels from ox0, the valid ones stored) x the 16 channels of block blk.
+template <bool kThermo, int V>
+QK_TARGET_AVX512 void pv_tile(const Problem<uint8_t>& pb, const PvRun& run, int64_t blk, int64_t n, int64_t oy,
+                              int64_t ox0) {
+  __m512i rows0[V][8], rows1[V][8];
+  pv_half_any<kThermo, V>(pb, run, blk, 0, oy, ox0, rows0);
+  pv_half_any<kThermo, V>(pb, run, blk, 1, oy, ox0, rows1);
+  for (int v = 0; v < V; ++v) {
+    const int64_t nr = std::min<int64_t>(8, run.Wo - ox0 - 8 * v);
+    if (nr > 0) store_rows_avx512(pb, blk, (n * run.Ho + oy) * run.Wo + ox0 + 8 * v, static_cast<int>(nr), rows0[v],
+                                  rows1[v]);
+  }
+}
+
+// Image n (the planar buffer holds it alone: quantized image by image, so the buffer stays in L2 at any batch).
+template <bool kThermo>
+void run_pv(const Problem<uint8_t>& pb, const PvRun& run, int64_t n) {
+  // (output row, channel block) units, blocks inner: consecutive units reuse the same activation rows
+  at::parallel_for(0, run.Ho * pb.NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t blk = u % pb.NB, oy = u / pb.NB;
+      int64_t ox0 = 0;
+      for (; ox0 + 8 < run.Wo; ox0 += 16) pv_tile<kThermo, 2>(pb, run, blk, n, oy, ox0);
+      if (ox0 < run.Wo) pv_tile<kThermo, 1>(pb, run, blk, n, oy, ox0);
+    }
+  });
+}
+
+// What the pixel-vector path needs from the caller: the planar geometry and how to quantize image n into A.
+struct PvInput {
+  Planar pl;
+  std::function<void(int64_t)> quantize_image;
+};
 
 // ------------------------------------------------------------------------------------------------------------
 // The run: indirection table, problem, tiles
@@ -953,7 +1192,7 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t 
 template <typename E>
 at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int64_t xabs_max, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
                       bool float_out, Isa isa, const at::TensorOptions& opts, const float* residual = nullptr,
-                      bool relu = false) {
+                      bool relu = false, const PvInput* planar = nullptr) {
   const int64_t T = gm.kh * gm.kw;
   const int64_t Cp = pw.Cp;
   const int64_t rows = gm.N * gm.H * gm.W;
@@ -1005,6 +1244,29 @@ at::Tensor run_packed(const ConvGeom& gm, const E* A, const PackedView& pw, int6
     pb.outi = out.data_ptr<int32_t>();
   }
   if constexpr (sizeof(E) == 1) {
+    if (isa == kAvx512 && planar != nullptr) {  // the pixel-vector kernel, image by image on the planar layout
+      PvRun run;
+      run.A = A;
+      run.pl = planar->pl;
+      run.kh = gm.kh;
+      run.kw = gm.kw;
+      run.dh = gm.dh;
+      run.dw = gm.dw;
+      run.sh = gm.sh;
+      run.Ho = gm.Ho;
+      run.Wo = gm.Wo;
+      run.steps = Cp / kKB;
+      run.T = T;
+      for (int64_t n = 0; n < gm.N; ++n) {
+        planar->quantize_image(n);
+        if (pb.thermo) {
+          run_pv<true>(pb, run, n);
+        } else {
+          run_pv<false>(pb, run, n);
+        }
+      }
+      return out;
+    }
     if (isa == kAvx512) {
       run_tiles(pb, gm, 64, pb.thermo ? tile_avx512_panel<true> : tile_avx512_panel<false>);
       return out;
@@ -1216,8 +1478,8 @@ at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 // ---- prepacked, fused-input ops (deploy layers) --------------------------------------------------------------
 // The tap-row form "auto" picks: the thermometer form where its popcounts beat the byte SADs -- a grid of at most
 // 4 values (2-bit codes), VPOPCNTQ available (the AVX-512 level; AVX2 would popcount word by word), and fewer
-// XOR+POPCNT+ADD triples than SAD+ADD pairs per tap row (3 * words < 2 * byte steps: C >= 9, e.g. 4 words against
-// 8 steps at C = 64). The VPXORQ+VPOPCNTQ register loop runs 2.0x the VPSADBW one on Zen 5 (adder_isa_peak).
+// XOR+POPCNT+ADD triples than SAD+ADD pairs per tap row (3 * words < 2 * byte steps: C >= 9 but 21-24; e.g. 4
+// words against 8 steps at C = 64). The VPXORQ+VPOPCNTQ register loop runs 2.0x the VPSADBW one on Zen 5.
 int64_t auto_form(int64_t C, int64_t x_lo, int64_t x_hi) {
   if (x_hi - x_lo > 3 || cpu::best_supported_isa() != kAvx512) return kFormBytes;
   return 3 * (row_elems(kFormThermo, C) / kKB) < 2 * (row_elems(kFormBytes, C) / kKB) ? kFormThermo : kFormBytes;
@@ -1252,6 +1514,13 @@ std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor
   const int64_t f = thermo ? kFormThermo : bytes ? kFormBytes : auto_form(w4.size(1), x_lo, x_hi);
   return pack_weights<uint8_t>(w4, group_index, w_mult, x_lo, x_hi, f);
 }
+
+// Which AVX-512 kernel a fused conv runs. The pixel-vector kernel needs stride 1 along the rows (its 8 pixels are
+// consecutive input columns) and wastes the lanes of a partial last vector per output row, while the row kernel
+// pays for group boundaries inside its channel blocks. Measured on Zen 5 (4-bit, G = 4, 1 thread): C64 56x56 0.45
+// against 0.58 ms (batch 1); C128 28x28 even (Wo = 28: 3.5 vectors); C256 14x14 0.46 against 0.34 ms. So: whole
+// vectors only, at least two per row.
+inline bool use_pixel_vectors(const ConvGeom& gm) { return gm.sw == 1 && gm.Wo >= 16 && gm.Wo % 8 == 0; }
 
 at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& wbuf,
                       const at::Tensor& meta, const at::Tensor& delta, const c10::optional<at::Tensor>& bias,
@@ -1295,6 +1564,12 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   const int64_t Cp = pw.Cp;
   const int64_t rows = gm.N * gm.H * gm.W;
   checked_numel(fn, "activation buffer", {G, rows + 1, Cp});
+  const Isa isa = cpu::active_isa();
+  const bool use_pv = isa == kAvx512 && use_pixel_vectors(gm);
+  PvInput planar;
+  planar.pl = make_planar(gm, Cp);
+  if (use_pv) checked_numel(fn, "activation buffer", {G, Cp, planar.pl.Hp, planar.pl.Wp});
+  const int64_t abuf_bytes = use_pv ? G * planar.pl.gstride : G * (rows + 1) * Cp;
 
   // NHWC float rows: free for channels-last inputs (what the previous adder conv returns), one copy otherwise.
   at::Tensor xr = x.permute({0, 2, 3, 1}).contiguous();
@@ -1302,19 +1577,27 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   // allocation per layer costs page faults comparable to the quantization itself (activations only, never weights).
   thread_local std::unique_ptr<uint8_t[]> scratch;
   thread_local int64_t scratch_bytes = 0;
-  if (scratch_bytes < G * (rows + 1) * Cp) {
+  if (scratch_bytes < abuf_bytes) {
     scratch.reset();  // release first: the old and the new buffer need not coexist
     scratch_bytes = 0;
-    scratch.reset(new uint8_t[G * (rows + 1) * Cp]);
-    scratch_bytes = G * (rows + 1) * Cp;
+    scratch.reset(new uint8_t[abuf_bytes]);
+    scratch_bytes = abuf_bytes;
   }
   uint8_t* abuf = scratch.get();
   std::vector<uint8_t> nan_row(rows + 1, 0);
-  const Isa isa = cpu::active_isa();
   const ActGrid q{is_signed ? static_cast<float>((1 << bits) - 1) / 2.0f : static_cast<float>((1 << bits) - 1),
                   static_cast<float>(qlo), static_cast<float>(qhi), half_even, static_cast<int32_t>(-pw.lo)};
-  const bool any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, pw.form, ss, G, q, isa, abuf,
-                                     nan_row.data());
+  bool any_nan = false;
+  if (use_pv) {  // run_packed quantizes image by image into the planar buffer
+    const int64_t image_rows = gm.H * gm.W;
+    const float* xf = xr.data_ptr<float>();
+    planar.quantize_image = [&, image_rows, xf](int64_t n) {
+      any_nan |= quantize_into(xf + n * image_rows * gm.C, image_rows, gm.C, Cp, pw.form, ss, G, q, isa, abuf,
+                               nan_row.data() + n * image_rows, &planar.pl);
+    };
+  } else {
+    any_nan = quantize_into(xr.data_ptr<float>(), rows, gm.C, Cp, pw.form, ss, G, q, isa, abuf, nan_row.data());
+  }
   const int64_t xabs_max = std::max(std::abs(qlo), std::abs(qhi));
   // the residual in the output's layout: channels-last rows of Cout floats (free for the block input it usually is)
   at::Tensor res;
@@ -1328,7 +1611,8 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
     res = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
   at::Tensor out = run_packed<uint8_t>(gm, abuf, pw, xabs_max, delta, bias, true, isa, x.options(),
-                                       res.defined() ? res.data_ptr<float>() : nullptr, relu);
+                                       res.defined() ? res.data_ptr<float>() : nullptr, relu,
+                                       use_pv ? &planar : nullptr);
   if (any_nan) {
     // NaN where the float model has it: |NaN - w| poisons every output whose window reads a NaN (any channel).
     const int64_t P = gm.N * gm.Ho * gm.Wo, T = gm.kh * gm.kw;
