@@ -536,17 +536,17 @@ def test_packed_conv2d_pixel_vector_kernel(groups, batch, c, vectors, h, cout, k
 
 @needs_kernels
 def test_prepack_form_choice_and_errors():
-    w = torch.randint(-2, 2, (20, 64, 3, 3), dtype=torch.int8)
+    w = torch.randint(-2, 2, (20, 128, 3, 3), dtype=torch.int8)
     gi = torch.zeros(20, dtype=torch.long)
     thermo = A.adder_prepack(w, gi, 2, 2, False, "thermometer")[0]
     bytes_ = A.adder_prepack(w, gi, 2, 2, False, "bytes")[0]
-    assert thermo.numel() * 2 == bytes_.numel()  # 64 channels: 4 words of 20 codes against 8 words of 8 bytes
+    assert thermo.numel() * 16 == bytes_.numel() * 7  # 128 channels: 7 words of 20 codes against 16 of 8 bytes
     auto = A.adder_prepack(w, gi, 2, 2, False)[0]
     assert auto.numel() == (thermo.numel() if "avx512" in ISAS else bytes_.numel())
-    # 4-bit codes and few channels stay in bytes under "auto"
+    # 4-bit codes and 64 channels or fewer stay in bytes under "auto"
     assert A.adder_prepack(w, gi, 2, 4, False)[0].numel() == bytes_.numel()
-    assert A.adder_prepack(w[:, :8], gi, 2, 2, False)[0].numel() == A.adder_prepack(w[:, :8], gi, 2, 2, False,
-                                                                                     "bytes")[0].numel()
+    w64 = w[:, :64].contiguous()
+    assert A.adder_prepack(w64, gi, 2, 2, False)[0].numel() == A.adder_prepack(w64, gi, 2, 2, False, "bytes")[0].numel()
     with pytest.raises(KernelError, match="2-bit codes only"):
         A.adder_prepack(w, gi, 2, 3, False, "thermometer")
     with pytest.raises(KernelError, match="form must be one of"):
@@ -558,7 +558,7 @@ def test_prepack_form_choice_and_errors():
     bad = pm.clone()
     bad[3, 1] = 7  # grid hi
     with pytest.raises(RuntimeError, match="invalid header"):
-        A.adder_conv2d_packed(torch.randn(1, 64, 4, 4), torch.ones(1), pw, bad, torch.ones(20), None, 3, 1, 1, 1, 2,
+        A.adder_conv2d_packed(torch.randn(1, 128, 4, 4), torch.ones(1), pw, bad, torch.ones(20), None, 3, 1, 1, 1, 2,
                               False)
 
 

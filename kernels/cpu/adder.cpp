@@ -1476,13 +1476,14 @@ at::Tensor adder_conv2d_cpu(const at::Tensor& xq, const at::Tensor& wq, const at
 
 
 // ---- prepacked, fused-input ops (deploy layers) --------------------------------------------------------------
-// The tap-row form "auto" picks: the thermometer form where its popcounts beat the byte SADs -- a grid of at most
-// 4 values (2-bit codes), VPOPCNTQ available (the AVX-512 level; AVX2 would popcount word by word), and fewer
-// XOR+POPCNT+ADD triples than SAD+ADD pairs per tap row (3 * words < 2 * byte steps: C >= 9 but 21-24; e.g. 4
-// words against 8 steps at C = 64). The VPXORQ+VPOPCNTQ register loop runs 2.0x the VPSADBW one on Zen 5.
+// The tap-row form "auto" picks: the thermometer form where it measured faster than the byte SADs -- a grid of at
+// most 4 values (2-bit codes), VPOPCNTQ available (the AVX-512 level; AVX2 would popcount word by word), and more
+// than 64 input channels. The VPXORQ+VPOPCNTQ register loop runs 2.0x the VPSADBW one on Zen 5, and 3x3 convs with
+// 128-512 channels ran 1.3-1.8x the bytes form (benchmarks/kernels_cpu_adder.py); at 64 channels (ResNet's first
+// stage: 4 words a tap row, against 8 byte steps) the shorter loops and the encoding step ate the gain (0.93-1.09x).
 int64_t auto_form(int64_t C, int64_t x_lo, int64_t x_hi) {
   if (x_hi - x_lo > 3 || cpu::best_supported_isa() != kAvx512) return kFormBytes;
-  return 3 * (row_elems(kFormThermo, C) / kKB) < 2 * (row_elems(kFormBytes, C) / kKB) ? kFormThermo : kFormBytes;
+  return C > 64 ? kFormThermo : kFormBytes;
 }
 
 std::vector<at::Tensor> adder_prepack_cpu(const at::Tensor& wq, const at::Tensor& group_index, int64_t w_mult,

@@ -498,8 +498,8 @@ def adder_prepack(wq: torch.Tensor, group_index: torch.Tensor, w_mult: int, bits
         bits, signed: the activation codes the packing will be used with.
         form: how a tap row is stored -- ``"bytes"`` (one value per byte, VPSADBW), ``"thermometer"`` (2-bit grids
             only: 3-bit thermometer codes, ``|a - b| = popcount(T(a) xor T(b))``, VPOPCNTQ) or ``"auto"``
-            (thermometer for 2-bit codes on AVX-512 CPUs where it needs fewer instructions: 9+ input channels, except
-            21-24; else bytes). Every form
+            (thermometer for 2-bit codes with more than 64 input channels on AVX-512 CPUs, where it measured
+            faster; else bytes). Every form
             runs on every ISA level with the same results (docs/kernels.md#cpu-adder-micro-kernel).
     Returns:
         ``(packed_weight, packed_meta)``: flat uint8 and (4, L) int32 tensors (layout in ``kernels/cpu/adder.cpp``).
