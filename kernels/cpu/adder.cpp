@@ -472,22 +472,8 @@ struct ConvGeom {
   int64_t G, N, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
 };
 
-// Element offsets (inside a group buffer) of the T tap rows read by output pixel p; the zero-padding row for taps
-// outside the image.
-inline void pixel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p, int64_t* off) {
-  const int64_t rows = gm.N * gm.H * gm.W;
-  const int64_t n = p / (gm.Ho * gm.Wo), oy = (p / gm.Wo) % gm.Ho, ox = p % gm.Wo;
-  for (int64_t i = 0; i < gm.kh; ++i) {
-    const int64_t iy = oy * gm.sh - gm.ph + i * gm.dh;
-    for (int64_t j = 0; j < gm.kw; ++j) {
-      const int64_t ix = ox * gm.sw - gm.pw + j * gm.dw;
-      const bool inside = iy >= 0 && iy < gm.H && ix >= 0 && ix < gm.W;
-      off[i * gm.kw + j] = (inside ? (n * gm.H + iy) * gm.W + ix : rows) * Cp;
-    }
-  }
-}
-
-// pixel_offsets for the nrows pixels from p0 on, stepping (n, oy, ox) instead of dividing per pixel (three 64-bit
+// Element offsets (inside a group buffer) of the T tap rows read by each of the nrows output pixels from p0 on (the
+// zero-padding row for taps outside the image), stepping (n, oy, ox) instead of dividing per pixel (three 64-bit
 // divisions per pixel had cost ~10% of a 64-channel conv).
 inline void panel_offsets(const ConvGeom& gm, int64_t Cp, int64_t p0, int64_t nrows, int64_t T, int64_t* off) {
   const int64_t rows = gm.N * gm.H * gm.W;
@@ -1622,7 +1608,7 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
     at::parallel_for(0, P, 256, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> off(T);
       for (int64_t p = begin; p < end; ++p) {
-        pixel_offsets(gm, Cp, p, off.data());
+        panel_offsets(gm, Cp, p, 1, T, off.data());
         bool hit = false;
         for (int64_t t = 0; t < T && !hit; ++t) hit = nan_row[off[t] / Cp] != 0;
         if (hit) std::fill(y + p * gm.Cout, y + (p + 1) * gm.Cout, qnan);
