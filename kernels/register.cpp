@@ -27,6 +27,9 @@ TORCH_LIBRARY(quantkit, m) {
   m.def("pack_bits(Tensor x, Tensor? threshold=None) -> Tensor");
   m.def("unpack_bits(Tensor words, int k, ScalarType? dtype=None) -> Tensor");
   m.def("cpu_isa() -> str");
+  // cpu_amx: whether binary_conv2d_prepacked runs its AMX path now (AMX-INT8 tiles available and usable, and
+  //            QUANTKIT_CPU_ISA unset, "auto" or "amx").
+  m.def("cpu_amx() -> bool");
 
   // ---- binary (XNOR / AND-popcount) GEMM, conv2d, attention products ------------------------------------
   // All operands are packed int32 words (layout above), contiguous; per-channel vectors are float32 (N,).
@@ -58,8 +61,13 @@ TORCH_LIBRARY(quantkit, m) {
       "binary_conv2d_prepacked(Tensor x, Tensor panels, Tensor wpop, int c_in, int c_out, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, Tensor? scale=None, Tensor? act_sum_scale=None, "
       "Tensor? weight_sum_scale=None, Tensor? count_scale=None, Tensor? bias=None, Tensor? residual=None, "
-      "Tensor? maxout_pos=None, Tensor? maxout_neg=None, Tensor? threshold=None, bool float_out=True) "
-      "-> (Tensor, Tensor)");
+      "Tensor? maxout_pos=None, Tensor? maxout_neg=None, Tensor? threshold=None, bool float_out=True, "
+      "Tensor? amx_weights=None) -> (Tensor, Tensor)");
+  // binary_conv_prepack_amx: OHWI packed weights -> int64 (NBp, ceil(c_in/64)*kh*kw, 16), the bit masks of the
+  //   int8 weight tiles binary_conv2d_prepacked's AMX path loads (NBp = ceil(C_out/16) rounded up to even; layout
+  //   in kernels/cpu/binary.cpp). Passed as amx_weights, they make binary_conv2d_prepacked run on AMX tiles where
+  //   the CPU has them (and QUANTKIT_CPU_ISA does not ask for a lower level); elsewhere they are ignored.
+  m.def("binary_conv_prepack_amx(Tensor w, int c_in) -> Tensor");
   // binary_bmm: a (B, M, W), b (B, N, W), +-1 x +-1 -> int32 (B, M, N) = k - 2*popcount(a ^ b)  (Q_b K_b^T).
   m.def("binary_bmm(Tensor a, Tensor b, int k) -> Tensor");
   // binary_bmm_01: a in {0,1} (B, M, W), b in {+-1} (B, N, W) -> int32 (B, M, N) = 2*popc(a & b) - popc(a)

@@ -1,6 +1,7 @@
 """Prepacked binary conv (binary_conv_prepack + binary_conv2d_prepacked) on every CPU ISA level: the same values as
 the unfused ops it replaces (binary_conv2d, + residual, maxout, pack_bits), bit for bit; the reference agrees; the
-fused residual blocks of a converted AdaBin ResNet equal the unfused deploy blocks and the simulated model."""
+fused residual blocks of a converted AdaBin ResNet equal the unfused deploy blocks and the simulated model; on CPUs
+with AMX-INT8, the AMX path equals the VPOPCNTD path bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -138,3 +139,110 @@ def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
     dep.load_state_dict(sd)
     assert not torch.equal(conv.weight_panels, before)
     assert torch.equal(conv.weight_panels, binary_conv_prepack_reference(conv.weight_packed, conv.in_channels)[0])
+
+
+# ---------------------------------------------------------------------------------------------- AMX-INT8 path
+AMX = HAVE and ops.cpu_amx_supported()
+
+
+def test_prepack_amx_matches_reference():
+    from quantkit.ops.binary import binary_conv_prepack_amx_reference
+
+    g = torch.Generator().manual_seed(1)
+    for c_out, c_in, kh, kw in [(37, 45, 3, 2), (16, 64, 3, 3), (5, 130, 1, 1), (33, 200, 3, 3)]:
+        w = ops.pack_conv_weight(torch.randn(c_out, c_in, kh, kw, generator=g))
+        w_dirty = w.clone()
+        if c_in % 32:
+            w_dirty[..., -1] |= torch.tensor(-(1 << 31), dtype=torch.int32)  # a tail bit past c_in: ignored
+        nb = -(-c_out // 16)
+        want = (nb + nb % 2, -(-c_in // 64) * kh * kw, 16)
+        ref = binary_conv_prepack_amx_reference(w, c_in)
+        got = ops.binary_conv_prepack_amx(w_dirty, c_in)
+        assert got.dtype == torch.int64 and tuple(got.shape) == want and torch.equal(got, ref)
+        # spot-check the layout: sign of input channel 64 g + 4 r + j of output channel 16 b + n at bit 4 n + j
+        bits = ops.unpack_bits(w, c_in, torch.bool).reshape(c_out, kh * kw, c_in)
+        o, t, c = c_out - 1, kh * kw - 1, c_in - 1
+        gidx, r, j = c // 64, (c % 64) // 4, c % 4
+        word = int(got[o // 16, gidx * kh * kw + t, r])
+        assert bool((word >> (4 * (o % 16) + j)) & 1) == bool(bits[o, t, c])
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU/OS has no AMX-INT8 tiles")
+def test_amx_path_equals_vpopcnt_path(monkeypatch):
+    """QUANTKIT_CPU_ISA=amx forces the AMX path on every shape (the default takes it where it pays): the same
+    floats and bits as the AVX-512 VPOPCNTD path, including borders, strides, dilation, odd channel counts past 64,
+    residual, Maxout and the thresholded output."""
+
+    @settings(max_examples=hypothesis_examples(30), deadline=None)
+    @given(data=st.data(), present=st.lists(st.booleans(), min_size=5, max_size=5), residual=st.booleans(),
+           maxout=st.sampled_from(["none", "finite", "nan"]), seed=st.integers(0, 2**31 - 1))
+    def check(data, present, residual, maxout, seed):
+        batch = data.draw(st.integers(1, 3))
+        c_in, c_out = data.draw(st.integers(1, 140)), data.draw(st.integers(1, 70))
+        k = data.draw(st.sampled_from([1, 2, 3, 5]))
+        stride, pad, dil = data.draw(st.integers(1, 3)), data.draw(st.integers(0, 2)), data.draw(st.integers(1, 2))
+        h = data.draw(st.integers(max(1, dil * (k - 1) + 1 - 2 * pad), 20))
+        wdt = data.draw(st.integers(max(1, dil * (k - 1) + 1 - 2 * pad), 20))
+        g = torch.Generator().manual_seed(seed)
+        x = ops.pack_activation_nhwc(torch.randn(batch, c_in, h, wdt, generator=g), torch.randn(c_in, generator=g))
+        w = ops.pack_conv_weight(torch.randn(c_out, c_in, k, k, generator=g))
+        terms = {t: (torch.randn(c_out, generator=g) if on else None) for t, on in zip(TERMS, present)}
+        panels, wpop = ops.binary_conv_prepack(w, c_in)
+        masks = ops.binary_conv_prepack_amx(w, c_in)
+        ho, wo = (ops.conv2d_output_size(n, k, stride, pad, dil) for n in (h, wdt))
+        r = (torch.randn(batch, c_out, ho, wo, generator=g).contiguous(memory_format=torch.channels_last)
+             if residual else None)
+        pos = neg = None
+        if maxout != "none":
+            pos, neg = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
+            if maxout == "nan":
+                pos[0] = float("nan")
+        th = torch.randn(c_out, generator=g)
+        args = (x, panels, wpop, c_in, c_out, k, stride, pad, dil)
+        kw = dict(**terms, residual=r, maxout_pos=pos, maxout_neg=neg, threshold=th)
+        monkeypatch.setenv("QUANTKIT_CPU_ISA", "avx512")
+        y0, b0 = ops.binary_conv2d_prepacked(*args, **kw)
+        monkeypatch.setenv("QUANTKIT_CPU_ISA", "amx")
+        assert ops.cpu_amx()
+        y1, b1 = ops.binary_conv2d_prepacked(*args, **kw, amx_weights=masks)
+        assert torch.equal(y0.isnan(), y1.isnan()) and torch.equal(y0.nan_to_num(), y1.nan_to_num())
+        assert torch.equal(b0, b1)
+        _, b2 = ops.binary_conv2d_prepacked(*args, **kw, amx_weights=masks, float_out=False)
+        assert torch.equal(b2, b0)
+
+    check()
+
+
+@pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
+def test_amx_weights_checked_and_ignored_without_amx(monkeypatch):
+    w = ops.pack_conv_weight(torch.randn(8, 16, 3, 3))
+    panels, wpop = ops.binary_conv_prepack(w, 16)
+    masks = ops.binary_conv_prepack_amx(w, 16)
+    x = ops.pack_activation_nhwc(torch.randn(1, 16, 20, 20))
+    with pytest.raises(KernelError, match="amx_weights must be int64"):
+        ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1, amx_weights=masks[:, :-1])
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "avx2")  # a lower level: no AMX, the masks are ignored
+    assert not ops.cpu_amx()
+    y2, _ = ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1, amx_weights=masks)
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "portable")
+    y0, _ = ops.binary_conv2d_prepacked(x, panels, wpop, 16, 8, 3, 1, 1)
+    assert torch.equal(y0, y2)
+
+
+@pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
+def test_deploy_conv_builds_amx_weights_where_the_cpu_has_amx():
+    from quantkit.nn.binary_deploy import BinaryDeployConv2d
+    from quantkit.ops.binary import binary_conv_prepack_amx_reference
+
+    signs = torch.randn(24, 70, 3, 3).sign()
+    conv = BinaryDeployConv2d.from_signs(signs, {"scale": torch.ones(24)}, stride=(1, 1), padding=(1, 1),
+                                         dilation=(1, 1))
+    assert "weight_amx" not in conv.state_dict()  # derived, like the panels
+    if not ops.cpu_amx_supported():
+        assert conv.weight_amx is None
+        return
+    assert torch.equal(conv.weight_amx, binary_conv_prepack_amx_reference(conv.weight_packed, 70))
+    sd = conv.state_dict()
+    sd["weight_packed"] = ~sd["weight_packed"]
+    conv.load_state_dict(sd)  # a loaded weight rebuilds the AMX masks too
+    assert torch.equal(conv.weight_amx, binary_conv_prepack_amx_reference(conv.weight_packed, 70))

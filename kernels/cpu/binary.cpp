@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -295,13 +296,10 @@ inline void mk2(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t*
 // y = scale*dot + bias, += act_sum_scale*asum, += (weight_sum_scale*wsum + count_scale*n_valid) (FMAs as written),
 // then residual, Maxout (the two forms of kernels/cpu/elementwise.cpp), store / compare.
 constexpr bool kHasVecEpi = true;
-template <bool CONV, int EPI>
-inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
-                         const int32_t* acc) {
-  const int64_t col0 = cb * NR;
-  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
-  __m512i inv = _mm512_setzero_si512();  // popcount of the weight words of this position's padded taps
+// The popcount of the weight words of row p's padded taps, per channel of block cb (0 away from the borders).
+template <bool CONV>
+inline __m512i padded_tap_popcounts(const Ctx& c, int64_t cb, const uint32_t* const* pi, const RowInfo& ri) {
+  __m512i inv = _mm512_setzero_si512();
   if (CONV && ri.border) {
     const int32_t* wp = c.wpop + cb * c.T * NR;
     if (c.T <= 64) {  // the padded taps' bits: no data-dependent branch per tap
@@ -312,8 +310,16 @@ inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
         if (pi[t] == c.zbuf) inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + t * NR));
     }
   }
+  return inv;
+}
+
+// The epilogue from dot = sum(s_a s_w) over the valid taps and inv (padded_tap_popcounts).
+template <bool CONV, int EPI>
+inline void vec_epilogue_dot(const Ctx& c, int64_t cb, int64_t p, const RowInfo& ri, __m512i dot, __m512i inv) {
+  const int64_t col0 = cb * NR;
+  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
+  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
   const __m512i nv = _mm512_set1_epi32(ri.nv);
-  const __m512i dot = _mm512_sub_epi32(nv, _mm512_slli_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc), inv), 1));
   __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(c.scale + col0), _mm512_cvtepi32_ps(dot), _mm512_loadu_ps(c.bias + col0));
   v = _mm512_fmadd_ps(_mm512_loadu_ps(c.ass + col0), _mm512_set1_ps(ri.asum), v);
   if (CONV) {
@@ -345,6 +351,16 @@ inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
         static_cast<uint16_t>(_mm512_cmp_ps_mask(v, _mm512_loadu_ps(c.thr + col0), _CMP_GE_OQ) & cm);
   }
 }
+
+template <bool CONV, int EPI>
+inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* const* pi, const RowInfo& ri,
+                         const int32_t* acc) {
+  const __m512i inv = padded_tap_popcounts<CONV>(c, cb, pi, ri);
+  // XOR form: popcount(a ^ w) over the valid taps = acc - inv (padded taps saw zero activation words)
+  const __m512i dot =
+      _mm512_sub_epi32(_mm512_set1_epi32(ri.nv), _mm512_slli_epi32(_mm512_sub_epi32(_mm512_loadu_si512(acc), inv), 1));
+  vec_epilogue_dot<CONV, EPI>(c, cb, p, ri, dot, inv);
+}
 #include "cpu/binary_tile_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -359,7 +375,9 @@ inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
 namespace amx {
 using avx512::kHasVecEpi;
+using avx512::padded_tap_popcounts;
 using avx512::vec_epilogue;
+using avx512::vec_epilogue_dot;
 using avx512::kHasMk2;
 using avx512::mk;
 using avx512::mk2;
@@ -481,6 +499,427 @@ void tile_amx(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, 
     }
   }
   _tile_release();
+}
+
+// ---- binary_conv2d_prepacked on AMX (its default path where AMX is available; docs/kernels.md#amx-prepacked-conv)
+// Activations: the input bits expand once per call into a zero-padded int8 NHWC image xe (N, Hp, Wp, Cp) with
+// s_a = +-1 on valid lanes and 0 on the padding and on lanes past c_in (Cp = c_in rounded up to 64), so a k-step
+// (one tap, 64 channels) of 16 output rows is ONE strided tile load straight from xe (no per-block copy) and padded
+// taps add 0 to the dot product. Output rows go in segments of 16: stride-1 convs take 16 consecutive positions of
+// the image flattened over the padded width (row stride Cp bytes; the Wp - Wo positions past the end of each
+// output row are computed and dropped: 2 of 9 at 7x7, 2 of 58 at 56x56), other strides 16 consecutive positions
+// of one output row (row stride sw*Cp). Weights: the prepacked masks (binary_conv_prepack_amx, 8x smaller than
+// int8) expand per channel-block pair into int8 tiles that stay in L2 while a chunk of row segments streams past.
+// Blocking 2 segments x 2 channel blocks: 4 accumulator tiles, 4 tile loads per 4 TDPBSSD. The epilogue is the
+// AVX-512 one (vec_epilogue_dot) on the tiles' dot products.
+// Per-thread scratch reused across calls (slot 0: the calling thread's int8 image, 2 and 3 its popcount maps;
+// 1: a worker's weight tiles):
+// fresh multi-MiB allocations per call fault in page by page, which measured as much as the tiles themselves at
+// batch 16. Activations and per-call copies only, never a cache of weights.
+inline int8_t* amx_scratch(int slot, int64_t bytes) {
+  thread_local std::unique_ptr<int8_t[]> buf[4];
+  thread_local int64_t size[4] = {0, 0, 0, 0};
+  if (size[slot] < bytes + 64) {
+    buf[slot].reset();  // release first: the old and the new buffer need not coexist
+    size[slot] = 0;
+    buf[slot].reset(new int8_t[bytes + 64]);
+    size[slot] = bytes + 64;
+  }
+  return reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(buf[slot].get()) + 63) & ~uintptr_t(63));
+}
+
+// Bytes of int8 weight tiles a task expands at once (several channel-block pairs where they fit; see conv_amx_task).
+constexpr int64_t kAmxTileBudget = 256 * 1024;
+
+struct AmxConvGeom {
+  int64_t N = 0, Hp = 0, Wp = 0, Cp = 0, G = 0, S = 0;
+  bool flat = true;        // stride 1: segments over the flattened padded image
+  int64_t segs_img = 0;    // segments per image
+  int64_t per_row = 0;     // segments per output row (row mode)
+  int64_t segs = 0;        // all segments
+  int64_t pixels = 0;      // pixels of xe, including the slack the last segments read past the last image
+};
+
+inline AmxConvGeom amx_geometry(const Ctx& c) {
+  AmxConvGeom g;
+  g.N = c.P / (c.Ho * c.Wo);
+  g.Hp = c.H + 2 * c.ph;
+  g.Wp = c.W + 2 * c.pw;
+  g.G = (c.c_in + 63) / 64;
+  g.Cp = 64 * g.G;
+  g.S = g.G * c.T;
+  g.flat = c.sh == 1 && c.sw == 1;
+  g.per_row = (c.Wo + 15) / 16;
+  g.segs_img = g.flat ? (c.Ho * g.Wp + 15) / 16 : c.Ho * g.per_row;
+  g.segs = g.N * g.segs_img;
+  return g;
+}
+
+// Whether the AMX path pays here: it computes whole 16-row segments, and where fewer than 70% of their rows are
+// output positions (stride 2 onto a 7-wide output: 7 of 16) the VPOPCNTD path measured faster.
+inline bool amx_worthwhile(const Ctx& c) {
+  if (c.Ho <= 0 || c.Wo <= 0 || c.P <= 0) return false;
+  const AmxConvGeom g = amx_geometry(c);
+  return 10 * c.P >= 7 * 16 * g.segs;
+}
+
+// First pixel of xe (tap (0, 0)) that segment k's row 0 reads, and the pixel step between its rows.
+inline void amx_segment(const Ctx& c, const AmxConvGeom& g, int64_t k, int64_t& pix, int64_t& step) {
+  const int64_t n = k / g.segs_img, kk = k - n * g.segs_img;
+  if (g.flat) {
+    pix = n * g.Hp * g.Wp + 16 * kk;
+    step = 1;
+  } else {
+    const int64_t oh = kk / g.per_row, ow0 = 16 * (kk - oh * g.per_row);
+    pix = n * g.Hp * g.Wp + oh * c.sh * g.Wp + ow0 * c.sw;
+    step = c.sw;
+  }
+}
+
+// Output position of row r of segment k, or false for the dropped positions.
+inline bool amx_row_position(const Ctx& c, const AmxConvGeom& g, int64_t k, int r, PixelCursor& pc) {
+  const int64_t n = k / g.segs_img, kk = k - n * g.segs_img;
+  int64_t oh, ow;
+  if (g.flat) {
+    const int64_t q = 16 * kk + r;
+    oh = q / g.Wp;
+    ow = q - oh * g.Wp;
+  } else {
+    oh = kk / g.per_row;
+    ow = 16 * (kk - oh * g.per_row) + r;
+  }
+  if (oh >= c.Ho || ow >= c.Wo) return false;
+  pc.n = n, pc.oh = oh, pc.ow = ow;
+  return true;
+}
+
+// Padded row (n, hp) of xe from the packed input bits (zeros for padding rows, columns and lanes past c_in).
+// With pp, also each padded pixel's activation popcount (0 on the padding) into pp (N, Hp, Wp).
+inline void amx_expand_row(const Ctx& c, const AmxConvGeom& g, int64_t n, int64_t hp, int8_t* xe, int32_t* pp) {
+  int8_t* dst = xe + (n * g.Hp + hp) * g.Wp * g.Cp;
+  int32_t* pop = pp ? pp + (n * g.Hp + hp) * g.Wp : nullptr;
+  const int64_t ih = hp - c.ph;
+  if (ih < 0 || ih >= c.H) {
+    std::memset(dst, 0, static_cast<size_t>(g.Wp * g.Cp));
+    if (pop) std::fill(pop, pop + g.Wp, 0);
+    return;
+  }
+  const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  for (int64_t wp = 0; wp < g.Wp; ++wp, dst += g.Cp) {
+    const int64_t iw = wp - c.pw;
+    if (iw < 0 || iw >= c.W) {
+      std::memset(dst, 0, static_cast<size_t>(g.Cp));
+      if (pop) pop[wp] = 0;
+      continue;
+    }
+    const uint32_t* src = c.x + ((n * c.H + ih) * c.W + iw) * c.Cw;
+    if (pop) {
+      int32_t cnt = 0;
+      for (int64_t w = 0; w < c.Cw; ++w) cnt += __builtin_popcount(src[w]);
+      pop[wp] = cnt;
+    }
+    for (int64_t q = 0; q < g.G; ++q) {
+      const uint64_t m = src[2 * q] | (2 * q + 1 < c.Cw ? static_cast<uint64_t>(src[2 * q + 1]) << 32 : 0);
+      _mm512_storeu_si512(dst + 64 * q,
+                          _mm512_maskz_mov_epi8(lane_mask(c.c_in - 64 * q), _mm512_mask_blend_epi8(m, minus, plus)));
+    }
+  }
+}
+
+// setup_row's RowInfo without the tap pointers (T <= 64: the epilogue finds the padded taps in pad_taps), which the
+// AMX path does not read; the activation popcount over the valid taps comes from the window map `win` (per output
+// position; see conv_prepacked_amx), so a row costs a load instead of T.
+inline void amx_row_facts(const Ctx& c, const PixelCursor& pc, int64_t p, const int32_t* win, RowInfo& ri) {
+  const int64_t H = c.H, W = c.W, kh = c.kh, kw = c.kw, dh = c.dh, dw = c.dw, T = c.T;
+  const int64_t ih0 = pc.oh * c.sh - c.ph, iw0 = pc.ow * c.sw - c.pw;
+  int64_t valid = T;
+  uint64_t pad = 0;
+  if (!(ih0 >= 0 && ih0 + (kh - 1) * dh < H && iw0 >= 0 && iw0 + (kw - 1) * dw < W)) {
+    valid = 0;
+    for (int64_t r = 0; r < kh; ++r) {
+      const int64_t ih = ih0 + r * dh;
+      for (int64_t s = 0; s < kw; ++s) {
+        const int64_t iw = iw0 + s * dw;
+        if (ih >= 0 && ih < H && iw >= 0 && iw < W) ++valid;
+        else pad |= uint64_t{1} << (r * kw + s);
+      }
+    }
+  }
+  RowInfo f;
+  f.pad_taps = pad;
+  f.nv = static_cast<int32_t>(valid * c.c_in);
+  f.border = valid != T;
+  f.apop = win ? win[p] : 0;
+  f.asum = win ? static_cast<float>(2 * f.apop - f.nv) : 0.f;
+  ri = f;
+}
+
+// vec_epilogue_dot for the rows of one block and one channel block, the per-channel vectors loaded once for all
+// rows (per row they cost more than the arithmetic); the same operations in the same order, so the same values.
+template <int EPI>
+inline void amx_epilogue_rows(const Ctx& c, int64_t cb, const int64_t* pos, const RowInfo* ris, int nrows,
+                              const int32_t* acc, int64_t ld) {
+  const int64_t col0 = cb * NR;
+  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
+  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
+  const __m512 sc = _mm512_loadu_ps(c.scale + col0), bi = _mm512_loadu_ps(c.bias + col0);
+  const __m512 as = _mm512_loadu_ps(c.ass + col0), cs = _mm512_loadu_ps(c.cs + col0), ws = _mm512_loadu_ps(c.wss + col0);
+  const __m512i wt = _mm512_loadu_si512(c.wpop_tot + col0);
+  const bool mo = EPI == kEpiFused && c.mpos;
+  const __m512 mp = mo ? _mm512_loadu_ps(c.mpos + col0) : _mm512_setzero_ps();
+  const __m512 mn = mo ? _mm512_loadu_ps(c.mneg + col0) : _mm512_setzero_ps();
+  const bool bits = EPI == kEpiFused ? c.outb != nullptr : EPI == kEpiBits;
+  const __m512 th = bits ? _mm512_loadu_ps(c.thr + col0) : _mm512_setzero_ps();
+  float* const out = static_cast<float*>(c.out);
+  const __m512 zero = _mm512_setzero_ps();
+  const int32_t* wp = c.wpop + cb * c.T * NR;
+  for (int r = 0; r < nrows; ++r) {
+    const int64_t p = pos[r];
+    if (p < 0) continue;
+    const RowInfo& ri = ris[r];
+    __m512i inv = _mm512_setzero_si512();
+    for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
+      inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + __builtin_ctzll(m) * NR));
+    const __m512i nv = _mm512_set1_epi32(ri.nv);
+    const __m512i dot = _mm512_load_si512(acc + r * ld);
+    __m512 v = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), bi);
+    v = _mm512_fmadd_ps(as, _mm512_set1_ps(ri.asum), v);
+    const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
+    const __m512 cnt = _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(ri.nv)));
+    v = _mm512_add_ps(v, _mm512_fmadd_ps(ws, wsum, cnt));
+    if (EPI == kEpiFused) {
+      if (c.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, c.res + p * c.ldr + col0));
+      if (mo) {
+        if (c.mo_finite) {
+          v = _mm512_mul_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), mn, mp));
+        } else {  // max(0, v) returns v when v is NaN, as std::max(v, 0.f) does
+          const __m512 neg_v =
+              _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+          v = _mm512_sub_ps(_mm512_mul_ps(mp, _mm512_max_ps(zero, v)), _mm512_mul_ps(mn, _mm512_max_ps(zero, neg_v)));
+        }
+      }
+      if (out) _mm512_mask_storeu_ps(out + p * c.ldo + col0, cm, v);
+      if (bits) c.outb[p * c.ldb + cb] = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, th, _CMP_GE_OQ) & cm);
+    } else if (EPI == kEpiFloat) {
+      _mm512_mask_storeu_ps(out + p * c.ldo + col0, cm, v);
+    } else {
+      static_cast<uint16_t*>(c.out)[p * c.ldo + cb] = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, th, _CMP_GE_OQ) & cm);
+    }
+  }
+}
+
+// Segments' M-blocks [m0, m1) x channel-block pairs [cp0, cp1) (see above); wmask: (NBp, S, 16) row masks.
+template <int EPI>
+void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const int32_t* win, const uint64_t* wmask,
+                   int64_t m0, int64_t m1, int64_t cp0, int64_t cp1, int8_t* bbuf, const uint32_t** ptrs) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t S = g.S, T = c.T, Cp = g.Cp;
+  std::vector<int64_t> tap_off(static_cast<size_t>(S));  // byte offset of k-step s (group-major, then taps)
+  for (int64_t q = 0; q < g.G; ++q)
+    for (int64_t i = 0; i < c.kh; ++i)
+      for (int64_t j = 0; j < c.kw; ++j)
+        tap_off[q * T + i * c.kw + j] = (i * c.dh * g.Wp + j * c.dw) * Cp + 64 * q;
+  const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  // the rows' epilogue facts, once for all channel pairs; with more than 64 taps the epilogue also needs the tap
+  // pointers, so those rows run setup_row per pair instead
+  const int64_t nrows = (m1 - m0) * 32;
+  const bool keep_rows = T <= 64;
+  thread_local std::vector<RowInfo> ris_store;
+  thread_local std::vector<int64_t> pos_store;
+  ris_store.resize(static_cast<size_t>(keep_rows ? nrows : 0));
+  pos_store.resize(static_cast<size_t>(nrows));
+  // plain pointers: every use of a thread_local in a shared library is a __tls_get_addr call
+  RowInfo* const ris = ris_store.data();
+  int64_t* const pos = pos_store.data();  // output position of each row, -1 if dropped
+  for (int64_t i0 = 0; i0 < nrows; i0 += 16) {  // per segment: one division, then a cursor along its rows
+    const int64_t k = 2 * m0 + i0 / 16;
+    if (k >= g.segs) {
+      std::fill(pos + i0, pos + i0 + 16, int64_t{-1});
+      continue;
+    }
+    PixelCursor pc;
+    pc.n = k / g.segs_img;
+    const int64_t kk = k - pc.n * g.segs_img;
+    if (g.flat) {
+      pc.oh = (16 * kk) / g.Wp;
+      pc.ow = 16 * kk - pc.oh * g.Wp;
+    } else {
+      pc.oh = kk / g.per_row;
+      pc.ow = 16 * (kk - pc.oh * g.per_row);
+    }
+    for (int64_t i = i0; i < i0 + 16; ++i) {
+      const bool valid = pc.oh < c.Ho && pc.ow < c.Wo;
+      pos[i] = valid ? (pc.n * c.Ho + pc.oh) * c.Wo + pc.ow : -1;
+      if (keep_rows && valid) amx_row_facts(c, pc, pos[i], win, ris[i]);
+      if (++pc.ow == g.Wp && g.flat) {
+        pc.ow = 0;
+        ++pc.oh;
+      }
+    }
+  }
+  // epilogue of block m (its dot products in buf) for channel pair cp
+  float* const out = static_cast<float*>(c.out);
+  auto epilogue = [&](int64_t m, int64_t cp, const int32_t* buf) {
+    const int64_t i0 = (m - m0) * 32;
+    if (keep_rows) {
+      for (int b = 0; b < 2; ++b) {
+        const int64_t cb = 2 * cp + b;
+        if (cb < c.NB) amx_epilogue_rows<EPI>(c, cb, pos + i0, ris + i0, 32, buf + b * NR, 2 * NR);
+      }
+      return;
+    }
+    for (int64_t i = i0, r = 0; r < 32; ++i, ++r) {
+      const int64_t p = pos[i];
+      if (p < 0) continue;
+      RowInfo ri;
+      PixelCursor pc;
+      amx_row_position(c, g, 2 * m0 + i / 16, static_cast<int>(i % 16), pc);
+      setup_row<true>(c, p, pc, ptrs, ri);
+      const int32_t* acc = buf + r * 2 * NR;
+      for (int b = 0; b < 2; ++b) {
+        const int64_t cb = 2 * cp + b;
+        if (cb >= c.NB) break;
+        vec_epilogue_dot<true, EPI>(c, cb, p, ri, _mm512_load_si512(acc + b * NR),
+                                    padded_tap_popcounts<true>(c, cb, ptrs, ri));
+      }
+    }
+  };
+  alignas(64) int32_t cbuf[2][32 * 2 * NR];
+  // Pairs whose int8 tiles fit in kAmxTileBudget together are expanded at once and the blocks loop outside them,
+  // so each row's output and residual are visited once, whole (per pair, the 128-byte pieces of a 64-channel row
+  // were a strided stream the prefetchers missed: 1 ms of a 4 ms batch-16 conv); larger weights go a pair at a time.
+  const int64_t pair_bytes = S * 2048;
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(cp1 - cp0, kAmxTileBudget / pair_bytes));
+  int64_t pend_m = -1, pend_cp = 0;  // the item whose epilogue is still to run: block, pair, cbuf slot
+  int pend_slot = 0;
+  for (int64_t gp0 = cp0; gp0 < cp1; gp0 += group) {
+    const int64_t gp1 = std::min(cp1, gp0 + group);
+    for (int64_t cp = gp0; cp < gp1; ++cp)
+      for (int64_t h = 0; h < 2; ++h) {  // pair cp's weights as int8 tiles [h][s][16 rows][64]
+        const uint64_t* wm = wmask + (2 * cp + h) * S * 16;
+        int8_t* dst = bbuf + (cp - gp0) * pair_bytes + h * S * 1024;
+        for (int64_t e = 0; e < S * 16; ++e)
+          _mm512_store_si512(dst + 64 * e, _mm512_mask_blend_epi8(wm[e], minus, plus));
+      }
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t k0 = 2 * m, k1 = 2 * m + 1;
+      const bool second = k1 < g.segs;
+      int64_t pix0, step0, pix1 = 0, step1 = 0;
+      amx_segment(c, g, k0, pix0, step0);
+      if (second) amx_segment(c, g, k1, pix1, step1);
+      const int8_t* a0 = xe + pix0 * Cp;
+      const int8_t* a1 = second ? xe + pix1 * Cp : a0;
+      const int64_t st0 = step0 * Cp, st1 = second ? step1 * Cp : st0;
+      if (m + 2 < m1 && (out || c.res)) {  // output and residual rows two blocks ahead, the group's columns
+        const int64_t col0 = 2 * gp0 * NR, col1 = std::min<int64_t>(c.Nout, 2 * gp1 * NR);
+        for (int64_t i = (m + 2 - m0) * 32, r = 0; r < 32; ++i, ++r) {
+          const int64_t p = pos[i];
+          if (p < 0) continue;
+          for (int64_t col = col0; col < col1; col += NR) {
+            if (out) __builtin_prefetch(out + p * c.ldo + col, 1, 3);
+            if (c.res) __builtin_prefetch(c.res + p * c.ldr + col, 0, 3);
+          }
+        }
+      }
+      for (int64_t cp = gp0; cp < gp1; ++cp) {
+        const int8_t* b0 = bbuf + (cp - gp0) * pair_bytes;
+        const int8_t* b1 = b0 + S * 1024;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t off = tap_off[s];
+          _tile_loadd(4, a0 + off, st0);
+          _tile_loadd(5, a1 + off, st1);
+          _tile_loadd(6, b0 + s * 1024, 64);
+          _tile_loadd(7, b1 + s * 1024, 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(1, 4, 7);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
+        }
+        const int slot = 1 - pend_slot;  // the buffer the pending item is not in
+        int32_t* buf = cbuf[slot];
+        _tile_stored(0, buf, 2 * NR * 4);
+        _tile_stored(1, buf + NR, 2 * NR * 4);
+        _tile_stored(2, buf + 16 * 2 * NR, 2 * NR * 4);
+        _tile_stored(3, buf + 16 * 2 * NR + NR, 2 * NR * 4);
+        // the previous item's epilogue runs on the vector units while the tile unit works on this one
+        if (pend_m >= 0) epilogue(pend_m, pend_cp, cbuf[pend_slot]);
+        pend_m = m;
+        pend_cp = cp;
+        pend_slot = slot;
+      }
+    }
+  }
+  if (pend_m >= 0) epilogue(pend_m, pend_cp, cbuf[pend_slot]);
+  _tile_release();
+}
+
+// The whole conv: expand the activations, then the tasks over all threads.
+template <int EPI>
+void conv_prepacked_amx(const Ctx& c, const uint64_t* wmask, int64_t NBp) {
+  AmxConvGeom g = amx_geometry(c);
+  int64_t last_pix, last_step;
+  amx_segment(c, g, g.segs - 1, last_pix, last_step);
+  const int64_t reach = last_pix + 15 * last_step + (c.kh - 1) * c.dh * g.Wp + (c.kw - 1) * c.dw + 1;
+  g.pixels = std::max(g.N * g.Hp * g.Wp, reach);
+  int8_t* xe = amx_scratch(0, g.pixels * g.Cp);
+  // with act-sum terms: the activation popcount of every output window (its sum over the valid taps) as a box
+  // filter of the padded per-pixel popcounts pixpop (zero on the padding, so border windows need no special case)
+  int32_t* pixpop = c.need_apop ? reinterpret_cast<int32_t*>(amx_scratch(2, g.N * g.Hp * g.Wp * 4)) : nullptr;
+  at::parallel_for(0, g.N * g.Hp, 8, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) amx_expand_row(c, g, r / g.Hp, r % g.Hp, xe, pixpop);
+  });
+  int32_t* win = nullptr;
+  if (pixpop) {
+    win = reinterpret_cast<int32_t*>(amx_scratch(3, c.P * 4));
+    at::parallel_for(0, g.N * c.Ho, 8, [&](int64_t b, int64_t e) {
+      std::vector<int32_t> col(static_cast<size_t>(g.Wp));
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t n = r / c.Ho, oh = r - n * c.Ho;
+        std::fill(col.begin(), col.end(), 0);
+        for (int64_t i = 0; i < c.kh; ++i) {
+          const int32_t* src = pixpop + (n * g.Hp + oh * c.sh + i * c.dh) * g.Wp;
+          for (int64_t w = 0; w < g.Wp; ++w) col[w] += src[w];
+        }
+        int32_t* dst = win + r * c.Wo;
+        for (int64_t ow = 0; ow < c.Wo; ++ow) {
+          int32_t sum = 0;
+          for (int64_t j = 0; j < c.kw; ++j) sum += col[ow * c.sw + j * c.dw];
+          dst[ow] = sum;
+        }
+      }
+    });
+  }
+  const int64_t tail = g.pixels - g.N * g.Hp * g.Wp;  // read by dropped rows only; zeroed all the same
+  if (tail > 0) std::memset(xe + g.N * g.Hp * g.Wp * g.Cp, 0, static_cast<size_t>(tail * g.Cp));
+  const int64_t MB = (g.segs + 1) / 2, NP = NBp / 2;
+  // a chunk of M-blocks reads ~192 KB of xe, which stays in L2 while each weight pair streams past it
+  const int64_t mb_per = std::max<int64_t>(1, (192 * 1024) / (32 * (g.flat ? 1 : c.sw) * g.Cp));
+  const int64_t n_chunks = (MB + mb_per - 1) / mb_per;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t n_psplit = n_chunks >= 2 * nthreads ? 1 : std::min<int64_t>(NP, (2 * nthreads + n_chunks - 1) / n_chunks);
+  const int64_t pp = (NP + n_psplit - 1) / n_psplit;
+  at::parallel_for(0, n_chunks * n_psplit, 1, [&](int64_t b, int64_t e) {
+    int8_t* bbuf = amx_scratch(1, std::max<int64_t>(g.S * 2048, std::min<int64_t>(pp * g.S * 2048, kAmxTileBudget)));
+    std::vector<const uint32_t*> ptrs(static_cast<size_t>(std::max<int64_t>(1, c.T)));
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t ch = task / n_psplit, ps = task - ch * n_psplit;
+      const int64_t cp0 = ps * pp, cp1 = std::min(NP, cp0 + pp);
+      if (cp0 >= cp1) continue;
+      conv_amx_task<EPI>(c, g, xe, win, wmask, ch * mb_per, std::min(MB, (ch + 1) * mb_per), cp0, cp1, bbuf,
+                         ptrs.data());
+    }
+  });
 }
 }  // namespace amx
 #pragma GCC pop_options
@@ -839,6 +1278,37 @@ std::tuple<at::Tensor, at::Tensor> binary_conv_prepack_cpu(const at::Tensor& w_i
   return {panels, wpop};
 }
 
+// binary_conv_prepack_amx: the weights in the order the AMX path of binary_conv2d_prepacked loads them, as bit
+// masks of its int8 tiles: (NBp, S, 16) int64, NBp = ceil(C_out/16) rounded up to even (blocks go in pairs),
+// S = ceil(c_in/64) * kh*kw k-steps (64-channel group major, then taps), and row r of a k-step's tile holds channel
+// c = 64*group + 4*r + j of output channel 16*block + n at bit 4*n + j (1 = +1). Bits past c_in and channels past
+// C_out are 0 (-1 in the tile; the activation lanes there are 0 and those outputs are not stored).
+at::Tensor binary_conv_prepack_amx_cpu(const at::Tensor& w_in, int64_t c_in) {
+  static const char* op = "binary_conv_prepack_amx";
+  TORCH_CHECK(c_in >= 0, op, ": c_in must be >= 0");
+  check_words(w_in, op, "w", c_in);
+  TORCH_CHECK(w_in.dim() == 4, op, ": w must be OHWI packed (C_out, kh, kw, words), got ", w_in.sizes());
+  const at::Tensor w = clear_tail_bits(w_in.contiguous(), c_in);
+  const int64_t Cout = w.size(0), T = w.size(1) * w.size(2), Cw = w.size(3);
+  const int64_t NB = (Cout + NR - 1) / NR, NBp = NB + (NB & 1), G = (c_in + 63) / 64, S = G * T;
+  check_reduction(op, T, c_in);
+  at::Tensor out = at::zeros({NBp, S, 16}, w.options().dtype(at::kLong));
+  uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const uint32_t* src = words_ptr(w);
+  for (int64_t o = 0; o < Cout; ++o) {
+    const int64_t cb = o / NR, n = o % NR;
+    for (int64_t t = 0; t < T; ++t) {
+      const uint32_t* ws = src + (o * T + t) * Cw;
+      for (int64_t q = 0; q < G; ++q) {
+        const uint64_t bits = ws[2 * q] | (2 * q + 1 < Cw ? static_cast<uint64_t>(ws[2 * q + 1]) << 32 : 0);
+        uint64_t* rows = dst + (cb * S + q * T + t) * 16;
+        for (int r = 0; r < 16; ++r) rows[r] |= ((bits >> (4 * r)) & 0xFu) << (4 * n);
+      }
+    }
+  }
+  return out;
+}
+
 // binary_conv2d on prepacked weights with the fused epilogue (kEpiFused; schema in kernels/register.cpp).
 std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
     const at::Tensor& x_in, const at::Tensor& panels, const at::Tensor& wpop_in, int64_t c_in, int64_t c_out,
@@ -847,7 +1317,7 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
     const c10::optional<at::Tensor>& weight_sum_scale, const c10::optional<at::Tensor>& count_scale,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& maxout_pos, const c10::optional<at::Tensor>& maxout_neg,
-    const c10::optional<at::Tensor>& threshold, bool float_out) {
+    const c10::optional<at::Tensor>& threshold, bool float_out, const c10::optional<at::Tensor>& amx_weights) {
   static const char* op = "binary_conv2d_prepacked";
   TORCH_CHECK(c_in >= 0 && c_out >= 0, op, ": c_in and c_out must be >= 0");
   check_words(x_in, op, "x", c_in);
@@ -930,11 +1400,6 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
   c.scale = ev.scale.data(), c.ass = ev.ass.data(), c.wss = ev.wss.data(), c.cs = ev.cs.data();
   c.bias = ev.bias.data(), c.thr = ev.thr.data();
   c.need_apop = act_sum_scale.has_value();
-  std::vector<int32_t> xpop;
-  if (c.need_apop && T > 1) {
-    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
-    c.xpop = xpop.data();
-  }
   c.out = float_out ? static_cast<void*>(out_f.data_ptr<float>()) : nullptr;
   c.ldo = c_out;
   c.res = res.defined() ? res.data_ptr<float>() : nullptr;
@@ -945,6 +1410,34 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
   c.outb = bits ? reinterpret_cast<uint16_t*>(out_b.data_ptr<int32_t>()) : nullptr;
   c.ldb = 2 * num_words(c_out);
   const Isa isa = active_isa();
+  const uint64_t* amx_masks = nullptr;
+  at::Tensor amc;
+  if (amx_weights.has_value() && amx_weights->numel() > 0) {
+    const at::Tensor& am = *amx_weights;
+    const int64_t NBp = NB + (NB & 1), S = ((c_in + 63) / 64) * T;
+    TORCH_CHECK(am.device().is_cpu() && am.scalar_type() == at::kLong && am.dim() == 3 && am.size(0) == NBp &&
+                    am.size(1) == S && am.size(2) == 16,
+                op, ": amx_weights must be int64 (", NBp, ", ", S, ", 16) from binary_conv_prepack_amx, got ",
+                am.sizes(), " ", am.scalar_type());
+#if QUANTKIT_X86
+    // QUANTKIT_CPU_ISA=amx asks for the tiles on every shape; by default only where they pay (amx_worthwhile)
+    if (S > 0 && isa == Isa::Avx512 && amx_for_prepacked_conv() && (use_amx() || amx::amx_worthwhile(c))) {
+      amc = am.contiguous();
+      amx_masks = reinterpret_cast<const uint64_t*>(amc.data_ptr<int64_t>());
+    }
+#endif
+  }
+  std::vector<int32_t> xpop;  // the AMX path makes its own window popcounts (up to 64 taps)
+  if (c.need_apop && T > 1 && !(amx_masks && T <= 64)) {
+    xpop = pixel_popcounts(c.x, Nb * H * W, Cw);
+    c.xpop = xpop.data();
+  }
+#if QUANTKIT_X86
+  if (amx_masks) {
+    amx::conv_prepacked_amx<kEpiFused>(c, amx_masks, NB + (NB & 1));
+    return {out_f, out_b};
+  }
+#endif
   TileFn fn = &portable::tile<true, kEpiFused>;
 #if QUANTKIT_X86
   if (isa == Isa::Avx512) fn = &avx512::tile<true, kEpiFused>;
@@ -1114,6 +1607,7 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("binary_conv2d", &quantkit::cpu::binary::binary_conv2d_cpu);
   m.impl("binary_conv_prepack", &quantkit::cpu::binary::binary_conv_prepack_cpu);
   m.impl("binary_conv2d_prepacked", &quantkit::cpu::binary::binary_conv2d_prepacked_cpu);
+  m.impl("binary_conv_prepack_amx", &quantkit::cpu::binary::binary_conv_prepack_amx_cpu);
   m.impl("binary_bmm", &quantkit::cpu::binary::binary_bmm_cpu);
   m.impl("binary_bmm_01", &quantkit::cpu::binary::binary_bmm_01_cpu);
 }

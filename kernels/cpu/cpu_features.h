@@ -7,9 +7,10 @@
 //   * lowered by the environment variable QUANTKIT_CPU_ISA=portable|avx2|avx512|amx (read on every call, so tests
 //     can exercise every path in one process). Asking for a level the CPU lacks is an error, not a silent fallback.
 // "amx" is AVX-512 plus Intel AMX-INT8 tiles (kernels that have an AMX path use it; the others run their AVX-512
-// code): active_isa() then returns Isa::Avx512 and use_amx() returns true. AMX is opt-in (QUANTKIT_CPU_ISA=amx):
-// the binary kernels' AMX path is exact but not yet faster than their AVX-512 VPOPCNTD path on the machines we
-// measured (its tile loads are not blocked for L1 yet), so the default ("auto") does not pick it.
+// code): active_isa() then returns Isa::Avx512 and use_amx() returns true. One AMX path is the default where AMX is
+// usable: binary_conv2d_prepacked's (amx_for_prepacked_conv), which reads its A tiles straight from a padded int8
+// image and measured faster than VPOPCNTD. The older AMX paths of binary_linear / binary_conv2d / binary_bmm
+// (per-block activation copies streamed from L2) stay opt-in (QUANTKIT_CPU_ISA=amx): they measured slower.
 #pragma once
 
 #include <cstdlib>
@@ -95,6 +96,15 @@ inline bool use_amx() {
   TORCH_CHECK(amx_supported(), "QUANTKIT_CPU_ISA=amx but this CPU/OS does not provide AMX-INT8 tiles; unset it "
               "or choose avx512, avx2 or portable");
   return true;
+}
+
+// Whether binary_conv2d_prepacked takes its AMX path (given the layer's AMX weight masks): by default wherever
+// AMX-INT8 is usable (there it measured faster than the VPOPCNTD path, docs/kernels.md#amx-prepacked-conv), and with
+// QUANTKIT_CPU_ISA=amx; never when a lower level is asked for.
+inline bool amx_for_prepacked_conv() {
+  const char* env = std::getenv("QUANTKIT_CPU_ISA");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return amx_supported();
+  return use_amx();
 }
 
 // The level to use for this call: best_supported_isa(), lowered by QUANTKIT_CPU_ISA.

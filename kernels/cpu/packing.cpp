@@ -242,6 +242,8 @@ std::string cpu_isa() {
   return (isa == Isa::Avx512 && use_amx()) ? "amx" : isa_name(isa);
 }
 
+bool cpu_amx() { return active_isa() == Isa::Avx512 && amx_for_prepacked_conv(); }
+
 }  // namespace
 }  // namespace cpu
 }  // namespace quantkit
@@ -251,4 +253,7 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("unpack_bits", &quantkit::cpu::unpack_bits_cpu);
 }
 
-TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &quantkit::cpu::cpu_isa); }
+TORCH_LIBRARY_IMPL(quantkit, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", &quantkit::cpu::cpu_isa);
+  m.impl("cpu_amx", &quantkit::cpu::cpu_amx);
+}

@@ -134,7 +134,7 @@ class BinaryDeployConv2d(_BinaryDeploy):
 
     The weights are prepacked once, when the layer is built (and again when a state dict loads new
     ``weight_packed``), by :func:`quantkit.ops.binary_conv_prepack` into the buffers ``weight_panels`` /
-    ``weight_popcounts`` (derived, not saved in the state dict); on CPU every call runs
+    ``weight_popcounts`` (and ``weight_amx`` on CPUs with AMX; derived, not saved in the state dict); on CPU every call runs
     :func:`quantkit.ops.binary_conv2d_prepacked` on them, so no call repacks weights. :meth:`fused` exposes that
     op's epilogue (residual add, Maxout, thresholded packed-bit output) to fused deploy blocks
     (:mod:`quantkit.graph.block_fusion`)."""
@@ -150,16 +150,20 @@ class BinaryDeployConv2d(_BinaryDeploy):
         self._register(weight_packed, in_threshold, epilogue)
         self.register_buffer("weight_panels", None, persistent=False)
         self.register_buffer("weight_popcounts", None, persistent=False)
+        self.register_buffer("weight_amx", None, persistent=False)
         self.register_buffer("in_threshold_channels", None, persistent=False)
         self.prepack()
 
     def prepack(self) -> None:
-        """(Re)build ``weight_panels`` / ``weight_popcounts`` from ``weight_packed``, and the per-channel input
-        threshold ``in_threshold_channels`` (explicit: the only place the prepacked form is made)."""
+        """(Re)build ``weight_panels`` / ``weight_popcounts`` from ``weight_packed``, on CPUs with AMX-INT8 also
+        ``weight_amx`` (:func:`quantkit.ops.binary_conv_prepack_amx`, the same size as the packed weights), and the
+        per-channel input threshold ``in_threshold_channels`` (explicit: the only place the prepacked form is made)."""
         if self.weight_packed.device.type == "meta":
             return
         with torch.no_grad():
             self.weight_panels, self.weight_popcounts = ops.binary_conv_prepack(self.weight_packed, self.in_channels)
+            self.weight_amx = (ops.binary_conv_prepack_amx(self.weight_packed, self.in_channels)
+                               if self.weight_packed.device.type == "cpu" and ops.cpu_amx_supported() else None)
             if self.in_threshold is not None:
                 self.in_threshold_channels = self._pack_threshold(self.in_channels).clone()
 
@@ -187,7 +191,7 @@ class BinaryDeployConv2d(_BinaryDeploy):
                 x_bits, self.weight_panels, self.weight_popcounts, self.in_channels, self.out_channels,
                 list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                 self.scale, self.act_sum_scale, self.weight_sum_scale, self.count_scale, self.bias, residual,
-                mpos, mneg, threshold, float_out)
+                mpos, mneg, threshold, float_out, self.weight_amx)
         # other devices: the plain kernel and the same epilogue steps as separate ops
         y = ops.binary_conv2d(x_bits, self.weight_packed, self.in_channels, self.stride, self.padding,
                               self.dilation, **self._epilogue_kwargs())

@@ -2,7 +2,7 @@
 
 The bit layout of every packed tensor is written down once, in :mod:`quantkit.ops.layout`.
 """
-from quantkit.ops._dispatch import cpu_isa, supported_cpu_isas
+from quantkit.ops._dispatch import cpu_amx, cpu_amx_supported, cpu_isa, supported_cpu_isas
 from quantkit.ops._load import status as kernel_status  # which compiled extensions loaded (quantkit info)
 from quantkit.ops.layout import WORD_BITS, WORD_DTYPE, conv2d_output_size, num_words
 from quantkit.ops.packing import (
@@ -24,6 +24,8 @@ from quantkit.ops.binary import (
     binary_conv2d_prepacked_reference,
     binary_conv2d_reference,
     binary_conv_prepack,
+    binary_conv_prepack_amx,
+    binary_conv_prepack_amx_reference,
     binary_conv_prepack_reference,
     binary_linear,
     binary_linear_reference,

@@ -2,6 +2,8 @@
 (meta) implementations only for ops the loaded extension defines."""
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -64,6 +66,19 @@ def cpu_isa() -> str:
     if not has_op("cpu_isa"):
         return "reference"
     return torch.ops.quantkit.cpu_isa()
+
+
+def cpu_amx() -> bool:
+    """Whether :func:`quantkit.ops.binary_conv2d_prepacked` runs on AMX-INT8 tiles now (given ``amx_weights``):
+    the CPU and OS provide AMX and ``QUANTKIT_CPU_ISA`` is unset, ``"auto"`` or ``"amx"``."""
+    return has_op("cpu_amx") and bool(torch.ops.quantkit.cpu_amx())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_amx_supported() -> bool:
+    """Whether this CPU and OS can run AMX-INT8 tiles at all (whatever ``QUANTKIT_CPU_ISA`` says now; asked once,
+    the CPU does not change in a process)."""
+    return "amx" in supported_cpu_isas()
 
 
 def supported_cpu_isas() -> list[str]:

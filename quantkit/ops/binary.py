@@ -305,6 +305,42 @@ def binary_conv_prepack(w: Tensor, c_in: int) -> tuple[Tensor, Tensor]:
     return binary_conv_prepack_reference(w, c_in)
 
 
+AMX_GROUP = 64  # input channels per AMX k-step (one 64-byte tile row of int8)
+
+
+def binary_conv_prepack_amx_reference(w: Tensor, c_in: int) -> Tensor:
+    """Reference of :func:`binary_conv_prepack_amx`: OHWI words ``(O, kh, kw, Cw)`` -> int64 masks
+    ``(NBp, G * T, 16)``; k-step ``g * T + t`` (64-channel group ``g``, tap ``t``), row ``r`` holds the sign of input
+    channel ``64 g + 4 r + j`` of output channel ``16 b + n`` at bit ``4 n + j`` (1 = +1; 0 past ``c_in`` / ``O``)."""
+    o, kh, kw, _ = w.shape
+    t = kh * kw
+    nb = -(-o // PANEL_CHANNELS)
+    nbp = nb + nb % 2
+    groups = -(-c_in // AMX_GROUP)
+    bits = torch.zeros(nbp * PANEL_CHANNELS, t, groups * AMX_GROUP, dtype=torch.bool, device=w.device)
+    bits[:o, :, :c_in] = unpack_bits_reference(w, c_in, torch.bool).reshape(o, t, c_in)
+    # (block, n, t, g, r, j) -> (block, g, t, r, n, j): bit index 4 n + j within row r of k-step (g, t)
+    b6 = bits.reshape(nbp, PANEL_CHANNELS, t, groups, 16, 4).permute(0, 3, 2, 4, 1, 5)
+    weights = torch.ones(64, dtype=torch.int64, device=w.device) << torch.arange(64, device=w.device)
+    masks = (b6.reshape(nbp, groups, t, 16, 64).to(torch.int64) * weights).sum(-1)  # distinct bits: sum == OR
+    return masks.reshape(nbp, groups * t, 16).contiguous()
+
+
+def binary_conv_prepack_amx(w: Tensor, c_in: int) -> Tensor:
+    """Prepack conv weights for the AMX-INT8 path of :func:`binary_conv2d_prepacked` (its ``amx_weights``): the bit
+    masks of the int8 weight tiles, int64 ``(NBp, ceil(c_in/64) * kh * kw, 16)`` with ``NBp`` = ``ceil(C_out/16)``
+    rounded up to even (layout: :func:`binary_conv_prepack_amx_reference`). The same size as the packed weights;
+    the kernel expands them to int8 +-1 per call, a channel-block pair at a time. Deploy layers build them once,
+    where :func:`quantkit.ops.cpu_amx_supported` says the CPU can use them."""
+    name = "binary_conv_prepack_amx"
+    check_words(name, "w", w, c_in)
+    if w.dim() != 4:
+        raise KernelError(f"{name}: w must be OHWI packed (C_out, kh, kw, words), got shape {tuple(w.shape)}")
+    if use_kernel(name, w.device):
+        return torch.ops.quantkit.binary_conv_prepack_amx(w.contiguous(), c_in)
+    return binary_conv_prepack_amx_reference(w, c_in)
+
+
 def _maxout_ref(y: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     from quantkit.ops.elementwise import maxout_reference
 
@@ -355,13 +391,17 @@ def binary_conv2d_prepacked(
     maxout_neg: Tensor | None = None,
     threshold: Tensor | None = None,
     float_out: bool = True,
+    amx_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`binary_conv2d` on weights from :func:`binary_conv_prepack`, with a fused epilogue: per position and
     channel ``y`` (the affine epilogue), then ``y += residual`` (float32 ``(N, C_out, Ho, Wo)``), then Maxout
     ``y * (maxout_pos if y > 0 else maxout_neg)`` (:func:`quantkit.ops.maxout`'s values), then both or either of:
     the float32 ``y`` (channels_last; ``float_out``) and the packed bits of ``y >= threshold``, the input of the
     next binary layer. Returns ``(y, bits)``, an empty tensor in place of an output not asked for. One pass over
-    the output instead of the conv, add, Maxout and packing passes."""
+    the output instead of the conv, add, Maxout and packing passes.
+
+    ``amx_weights`` (from :func:`binary_conv_prepack_amx`, optional) lets the CPU kernel run on AMX-INT8 tiles where
+    the CPU has them (:func:`quantkit.ops.cpu_amx`); the values are the same either way."""
     name = "binary_conv2d_prepacked"
     check_words(name, "x", x, c_in)
     if x.dim() != 4:
@@ -384,10 +424,17 @@ def binary_conv2d_prepacked(
     mo = [_channel_vec(name, a, t, c_out, x.device) for a, t in (("maxout_pos", maxout_pos),
                                                                   ("maxout_neg", maxout_neg))]
     thr = _channel_vec(name, "threshold", threshold, c_out, x.device)
+    if amx_weights is not None:
+        nb = -(-c_out // PANEL_CHANNELS)
+        want = (nb + nb % 2, -(-c_in // 64) * kernel_size[0] * kernel_size[1], PANEL_CHANNELS)
+        if (not isinstance(amx_weights, Tensor) or amx_weights.dtype != torch.int64
+                or tuple(amx_weights.shape) != want):
+            raise KernelError(f"{name}: amx_weights must be int64 {want} from binary_conv_prepack_amx")
     if use_kernel(name, x.device):
         return tuple(torch.ops.quantkit.binary_conv2d_prepacked(  # type: ignore[return-value]
             x.contiguous(), panels, wpop, c_in, c_out, list(kernel_size), list(stride), list(padding),
-            list(dilation), *vecs, residual, *mo, thr, float_out))
+            list(dilation), *vecs, residual, *mo, thr, float_out,
+            amx_weights if amx_weights is not None and amx_weights.device.type == "cpu" else None))
     return binary_conv2d_prepacked_reference(x, panels, wpop, c_in, c_out, kernel_size, stride, padding, dilation,
                                              *vecs, residual, *mo, thr, float_out)
 
@@ -471,12 +518,22 @@ def _binary_conv_prepack_fake(w, c_in):
             w.new_empty((nb, t + 1, PANEL_CHANNELS), dtype=WORD_DTYPE))
 
 
+@register_fake("binary_conv_prepack_amx")
+def _binary_conv_prepack_amx_fake(w, c_in):
+    check_devices("binary_conv_prepack_amx", w=w)
+    torch._check(w.dim() == 4 and w.shape[3] == num_words(c_in))
+    nb = (w.shape[0] + PANEL_CHANNELS - 1) // PANEL_CHANNELS
+    return w.new_empty((nb + nb % 2, -(-c_in // AMX_GROUP) * w.shape[1] * w.shape[2], PANEL_CHANNELS),
+                       dtype=torch.int64)
+
+
 @register_fake("binary_conv2d_prepacked")
 def _binary_conv2d_prepacked_fake(x, panels, wpop, c_in, c_out, kernel_size, stride, padding, dilation, scale=None,
                                   act_sum_scale=None, weight_sum_scale=None, count_scale=None, bias=None,
-                                  residual=None, maxout_pos=None, maxout_neg=None, threshold=None, float_out=True):
+                                  residual=None, maxout_pos=None, maxout_neg=None, threshold=None, float_out=True,
+                                  amx_weights=None):
     check_devices("binary_conv2d_prepacked", x=x, panels=panels, wpop=wpop, scale=scale, bias=bias,
-                  residual=residual, threshold=threshold)
+                  residual=residual, threshold=threshold, amx_weights=amx_weights)
     torch._check(x.dim() == 4 and x.shape[3] == num_words(c_in))
     ho, wo = conv2d_output_hw("binary_conv2d_prepacked", x.shape[1:3], kernel_size, stride, padding, dilation)
     y = (x.new_empty((x.shape[0], c_out, ho, wo), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
