@@ -4,7 +4,7 @@ and without it, on a CPU with AMX (Sapphire Rapids or later; elsewhere the scrip
 Rows 1: every ResNet-18 3x3 binary conv shape at batch 1 and 16, ``binary_conv2d_prepacked`` with the AdaBin
 epilogue (all five affine terms, float output) on the VPOPCNTD path (``QUANTKIT_CPU_ISA=avx512``) and on AMX
 (``QUANTKIT_CPU_ISA=amx``, forced on every shape) and with the default selection (AMX where at least 70% of its
-16-row segments are output positions), interleaved medians. Rows 2: the AdaBin ResNet-18 deploy model
+16-row segments are output positions and there are 64 or more), interleaved medians. Rows 2: the AdaBin ResNet-18 deploy model
 (224x224, channels-last) with the default selection and with ``avx512``, against torchvision's FP32 ResNet-18 in
 its faster layout, same run, same threads.
 

@@ -556,9 +556,10 @@ inline AmxConvGeom amx_geometry(const Ctx& c) {
 }
 
 // Whether the AMX path pays here: it computes whole 16-row segments, and where fewer than 70% of their rows are
-// output positions (stride 2 onto a 7-wide output: 7 of 16) the VPOPCNTD path measured faster.
+// output positions (stride 2 onto a 7-wide output: 7 of 16) the VPOPCNTD path measured faster; so it did with fewer
+// than 64 output positions (512 channels at 7x7, batch 1), where expanding the weight tiles serves two blocks.
 inline bool amx_worthwhile(const Ctx& c) {
-  if (c.Ho <= 0 || c.Wo <= 0 || c.P <= 0) return false;
+  if (c.Ho <= 0 || c.Wo <= 0 || c.P < 64) return false;
   const AmxConvGeom g = amx_geometry(c);
   return 10 * c.P >= 7 * 16 * g.segs;
 }
@@ -904,10 +905,16 @@ void conv_prepacked_amx(const Ctx& c, const uint64_t* wmask, int64_t NBp) {
   if (tail > 0) std::memset(xe + g.N * g.Hp * g.Wp * g.Cp, 0, static_cast<size_t>(tail * g.Cp));
   const int64_t MB = (g.segs + 1) / 2, NP = NBp / 2;
   // a chunk of M-blocks reads ~192 KB of xe, which stays in L2 while each weight pair streams past it
-  const int64_t mb_per = std::max<int64_t>(1, (192 * 1024) / (32 * (g.flat ? 1 : c.sw) * g.Cp));
-  const int64_t n_chunks = (MB + mb_per - 1) / mb_per;
+  // (equal chunks, at least one per thread where each still has 8+ blocks to amortize expanding the weight tiles;
+  // otherwise the threads split the channel-block pairs: 512 channels at 7x7 has 2 blocks per image)
   const int64_t nthreads = at::get_num_threads();
-  const int64_t n_psplit = n_chunks >= 2 * nthreads ? 1 : std::min<int64_t>(NP, (2 * nthreads + n_chunks - 1) / n_chunks);
+  const int64_t mb_max = std::max<int64_t>(1, (192 * 1024) / (32 * (g.flat ? 1 : c.sw) * g.Cp));
+  const bool split_rows = MB >= 8 * nthreads || NP < nthreads;
+  const int64_t want_chunks =
+      std::min<int64_t>(MB, std::max<int64_t>((MB + mb_max - 1) / mb_max, split_rows ? nthreads : 1));
+  const int64_t mb_per = (MB + want_chunks - 1) / want_chunks;
+  const int64_t n_chunks = (MB + mb_per - 1) / mb_per;
+  const int64_t n_psplit = n_chunks >= nthreads ? 1 : std::min<int64_t>(NP, (nthreads + n_chunks - 1) / n_chunks);
   const int64_t pp = (NP + n_psplit - 1) / n_psplit;
   at::parallel_for(0, n_chunks * n_psplit, 1, [&](int64_t b, int64_t e) {
     int8_t* bbuf = amx_scratch(1, std::max<int64_t>(g.S * 2048, std::min<int64_t>(pp * g.S * 2048, kAmxTileBudget)));
