@@ -246,3 +246,23 @@ def test_deploy_conv_builds_amx_weights_where_the_cpu_has_amx():
     sd["weight_packed"] = ~sd["weight_packed"]
     conv.load_state_dict(sd)  # a loaded weight rebuilds the AMX masks too
     assert torch.equal(conv.weight_amx, binary_conv_prepack_amx_reference(conv.weight_packed, 70))
+
+
+@pytest.mark.skipif(not AMX, reason="this CPU/OS has no AMX-INT8 tiles")
+@pytest.mark.parametrize("k, stride, pad, dil", [(9, 1, 4, 1), (9, 2, 3, 1), (3, 1, 2, 2)])
+def test_amx_path_equals_vpopcnt_path_large_kernels(monkeypatch, k, stride, pad, dil):
+    """More than 64 taps (9x9) takes the AMX path's per-row set-up with tap pointers; dilation 2 the flat rows."""
+    g = torch.Generator().manual_seed(k + stride)
+    c_in, c_out = 90, 40
+    x = ops.pack_activation_nhwc(torch.randn(2, c_in, 13, 11, generator=g))
+    w = ops.pack_conv_weight(torch.randn(c_out, c_in, k, k, generator=g))
+    panels, wpop = ops.binary_conv_prepack(w, c_in)
+    terms = {t: torch.randn(c_out, generator=g) for t in TERMS}
+    th = torch.randn(c_out, generator=g)
+    args = (x, panels, wpop, c_in, c_out, k, stride, pad, dil)
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "avx512")
+    y0, b0 = ops.binary_conv2d_prepacked(*args, **terms, threshold=th)
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "amx")
+    y1, b1 = ops.binary_conv2d_prepacked(*args, **terms, threshold=th,
+                                         amx_weights=ops.binary_conv_prepack_amx(w, c_in))
+    assert torch.equal(y0, y1) and torch.equal(b0, b1)
