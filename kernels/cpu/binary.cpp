@@ -674,20 +674,28 @@ inline void amx_epilogue_rows(const Ctx& c, int64_t cb, const int64_t* pos, cons
   float* const out = static_cast<float*>(c.out);
   const __m512 zero = _mm512_setzero_ps();
   const int32_t* wp = c.wpop + cb * c.T * NR;
+  // weight_sum_scale*SUM(s_w) + count_scale*n of an interior row: the same value for every interior row
+  const int32_t nv_full = static_cast<int32_t>(c.T * c.c_in);
+  const __m512 wterm_full = _mm512_fmadd_ps(
+      ws, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(wt, 1), _mm512_set1_epi32(nv_full))),
+      _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(nv_full))));
   for (int r = 0; r < nrows; ++r) {
     const int64_t p = pos[r];
     if (p < 0) continue;
     const RowInfo& ri = ris[r];
-    __m512i inv = _mm512_setzero_si512();
-    for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
-      inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + __builtin_ctzll(m) * NR));
-    const __m512i nv = _mm512_set1_epi32(ri.nv);
     const __m512i dot = _mm512_load_si512(acc + r * ld);
     __m512 v = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), bi);
     v = _mm512_fmadd_ps(as, _mm512_set1_ps(ri.asum), v);
-    const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
-    const __m512 cnt = _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(ri.nv)));
-    v = _mm512_add_ps(v, _mm512_fmadd_ps(ws, wsum, cnt));
+    __m512 wterm = wterm_full;
+    if (ri.border) {
+      __m512i inv = _mm512_setzero_si512();
+      for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
+        inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + __builtin_ctzll(m) * NR));
+      const __m512i nv = _mm512_set1_epi32(ri.nv);
+      const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
+      wterm = _mm512_fmadd_ps(ws, wsum, _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(ri.nv))));
+    }
+    v = _mm512_add_ps(v, wterm);
     if (EPI == kEpiFused) {
       if (c.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, c.res + p * c.ldr + col0));
       if (mo) {
