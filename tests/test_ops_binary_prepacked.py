@@ -23,6 +23,16 @@ HAVE = _dispatch.has_op("binary_conv2d_prepacked")
 TERMS = ["scale", "act_sum_scale", "weight_sum_scale", "count_scale", "bias"]
 
 
+def _maxout_slopes(kind: str, c_out: int, g: torch.Generator) -> tuple:
+    """Maxout slopes for the fused epilogue: ``(None, None)`` for "none", random ones, or with a NaN slope."""
+    if kind == "none":
+        return None, None
+    pos, neg = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
+    if kind == "nan":
+        pos[0] = float("nan")
+    return pos, neg
+
+
 @pytest.fixture(params=["portable", "avx2", "avx512"])
 def isa(request, monkeypatch):
     return use_isa_level(request.param, monkeypatch, HAVE)
@@ -58,11 +68,7 @@ def test_prepacked_equals_unfused_ops_every_isa(isa):
         panels, wpop = ops.binary_conv_prepack(w, c_in)
         y0 = ops.binary_conv2d(x, w, c_in, stride, pad, 1, **terms)  # the unfused path, step by step
         r = torch.randn(y0.shape, generator=g).contiguous(memory_format=torch.channels_last) if residual else None
-        pos = neg = None
-        if maxout != "none":
-            pos, neg = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
-            if maxout == "nan":
-                pos[0] = float("nan")
+        pos, neg = _maxout_slopes(maxout, c_out, g)
         th = torch.randn(c_out, generator=g)
         y1 = y0 + r if residual else y0
         if pos is not None:
@@ -192,11 +198,7 @@ def test_amx_path_equals_vpopcnt_path(monkeypatch):
         ho, wo = (ops.conv2d_output_size(n, k, stride, pad, dil) for n in (h, wdt))
         r = (torch.randn(batch, c_out, ho, wo, generator=g).contiguous(memory_format=torch.channels_last)
              if residual else None)
-        pos = neg = None
-        if maxout != "none":
-            pos, neg = torch.randn(c_out, generator=g), torch.randn(c_out, generator=g)
-            if maxout == "nan":
-                pos[0] = float("nan")
+        pos, neg = _maxout_slopes(maxout, c_out, g)
         th = torch.randn(c_out, generator=g)
         args = (x, panels, wpop, c_in, c_out, k, stride, pad, dil)
         kw = dict(**terms, residual=r, maxout_pos=pos, maxout_neg=neg, threshold=th)

@@ -313,21 +313,51 @@ inline __m512i padded_tap_popcounts(const Ctx& c, int64_t cb, const uint32_t* co
   return inv;
 }
 
-// The epilogue from dot = sum(s_a s_w) over the valid taps and inv (padded_tap_popcounts).
-template <bool CONV, int EPI>
-inline void vec_epilogue_dot(const Ctx& c, int64_t cb, int64_t p, const RowInfo& ri, __m512i dot, __m512i inv) {
+// The per-channel affine epilogue vectors of channel block cb (vec_epilogue_dot loads them per row, the AMX path
+// once per block).
+struct EpiVecs {
+  __mmask16 cm;  // the channels of the block that exist (C_out tail)
+  __m512 sc, bi, as, cs, ws;
+  __m512i wt;
+};
+
+template <bool CONV>
+inline EpiVecs load_epilogue(const Ctx& c, int64_t cb) {
   const int64_t col0 = cb * NR;
   const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
-  const __m512i nv = _mm512_set1_epi32(ri.nv);
-  __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(c.scale + col0), _mm512_cvtepi32_ps(dot), _mm512_loadu_ps(c.bias + col0));
-  v = _mm512_fmadd_ps(_mm512_loadu_ps(c.ass + col0), _mm512_set1_ps(ri.asum), v);
+  EpiVecs e;
+  e.cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
+  e.sc = _mm512_loadu_ps(c.scale + col0);
+  e.bi = _mm512_loadu_ps(c.bias + col0);
+  e.as = _mm512_loadu_ps(c.ass + col0);
   if (CONV) {
-    const __m512i wt = _mm512_loadu_si512(c.wpop_tot + col0);
-    const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
-    const __m512 cnt = _mm512_mul_ps(_mm512_loadu_ps(c.cs + col0), _mm512_set1_ps(static_cast<float>(ri.nv)));
-    v = _mm512_add_ps(v, _mm512_fmadd_ps(_mm512_loadu_ps(c.wss + col0), wsum, cnt));
+    e.cs = _mm512_loadu_ps(c.cs + col0);
+    e.ws = _mm512_loadu_ps(c.wss + col0);
+    e.wt = _mm512_loadu_si512(c.wpop_tot + col0);
+  } else {
+    e.cs = e.ws = _mm512_setzero_ps();
+    e.wt = _mm512_setzero_si512();
   }
+  return e;
+}
+
+// scale*dot + bias, then += act_sum_scale*asum (FMAs as written)
+inline __m512 epilogue_affine(const EpiVecs& e, __m512i dot, float asum) {
+  const __m512 v = _mm512_fmadd_ps(e.sc, _mm512_cvtepi32_ps(dot), e.bi);
+  return _mm512_fmadd_ps(e.as, _mm512_set1_ps(asum), v);
+}
+
+// weight_sum_scale*SUM(s_w) + count_scale*n_valid over a row's valid taps (inv: padded_tap_popcounts)
+inline __m512 epilogue_weight_terms(const EpiVecs& e, __m512i inv, int32_t n_valid) {
+  const __m512i nv = _mm512_set1_epi32(n_valid);
+  const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(e.wt, inv), 1), nv));
+  return _mm512_fmadd_ps(e.ws, wsum, _mm512_mul_ps(e.cs, _mm512_set1_ps(static_cast<float>(n_valid))));
+}
+
+// Then the residual, Maxout (the two forms of kernels/cpu/elementwise.cpp) and the float store / packed bits.
+template <int EPI>
+inline void epilogue_store(const Ctx& c, __mmask16 cm, int64_t cb, int64_t p, __m512 v) {
+  const int64_t col0 = cb * NR;
   if (EPI == kEpiFused) {
     const __m512 zero = _mm512_setzero_ps();
     if (c.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, c.res + p * c.ldr + col0));
@@ -350,6 +380,15 @@ inline void vec_epilogue_dot(const Ctx& c, int64_t cb, int64_t p, const RowInfo&
     static_cast<uint16_t*>(c.out)[p * c.ldo + cb] =
         static_cast<uint16_t>(_mm512_cmp_ps_mask(v, _mm512_loadu_ps(c.thr + col0), _CMP_GE_OQ) & cm);
   }
+}
+
+// The epilogue from dot = sum(s_a s_w) over the valid taps and inv (padded_tap_popcounts).
+template <bool CONV, int EPI>
+inline void vec_epilogue_dot(const Ctx& c, int64_t cb, int64_t p, const RowInfo& ri, __m512i dot, __m512i inv) {
+  const EpiVecs e = load_epilogue<CONV>(c, cb);
+  __m512 v = epilogue_affine(e, dot, ri.asum);
+  if (CONV) v = _mm512_add_ps(v, epilogue_weight_terms(e, inv, ri.nv));
+  epilogue_store<EPI>(c, e.cm, cb, p, v);
 }
 
 template <bool CONV, int EPI>
@@ -378,6 +417,11 @@ using avx512::kHasVecEpi;
 using avx512::padded_tap_popcounts;
 using avx512::vec_epilogue;
 using avx512::vec_epilogue_dot;
+using avx512::EpiVecs;
+using avx512::epilogue_affine;
+using avx512::epilogue_store;
+using avx512::epilogue_weight_terms;
+using avx512::load_epilogue;
 using avx512::kHasMk2;
 using avx512::mk;
 using avx512::mk2;
@@ -392,6 +436,18 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
+
+// All eight tiles 16 rows x 64 bytes (int8 A/B operands, int32 16 x 16 accumulators).
+inline void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
 
 inline __mmask64 lane_mask(int64_t lanes) {
   return lanes >= 64 ? ~static_cast<__mmask64>(0) : lanes <= 0 ? 0 : ((static_cast<__mmask64>(1) << lanes) - 1);
@@ -426,14 +482,7 @@ void expand_weights(const uint32_t* w, int64_t Nout, int64_t T, int64_t Cw, int6
 template <bool CONV, int EPI>
 void tile_amx(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, const uint32_t** ptrs) {
   const int64_t T = c.T, Cw = c.Cw, CQ = (Cw + 1) / 2, TQ = T * CQ;
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = 16;
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   std::vector<int8_t> abuf_store(static_cast<size_t>(std::max<int64_t>(1, TQ)) * MRA * 64 + 64);
   int8_t* abuf = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(abuf_store.data()) + 63) & ~uintptr_t(63));
   alignas(64) int32_t cbuf[MRA * 2 * NR];
@@ -513,9 +562,9 @@ void tile_amx(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, 
 // Blocking 2 segments x 2 channel blocks: 4 accumulator tiles, 4 tile loads per 4 TDPBSSD. The epilogue is the
 // AVX-512 one (vec_epilogue_dot) on the tiles' dot products.
 // Per-thread scratch reused across calls (slot 0: the calling thread's int8 image, 2 and 3 its popcount maps;
-// 1: a worker's weight tiles):
-// fresh multi-MiB allocations per call fault in page by page, which measured as much as the tiles themselves at
-// batch 16. Activations and per-call copies only, never a cache of weights.
+// 1: a worker's weight tiles): a fresh multi-MiB allocation per call faults in page by page (the adder kernels'
+// activation buffer, kernels/cpu/adder.cpp, does the same for that reason). Activations and per-call copies only,
+// never a cache of weights.
 inline int8_t* amx_scratch(int slot, int64_t bytes) {
   thread_local std::unique_ptr<int8_t[]> buf[4];
   thread_local int64_t size[4] = {0, 0, 0, 0};
@@ -575,23 +624,6 @@ inline void amx_segment(const Ctx& c, const AmxConvGeom& g, int64_t k, int64_t& 
     pix = n * g.Hp * g.Wp + oh * c.sh * g.Wp + ow0 * c.sw;
     step = c.sw;
   }
-}
-
-// Output position of row r of segment k, or false for the dropped positions.
-inline bool amx_row_position(const Ctx& c, const AmxConvGeom& g, int64_t k, int r, PixelCursor& pc) {
-  const int64_t n = k / g.segs_img, kk = k - n * g.segs_img;
-  int64_t oh, ow;
-  if (g.flat) {
-    const int64_t q = 16 * kk + r;
-    oh = q / g.Wp;
-    ow = q - oh * g.Wp;
-  } else {
-    oh = kk / g.per_row;
-    ow = 16 * (kk - oh * g.per_row) + r;
-  }
-  if (oh >= c.Ho || ow >= c.Wo) return false;
-  pc.n = n, pc.oh = oh, pc.ow = ow;
-  return true;
 }
 
 // Padded row (n, hp) of xe from the packed input bits (zeros for padding rows, columns and lanes past c_in).
@@ -655,65 +687,29 @@ inline void amx_row_facts(const Ctx& c, const PixelCursor& pc, int64_t p, const 
   ri = f;
 }
 
-// vec_epilogue_dot for the rows of one block and one channel block, the per-channel vectors loaded once for all
-// rows (per row they cost more than the arithmetic); the same operations in the same order, so the same values.
+// vec_epilogue_dot for the rows of one block and one channel block, the affine vectors loaded once for all rows
+// and the weight terms of interior rows computed once; the same
+// operations in the same order, so the same values.
 template <int EPI>
 inline void amx_epilogue_rows(const Ctx& c, int64_t cb, const int64_t* pos, const RowInfo* ris, int nrows,
                               const int32_t* acc, int64_t ld) {
-  const int64_t col0 = cb * NR;
-  const int ncols = static_cast<int>(std::min<int64_t>(NR, c.Nout - col0));
-  const __mmask16 cm = ncols >= NR ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << ncols) - 1u);
-  const __m512 sc = _mm512_loadu_ps(c.scale + col0), bi = _mm512_loadu_ps(c.bias + col0);
-  const __m512 as = _mm512_loadu_ps(c.ass + col0), cs = _mm512_loadu_ps(c.cs + col0), ws = _mm512_loadu_ps(c.wss + col0);
-  const __m512i wt = _mm512_loadu_si512(c.wpop_tot + col0);
-  const bool mo = EPI == kEpiFused && c.mpos;
-  const __m512 mp = mo ? _mm512_loadu_ps(c.mpos + col0) : _mm512_setzero_ps();
-  const __m512 mn = mo ? _mm512_loadu_ps(c.mneg + col0) : _mm512_setzero_ps();
-  const bool bits = EPI == kEpiFused ? c.outb != nullptr : EPI == kEpiBits;
-  const __m512 th = bits ? _mm512_loadu_ps(c.thr + col0) : _mm512_setzero_ps();
-  float* const out = static_cast<float*>(c.out);
-  const __m512 zero = _mm512_setzero_ps();
+  const EpiVecs e = load_epilogue<true>(c, cb);
   const int32_t* wp = c.wpop + cb * c.T * NR;
-  // weight_sum_scale*SUM(s_w) + count_scale*n of an interior row: the same value for every interior row
-  const int32_t nv_full = static_cast<int32_t>(c.T * c.c_in);
-  const __m512 wterm_full = _mm512_fmadd_ps(
-      ws, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(wt, 1), _mm512_set1_epi32(nv_full))),
-      _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(nv_full))));
+  const __m512 wterm_interior =
+      epilogue_weight_terms(e, _mm512_setzero_si512(), static_cast<int32_t>(c.T * c.c_in));
   for (int r = 0; r < nrows; ++r) {
     const int64_t p = pos[r];
     if (p < 0) continue;
     const RowInfo& ri = ris[r];
-    const __m512i dot = _mm512_load_si512(acc + r * ld);
-    __m512 v = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(dot), bi);
-    v = _mm512_fmadd_ps(as, _mm512_set1_ps(ri.asum), v);
-    __m512 wterm = wterm_full;
+    __m512 wterm = wterm_interior;
     if (ri.border) {
       __m512i inv = _mm512_setzero_si512();
       for (uint64_t m = ri.pad_taps; m != 0; m &= m - 1)
         inv = _mm512_add_epi32(inv, _mm512_loadu_si512(wp + __builtin_ctzll(m) * NR));
-      const __m512i nv = _mm512_set1_epi32(ri.nv);
-      const __m512 wsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_slli_epi32(_mm512_sub_epi32(wt, inv), 1), nv));
-      wterm = _mm512_fmadd_ps(ws, wsum, _mm512_mul_ps(cs, _mm512_set1_ps(static_cast<float>(ri.nv))));
+      wterm = epilogue_weight_terms(e, inv, ri.nv);
     }
-    v = _mm512_add_ps(v, wterm);
-    if (EPI == kEpiFused) {
-      if (c.res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(cm, c.res + p * c.ldr + col0));
-      if (mo) {
-        if (c.mo_finite) {
-          v = _mm512_mul_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), mn, mp));
-        } else {  // max(0, v) returns v when v is NaN, as std::max(v, 0.f) does
-          const __m512 neg_v =
-              _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
-          v = _mm512_sub_ps(_mm512_mul_ps(mp, _mm512_max_ps(zero, v)), _mm512_mul_ps(mn, _mm512_max_ps(zero, neg_v)));
-        }
-      }
-      if (out) _mm512_mask_storeu_ps(out + p * c.ldo + col0, cm, v);
-      if (bits) c.outb[p * c.ldb + cb] = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, th, _CMP_GE_OQ) & cm);
-    } else if (EPI == kEpiFloat) {
-      _mm512_mask_storeu_ps(out + p * c.ldo + col0, cm, v);
-    } else {
-      static_cast<uint16_t*>(c.out)[p * c.ldo + cb] = static_cast<uint16_t>(_mm512_cmp_ps_mask(v, th, _CMP_GE_OQ) & cm);
-    }
+    const __m512 v = epilogue_affine(e, _mm512_load_si512(acc + r * ld), ri.asum);
+    epilogue_store<EPI>(c, e.cm, cb, p, _mm512_add_ps(v, wterm));
   }
 }
 
@@ -721,14 +717,7 @@ inline void amx_epilogue_rows(const Ctx& c, int64_t cb, const int64_t* pos, cons
 template <int EPI>
 void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const int32_t* win, const uint64_t* wmask,
                    int64_t m0, int64_t m1, int64_t cp0, int64_t cp1, int8_t* bbuf, const uint32_t** ptrs) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = 16;
-    cfg.colsb[i] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   const int64_t S = g.S, T = c.T, Cp = g.Cp;
   std::vector<int64_t> tap_off(static_cast<size_t>(S));  // byte offset of k-step s (group-major, then taps)
   for (int64_t q = 0; q < g.G; ++q)
@@ -789,7 +778,7 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
       if (p < 0) continue;
       RowInfo ri;
       PixelCursor pc;
-      amx_row_position(c, g, 2 * m0 + i / 16, static_cast<int>(i % 16), pc);
+      pc.seek(c, p);
       setup_row<true>(c, p, pc, ptrs, ri);
       const int32_t* acc = buf + r * 2 * NR;
       for (int b = 0; b < 2; ++b) {
@@ -802,8 +791,8 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
   };
   alignas(64) int32_t cbuf[2][32 * 2 * NR];
   // Pairs whose int8 tiles fit in kAmxTileBudget together are expanded at once and the blocks loop outside them,
-  // so each row's output and residual are visited once, whole (per pair, the 128-byte pieces of a 64-channel row
-  // were a strided stream the prefetchers missed: 1 ms of a 4 ms batch-16 conv); larger weights go a pair at a time.
+  // so each row's output and residual are visited once, whole, instead of in 128-byte pieces per pair; larger
+  // weights go a pair at a time.
   const int64_t pair_bytes = S * 2048;
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(cp1 - cp0, kAmxTileBudget / pair_bytes));
   int64_t pend_m = -1, pend_cp = 0;  // the item whose epilogue is still to run: block, pair, cbuf slot
