@@ -147,6 +147,69 @@ def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
     assert torch.equal(conv.weight_panels, binary_conv_prepack_reference(conv.weight_packed, conv.in_channels)[0])
 
 
+def _negate_in_place(module, inputs, output):
+    return output.neg_()  # the same tensor, modified in place
+
+
+def _count_packs(monkeypatch) -> list:
+    """Count the input packs the fused binary blocks do themselves (the real packing op underneath)."""
+    import quantkit.nn.binary_fused as fused_mod
+
+    calls = []
+    real = fused_mod.ops.pack_activation_nhwc
+
+    class _Ops:  # the module's ``ops`` with pack_activation_nhwc counted
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        @staticmethod
+        def pack_activation_nhwc(x, threshold=None):
+            calls.append(tuple(x.shape))
+            return real(x, threshold)
+
+    monkeypatch.setattr(fused_mod, "ops", _Ops())
+    return calls
+
+
+@pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
+def test_fused_blocks_hand_packed_output_to_the_next_block(monkeypatch):
+    import copy
+    import io
+
+    from quantkit.nn.binary_fused import FusedBinaryBlock
+    from quantkit.nn.fused_block import unfuse_blocks
+
+    sim, dep = _resnet_pair()
+    chain = [(a, b.consumer) for a, b in [(n, m) for n, m in dep.named_modules() if isinstance(m, FusedBinaryBlock)]]
+    # layer1.0 -> layer2.0 -> layer3.0 -> layer4.0; the last block has no consumer
+    assert [b is not None for _, b in chain] == [True, True, True, False]
+    assert dep.layer1[0].consumer is dep.layer2[0] and dep.layer3[0].consumer is dep.layer4[0]
+    assert any("pack their output for the next block" in n for n in quantkit.report(dep).notes)
+    plain = unfuse_blocks(copy.deepcopy(dep))
+    x = torch.randn(2, 3, 32, 32)
+    packs = _count_packs(monkeypatch)
+    with torch.no_grad():
+        y = dep(x)
+        assert len(packs) == 1  # only the first block packs; each later one takes its predecessor's bits
+        assert torch.equal(y, plain(x))
+        # a consumer called on another tensor packs it itself (the handed bits are for the producer's output)
+        feats = dep.layer1(dep.maxpool(dep.relu(dep.bn1(dep.conv1(x)))))
+        other = torch.randn_like(feats)
+        packs.clear()
+        assert torch.equal(dep.layer2[0](other), plain.layer2[0](other)) and len(packs) == 1
+        # a hook that changes the producer's output in place: the consumer sees the changed values and packs them
+        for model in (dep, plain):
+            model.layer2[0].register_forward_hook(_negate_in_place)
+        packs.clear()
+        assert torch.equal(dep(x), plain(x)) and len(packs) == 2
+    # after a call, the model still pickles and deep-copies (the hand-over slot is not state)
+    torch.save(dep, io.BytesIO())
+    twin = copy.deepcopy(dep)
+    assert twin.layer1[0].consumer is twin.layer2[0]
+    with torch.no_grad():
+        assert torch.equal(twin(x), dep(x))
+
+
 # ---------------------------------------------------------------------------------------------- AMX-INT8 path
 AMX = HAVE and ops.cpu_amx_supported()
 

@@ -161,6 +161,41 @@ def fuse_blocks(model: nn.Module, kind: BlockKind) -> list[str]:
     return fused
 
 
+def _block_successors(model: nn.Module) -> list[tuple[str, str]]:
+    """(producer, consumer) paths of fused binary blocks where the consumer's input is the producer's output, from
+    the model's torch.fx graph (fused blocks as leaves); where the model does not trace, consecutive blocks of each
+    ``nn.Sequential`` (whose semantics are known without a trace)."""
+    modules = dict(model.named_modules())
+    graph = _trace(model)
+    pairs = []
+    if graph is not None:
+        for node in graph.nodes:
+            if not calls_module(node, modules, FusedBinaryBlock):
+                continue
+            takers = [u for u in node.users if calls_module(u, modules, FusedBinaryBlock) and u.args == (node,)
+                      and not u.kwargs]
+            if len(takers) == 1:
+                pairs.append((str(node.target), str(takers[0].target)))
+        return pairs
+    for name, seq in modules.items():
+        if isinstance(seq, nn.Sequential):
+            kids = list(seq.named_children())
+            for (a, ma), (b, mb) in zip(kids, kids[1:]):
+                if isinstance(ma, FusedBinaryBlock) and isinstance(mb, FusedBinaryBlock):
+                    pairs.append((f"{name}.{a}" if name else a, f"{name}.{b}" if name else b))
+    return pairs
+
+
+def link_block_chain(model: nn.Module) -> list[tuple[str, str]]:
+    """Let each fused binary block whose output is the input of another one pack that output for it in its last
+    epilogue (:meth:`~quantkit.nn.binary_fused.FusedBinaryBlock.hand_output_to`; the bits are used only when the
+    consumer's input is that very tensor). In place; returns the (producer, consumer) pairs."""
+    pairs = _block_successors(model)
+    for producer, consumer in pairs:
+        model.get_submodule(producer).hand_output_to(model.get_submodule(consumer))
+    return pairs
+
+
 def fuse_deploy_blocks(model: nn.Module) -> list[str]:
     """The fusions of the module docstring on a deploy model, in place; returns report notes."""
     notes = []
@@ -173,6 +208,10 @@ def fuse_deploy_blocks(model: nn.Module) -> list[str]:
         if blocks:
             notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual "
                          "add and the next conv's packing in the epilogues): " + ", ".join(blocks))
+        chain = link_block_chain(model)
+        if chain:
+            notes.append(f"{len(chain)} fused block(s) pack their output for the next block in their last epilogue: "
+                         + ", ".join(f"{a} -> {b}" for a, b in chain))
     if any(isinstance(m, AdderDeployConv2d) for m in model.modules()):
         blocks = fuse_blocks(model, ADDER_BLOCK)
         if blocks:
@@ -181,5 +220,5 @@ def fuse_deploy_blocks(model: nn.Module) -> list[str]:
     return notes
 
 
-__all__ = ["fuse_deploy_blocks", "fuse_blocks", "fold_float_conv_batchnorms", "match_block", "BlockKind",
+__all__ = ["fuse_deploy_blocks", "fuse_blocks", "link_block_chain", "fold_float_conv_batchnorms", "match_block", "BlockKind",
            "BINARY_BLOCK", "ADDER_BLOCK"]

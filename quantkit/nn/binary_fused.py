@@ -12,10 +12,20 @@ Fused, it is
     y     = conv2(bits1)   with epilogue  + shortcut(x), then act2                (one float store)
 
 with the same float operations in the same order as the unfused layers (docs/kernels.md#fused-epilogues), so the
-outputs are the unfused deploy block's. Children, state dict and the original block: quantkit/nn/fused_block.py.
+outputs are the unfused deploy block's.
+
+Block to block: when ``y`` is the input of another fused block (ResNet's stages, linked at convert by
+:func:`quantkit.graph.block_fusion.link_block_chain`), conv2's epilogue also packs ``y`` against that block's
+input threshold, and hands the bits over; that block uses them instead of packing ``y`` again (one pass over the
+largest float tensor less) when its input is that very tensor, unmodified, and packs as usual otherwise. The
+hand-over is by value identity, so a model run on other inputs, or threads sharing one model, are always correct
+(at worst they pack themselves). Children, state dict and the original block: quantkit/nn/fused_block.py.
 """
 from __future__ import annotations
 
+import weakref
+
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -28,22 +38,61 @@ class FusedBinaryBlock(FusedResidualBlock):
 
     link = "bits"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumer: tuple[FusedBinaryBlock, ...] = ()  # the block whose input is our output (link_block_chain)
+        # one slot, written by the block before us: (weakref to our input tensor, its version, its packed bits);
+        # a list, so handing over is an item store, not an nn.Module attribute assignment
+        self._handed: list[tuple | None] = [None]
+
+    def hand_output_to(self, block: "FusedBinaryBlock | None") -> None:
+        """Pack this block's output for ``block`` (whose input it is) in conv2's epilogue; None stops it."""
+        if block is not None and not isinstance(block, FusedBinaryBlock):
+            raise TypeError(f"hand_output_to: expected a FusedBinaryBlock, got {type(block).__name__}")
+        self._consumer = () if block is None else (block,)
+
+    @property
+    def consumer(self) -> "FusedBinaryBlock | None":
+        return self._consumer[0] if self._consumer else None
+
     @staticmethod
     def _slopes(act: nn.Module | None) -> tuple[Tensor, Tensor] | None:
         return None if act is None else (act.pos_scale.detach(), act.neg_scale.detach())
+
+    def _input_bits(self, x: Tensor, conv1: nn.Module) -> Tensor:
+        slot = self._handed
+        handed, slot[0] = slot[0], None  # read once and clear: another thread may be writing it
+        if handed is not None and handed[0]() is x and handed[1] == x._version:
+            return handed[2]
+        return ops.pack_activation_nhwc(x, conv1.in_threshold_vector())
 
     def forward(self, x: Tensor) -> Tensor:
         conv1, act1, conv2, shortcut, act2 = self._parts
         rank_ok = isinstance(x, Tensor) and x.dim() == 4
         conv1._check_input(x, rank_ok, "an (N, C, H, W)", conv1.in_channels, x.shape[1] if rank_ok else -1)
-        xb = ops.pack_activation_nhwc(x, conv1.in_threshold_vector())
+        xb = self._input_bits(x, conv1)
         _, bits1 = conv1.fused(xb, maxout=self._slopes(act1), threshold=conv2.in_threshold_vector(),
                                float_out=False)
         identity = x
         for m in shortcut:
             identity = m(identity)
-        y, _ = conv2.fused(bits1, residual=identity, maxout=self._slopes(act2), float_out=True)
+        nxt = self._consumer[0] if self._consumer else None
+        if nxt is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            nxt = None  # a traced graph gets no side channel
+        threshold = None if nxt is None else nxt._parts[0].in_threshold_vector()
+        y, bits = conv2.fused(bits1, residual=identity, maxout=self._slopes(act2), threshold=threshold,
+                              float_out=True)
+        if nxt is not None:
+            nxt._handed[0] = (weakref.ref(y), y._version, bits)
         return y
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_handed"] = [None]  # a weakref does not pickle (nor deep-copy usefully); it is per call anyway
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", packs its output for the next block" if self._consumer else "")
 
 
 __all__ = ["FusedBinaryBlock"]
