@@ -173,12 +173,13 @@ class BinaryDeployConv2d(_BinaryDeploy):
 
     def in_threshold_vector(self) -> Tensor:
         """The input threshold as a per-channel ``(in_channels,)`` vector (binary-input layers only)."""
-        t = self.in_threshold_channels
-        return t if t is not None and t.device == self.in_threshold.device else self._pack_threshold(self.in_channels)
+        b = self._buffers  # direct: this runs twice per block call, nn.Module.__getattr__ is the slow path
+        t = b["in_threshold_channels"]
+        return t if t is not None and t.device == b["in_threshold"].device else self._pack_threshold(self.in_channels)
 
     def _prepacked_ready(self, x: Tensor) -> bool:
-        return (x.device.type == "cpu" and self.weight_panels is not None
-                and self.weight_panels.device == x.device and _have_prepacked_kernel())
+        panels = self._buffers["weight_panels"]
+        return x.is_cpu and panels is not None and panels.is_cpu and _have_prepacked_kernel()
 
     def fused(self, x_bits: Tensor, *, residual: Tensor | None = None, maxout: tuple[Tensor, Tensor] | None = None,
               threshold: Tensor | None = None, float_out: bool = True) -> tuple[Tensor, Tensor]:
@@ -186,12 +187,14 @@ class BinaryDeployConv2d(_BinaryDeploy):
         :func:`quantkit.ops.binary_conv2d_prepacked` (``maxout`` = (pos, neg) slopes); returns ``(y, bits)``."""
         mpos, mneg = maxout if maxout is not None else (None, None)
         if self._prepacked_ready(x_bits):
-            # the op itself: the layer's buffers were checked when it was built, the kernel checks the rest
+            # the op itself: the layer's buffers were checked when it was built, the kernel checks the rest; the
+            # buffers straight from their dict (per call: nn.Module.__getattr__ costs a Python call per name)
+            b = self._buffers
             return torch.ops.quantkit.binary_conv2d_prepacked(
-                x_bits, self.weight_panels, self.weight_popcounts, self.in_channels, self.out_channels,
-                list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
-                self.scale, self.act_sum_scale, self.weight_sum_scale, self.count_scale, self.bias, residual,
-                mpos, mneg, threshold, float_out, self.weight_amx)
+                x_bits, b["weight_panels"], b["weight_popcounts"], self.in_channels, self.out_channels,
+                self.kernel_size, self.stride, self.padding, self.dilation,
+                b["scale"], b["act_sum_scale"], b["weight_sum_scale"], b["count_scale"], b["bias"], residual,
+                mpos, mneg, threshold, float_out, b["weight_amx"])
         # other devices: the plain kernel and the same epilogue steps as separate ops
         y = ops.binary_conv2d(x_bits, self.weight_packed, self.in_channels, self.stride, self.padding,
                               self.dilation, **self._epilogue_kwargs())

@@ -57,7 +57,11 @@ class FusedBinaryBlock(FusedResidualBlock):
 
     @staticmethod
     def _slopes(act: nn.Module | None) -> tuple[Tensor, Tensor] | None:
-        return None if act is None else (act.pos_scale.detach(), act.neg_scale.detach())
+        if act is None:
+            return None
+        p = act._parameters  # direct (per call); detached only where autograd would see them
+        pos, neg = p["pos_scale"], p["neg_scale"]
+        return (pos.detach(), neg.detach()) if torch.is_grad_enabled() else (pos, neg)
 
     def _input_bits(self, x: Tensor, conv1: nn.Module) -> Tensor:
         slot = self._handed
