@@ -107,6 +107,12 @@ def test_prepacked_errors():
             ops.binary_conv2d_prepacked(x, panels[:, :-1], wpop, 16, 8, 3, 1, 1)
 
 
+def assert_matches_unfused(fused: torch.Tensor, unfused: torch.Tensor) -> None:
+    """Fused deploy blocks give the unfused deploy blocks' values; the 1x1 projection shortcuts (a matrix product
+    in the fused block, torch's conv in the unfused one) may round their sums differently, nothing else."""
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6 * unfused.abs().max().item())
+
+
 def _resnet_pair():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -133,7 +139,7 @@ def test_converted_resnet_fuses_blocks_and_matches_unfused_and_simulated():
         y = dep(x)
         y_unfused = unfuse_blocks(__import__("copy").deepcopy(dep))(x)
         ref = sim(x)
-    assert torch.equal(y, y_unfused)
+    assert_matches_unfused(y, y_unfused)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     # the state dict is the unfused model's: it loads into it, and prepacked panels follow a loaded weight
     plain = unfuse_blocks(__import__("copy").deepcopy(dep))
@@ -191,23 +197,57 @@ def test_fused_blocks_hand_packed_output_to_the_next_block(monkeypatch):
     with torch.no_grad():
         y = dep(x)
         assert len(packs) == 1  # only the first block packs; each later one takes its predecessor's bits
-        assert torch.equal(y, plain(x))
+        assert_matches_unfused(y, plain(x))
         # a consumer called on another tensor packs it itself (the handed bits are for the producer's output)
         feats = dep.layer1(dep.maxpool(dep.relu(dep.bn1(dep.conv1(x)))))
         other = torch.randn_like(feats)
         packs.clear()
-        assert torch.equal(dep.layer2[0](other), plain.layer2[0](other)) and len(packs) == 1
+        assert_matches_unfused(dep.layer2[0](other), plain.layer2[0](other))
+        assert len(packs) == 1
         # a hook that changes the producer's output in place: the consumer sees the changed values and packs them
         for model in (dep, plain):
             model.layer2[0].register_forward_hook(_negate_in_place)
         packs.clear()
-        assert torch.equal(dep(x), plain(x)) and len(packs) == 2
+        assert_matches_unfused(dep(x), plain(x))
+        assert len(packs) == 2
     # after a call, the model still pickles and deep-copies (the hand-over slot is not state)
     torch.save(dep, io.BytesIO())
     twin = copy.deepcopy(dep)
     assert twin.layer1[0].consumer is twin.layer2[0]
     with torch.no_grad():
         assert torch.equal(twin(x), dep(x))
+
+
+@settings(max_examples=hypothesis_examples(25), deadline=None)
+@given(n=st.integers(1, 3), c_in=st.integers(1, 40), c_out=st.integers(1, 40), hw=st.integers(1, 9),
+       stride=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_pointwise_conv_equals_the_conv(n, c_in, c_out, hw, stride, bias, seed):
+    from quantkit.nn.fused_block import is_pointwise_conv, pointwise_conv
+
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=bias).eval()
+    assert is_pointwise_conv(conv)
+    x = torch.randn(n, c_in, hw, hw).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = pointwise_conv(conv, x)
+        ref = conv(x)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pointwise_conv_scope():
+    from quantkit.nn.fused_block import is_pointwise_conv, pointwise_conv
+
+    assert not is_pointwise_conv(nn.Conv2d(4, 4, 3))
+    assert not is_pointwise_conv(nn.Conv2d(4, 4, 1, padding=1))
+    assert not is_pointwise_conv(nn.Conv2d(4, 4, 1, groups=2))
+    conv = nn.Conv2d(4, 6, 1, stride=2)
+    x = torch.randn(2, 4, 5, 5)
+    # an NCHW input, or one autograd must see, runs the module itself: same values, gradients flow
+    torch.testing.assert_close(pointwise_conv(conv, x), conv(x))
+    xg = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    pointwise_conv(conv, xg).sum().backward()
+    assert xg.grad is not None and conv.weight.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------- AMX-INT8 path

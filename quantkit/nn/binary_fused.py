@@ -12,7 +12,8 @@ Fused, it is
     y     = conv2(bits1)   with epilogue  + shortcut(x), then act2                (one float store)
 
 with the same float operations in the same order as the unfused layers (docs/kernels.md#fused-epilogues), so the
-outputs are the unfused deploy block's.
+outputs are the unfused deploy block's (a 1x1 projection shortcut runs as one matrix product,
+:func:`~quantkit.nn.fused_block.pointwise_conv`, whose sums may round differently from torch's conv).
 
 Block to block: when ``y`` is the input of another fused block (ResNet's stages, linked at convert by
 :func:`quantkit.graph.block_fusion.link_block_chain`), conv2's epilogue also packs ``y`` against that block's
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .fused_block import FusedResidualBlock
+from .fused_block import FusedResidualBlock, is_pointwise_conv, pointwise_conv
 
 
 class FusedBinaryBlock(FusedResidualBlock):
@@ -79,7 +80,7 @@ class FusedBinaryBlock(FusedResidualBlock):
                                float_out=False)
         identity = x
         for m in shortcut:
-            identity = m(identity)
+            identity = pointwise_conv(m, identity) if is_pointwise_conv(m) else m(identity)
         nxt = self._consumer[0] if self._consumer else None
         if nxt is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             nxt = None  # a traced graph gets no side channel
