@@ -30,14 +30,21 @@ from quantkit.models import adder_resnet18
 
 
 @torch.no_grad()
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (also builds any cached packed weights)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved_medians(runs: dict, repeats: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds of each callable over ``repeats`` timed calls, taken in ``rounds`` rounds: each round runs
+    every callable once untimed (its weights and code back in cache, as in a serving loop that runs one model
+    back to back) and then its share of the timed calls back to back. A machine that speeds up or slows down during
+    the run shifts all rows alike."""
+    times = {name: [] for name in runs}
+    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+    for n in per_round:
+        for name, fn in runs.items():
+            fn()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # op name (as torch.profiler records it) -> category of the profile; the first matching prefix wins
@@ -129,7 +136,7 @@ def main(argv=None) -> None:
     models = build_models(torch.randn(2, 3, args.size, args.size))
     print(f"# end-to-end ResNet-18 {args.size}x{args.size}, CPU: {cpu_model()} ({os.cpu_count()} logical), "
           f"torch {torch.__version__}, kernels ISA: {quantkit.ops.cpu_isa()}")
-    print(f"# medians of {args.repeats} runs after warm-up; x FP32 = the faster FP32 layout's time / deploy time "
+    print(f"# medians of {args.repeats} runs in 3 rounds (each round: every model warmed up, then run back to back); x FP32 = the faster FP32 layout's time / deploy time "
           "(same run, same threads); deploy models run channels_last, as their binary convs produce it")
     print(f"{'threads':>7} {'batch':>5} {'FP32 ms':>9} {'FP32 CL ms':>10} {'adabin ms':>10} {'x FP32':>7} "
           f"{'adder4 ms':>10} {'x FP32':>7} {'adder2 ms':>10} {'x FP32':>7}")
@@ -141,9 +148,9 @@ def main(argv=None) -> None:
         for b in args.batches:
             x = torch.randn(b, 3, args.size, args.size)
             xcl = x.contiguous(memory_format=cl)
-            t = {name: median_time(lambda m=m: m(xcl if name != "fp32" else x), args.repeats)
-                 for name, m in models.items()}
-            t["fp32_cl"] = median_time(lambda: fp32_cl(xcl), args.repeats)
+            runs = {name: (lambda m=m, name=name: m(xcl if name != "fp32" else x)) for name, m in models.items()}
+            runs["fp32_cl"] = lambda: fp32_cl(xcl)
+            t = interleaved_medians(runs, args.repeats)
             best = min(t["fp32"], t["fp32_cl"])
             print(f"{threads:>7} {b:>5} {t['fp32'] * 1e3:>9.1f} {t['fp32_cl'] * 1e3:>10.1f} {t['adabin'] * 1e3:>10.1f} "
                   f"{best / t['adabin']:>7.2f} {t['adder_ptq4'] * 1e3:>10.1f} {best / t['adder_ptq4']:>7.2f} "
