@@ -5,7 +5,8 @@ Both sides take a float32 activation and return float32, input binarization incl
 * OpenVINO: ``FakeQuantize(levels=2)`` (x >= 0 -> 1) -> ``BinaryConvolution`` (``xnor-popcount``, u1 weights,
   pad_value 1) on an NCHW input, one compiled model per shape (f32 precision, ``INFERENCE_NUM_THREADS``);
 * quantkit: ``pack_activation_nhwc`` of a channels_last input -> ``binary_conv2d_prepacked`` on weights prepacked
-  once (``binary_conv_prepack``, as the deploy layers hold them), float channels_last output, AdaBin's
+  once (``binary_conv_prepack``, and ``binary_conv_prepack_amx`` on CPUs with AMX-INT8, as the deploy layers hold
+  them), float channels_last output, AdaBin's
   affine epilogue (scale, act-sum, weight-sum, count and bias terms: more work than OpenVINO's plain dot).
 
 Each side in its native layout. Medians over ``--rounds`` passes of ``--repeats`` calls per shape after warm-up,
@@ -75,8 +76,11 @@ def _case(ov, ov_ops, batch: int, c_in: int, c_out: int, h: int, stride: int, th
     terms = [torch.rand(c_out, generator=g) + 0.5 for _ in range(5)]
     zero_thr = torch.zeros(c_in)
     xcl = x.contiguous(memory_format=torch.channels_last)
+    # the AMX bit masks too where the CPU has AMX-INT8, as the deploy layers hold them (the kernel then picks AMX or
+    # VPOPCNTD per shape)
+    amx = ops.binary_conv_prepack_amx(w, c_in) if ops.cpu_amx_supported() else None
     args_q = (panels, wpop, c_in, c_out, [3, 3], [stride, stride], [1, 1], [1, 1], *terms, None, None, None, None,
-              True)
+              True, amx)
 
     def quantkit_conv():
         xb = torch.ops.quantkit.pack_bits(xcl.permute(0, 2, 3, 1), zero_thr)
