@@ -97,6 +97,17 @@ def _conv_case(data):
     return batch, c_in, c_out, kh, kw, stride, padding, dilation, h, w
 
 
+@pytest.mark.parametrize("pixels", [49, 9, 15, 8])  # 6 blocks of 8 and 1 row; 1 and 1; 1 and 7; one full block
+def test_conv2d_partial_pixel_blocks_every_isa(isa, pixels):
+    # the last pixel block of a conv has pixels % 8 valid rows; 64 channels are two channel-block pairs
+    g = _gen(pixels)
+    a = torch.randn(1, 96, 1, pixels, generator=g)
+    x = ops.pack_activation_nhwc(a)
+    wt = ops.pack_conv_weight(torch.randn(64, 96, 1, 3, generator=g))
+    y = ops.binary_conv2d(x, wt, 96, 1, (0, 1), 1)
+    assert torch.equal(y, binary_conv2d_reference(x, wt, 96, 1, (0, 1), 1, None, None, None, None, None))
+
+
 def test_conv2d_every_isa(isa):
     @settings(max_examples=hypothesis_examples(30), deadline=None)
     @given(

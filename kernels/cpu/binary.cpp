@@ -98,6 +98,9 @@ constexpr bool kHasMk2 = false;
 template <bool AND>
 inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
 template <bool AND>
+inline void mk2_tail(int, const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*,
+                     int32_t*) {}
+template <bool AND>
 inline void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel, int32_t* acc) {
   for (int q = 0; q < MR * NR; ++q) acc[q] = 0;
   for (int64_t t = 0; t < T; ++t) {
@@ -127,6 +130,9 @@ inline void vec_epilogue(const Ctx&, int64_t, int64_t, const uint32_t* const*, c
 constexpr bool kHasMk2 = false;
 template <bool AND>
 inline void mk2(const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*, int32_t*) {}
+template <bool AND>
+inline void mk2_tail(int, const uint32_t* const*, int64_t, int64_t, const uint32_t*, const uint32_t*, int32_t*,
+                     int32_t*) {}
 static inline __m256i popcnt_bytes(__m256i v, __m256i lut, __m256i low) {
   const __m256i lo = _mm256_and_si256(v, low);
   const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
@@ -289,6 +295,52 @@ inline void mk2(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t*
   _mm512_storeu_si512(acc1 + 5 * NR, d5);
   _mm512_storeu_si512(acc1 + 6 * NR, d6);
   _mm512_storeu_si512(acc1 + 7 * NR, d7);
+}
+// mk2 on the first R < MR rows of a block only: a conv's last pixel block is often partial (49 output pixels at
+// 7x7, batch 1, are six blocks of 8 and one of 1), and the full kernel would spend 8 rows of popcounts on it.
+template <bool AND, int R>
+inline void mk2_rows(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel0, const uint32_t* panel1,
+                     int32_t* acc0, int32_t* acc1) {
+  __m512i c[R], d[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) c[i] = d[i] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < T; ++t) {
+    const uint32_t* ap[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) ap[i] = a[i * T + t];
+    const uint32_t* wp0 = panel0 + t * Cw * NR;
+    const uint32_t* wp1 = panel1 + t * Cw * NR;
+    for (int64_t w = 0; w < Cw; ++w) {
+      const __m512i wv0 = _mm512_loadu_si512(wp0 + w * NR);
+      const __m512i wv1 = _mm512_loadu_si512(wp1 + w * NR);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const __m512i av = _mm512_set1_epi32(static_cast<int>(ap[i][w]));
+        c[i] = _mm512_add_epi32(c[i], _mm512_popcnt_epi32(AND ? _mm512_and_si512(av, wv0) : _mm512_xor_si512(av, wv0)));
+        d[i] = _mm512_add_epi32(d[i], _mm512_popcnt_epi32(AND ? _mm512_and_si512(av, wv1) : _mm512_xor_si512(av, wv1)));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    _mm512_storeu_si512(acc0 + i * NR, c[i]);
+    _mm512_storeu_si512(acc1 + i * NR, d[i]);
+  }
+}
+// mk2 for a block of `rows` < MR valid rows (the accumulator rows past them are left as they were).
+template <bool AND>
+inline void mk2_tail(int rows, const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel0,
+                     const uint32_t* panel1, int32_t* acc0, int32_t* acc1) {
+  switch (rows) {
+    case 1: return mk2_rows<AND, 1>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 2: return mk2_rows<AND, 2>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 3: return mk2_rows<AND, 3>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 4: return mk2_rows<AND, 4>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 5: return mk2_rows<AND, 5>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 6: return mk2_rows<AND, 6>(a, T, Cw, panel0, panel1, acc0, acc1);
+    case 7: return mk2_rows<AND, 7>(a, T, Cw, panel0, panel1, acc0, acc1);
+    default: return mk2<AND>(a, T, Cw, panel0, panel1, acc0, acc1);
+  }
 }
 // The float / bits / fused epilogue of one output row and channel block on zmm registers: a scalar loop over the 16
 // channels (the generic epilogue) costs more than the micro-kernel itself when C_in is small (64 channels: 18 words

@@ -5,7 +5,8 @@
 //   template <bool AND> void mk(const uint32_t* const* a, int64_t T, int64_t Cw, const uint32_t* panel,
 //                               int32_t* acc);
 // the MR x NR micro-kernel: acc[i*NR + j] = sum_{t<T, w<Cw} popcount(a[i*T+t][w] OP panel[(t*Cw + w)*NR + j]),
-// OP = AND or XOR, `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent) and
+// OP = AND or XOR, `kHasMk2` / `mk2` (the same for two channel blocks at once; a no-op stub when absent) with
+// `mk2_tail` (the same on the first `rows` < MR rows of a partial block), and
 // `kHasVecEpi` / `vec_epilogue` (a register form of the float/bits/fused epilogue; a stub when absent). Everything here (pointer set-up, epilogue) is then compiled for that level, so the epilogue
 // vectorises with the same registers as the micro-kernel. Types (Ctx, RowInfo, MR, NR, kEpi*) come from binary.cpp.
 
@@ -244,7 +245,10 @@ void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, cons
         for (int gi = 0; gi < ng; ++gi) {
           const int64_t p0 = (g0 + gi) * MR;
           const uint32_t* const* gp = ptrs + gi * MR * T;
-          mk2<EPI == kEpiAnd01>(gp, T, Cw, pan0, pan1, acc, acc2);
+          if (rows[gi] == MR)
+            mk2<EPI == kEpiAnd01>(gp, T, Cw, pan0, pan1, acc, acc2);
+          else
+            mk2_tail<EPI == kEpiAnd01>(rows[gi], gp, T, Cw, pan0, pan1, acc, acc2);
           for (int i = 0; i < rows[gi]; ++i) {
             epilogue_row<CONV, EPI, false>(c, cb, p0 + i, gp + i * T, ri[gi][i], acc + i * NR);
             epilogue_row<CONV, EPI, false>(c, cb + 1, p0 + i, gp + i * T, ri[gi][i], acc2 + i * NR);
