@@ -11,8 +11,9 @@ Rows per (threads, batch):
 * ``pool, out=``: the kernel writing into a preallocated channels_last output (how a caller tiling the batch uses it).
 
 Then the whole stem, conv (3 -> 64, 7x7, stride 2, padding 3) -> ReLU -> max pool on (N, 3, 224, 224) channels_last:
-torch's layers one after the other on the whole batch vs the deploy model's ``TiledConvPool`` (the same conv a few
-images at a time, the ReLU fused into the pool, each tile pooled into its slice of the output).
+torch's layers one after the other on the whole batch vs the deploy model's ``TiledConvPool``, once with torch's conv
+a few images at a time (the ReLU fused into the pool, each tile pooled into its slice of the output) and once as the
+stem kernel ``conv_max_pool2d_nhwc`` (its default for a float conv: conv rows pooled while in cache).
 
 Run: ``.venv/bin/python benchmarks/pooling_cpu.py [--quick] [--threads 1,2] [--batches 1,16]``
 """
@@ -65,8 +66,9 @@ class _Stem(torch.nn.Module):
         return self.maxpool(self.relu(self.conv1(x)))
 
 
-def stem_row(threads: int, batch: int, repeats: int) -> tuple[float, float, int]:
-    """(torch layers ms, tiled stem ms, images per tile) for the ResNet stem at ``threads`` threads."""
+def stem_row(threads: int, batch: int, repeats: int) -> tuple[float, float, float, int]:
+    """(torch layers ms, tiled stem ms, stem kernel ms, images per tile) for the ResNet stem at ``threads``
+    threads."""
     import copy
 
     from quantkit.graph.conv_pool import tile_conv_pools
@@ -77,16 +79,19 @@ def stem_row(threads: int, batch: int, repeats: int) -> tuple[float, float, int]
     try:
         torch.manual_seed(0)
         layers = _Stem().eval().to(memory_format=torch.channels_last)
-        tiled = copy.deepcopy(layers)
-        tile_conv_pools(tiled)
+        kernel = copy.deepcopy(layers)
+        tile_conv_pools(kernel)
+        tiled = copy.deepcopy(kernel)
+        tiled.conv1.use_stem_kernel = False  # torch's conv a tile at a time, then the pool kernel
         x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            t_layers, t_tiled = interleaved_medians({"layers": lambda: layers(x), "tiled": lambda: tiled(x)},
-                                                    repeats).values()
+            t_layers, t_tiled, t_kernel = interleaved_medians(
+                {"layers": lambda: layers(x), "tiled": lambda: tiled(x), "kernel": lambda: kernel(x)},
+                repeats).values()
         step = tile_images(64 * 112 * 112 * 4, threads)
     finally:
         torch.set_num_threads(saved)
-    return t_layers, t_tiled, step
+    return t_layers, t_tiled, t_kernel, step
 
 
 def main() -> None:
@@ -109,15 +114,16 @@ def main() -> None:
             for name, base, ours in pool_rows(t, b, repeats):
                 print(f"| {t} | {b} | {name} | {base * 1e3:.3f} | {ours * 1e3:.3f} | {base / ours:.2f} |", flush=True)
     print("\n# ResNet stem conv 7x7/2 -> ReLU -> max pool 3/2, (N, 3, 224, 224) channels_last: torch's layers on the "
-          "whole batch vs TiledConvPool; speedup = layers time / tiled time")
-    print("| threads | batch | images per tile | layers ms | tiled ms | speedup |")
-    print("|---|---|---|---|---|---|")
+          "whole batch vs TiledConvPool with torch's conv a tile at a time (use_stem_kernel=False) and with the stem "
+          "kernel (conv_max_pool2d_nhwc, the default); speedups = layers time / that time")
+    print("| threads | batch | images per tile | layers ms | tiled ms | speedup | stem kernel ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|")
     for t in threads:
         for b in batches:
             repeats = 5 if args.quick else (41 if b <= 2 else 11)
-            base, ours, step = stem_row(t, b, repeats)
-            print(f"| {t} | {b} | {min(step, b)} | {base * 1e3:.2f} | {ours * 1e3:.2f} | {base / ours:.2f} |",
-                  flush=True)
+            base, tiled, kernel, step = stem_row(t, b, repeats)
+            print(f"| {t} | {b} | {min(step, b)} | {base * 1e3:.2f} | {tiled * 1e3:.2f} | {base / tiled:.2f} | "
+                  f"{kernel * 1e3:.2f} | {base / kernel:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

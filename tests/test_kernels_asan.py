@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tests/test_ops_binary_prepacked.py",
                    "tests/test_ops_hostile.py", "tests/test_ops_int8.py", "tests/test_pooling.py",
                    "tests/test_adder_fused.py", "tests/test_ops_adder.py::test_thermometer_form_equals_bytes_form",
-                   "tests/test_ops_adder.py::test_packed_conv2d_pixel_vector_kernel"]
+                   "tests/test_ops_adder.py::test_packed_conv2d_pixel_vector_kernel",
+                   "tests/test_conv_pool.py::test_stem_kernel_equals_its_reference_every_isa",
+                   "tests/test_conv_pool.py::test_stem_kernel_nan_and_inf_reach_the_pool_as_torch_does"]
 # Tests that only start subprocesses (nothing for ASan to see in this process, and slow under it), and the whole-model
 # tests of the prepacked ops and of the fused adder blocks (their kernel calls are the ones the op tests make, on
 # models that are slow under ASan).

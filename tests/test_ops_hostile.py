@@ -204,6 +204,8 @@ def _op_calls():
         ("adder_conv2d", (xq5, wq4, gi, v, v, [1, 1], [0, 0], [1, 1], 1)),
         ("max_pool2d_nhwc", (torch.randn(1, 3, 5, 5).contiguous(memory_format=torch.channels_last), [3, 3], [2, 2],
                              [1, 1], True)),
+        ("conv_max_pool2d_nhwc", (torch.randn(1, 3, 6, 6), torch.randn(3, 9, 16), torch.ones(16), [1, 1], [1, 1],
+                                  [3, 3], [2, 2], [1, 1], True)),
     ]
 
 

@@ -40,7 +40,14 @@ struct PoolGeom {
   int64_t H, W, C, Ho, Wo;
   int64_t kh, kw, sh, sw, ph, pw;
   bool relu;
+  int64_t ring = 0;  // > 0: x holds only `ring` input rows, row ih at slot ih % ring (the stem kernel's conv rows)
 };
+
+// Input row ih of image n.
+inline const float* pool_input_row(const PoolGeom& g, int64_t n, int64_t ih) {
+  if (g.ring > 0) return g.x + (ih % g.ring) * g.W * g.C;
+  return g.x + (n * g.H + ih) * g.W * g.C;
+}
 
 // [lo, hi): the valid input indices of the window starting at `start` (may be negative) of `k` taps, in [0, n).
 // Written so that a huge k (the schema takes any int64) cannot overflow: start >= -p and p <= k / 2.
@@ -69,11 +76,10 @@ void pool_row_portable(const PoolGeom& g, int64_t n, int64_t oh) {
   int64_t h_lo, h_hi;
   clip_window(oh * g.sh - g.ph, g.kh, g.H, h_lo, h_hi);
   const int64_t C = g.C, W = g.W, Wo = g.Wo, kw = g.kw, sw = g.sw, pw = g.pw;
-  const float* img = g.x + n * g.H * W * C;
   float* yrow = g.y + (n * g.Ho + oh) * Wo * C;
   for (int64_t i = 0; i < Wo * C; ++i) yrow[i] = -std::numeric_limits<float>::infinity();
   for (int64_t ih = h_lo; ih < h_hi; ++ih) {
-    const float* row = img + ih * W * C;
+    const float* row = pool_input_row(g, n, ih);
     for (int64_t ow = 0; ow < Wo; ++ow) {
       int64_t w_lo, w_hi;
       clip_window(ow * sw - pw, kw, W, w_lo, w_hi);
@@ -117,14 +123,13 @@ QK_TARGET_AVX512 inline void pool_pass512(const PoolGeom& g, const float* row, i
 QK_TARGET_AVX512 void pool_row_avx512(const PoolGeom& g, int64_t n, int64_t oh) {
   int64_t h_lo, h_hi;
   clip_window(oh * g.sh - g.ph, g.kh, g.H, h_lo, h_hi);
-  const float* img = g.x + n * g.H * g.W * g.C;
   float* yrow = g.y + (n * g.Ho + oh) * g.Wo * g.C;
   const __mmask16 full = 0xFFFF;
   const int64_t rem = g.C % 16;
   const __mmask16 tail = rem ? __mmask16((1u << rem) - 1u) : full;
   const int64_t c_full = g.C - rem;  // channels in whole vectors
   for (int64_t ih = h_lo; ih < h_hi; ++ih) {
-    const float* row = img + ih * g.W * g.C;
+    const float* row = pool_input_row(g, n, ih);
     const bool first = ih == h_lo, last = ih == h_hi - 1;
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       int64_t w_lo, w_hi;
@@ -162,11 +167,10 @@ QK_TARGET_AVX2 inline void pool_pass256(const PoolGeom& g, const float* row, int
 QK_TARGET_AVX2 void pool_row_avx2(const PoolGeom& g, int64_t n, int64_t oh) {
   int64_t h_lo, h_hi;
   clip_window(oh * g.sh - g.ph, g.kh, g.H, h_lo, h_hi);
-  const float* img = g.x + n * g.H * g.W * g.C;
   float* yrow = g.y + (n * g.Ho + oh) * g.Wo * g.C;
   const int64_t c_full = g.C - g.C % 8;
   for (int64_t ih = h_lo; ih < h_hi; ++ih) {
-    const float* row = img + ih * g.W * g.C;
+    const float* row = pool_input_row(g, n, ih);
     const bool first = ih == h_lo, last = ih == h_hi - 1;
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       int64_t w_lo, w_hi;
@@ -262,7 +266,224 @@ void pool_into(const at::Tensor& xc, at::Tensor& y, PoolGeom& g) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------- conv -> pool
+// conv_max_pool2d_nhwc: max_pool(relu(conv2d(x, w) + bias)) for a network's stem (few input channels), one kernel.
+// The conv is direct: per output pixel and 16 channels one zmm accumulator, started at the bias, then one FMA per tap
+// (kh, kw, c_in) in that order, the input value broadcast: a block of 6 pixels x 64 channels keeps 24 accumulators
+// and the 4 weight vectors of a tap in registers (FMA-bound). The weights are prepacked (Python:
+// pack_stem_weight) as (KH, KW * C_in, C_out): for a fixed kernel row the KW * C_in taps of a pixel are
+// consecutive floats of an NHWC input row, so the tap loop is one linear run per kernel row. Conv rows are made in
+// order into a ring of (pool kh + pool sh) rows (PoolGeom::ring) and each pool row runs (the pool code above) as
+// soon as its window's conv rows exist: they are read from L1/L2, and the conv output never goes to memory. Input
+// rows are copied once per task into a zero-padded band (the conv's padding). Threads: (image, band of pool rows)
+// tasks; a band recomputes the conv rows its window shares with the band above.
+struct StemGeom {
+  int64_t N, Cin, H, W, Cout, KH, KW, sh, sw, ph, pw, Hc, Wc;  // conv input / kernel / output sizes
+  PoolGeom pool;                                                 // pool over the (Hc, Wc, Cout) conv output
+};
+
+// Conv output row r of one image into crow (Wc x Cout), from the zero-padded input band xb whose row 0 is input row
+// `band_row0` (padded coordinates: input row ih is band row ih + ph - band_row0); xb rows are Wp * Cin floats.
+void stem_conv_row_portable(const StemGeom& s, const float* xb, int64_t band_row0, int64_t Wp, const float* w,
+                            const float* bias, int64_t r, float* crow) {
+  const int64_t U = s.KW * s.Cin;
+  for (int64_t ow = 0; ow < s.Wc; ++ow) {
+    float* o = crow + ow * s.Cout;
+    for (int64_t c = 0; c < s.Cout; ++c) o[c] = bias ? bias[c] : 0.f;
+    for (int64_t kh = 0; kh < s.KH; ++kh) {
+      const float* xr = xb + (r * s.sh + kh - band_row0) * Wp * s.Cin + ow * s.sw * s.Cin;
+      const float* wk = w + kh * U * s.Cout;
+      for (int64_t u = 0; u < U; ++u) {
+        const float a = xr[u];
+        const float* wu = wk + u * s.Cout;
+        for (int64_t c = 0; c < s.Cout; ++c) o[c] = std::fma(a, wu[c], o[c]);
+      }
+    }
+  }
+}
+
+#if QUANTKIT_X86
+// J pixels x Q vectors of 16 channels from channel c0: the register block of the AVX-512 conv row.
+template <int J, int Q>
+QK_TARGET_AVX512 inline void stem_block512(const StemGeom& s, const float* xr0, int64_t Wp, const float* w,
+                                           const float* bias, int64_t c0, float* o) {
+  const int64_t U = s.KW * s.Cin, px = s.sw * s.Cin, row = Wp * s.Cin, Cout = s.Cout;
+  __m512 acc[J][Q];
+  for (int q = 0; q < Q; ++q) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + c0 + 16 * q) : _mm512_setzero_ps();
+    for (int j = 0; j < J; ++j) acc[j][q] = b;
+  }
+  for (int64_t kh = 0; kh < s.KH; ++kh) {
+    const float* xr = xr0 + kh * row;
+    const float* wk = w + kh * U * Cout + c0;
+    for (int64_t u = 0; u < U; ++u) {
+      __m512 wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = _mm512_loadu_ps(wk + u * Cout + 16 * q);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        const __m512 a = _mm512_set1_ps(xr[j * px + u]);
+        for (int q = 0; q < Q; ++q) acc[j][q] = _mm512_fmadd_ps(a, wv[q], acc[j][q]);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(o + j * Cout + c0 + 16 * q, acc[j][q]);
+}
+
+template <int Q>
+QK_TARGET_AVX512 inline void stem_pixels512(const StemGeom& s, const float* xr0, int64_t Wp, const float* w,
+                                            const float* bias, int64_t c0, float* crow) {
+  const int64_t px = s.sw * s.Cin;
+  int64_t ow = 0;
+  for (; ow + 6 <= s.Wc; ow += 6) stem_block512<6, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+  switch (s.Wc - ow) {
+    case 5: return stem_block512<5, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 4: return stem_block512<4, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 3: return stem_block512<3, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 2: return stem_block512<2, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 1: return stem_block512<1, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    default: return;
+  }
+}
+
+// C_out a multiple of 16 (checked by the caller): chunks of 64 channels, then one of 16, 32 or 48.
+QK_TARGET_AVX512 void stem_conv_row_avx512(const StemGeom& s, const float* xb, int64_t band_row0, int64_t Wp,
+                                           const float* w, const float* bias, int64_t r, float* crow) {
+  const float* xr0 = xb + (r * s.sh - band_row0) * Wp * s.Cin;
+  int64_t c0 = 0;
+  for (; c0 + 64 <= s.Cout; c0 += 64) stem_pixels512<4>(s, xr0, Wp, w, bias, c0, crow);
+  switch ((s.Cout - c0) / 16) {
+    case 3: return stem_pixels512<3>(s, xr0, Wp, w, bias, c0, crow);
+    case 2: return stem_pixels512<2>(s, xr0, Wp, w, bias, c0, crow);
+    case 1: return stem_pixels512<1>(s, xr0, Wp, w, bias, c0, crow);
+    default: return;
+  }
+}
+#endif
+
+// Pool rows [p0, p1) of image n: the conv rows their windows need, in order, each pool row right after its last one.
+void stem_band(const StemGeom& s, const float* x, const float* w, const float* bias, float* conv_img, float* y,
+               int64_t n, int64_t p0, int64_t p1, std::vector<float>& band, bool avx512, Isa isa) {
+  const PoolGeom& g = s.pool;
+  int64_t lo0, hi0, lo1, hi1;
+  clip_window(p0 * g.sh - g.ph, g.kh, g.H, lo0, hi0);
+  clip_window((p1 - 1) * g.sh - g.ph, g.kh, g.H, lo1, hi1);
+  const int64_t r_first = lo0, r_last = hi1 - 1;  // conv rows of the band
+  // zero-padded input rows of those conv rows: padded row index = input row + ph
+  const int64_t band_row0 = r_first * s.sh, band_rows = (r_last - r_first) * s.sh + s.KH;
+  const int64_t Wp = (s.Wc - 1) * s.sw + s.KW;  // padded columns the conv reads
+  band.resize(static_cast<size_t>(band_rows * Wp * s.Cin));  // every element written below: padding or input
+  const float* img = x + n * s.H * s.W * s.Cin;
+  const int64_t col_lo = std::min<int64_t>(s.pw, Wp), col_hi = std::min<int64_t>(Wp, s.pw + s.W);  // input columns
+  for (int64_t br = 0; br < band_rows; ++br) {
+    float* dst = band.data() + br * Wp * s.Cin;
+    const int64_t ih = band_row0 + br - s.ph;
+    if (ih < 0 || ih >= s.H) {
+      std::fill(dst, dst + Wp * s.Cin, 0.f);
+      continue;
+    }
+    std::fill(dst, dst + col_lo * s.Cin, 0.f);
+    if (col_hi > col_lo) std::copy(img + ih * s.W * s.Cin, img + (ih * s.W + (col_hi - col_lo)) * s.Cin,
+                                   dst + col_lo * s.Cin);
+    std::fill(dst + std::max(col_hi, col_lo) * s.Cin, dst + Wp * s.Cin, 0.f);
+  }
+  // conv rows in a ring of kh + sh rows: a pool row's window (kh rows) plus the rows made before the next one's
+  PoolGeom pg = g;
+  pg.x = conv_img;
+  pg.ring = g.kh + g.sh;
+  pg.y = y + n * g.Ho * g.Wo * g.C;
+  int64_t next = r_first;  // next conv row to compute
+  for (int64_t oh = p0; oh < p1; ++oh) {
+    int64_t lo, hi;
+    clip_window(oh * g.sh - g.ph, g.kh, g.H, lo, hi);
+    for (; next < hi; ++next) {
+      float* crow = conv_img + (next % pg.ring) * s.Wc * s.Cout;
+#if QUANTKIT_X86
+      if (avx512) {
+        stem_conv_row_avx512(s, band.data(), band_row0, Wp, w, bias, next, crow);
+        continue;
+      }
+#endif
+      stem_conv_row_portable(s, band.data(), band_row0, Wp, w, bias, next, crow);
+    }
+#if QUANTKIT_X86
+    if (isa == Isa::Avx512) {
+      pool_row_avx512(pg, 0, oh);
+      continue;
+    }
+    if (isa == Isa::Avx2) {
+      pool_row_avx2(pg, 0, oh);
+      continue;
+    }
+#endif
+    pool_row_portable(pg, 0, oh);
+  }
+  (void)avx512;
+  (void)isa;
+}
+
+constexpr const char* kStemOp = "quantkit::conv_max_pool2d_nhwc";
+
 }  // namespace
+
+at::Tensor conv_max_pool2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                    at::IntArrayRef conv_stride, at::IntArrayRef conv_padding,
+                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                    bool relu) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), kStemOp, ": x and weight must be CPU tensors");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, kStemOp, ": x must be float32 (N, C, H, W), got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == at::kFloat && weight.is_contiguous(), kStemOp,
+              ": weight must be contiguous float32 (KH, KW * C_in, C_out) from pack_stem_weight, got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(conv_stride.size() == 2 && conv_padding.size() == 2, kStemOp,
+              ": conv_stride and conv_padding must have two values");
+  StemGeom s{};
+  s.N = x.size(0), s.Cin = x.size(1), s.H = x.size(2), s.W = x.size(3);
+  s.KH = weight.size(0), s.Cout = weight.size(2);
+  TORCH_CHECK(s.Cin > 0 && weight.size(1) % s.Cin == 0 && s.KH > 0 && weight.size(1) > 0, kStemOp,
+              ": weight (KH, KW * C_in, C_out) = ", weight.sizes(), " does not match x's ", s.Cin, " channels");
+  s.KW = weight.size(1) / s.Cin;
+  s.sh = conv_stride[0], s.sw = conv_stride[1], s.ph = conv_padding[0], s.pw = conv_padding[1];
+  TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.ph >= 0 && s.pw >= 0 && s.ph < s.KH && s.pw < s.KW, kStemOp,
+              ": conv stride must be >= 1 and padding in [0, kernel size), got ", conv_stride, ", ", conv_padding);
+  TORCH_CHECK(s.H + 2 * s.ph >= s.KH && s.W + 2 * s.pw >= s.KW, kStemOp, ": the conv kernel (", s.KH, ", ", s.KW,
+              ") is larger than the padded input ", x.sizes());
+  s.Hc = (s.H + 2 * s.ph - s.KH) / s.sh + 1;
+  s.Wc = (s.W + 2 * s.pw - s.KW) / s.sw + 1;
+  if (bias.has_value())
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->numel() == s.Cout, kStemOp,
+                ": bias must be float32 with ", s.Cout, " values");
+  // the pool's geometry and checks, on the conv output's shape
+  PoolGeom& g = s.pool;
+  const at::Tensor conv_shape = at::empty({1}, x.options()).expand({s.N, s.Cout, s.Hc, s.Wc});  // sizes only
+  const std::vector<int64_t> shape = pool_shape(conv_shape, kernel_size, stride, padding, g);
+  g.relu = relu;
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const Isa isa = active_isa();
+  const bool avx512 = QUANTKIT_X86 && isa == Isa::Avx512 && s.Cout % 16 == 0;
+  // tasks: (image, band of pool rows); bands only where there are fewer images than threads
+  const int64_t threads = at::get_num_threads();
+  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(g.Ho, (threads + s.N - 1) / s.N));
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, s.N * bands, 1, [&](int64_t begin, int64_t end) {
+    // this task's ring of conv rows (uninitialized: every row the pool reads is written first) and padded input band
+    at::Tensor conv_img = at::empty({(g.kh + g.sh) * s.Wc * s.Cout}, xc.options().memory_format(at::MemoryFormat::Contiguous));
+    std::vector<float> band;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / bands, k = t % bands;
+      const int64_t p0 = g.Ho * k / bands, p1 = g.Ho * (k + 1) / bands;
+      if (p1 > p0) stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, avx512, isa);
+    }
+  });
+  return y;
+}
 
 at::Tensor max_pool2d_nhwc_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, bool relu) {
@@ -298,4 +519,5 @@ void max_pool2d_nhwc_into_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("max_pool2d_nhwc", &quantkit::cpu::max_pool2d_nhwc_cpu);
   m.impl("max_pool2d_nhwc_into", &quantkit::cpu::max_pool2d_nhwc_into_cpu);
+  m.impl("conv_max_pool2d_nhwc", &quantkit::cpu::conv_max_pool2d_nhwc_cpu);
 }

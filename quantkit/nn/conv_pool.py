@@ -10,6 +10,12 @@ pool, and the pool writes straight into its slice of the output. The ReLU runs i
 runs channels_last whatever the input's layout (torch's CPU conv with a 3-channel NCHW input is several times
 slower): on a channels_last input the values are those of the layers run one after the other (zeros' signs
 aside); on an NCHW input the conv's float32 sums are in another order. The pool and the ReLU are exact.
+
+A float ``nn.Conv2d`` stem (groups 1, dilation 1) runs instead as one kernel, :func:`quantkit.ops.conv_max_pool2d_nhwc`
+(``docs/kernels.md#stem-kernel``): a direct conv whose rows go straight into the pool while they are in cache, on
+the whole batch at once, the weight prepacked at convert (:meth:`TiledConvPool.prepack`, repacked if the conv's
+weight changes). Its conv sums in its own order (from the bias, taps in (kh, kw, c_in) order, FMAs), so its values
+agree with torch's conv to float rounding.
 """
 from __future__ import annotations
 
@@ -42,6 +48,11 @@ class TiledConvPool(nn.Module):
                  places: tuple[str, str | None, str]) -> None:
         super().__init__()
         self.conv = conv
+        # False: run even a float conv through torch, a tile at a time (the stem kernel's conv rounds differently)
+        self.use_stem_kernel = True
+        self._stem_weight: tuple | None = None  # (packed weight, version, address, device of the conv weight)
+        if self.stem_kernel_fits() and conv.weight.device.type != "meta":
+            self.prepack()  # at convert: the stem kernel's weight layout, made once
         self._layers = (relu, pool)
         self.places = places
         self.kernel_size = int_pair(pool.kernel_size, "kernel_size", 1, "MaxPool2d")
@@ -69,6 +80,11 @@ class TiledConvPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return self._one_by_one(x)
+        if self._stem_kernel_now(x):
+            c = self.conv
+            return pool_ops.conv_max_pool2d_nhwc(x, self._stem_weight_now(), c.bias, c.stride, c.padding,
+                                                 self.kernel_size, self.stride, self.padding,
+                                                 relu=self._layers[0] is not None)
         n = x.shape[0]
         if isinstance(self.conv, nn.Conv2d):  # the int8 conv reads NCHW directly; torch's float conv wants NHWC
             x = x.contiguous(memory_format=torch.channels_last)
@@ -83,6 +99,39 @@ class TiledConvPool(nn.Module):
         for i in range(1, n, step):
             self._pool_into(self.conv(x[i:i + step]), out[i:i + step])
         return out
+
+    # --- the one-kernel stem (a float conv): quantkit.ops.conv_max_pool2d_nhwc on a prepacked weight
+    def stem_kernel_fits(self) -> bool:
+        """Whether the conv is a plain float ``nn.Conv2d`` the stem kernel computes (groups 1, dilation 1, zero
+        padding given as numbers, float32 weight)."""
+        c = self.conv
+        return (type(c) is nn.Conv2d and c.groups == 1 and tuple(c.dilation) == (1, 1) and c.padding_mode == "zeros"
+                and not isinstance(c.padding, str) and c.weight.dtype == torch.float32)
+
+    def prepack(self) -> Tensor:
+        """(Re)build the stem kernel's weight, :func:`quantkit.ops.pack_stem_weight` of the conv's, and return it.
+        Kept with the version and address of the weight it was made from: a changed weight (a loaded state dict,
+        an in-place edit, ``.to()``) is packed again on the next call instead of being read stale."""
+        w = self.conv.weight
+        packed = pool_ops.pack_stem_weight(w)
+        self._stem_weight = (packed, w._version, w.data_ptr(), w.device)
+        return packed
+
+    def _stem_weight_now(self) -> Tensor:
+        held = self.__dict__.get("_stem_weight")
+        w = self.conv.weight
+        if held is not None and held[1] == w._version and held[2] == w.data_ptr() and held[3] == w.device:
+            return held[0]
+        return self.prepack()
+
+    def _stem_kernel_now(self, x: Tensor) -> bool:
+        if not (self.use_stem_kernel and self.stem_kernel_fits()):
+            return False
+        if torch.is_grad_enabled():  # autograd must see the conv's parameters: the layers one by one
+            c = self.conv
+            if c.weight.requires_grad or (c.bias is not None and c.bias.requires_grad):
+                return False
+        return True
 
     def extra_repr(self) -> str:
         c, r, p = self.places

@@ -33,4 +33,10 @@ from quantkit.ops.binary import (
 from quantkit.ops.adder import adder_conv2d, adder_l1, adder_l1_conv2d, adder_linear  # noqa: F401
 from quantkit.ops.elementwise import (maxout, maxout_reference, quantize_groups,  # noqa: F401,E402
                                      quantize_groups_reference)
-from quantkit.ops.pooling import max_pool2d_nhwc, max_pool2d_nhwc_reference  # noqa: F401,E402
+from quantkit.ops.pooling import (  # noqa: F401,E402
+    conv_max_pool2d_nhwc,
+    conv_max_pool2d_nhwc_reference,
+    max_pool2d_nhwc,
+    max_pool2d_nhwc_reference,
+    pack_stem_weight,
+)

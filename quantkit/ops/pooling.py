@@ -6,6 +6,8 @@ Op schemas (``kernels/register.cpp``)::
     quantkit::max_pool2d_nhwc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) -> Tensor
     quantkit::max_pool2d_nhwc_into(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu,
                                    Tensor(a!) out) -> ()
+    quantkit::conv_max_pool2d_nhwc(Tensor x, Tensor weight, Tensor? bias, int[2] conv_stride, int[2] conv_padding,
+                                   int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor
 
 The ``out=`` form is a separate op that returns nothing: a mutated argument that is also returned cannot be
 functionalized for torch.compile / export, one that is only written can.
@@ -159,3 +161,65 @@ def _max_pool2d_nhwc_into_fake(x: Tensor, kernel_size: Sequence[int], stride: Se
     _check(x, kernel_size, stride, padding, out, real=False)
     torch._check(x.dtype == torch.float32, lambda: f"{_OP}: the compiled op takes float32 x, got {x.dtype}")
     return None
+
+
+# ---------------------------------------------------------------------------------------------- conv -> pool (stem)
+_STEM_OP = "conv_max_pool2d_nhwc"
+
+
+def pack_stem_weight(weight: Tensor) -> Tensor:
+    """A conv weight ``(C_out, C_in, KH, KW)`` as :func:`conv_max_pool2d_nhwc` reads it: ``(KH, KW * C_in, C_out)``
+    float32, contiguous (for a fixed kernel row, a pixel's taps are consecutive floats of an NHWC input row)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise KernelError(f"{_STEM_OP}: expected a 4-D (C_out, C_in, KH, KW) conv weight")
+    c_out, c_in, kh, kw = weight.shape
+    return weight.detach().float().permute(2, 3, 1, 0).reshape(kh, kw * c_in, c_out).contiguous()
+
+
+def conv_max_pool2d_nhwc_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_stride: IntPair,
+                                   conv_padding: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair,
+                                   relu: bool = False) -> Tensor:
+    """``max_pool2d(conv2d(x, weight, bias, conv_stride, conv_padding), kernel_size, stride, padding)``, then
+    ``relu`` when asked (:func:`max_pool2d_nhwc_reference`), channels_last; ``weight`` as ``(C_out, C_in, KH, KW)``."""
+    y = F.conv2d(x, weight, bias, int_pair(conv_stride, "conv_stride", 1, _STEM_OP),
+                 int_pair(conv_padding, "conv_padding", 0, _STEM_OP))
+    return max_pool2d_nhwc_reference(y, kernel_size, stride, padding, relu)
+
+
+def conv_max_pool2d_nhwc(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor], conv_stride: IntPair,
+                         conv_padding: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair,
+                         relu: bool = False) -> Tensor:
+    """A network stem ``max_pool(relu(conv(x)))`` in one kernel (``docs/kernels.md#stem-kernel``): ``x`` float32
+    ``(N, C_in, H, W)`` (channels_last, or NCHW at the cost of a copy), ``weight_packed`` from
+    :func:`pack_stem_weight`, dilation 1 and groups 1; returns ``(N, C_out, Ho, Wo)`` channels_last. The conv sums
+    each output from its bias in tap order ``(kh, kw, c_in)`` with FMAs, so values agree with torch's conv to float
+    rounding (not bit for bit); the pool and ReLU are those of :func:`max_pool2d_nhwc`, exactly. Without the compiled
+    kernel, or under autograd: the reference on the unpacked weight."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype != torch.float32:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise KernelError(f"{_STEM_OP}: x must be a float32 (N, C, H, W) tensor, got {got}")
+    if not isinstance(weight_packed, Tensor) or weight_packed.dim() != 3 or weight_packed.shape[1] % max(
+            x.shape[1], 1) != 0:
+        raise KernelError(f"{_STEM_OP}: weight_packed must be (KH, KW * C_in, C_out) from pack_stem_weight for "
+                          f"x's {x.shape[1]} channels, got {tuple(getattr(weight_packed, 'shape', ()))}")
+    cs, cp = int_pair(conv_stride, "conv_stride", 1, _STEM_OP), int_pair(conv_padding, "conv_padding", 0, _STEM_OP)
+    k, s, p = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight_packed.requires_grad)
+    if not needs_grad and use_kernel(_STEM_OP, x.device):
+        return torch.ops.quantkit.conv_max_pool2d_nhwc(x, weight_packed, bias, cs, cp, k, s, p, bool(relu))
+    kh, u, c_out = weight_packed.shape
+    weight = weight_packed.reshape(kh, u // x.shape[1], x.shape[1], c_out).permute(3, 2, 0, 1)
+    return conv_max_pool2d_nhwc_reference(x, weight, bias, cs, cp, k, s, p, relu)
+
+
+@register_fake(_STEM_OP)
+def _conv_max_pool2d_nhwc_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_stride: Sequence[int],
+                               conv_padding: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                               padding: Sequence[int], relu: bool) -> Tensor:
+    check_devices(_STEM_OP, x=x, weight=weight, bias=bias)
+    kh, u, c_out = weight.shape
+    ho, wo = (conv2d_output_size(n, kk, ss, pp, 1) for n, kk, ss, pp in
+              zip(x.shape[2:], (kh, u // x.shape[1]), conv_stride, conv_padding))
+    ho, wo = pool_output_hw(ho, wo, tuple(kernel_size), tuple(stride), tuple(padding))
+    return torch.empty((x.shape[0], c_out, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
