@@ -93,9 +93,10 @@ TORCH_LIBRARY(quantkit, m) {
         "Tensor(a!) out) -> ()");
   // conv_max_pool2d_nhwc: max_pool2d_nhwc(conv2d(x, w, bias, conv_stride, conv_padding), kernel_size, stride,
   //   padding, relu) in one kernel (a network stem: few input channels); weight prepacked (KH, KW * C_in, C_out) by
-  //   quantkit.ops.pack_stem_weight; x float32 (N, C_in, H, W) -> float32 channels_last (quantkit/ops/pooling.py).
+  //   quantkit.ops.pack_stem_weight; x float32 (N, C_in, H, W) -> float32 channels_last (quantkit/ops/pooling.py),
+  //   and with a threshold (C_out) also pack_bits(y >= threshold) as (N, Ho, Wo, ceil(C_out/32)) int32 (else empty).
   m.def("conv_max_pool2d_nhwc(Tensor x, Tensor weight, Tensor? bias, int[2] conv_stride, int[2] conv_padding, "
-        "int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
+        "int[2] kernel_size, int[2] stride, int[2] padding, bool relu, Tensor? threshold=None) -> (Tensor, Tensor)");
 
   // ---- integer l1 (adder) GEMM and conv2d ---------------------------------------------------------------
   // S[m, o] = sum_k |xq[group_index[o], m, k] - w_mult * wq[o, k]|  (exact, int32);  Y = -delta[o] * S + bias[o]

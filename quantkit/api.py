@@ -268,6 +268,9 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     from .graph.conv_pool import tile_conv_pools
 
     report.notes.extend(tile_conv_pools(work))
+    from .graph.block_fusion import link_block_chain
+
+    report.notes.extend(link_block_chain(work))
     report.stage = "deployed"
     report.other_bytes = other_parameter_bytes(work, report)  # folded BatchNorms are gone
     setattr(work, _REPORT_ATTR, report)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from quantkit import ops
 from quantkit.ops import _dispatch
+from quantkit.ops.packing import pack_bits_reference
 
 from conftest import hypothesis_examples, settle_bn, use_isa_level
 
@@ -220,6 +221,7 @@ def test_stem_kernel_equals_its_reference_every_isa(isa):
         pp = (data.draw(st.integers(0, pk[0] // 2)), data.draw(st.integers(0, pk[1] // 2)))
         relu, bias_on, nchw = data.draw(st.booleans()), data.draw(st.booleans()), data.draw(st.booleans())
         threads = data.draw(st.sampled_from([1, 2]))
+        thr_on = data.draw(st.booleans())
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, c_in, h, w, generator=g)
         if not nchw:
@@ -228,11 +230,15 @@ def test_stem_kernel_equals_its_reference_every_isa(isa):
         bias = torch.randn(c_out, generator=g) if bias_on else None
         before = torch.get_num_threads()
         torch.set_num_threads(threads)  # 2: the batch split into bands of pool rows when images are few
+        threshold = torch.randn(c_out, generator=g) if thr_on else None
         try:
             got = ops.conv_max_pool2d_nhwc(x, ops.pack_stem_weight(weight), bias, (sh, sw), (ph, pw), pk, ps, pp,
-                                           relu)
+                                           relu, threshold=threshold)
         finally:
             torch.set_num_threads(before)
+        if thr_on:  # the bits of a following binary conv's input, made from the very values returned
+            got, bits = got
+            assert torch.equal(bits, pack_bits_reference(got.permute(0, 2, 3, 1), threshold))
         want = ops.conv_max_pool2d_nhwc_reference(x, weight, bias, (sh, sw), (ph, pw), pk, ps, pp, relu)
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert_rounding_close(got, want)

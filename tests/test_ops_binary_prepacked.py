@@ -190,14 +190,19 @@ def test_fused_blocks_hand_packed_output_to_the_next_block(monkeypatch):
     # layer1.0 -> layer2.0 -> layer3.0 -> layer4.0; the last block has no consumer
     assert [b is not None for _, b in chain] == [True, True, True, False]
     assert dep.layer1[0].consumer is dep.layer2[0] and dep.layer3[0].consumer is dep.layer4[0]
-    assert any("pack their output for the next block" in n for n in quantkit.report(dep).notes)
+    assert dep.conv1.consumer is dep.layer1[0]  # the stem (through the Identity left of bn1, relu, maxpool)
+    assert any("pack their output for the next fused binary block" in n for n in quantkit.report(dep).notes)
     plain = unfuse_blocks(copy.deepcopy(dep))
     x = torch.randn(2, 3, 32, 32)
     packs = _count_packs(monkeypatch)
     with torch.no_grad():
         y = dep(x)
-        assert len(packs) == 1  # only the first block packs; each later one takes its predecessor's bits
+        assert len(packs) == 0  # each block takes the bits of the stem or block before it
         assert_matches_unfused(y, plain(x))
+        dep.conv1.use_stem_kernel = False  # the stem through torch's conv: the first block packs its input
+        dep(x)
+        assert packs == [(2, 64, 8, 8)]
+        dep.conv1.use_stem_kernel = True
         # a consumer called on another tensor packs it itself (the handed bits are for the producer's output)
         feats = dep.layer1(dep.maxpool(dep.relu(dep.bn1(dep.conv1(x)))))
         other = torch.randn_like(feats)
@@ -209,7 +214,7 @@ def test_fused_blocks_hand_packed_output_to_the_next_block(monkeypatch):
             model.layer2[0].register_forward_hook(_negate_in_place)
         packs.clear()
         assert_matches_unfused(dep(x), plain(x))
-        assert len(packs) == 2
+        assert packs == [(2, 128, 4, 4)]  # only layer3.0, whose input the hook changed, packs
     # after a call, the model still pickles and deep-copies (the hand-over slot is not state)
     torch.save(dep, io.BytesIO())
     twin = copy.deepcopy(dep)

@@ -422,14 +422,48 @@ void stem_band(const StemGeom& s, const float* x, const float* w, const float* b
   (void)isa;
 }
 
+#if QUANTKIT_X86
+QK_TARGET_AVX512 void pack_rows_avx512(const float* y, int64_t pixels, int64_t C, const float* thr, int32_t* out) {
+  const int64_t words = C / 32;
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t wd = 0; wd < words; ++wd) {
+      const float* v = y + p * C + wd * 32;
+      const __mmask16 lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_loadu_ps(thr + wd * 32), _CMP_GE_OQ);
+      const __mmask16 hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(thr + wd * 32 + 16), _CMP_GE_OQ);
+      out[p * words + wd] = static_cast<int32_t>(static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16));
+    }
+}
+#endif
+
+// bits of `pixels` rows of C floats against a per-channel threshold: bit c % 32 of word c / 32 is y[c] >= thr[c]
+// (False for NaN), the last word's bits past C zero -- pack_bits' layout (quantkit/ops/layout.py).
+void pack_rows(const float* y, int64_t pixels, int64_t C, const float* thr, int32_t* out, Isa isa) {
+  const int64_t words = (C + 31) / 32;
+#if QUANTKIT_X86
+  if (isa == Isa::Avx512 && C % 32 == 0) {
+    pack_rows_avx512(y, pixels, C, thr, out);
+    return;
+  }
+#endif
+  (void)isa;
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t wd = 0; wd < words; ++wd) {
+      uint32_t v = 0;
+      for (int64_t b = 0; b < 32 && wd * 32 + b < C; ++b)
+        v |= static_cast<uint32_t>(y[p * C + wd * 32 + b] >= thr[wd * 32 + b]) << b;
+      out[p * words + wd] = static_cast<int32_t>(v);
+    }
+  }
+}
+
 constexpr const char* kStemOp = "quantkit::conv_max_pool2d_nhwc";
 
 }  // namespace
 
-at::Tensor conv_max_pool2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                    at::IntArrayRef conv_stride, at::IntArrayRef conv_padding,
-                                    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    bool relu) {
+std::tuple<at::Tensor, at::Tensor> conv_max_pool2d_nhwc_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::IntArrayRef conv_stride,
+    at::IntArrayRef conv_padding, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+    bool relu, const c10::optional<at::Tensor>& threshold) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), kStemOp, ": x and weight must be CPU tensors");
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, kStemOp, ": x must be float32 (N, C, H, W), got ",
               x.scalar_type(), " ", x.sizes());
@@ -459,10 +493,18 @@ at::Tensor conv_max_pool2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& weigh
   const at::Tensor conv_shape = at::empty({1}, x.options()).expand({s.N, s.Cout, s.Hc, s.Wc});  // sizes only
   const std::vector<int64_t> shape = pool_shape(conv_shape, kernel_size, stride, padding, g);
   g.relu = relu;
+  if (threshold.has_value())
+    TORCH_CHECK(threshold->device().is_cpu() && threshold->scalar_type() == at::kFloat &&
+                    threshold->numel() == s.Cout,
+                kStemOp, ": threshold must be float32 with ", s.Cout, " values (one per output channel)");
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor th = threshold.has_value() ? threshold->contiguous() : at::Tensor();
   at::Tensor y = at::empty(shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
+  const int64_t words = (s.Cout + 31) / 32;
+  at::Tensor bits = th.defined() ? at::empty({s.N, g.Ho, g.Wo, words}, x.options().dtype(at::kInt))
+                                 : at::empty({0}, x.options().dtype(at::kInt));
+  if (y.numel() == 0) return {y, bits};
   const Isa isa = active_isa();
   const bool avx512 = QUANTKIT_X86 && isa == Isa::Avx512 && s.Cout % 16 == 0;
   // tasks: (image, band of pool rows); bands only where there are fewer images than threads
@@ -479,10 +521,15 @@ at::Tensor conv_max_pool2d_nhwc_cpu(const at::Tensor& x, const at::Tensor& weigh
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / bands, k = t % bands;
       const int64_t p0 = g.Ho * k / bands, p1 = g.Ho * (k + 1) / bands;
-      if (p1 > p0) stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, avx512, isa);
+      if (p1 > p0) {
+        stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, avx512, isa);
+        if (th.defined())  // the band's rows are still in cache
+          pack_rows(yp + (n * g.Ho + p0) * g.Wo * s.Cout, (p1 - p0) * g.Wo, s.Cout, th.data_ptr<float>(),
+                    bits.data_ptr<int32_t>() + (n * g.Ho + p0) * g.Wo * words, isa);
+      }
     }
   });
-  return y;
+  return {y, bits};
 }
 
 at::Tensor max_pool2d_nhwc_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,

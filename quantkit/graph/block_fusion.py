@@ -161,18 +161,41 @@ def fuse_blocks(model: nn.Module, kind: BlockKind) -> list[str]:
     return fused
 
 
+class _ChainTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
+
+
+def _users_past_identities(node: fx.Node, modules: dict) -> list[fx.Node]:
+    """The users of ``node``'s value, looking through ``nn.Identity`` calls (they return the very tensor)."""
+    users = []
+    for u in node.users:
+        if calls_module(u, modules, nn.Identity) and u.args == (node,) and not u.kwargs:
+            users.extend(_users_past_identities(u, modules))
+        else:
+            users.append(u)
+    return users
+
+
 def _block_successors(model: nn.Module) -> list[tuple[str, str]]:
-    """(producer, consumer) paths of fused binary blocks where the consumer's input is the producer's output, from
-    the model's torch.fx graph (fused blocks as leaves); where the model does not trace, consecutive blocks of each
-    ``nn.Sequential`` (whose semantics are known without a trace)."""
+    """(producer, consumer) paths where the consumer, a fused binary block, takes the producer's output as its
+    input (``nn.Identity`` calls in between), the producer a fused binary block or a stem (``TiledConvPool``), from
+    the model's torch.fx graph (quantkit modules as leaves); where the model does not trace, consecutive fused blocks
+    of each ``nn.Sequential`` (whose semantics are known without a trace)."""
+    from ..nn.conv_pool import TiledConvPool
+
     modules = dict(model.named_modules())
-    graph = _trace(model)
+    try:
+        graph = _ChainTracer().trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model: the Sequential rule below
+        graph = None
     pairs = []
     if graph is not None:
         for node in graph.nodes:
-            if not calls_module(node, modules, FusedBinaryBlock):
+            if not calls_module(node, modules, (FusedBinaryBlock, TiledConvPool)):
                 continue
-            takers = [u for u in node.users if calls_module(u, modules, FusedBinaryBlock) and u.args == (node,)
+            users = _users_past_identities(node, modules)
+            takers = [u for u in users if calls_module(u, modules, FusedBinaryBlock) and len(u.args) == 1
                       and not u.kwargs]
             if len(takers) == 1:
                 pairs.append((str(node.target), str(takers[0].target)))
@@ -186,14 +209,17 @@ def _block_successors(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def link_block_chain(model: nn.Module) -> list[tuple[str, str]]:
-    """Let each fused binary block whose output is the input of another one pack that output for it in its last
-    epilogue (:meth:`~quantkit.nn.binary_fused.FusedBinaryBlock.hand_output_to`; the bits are used only when the
-    consumer's input is that very tensor). In place; returns the (producer, consumer) pairs."""
+def link_block_chain(model: nn.Module) -> list[str]:
+    """Let each fused binary block or stem whose output is the input of a fused binary block pack that output for
+    it in its last pass (:meth:`~quantkit.nn.binary_fused.HandsOutputBits.hand_output_to`; the bits are used only
+    when the consumer's input is that very tensor). In place, after the stem tiling; returns report notes."""
     pairs = _block_successors(model)
     for producer, consumer in pairs:
         model.get_submodule(producer).hand_output_to(model.get_submodule(consumer))
-    return pairs
+    if not pairs:
+        return []
+    return [f"{len(pairs)} module(s) pack their output for the next fused binary block in their last pass: "
+            + ", ".join(f"{a} -> {b}" for a, b in pairs)]
 
 
 def fuse_deploy_blocks(model: nn.Module) -> list[str]:
@@ -208,10 +234,6 @@ def fuse_deploy_blocks(model: nn.Module) -> list[str]:
         if blocks:
             notes.append(f"{len(blocks)} binary residual block(s) fused into two kernel calls each (Maxout, residual "
                          "add and the next conv's packing in the epilogues): " + ", ".join(blocks))
-        chain = link_block_chain(model)
-        if chain:
-            notes.append(f"{len(chain)} fused block(s) pack their output for the next block in their last epilogue: "
-                         + ", ".join(f"{a} -> {b}" for a, b in chain))
     if any(isinstance(m, AdderDeployConv2d) for m in model.modules()):
         blocks = fuse_blocks(model, ADDER_BLOCK)
         if blocks:

@@ -17,7 +17,8 @@ outputs are the unfused deploy block's (a 1x1 projection shortcut runs as one ma
 
 Block to block: when ``y`` is the input of another fused block (ResNet's stages, linked at convert by
 :func:`quantkit.graph.block_fusion.link_block_chain`), conv2's epilogue also packs ``y`` against that block's
-input threshold, and hands the bits over; that block uses them instead of packing ``y`` again (one pass over the
+input threshold, and hands the bits over (a stem kernel before the first block does the same,
+:class:`HandsOutputBits`); that block uses them instead of packing ``y`` again (one pass over the
 largest float tensor less) when its input is that very tensor, unmodified, and packs as usual otherwise. The
 hand-over is by value identity, so a model run on other inputs, or threads sharing one model, are always correct
 (at worst they pack themselves). Children, state dict and the original block: quantkit/nn/fused_block.py.
@@ -33,21 +34,15 @@ from .. import ops
 from .fused_block import FusedResidualBlock, is_pointwise_conv, pointwise_conv
 
 
-class FusedBinaryBlock(FusedResidualBlock):
-    """``act2(conv2(act1(conv1(x))) + shortcut(x))`` on :meth:`BinaryDeployConv2d.fused` (module docstring); the
-    acts are Maxouts."""
+class HandsOutputBits:
+    """Mixin of deploy modules whose output can be the input of a :class:`FusedBinaryBlock` (module docstring): the
+    module packs its output against that block's input threshold in its own last pass and hands the bits over.
+    Linked at convert by :func:`quantkit.graph.block_fusion.link_block_chain`."""
 
-    link = "bits"
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._consumer: tuple[FusedBinaryBlock, ...] = ()  # the block whose input is our output (link_block_chain)
-        # one slot, written by the block before us: (weakref to our input tensor, its version, its packed bits);
-        # a list, so handing over is an item store, not an nn.Module attribute assignment
-        self._handed: list[tuple | None] = [None]
+    _consumer: tuple = ()  # (the block whose input is our output,) or ()
 
     def hand_output_to(self, block: "FusedBinaryBlock | None") -> None:
-        """Pack this block's output for ``block`` (whose input it is) in conv2's epilogue; None stops it."""
+        """Pack this module's output for ``block`` (whose input it is); None stops it."""
         if block is not None and not isinstance(block, FusedBinaryBlock):
             raise TypeError(f"hand_output_to: expected a FusedBinaryBlock, got {type(block).__name__}")
         self._consumer = () if block is None else (block,)
@@ -55,6 +50,29 @@ class FusedBinaryBlock(FusedResidualBlock):
     @property
     def consumer(self) -> "FusedBinaryBlock | None":
         return self._consumer[0] if self._consumer else None
+
+    def _consumer_threshold(self) -> Tensor | None:
+        """The consumer's input threshold to pack against now, or None (no consumer; a traced graph gets no side
+        channel)."""
+        if not self._consumer or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        return self._consumer[0]._parts[0].in_threshold_vector()
+
+    def _hand_over(self, y: Tensor, bits: Tensor) -> None:
+        self._consumer[0]._handed[0] = (weakref.ref(y), y._version, bits)
+
+
+class FusedBinaryBlock(HandsOutputBits, FusedResidualBlock):
+    """``act2(conv2(act1(conv1(x))) + shortcut(x))`` on :meth:`BinaryDeployConv2d.fused` (module docstring); the
+    acts are Maxouts."""
+
+    link = "bits"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # one slot, written by the module before us: (weakref to our input tensor, its version, its packed bits);
+        # a list, so handing over is an item store, not an nn.Module attribute assignment
+        self._handed: list[tuple | None] = [None]
 
     @staticmethod
     def _slopes(act: nn.Module | None) -> tuple[Tensor, Tensor] | None:
@@ -81,14 +99,11 @@ class FusedBinaryBlock(FusedResidualBlock):
         identity = x
         for m in shortcut:
             identity = pointwise_conv(m, identity) if is_pointwise_conv(m) else m(identity)
-        nxt = self._consumer[0] if self._consumer else None
-        if nxt is not None and (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            nxt = None  # a traced graph gets no side channel
-        threshold = None if nxt is None else nxt._parts[0].in_threshold_vector()
+        threshold = self._consumer_threshold()
         y, bits = conv2.fused(bits1, residual=identity, maxout=self._slopes(act2), threshold=threshold,
                               float_out=True)
-        if nxt is not None:
-            nxt._handed[0] = (weakref.ref(y), y._version, bits)
+        if threshold is not None:
+            self._hand_over(y, bits)
         return y
 
     def __getstate__(self) -> dict:
@@ -100,4 +115,4 @@ class FusedBinaryBlock(FusedResidualBlock):
         return super().extra_repr() + (", packs its output for the next block" if self._consumer else "")
 
 
-__all__ = ["FusedBinaryBlock"]
+__all__ = ["FusedBinaryBlock", "HandsOutputBits"]

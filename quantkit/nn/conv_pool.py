@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..ops import pooling as pool_ops
 from ..ops.layout import int_pair
+from .binary_fused import HandsOutputBits
 
 # Images per tile: enough to give every thread one image, with the tile's conv output within about this many bytes
 # (cache-resident between the conv and the pool).
@@ -35,7 +36,7 @@ def tile_images(per_image_bytes: int, threads: int) -> int:
     return max(1, min(threads, TILE_BYTES // max(per_image_bytes, 1)))
 
 
-class TiledConvPool(nn.Module):
+class TiledConvPool(HandsOutputBits, nn.Module):
     """``pool(relu(conv(x)))`` a tile of images at a time (module docstring).
 
     ``conv``: the stem conv (any module mapping (N, C, H, W) to (N, C', H', W') image by image: ``nn.Conv2d``, a
@@ -82,9 +83,15 @@ class TiledConvPool(nn.Module):
             return self._one_by_one(x)
         if self._stem_kernel_now(x):
             c = self.conv
-            return pool_ops.conv_max_pool2d_nhwc(x, self._stem_weight_now(), c.bias, c.stride, c.padding,
-                                                 self.kernel_size, self.stride, self.padding,
-                                                 relu=self._layers[0] is not None)
+            threshold = self._consumer_threshold()  # a fused binary block next: its input bits made here too
+            out = pool_ops.conv_max_pool2d_nhwc(x, self._stem_weight_now(), c.bias, c.stride, c.padding,
+                                                self.kernel_size, self.stride, self.padding,
+                                                relu=self._layers[0] is not None, threshold=threshold)
+            if threshold is None:
+                return out
+            y, bits = out
+            self._hand_over(y, bits)
+            return y
         n = x.shape[0]
         if isinstance(self.conv, nn.Conv2d):  # the int8 conv reads NCHW directly; torch's float conv wants NHWC
             x = x.contiguous(memory_format=torch.channels_last)

@@ -7,7 +7,8 @@ Op schemas (``kernels/register.cpp``)::
     quantkit::max_pool2d_nhwc_into(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, bool relu,
                                    Tensor(a!) out) -> ()
     quantkit::conv_max_pool2d_nhwc(Tensor x, Tensor weight, Tensor? bias, int[2] conv_stride, int[2] conv_padding,
-                                   int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor
+                                   int[2] kernel_size, int[2] stride, int[2] padding, bool relu,
+                                   Tensor? threshold=None) -> (Tensor, Tensor)
 
 The ``out=`` form is a separate op that returns nothing: a mutated argument that is also returned cannot be
 functionalized for torch.compile / export, one that is only written can.
@@ -188,13 +189,15 @@ def conv_max_pool2d_nhwc_reference(x: Tensor, weight: Tensor, bias: Optional[Ten
 
 def conv_max_pool2d_nhwc(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor], conv_stride: IntPair,
                          conv_padding: IntPair, kernel_size: IntPair, stride: IntPair, padding: IntPair,
-                         relu: bool = False) -> Tensor:
+                         relu: bool = False, threshold: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """A network stem ``max_pool(relu(conv(x)))`` in one kernel (``docs/kernels.md#stem-kernel``): ``x`` float32
     ``(N, C_in, H, W)`` (channels_last, or NCHW at the cost of a copy), ``weight_packed`` from
     :func:`pack_stem_weight`, dilation 1 and groups 1; returns ``(N, C_out, Ho, Wo)`` channels_last. The conv sums
     each output from its bias in tap order ``(kh, kw, c_in)`` with FMAs, so values agree with torch's conv to float
-    rounding (not bit for bit); the pool and ReLU are those of :func:`max_pool2d_nhwc`, exactly. Without the compiled
-    kernel, or under autograd: the reference on the unpacked weight."""
+    rounding (not bit for bit); the pool and ReLU are those of :func:`max_pool2d_nhwc`, exactly. With a per-channel
+    ``threshold`` it returns ``(y, bits)``, bits = ``pack_activation_nhwc(y, threshold)`` made while each row is in
+    cache (the input of a following binary conv). Without the compiled kernel, or under autograd: the reference on
+    the unpacked weight."""
     if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype != torch.float32:
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise KernelError(f"{_STEM_OP}: x must be a float32 (N, C, H, W) tensor, got {got}")
@@ -206,20 +209,30 @@ def conv_max_pool2d_nhwc(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor
     k, s, p = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1), _pair(padding, "padding", 0)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight_packed.requires_grad)
     if not needs_grad and use_kernel(_STEM_OP, x.device):
-        return torch.ops.quantkit.conv_max_pool2d_nhwc(x, weight_packed, bias, cs, cp, k, s, p, bool(relu))
+        y, bits = torch.ops.quantkit.conv_max_pool2d_nhwc(x, weight_packed, bias, cs, cp, k, s, p, bool(relu),
+                                                          threshold)
+        return y if threshold is None else (y, bits)
     kh, u, c_out = weight_packed.shape
     weight = weight_packed.reshape(kh, u // x.shape[1], x.shape[1], c_out).permute(3, 2, 0, 1)
-    return conv_max_pool2d_nhwc_reference(x, weight, bias, cs, cp, k, s, p, relu)
+    y = conv_max_pool2d_nhwc_reference(x, weight, bias, cs, cp, k, s, p, relu)
+    if threshold is None:
+        return y
+    from quantkit.ops.packing import pack_activation_nhwc
+
+    return y, pack_activation_nhwc(y, threshold)
 
 
 @register_fake(_STEM_OP)
 def _conv_max_pool2d_nhwc_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_stride: Sequence[int],
                                conv_padding: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-                               padding: Sequence[int], relu: bool) -> Tensor:
-    check_devices(_STEM_OP, x=x, weight=weight, bias=bias)
+                               padding: Sequence[int], relu: bool,
+                               threshold: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    check_devices(_STEM_OP, x=x, weight=weight, bias=bias, threshold=threshold)
     kh, u, c_out = weight.shape
     ho, wo = (conv2d_output_size(n, kk, ss, pp, 1) for n, kk, ss, pp in
               zip(x.shape[2:], (kh, u // x.shape[1]), conv_stride, conv_padding))
     ho, wo = pool_output_hw(ho, wo, tuple(kernel_size), tuple(stride), tuple(padding))
-    return torch.empty((x.shape[0], c_out, ho, wo), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
+    y = torch.empty((x.shape[0], c_out, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    words = (c_out + 31) // 32
+    bits = x.new_empty((x.shape[0], ho, wo, words) if threshold is not None else (0,), dtype=torch.int32)
+    return y, bits
