@@ -152,7 +152,7 @@ def adabin_resnet():
 def test_convert_tiles_the_resnet_stem_and_reports_it(adabin_resnet):
     assert isinstance(adabin_resnet.conv1, TiledConvPool)
     notes = " ".join(quantkit.report(adabin_resnet).notes)
-    assert "'conv1' -> 'relu' -> 'maxpool' run as one tiled stem" in notes
+    assert "'conv1' -> 'relu' -> 'maxpool' run as one stem kernel" in notes
 
 
 def test_deploy_resnet_tiled_equals_untiled_and_state_dict_round_trips(adabin_resnet, monkeypatch, stem_path):

@@ -80,8 +80,9 @@ def tile_conv_pools(model: nn.Module) -> list[str]:
         for place in (relu, pool):
             if place is not None:
                 replace_module(model, place, nn.Identity())
-        notes.append(f"{conv!r}{' -> ' + repr(relu) if relu else ''} -> {pool!r} run as one tiled stem (a few images "
-                     "at a time, the ReLU inside the pool kernel)")
+        how = ("one stem kernel (direct conv, rows pooled while in cache)" if tiled.stem_kernel_fits()
+               else "one tiled stem (a few images at a time, the ReLU inside the pool kernel)")
+        notes.append(f"{conv!r}{' -> ' + repr(relu) if relu else ''} -> {pool!r} run as {how}")
     return notes
 
 
