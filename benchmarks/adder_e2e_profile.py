@@ -29,6 +29,7 @@ from timing import interleaved_medians
 _CATEGORIES = (
     ("quantkit::adder_", "adder convs"),
     ("quantkit::quantize_groups", "quantize_groups"),
+    ("quantkit::conv_max_pool2d_nhwc", "FP stem (conv + ReLU + max-pool kernel)"),
     ("aten::mkldnn_convolution", "FP stem conv"),
     ("aten::convolution", "FP stem conv"),
     ("aten::_convolution", "FP stem conv"),

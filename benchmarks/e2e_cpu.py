@@ -7,7 +7,7 @@ repeats after warm-up; ``--threads`` chooses the thread counts (default: 1 and a
 
 Then a per-op-type profile of the ``adabin`` deploy model at every thread count and batch (``torch.profiler``, self
 CPU time of each dispatched op summed by category, medians over ``--profile-repeats`` profiled runs): binary convs,
-bit packing, FP stem / shortcut convs and classifier, BatchNorm / Maxout / residual / pooling glue, allocation and
+bit packing, the FP stem (the stem kernel: conv, ReLU and max-pool in one op), shortcut products and classifier, BatchNorm / Maxout / residual / pooling glue, allocation and
 layout copies, and what is left of the wall time (Python and dispatch overhead). ``--no-profile`` skips it.
 
     .venv/bin/python benchmarks/e2e_cpu.py [--batches 1 16] [--repeats 5] [--threads 1 2] [--no-profile]
@@ -51,9 +51,9 @@ def interleaved_medians(runs: dict, repeats: int, rounds: int = 3) -> dict[str, 
 PROFILE_CATEGORIES = (
     ("binary conv", ("quantkit::binary_conv2d", "quantkit::binary_linear")),
     ("packing", ("quantkit::pack_bits",)),
-    ("FP conv / fc", ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d",
-                      "aten::thnn_conv2d", "aten::_slow_conv2d", "aten::addmm", "aten::linear", "aten::mm",
-                      "aten::_mkldnn")),
+    ("FP stem / shortcuts / fc", ("quantkit::conv_max_pool2d_nhwc", "aten::mkldnn_convolution", "aten::_convolution",
+                                  "aten::convolution", "aten::conv2d", "aten::thnn_conv2d", "aten::_slow_conv2d",
+                                  "aten::addmm", "aten::linear", "aten::mm", "aten::_mkldnn")),
     ("BN / Maxout / residual / pool", ("quantkit::maxout", "aten::add", "aten::batch_norm", "aten::native_batch_norm",
                                        "aten::_native_batch_norm", "aten::_batch_norm", "aten::max_pool2d",
                                        "aten::adaptive_avg_pool2d", "aten::mean", "aten::relu", "aten::mul",
