@@ -867,17 +867,6 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
       const int8_t* a0 = xe + pix0 * Cp;
       const int8_t* a1 = second ? xe + pix1 * Cp : a0;
       const int64_t st0 = step0 * Cp, st1 = second ? step1 * Cp : st0;
-      if (m + 2 < m1 && (out || c.res)) {  // output and residual rows two blocks ahead, the group's columns
-        const int64_t col0 = 2 * gp0 * NR, col1 = std::min<int64_t>(c.Nout, 2 * gp1 * NR);
-        for (int64_t i = (m + 2 - m0) * 32, r = 0; r < 32; ++i, ++r) {
-          const int64_t p = pos[i];
-          if (p < 0) continue;
-          for (int64_t col = col0; col < col1; col += NR) {
-            if (out) __builtin_prefetch(out + p * c.ldo + col, 1, 3);
-            if (c.res) __builtin_prefetch(c.res + p * c.ldr + col, 0, 3);
-          }
-        }
-      }
       for (int64_t cp = gp0; cp < gp1; ++cp) {
         const int8_t* b0 = bbuf + (cp - gp0) * pair_bytes;
         const int8_t* b1 = b0 + S * 1024;

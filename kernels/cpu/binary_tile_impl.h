@@ -223,10 +223,10 @@ void tile(const Ctx& c, int64_t pb0, int64_t pb1, int64_t cb0, int64_t cb1, cons
           setup_missing_row(c, gp + i * T, ri[gi][i]);
         }
       }
-      if ((EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat) {
+      if (((EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat) && binary_rows_prefetch()) {
         // the residual and float output rows two blocks ahead: read (or, for the store, owned) once, late, between
         // the micro-kernel's loads, they would otherwise wait on memory -- the hardware prefetchers miss them among
-        // the tap streams (measured at batch 16)
+        // the tap streams (measured at batch 16 on Zen 5; a loss on Sapphire Rapids: binary_rows_prefetch)
         const int64_t ahead = p0 + 2 * MR, stop = std::min<int64_t>(c.P, ahead + MR);
         const int64_t col0 = cb0 * NR, col1 = std::min<int64_t>(c.Nout, cb1 * NR);
         float* const out = static_cast<float*>(c.out);

@@ -89,6 +89,23 @@ inline bool amx_supported() {
   return ok;
 }
 
+// Whether the binary tile should prefetch its residual / float-output rows ahead (binary_tile_impl.h): measured to
+// help at batch 16 on AMD Zen 5, where those rows otherwise waited on memory, and to lose time on an Intel Sapphire
+// Rapids VM in a same-process A/B on ResNet-18's shapes, most at batch 16 (docs/kernels.md#fused-epilogues). So: on
+// AMD CPUs only. Checked once.
+inline bool binary_rows_prefetch() {
+  static const bool amd = [] {
+#if defined(__x86_64__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+    return b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "Auth" "enti" "cAMD"
+#else
+    return false;
+#endif
+  }();
+  return amd;
+}
+
 // Whether kernels with an AMX path should use it for this call (see QUANTKIT_CPU_ISA above).
 inline bool use_amx() {
   const char* env = std::getenv("QUANTKIT_CPU_ISA");
