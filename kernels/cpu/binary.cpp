@@ -659,8 +659,11 @@ inline AmxConvGeom amx_geometry(const Ctx& c) {
 // Whether the AMX path pays here: it computes whole 16-row segments, and where fewer than 70% of their rows are
 // output positions (stride 2 onto a 7-wide output: 7 of 16) the VPOPCNTD path measured faster; so it did with fewer
 // than 64 output positions (512 channels at 7x7, batch 1), where expanding the weight tiles serves two blocks.
+// On more than one thread it measured faster only up to 128 output channels (ResNet-18's 64- and 128-channel
+// layers; from 256 channels on, VPOPCNTD tied or won at batch 1 and 16: benchmarks/binary_conv_amx_results.md).
 inline bool amx_worthwhile(const Ctx& c) {
   if (c.Ho <= 0 || c.Wo <= 0 || c.P < 64) return false;
+  if (at::get_num_threads() > 1 && c.Nout > 128) return false;
   const AmxConvGeom g = amx_geometry(c);
   return 10 * c.P >= 7 * 16 * g.segs;
 }
