@@ -8,7 +8,9 @@
   residual add and the packing of conv2's input (docs/kernels.md#fused-epilogues);
 * every such block of quantized adder deploy convs (acts: ReLU or nothing) becomes a
   :class:`~quantkit.nn.adder_fused.FusedAdderBlock`: two kernel calls whose epilogues do the ReLUs and the
-  residual add.
+  residual add;
+* :func:`link_block_chain` (run by ``convert`` after the stem tiling) lets each fused binary block or stem whose
+  output is a fused binary block's input pack that output for it in its last pass.
 
 Blocks are matched on their torch.fx graph, one submodule at a time: a block whose graph has anything else (another
 op, a value used twice, a layer called twice) is left as it is. Exporters undo the block fusion with
