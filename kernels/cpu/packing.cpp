@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "cpu/cpu_features.h"
+#include "cpu/packing.h"
 
 namespace quantkit {
 namespace cpu {
@@ -145,6 +146,24 @@ void pack_generic(const T* x, const T* thr, int64_t k, uint32_t* out) {
   }
 }
 
+}  // namespace
+
+// Rows [r0, r1) of float32 x (rows x k) against a per-element threshold (nullptr: 0) into rows x ceil(k/32) words
+// (cpu/packing.h): the float path of pack_bits, also used by kernels that pack their own output (the stem kernel).
+void pack_float_rows(const float* x, const float* thr, int64_t k, uint32_t* out, int64_t r0, int64_t r1, Isa isa) {
+  const int64_t nw = num_words(k);
+  auto fn = pack_f32_portable;
+#if QUANTKIT_X86
+  if (isa == Isa::Avx512 && k % kWordBits == 0) return pack_f32_rows_avx512(x, thr, k, out, r0, r1);
+  if (isa == Isa::Avx512) fn = pack_f32_avx512;
+  else if (isa == Isa::Avx2) fn = pack_f32_avx2;
+#endif
+  (void)isa;
+  for (int64_t r = r0; r < r1; ++r) fn(x + r * k, thr, k, out + r * nw);
+}
+
+namespace {
+
 at::Tensor pack_bits_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& threshold) {
   TORCH_CHECK(x_in.dim() >= 1, "pack_bits: x must have at least one dimension");
   const auto dt = x_in.scalar_type();
@@ -172,18 +191,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>
   if (dt == at::kFloat) {
     const float* xp = x.data_ptr<float>();
     const float* tp = thr.defined() ? thr.data_ptr<float>() : nullptr;
-    auto fn = pack_f32_portable;
-#if QUANTKIT_X86
-    if (isa == Isa::Avx512 && k % kWordBits == 0) {
-      at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { pack_f32_rows_avx512(xp, tp, k, o, b, e); });
-      return out;
-    }
-    if (isa == Isa::Avx512) fn = pack_f32_avx512;
-    else if (isa == Isa::Avx2) fn = pack_f32_avx2;
-#endif
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) fn(xp + r * k, tp, k, o + r * nw);
-    });
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { pack_float_rows(xp, tp, k, o, b, e, isa); });
   } else if (dt == at::kBool) {
     const uint8_t* xp = reinterpret_cast<const uint8_t*>(x.data_ptr<bool>());
     auto fn = pack_bool_portable;

@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "cpu/cpu_features.h"
+#include "cpu/packing.h"
 
 #if QUANTKIT_X86
 #include <immintrin.h>
@@ -422,40 +423,6 @@ void stem_band(const StemGeom& s, const float* x, const float* w, const float* b
   (void)isa;
 }
 
-#if QUANTKIT_X86
-QK_TARGET_AVX512 void pack_rows_avx512(const float* y, int64_t pixels, int64_t C, const float* thr, int32_t* out) {
-  const int64_t words = C / 32;
-  for (int64_t p = 0; p < pixels; ++p)
-    for (int64_t wd = 0; wd < words; ++wd) {
-      const float* v = y + p * C + wd * 32;
-      const __mmask16 lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_loadu_ps(thr + wd * 32), _CMP_GE_OQ);
-      const __mmask16 hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(thr + wd * 32 + 16), _CMP_GE_OQ);
-      out[p * words + wd] = static_cast<int32_t>(static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16));
-    }
-}
-#endif
-
-// bits of `pixels` rows of C floats against a per-channel threshold: bit c % 32 of word c / 32 is y[c] >= thr[c]
-// (False for NaN), the last word's bits past C zero -- pack_bits' layout (quantkit/ops/layout.py).
-void pack_rows(const float* y, int64_t pixels, int64_t C, const float* thr, int32_t* out, Isa isa) {
-  const int64_t words = (C + 31) / 32;
-#if QUANTKIT_X86
-  if (isa == Isa::Avx512 && C % 32 == 0) {
-    pack_rows_avx512(y, pixels, C, thr, out);
-    return;
-  }
-#endif
-  (void)isa;
-  for (int64_t p = 0; p < pixels; ++p) {
-    for (int64_t wd = 0; wd < words; ++wd) {
-      uint32_t v = 0;
-      for (int64_t b = 0; b < 32 && wd * 32 + b < C; ++b)
-        v |= static_cast<uint32_t>(y[p * C + wd * 32 + b] >= thr[wd * 32 + b]) << b;
-      out[p * words + wd] = static_cast<int32_t>(v);
-    }
-  }
-}
-
 constexpr const char* kStemOp = "quantkit::conv_max_pool2d_nhwc";
 
 }  // namespace
@@ -524,8 +491,8 @@ std::tuple<at::Tensor, at::Tensor> conv_max_pool2d_nhwc_cpu(
       if (p1 > p0) {
         stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, avx512, isa);
         if (th.defined())  // the band's rows are still in cache
-          pack_rows(yp + (n * g.Ho + p0) * g.Wo * s.Cout, (p1 - p0) * g.Wo, s.Cout, th.data_ptr<float>(),
-                    bits.data_ptr<int32_t>() + (n * g.Ho + p0) * g.Wo * words, isa);
+          pack_float_rows(yp, th.data_ptr<float>(), s.Cout, reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()),
+                          (n * g.Ho + p0) * g.Wo, (n * g.Ho + p1) * g.Wo, isa);
       }
     }
   });

@@ -32,7 +32,7 @@ from ..nn.binary_deploy import BinaryDeployConv2d, BinaryDeployLinear
 from ..nn.binary_fused import FusedBinaryBlock
 from ..nn.fused_block import FusedResidualBlock
 from .fold import _module_call_counts, fold_batchnorms_into_float
-from .passes import calls_module, replace_module
+from .passes import QuantkitLeafTracer, calls_module, replace_module
 
 _ADD = (operator.add, operator.iadd, torch.add)
 _LEAVES = (BinaryDeployConv2d, BinaryDeployLinear, Maxout, AdderDeployConv2d, FusedResidualBlock)
@@ -163,11 +163,6 @@ def fuse_blocks(model: nn.Module, kind: BlockKind) -> list[str]:
     return fused
 
 
-class _ChainTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
-
-
 def _users_past_identities(node: fx.Node, modules: dict) -> list[fx.Node]:
     """The users of ``node``'s value, looking through ``nn.Identity`` calls (they return the very tensor)."""
     users = []
@@ -188,7 +183,7 @@ def _block_successors(model: nn.Module) -> list[tuple[str, str]]:
 
     modules = dict(model.named_modules())
     try:
-        graph = _ChainTracer().trace(model)
+        graph = QuantkitLeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model: the Sequential rule below
         graph = None
     pairs = []
@@ -244,5 +239,5 @@ def fuse_deploy_blocks(model: nn.Module) -> list[str]:
     return notes
 
 
-__all__ = ["fuse_deploy_blocks", "fuse_blocks", "link_block_chain", "fold_float_conv_batchnorms", "match_block", "BlockKind",
-           "BINARY_BLOCK", "ADDER_BLOCK"]
+__all__ = ["fuse_deploy_blocks", "fuse_blocks", "link_block_chain", "fold_float_conv_batchnorms", "match_block",
+           "BlockKind", "BINARY_BLOCK", "ADDER_BLOCK"]

@@ -15,16 +15,9 @@ from torch import fx, nn
 from ..nn.conv_pool import TiledConvPool
 from ..nn.uniform import UniformDeployConv2d
 from .fold import _module_call_counts
-from .passes import calls_module, replace_module
+from .passes import QuantkitLeafTracer, calls_module, replace_module
 
 _CONVS = (nn.Conv2d, UniformDeployConv2d)
-
-
-class _QuantkitLeafTracer(fx.Tracer):
-    """Deploy layers (anything from quantkit.nn) stay single nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -45,7 +38,7 @@ def _plain_pool(pool: nn.MaxPool2d) -> bool:
 def match_conv_pools(model: nn.Module) -> list[tuple[str, str | None, str]]:
     """Paths ``(conv, relu or None, pool)`` of every chain of the module docstring in ``model``."""
     try:
-        graph = _QuantkitLeafTracer().trace(model)
+        graph = QuantkitLeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - an untraceable model is simply not tiled
         return []
     modules = dict(model.named_modules())

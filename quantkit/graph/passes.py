@@ -25,6 +25,13 @@ class PassContext:
         self.selector = LayerSelector(self.config)
 
 
+class QuantkitLeafTracer(fx.Tracer):
+    """fx tracer for deploy models: quantkit's own modules (deploy layers, fused blocks, stems) stay single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("quantkit.") or super().is_leaf_module(m, qualname)
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child

@@ -81,7 +81,7 @@ class TiledConvPool(HandsOutputBits, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return self._one_by_one(x)
-        if self._stem_kernel_now(x):
+        if self._stem_kernel_now():
             c = self.conv
             threshold = self._consumer_threshold()  # a fused binary block next: its input bits made here too
             out = pool_ops.conv_max_pool2d_nhwc(x, self._stem_weight_now(), c.bias, c.stride, c.padding,
@@ -131,7 +131,7 @@ class TiledConvPool(HandsOutputBits, nn.Module):
             return held[0]
         return self.prepack()
 
-    def _stem_kernel_now(self, x: Tensor) -> bool:
+    def _stem_kernel_now(self) -> bool:
         if not (self.use_stem_kernel and self.stem_kernel_fits()):
             return False
         if torch.is_grad_enabled():  # autograd must see the conv's parameters: the layers one by one

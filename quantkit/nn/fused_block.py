@@ -26,9 +26,9 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ``rows(x[:, :, ::s, ::s]) @ W^T + b``: the strided pixels gathered into an ``(N*Ho*Wo, C_in)`` matrix (one copy;
     none at stride 1), one ``addmm`` against the weight viewed as ``(C_in, C_out)`` (a (C_out, C_in, 1, 1) weight
     is that matrix transposed in either memory format, so no copy and nothing to keep in sync), the result viewed
-    back as channels_last ``(N, C_out, Ho, Wo)``. The same products and sums as the conv (measured bit for bit
-    equal to torch's mkldnn 1x1 conv on ResNet-18's shortcuts), without its per-call weight reorder. Any other
-    input (another device, dtype or layout, or under autograd) runs the module itself."""
+    back as channels_last ``(N, C_out, Ho, Wo)``. The same products as the conv, without its per-call weight
+    reorder; the sums may round differently from torch's (mkldnn blocks them by shape). Any other input (another
+    device, dtype or layout, or under autograd) runs the module itself."""
     w, b = conv.weight, conv.bias
     if not (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)

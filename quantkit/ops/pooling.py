@@ -24,6 +24,7 @@ from torch import Tensor
 from quantkit.errors import KernelError
 from quantkit.ops._dispatch import check_devices, register_fake, use_kernel
 from quantkit.ops.layout import conv2d_output_size, int_pair
+from quantkit.ops.packing import pack_activation_nhwc
 
 IntPair = Union[int, Sequence[int]]
 _OP = "max_pool2d_nhwc"
@@ -217,8 +218,6 @@ def conv_max_pool2d_nhwc(x: Tensor, weight_packed: Tensor, bias: Optional[Tensor
     y = conv_max_pool2d_nhwc_reference(x, weight, bias, cs, cp, k, s, p, relu)
     if threshold is None:
         return y
-    from quantkit.ops.packing import pack_activation_nhwc
-
     return y, pack_activation_nhwc(y, threshold)
 
 
