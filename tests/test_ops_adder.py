@@ -534,6 +534,50 @@ def test_packed_conv2d_pixel_vector_kernel(groups, batch, c, vectors, h, cout, k
         torch.testing.assert_close(y[~nan], want[~nan], rtol=0, atol=0, msg=isa)
 
 
+def _near_rounding_boundaries(scale: torch.Tensor, bits: int, signed: bool, shape, gen: torch.Generator) -> torch.Tensor:
+    """float32 inputs at and within 4 ulps of x = (k + 1/2) s_g / c, the points where some group's code changes
+    (k over the grid and one past each end, g random per element)."""
+    c = (2**bits - 1) / 2 if signed else 2**bits - 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    n = int(torch.tensor(shape).prod())
+    k = torch.randint(lo - 1, hi + 1, (n,), generator=gen).double()
+    g = torch.randint(0, scale.numel(), (n,), generator=gen)
+    x = ((k + 0.5) * scale.double()[g] / c).float()
+    ulps = torch.randint(-4, 5, (n,), generator=gen)
+    for step in range(4):
+        x = torch.where(ulps > step, torch.nextafter(x, torch.tensor(float("inf"))), x)
+        x = torch.where(ulps < -step, torch.nextafter(x, torch.tensor(float("-inf"))), x)
+    return x.reshape(shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,signed,round_mode", [(2, False, "half_even"), (4, False, "half_even"),
+                                                    (4, True, "half_away"), (8, False, "half_even"),
+                                                    (8, True, "half_even"), (3, False, "half_away")])
+@pytest.mark.parametrize("w_", [16, 5])  # 16: pixel-vector kernel (planar, 8 pixels at a time); 5: row kernel
+def test_fused_quantizer_exact_at_rounding_boundaries(bits, signed, round_mode, w_):
+    """The fused quantizer multiplies by c / s_g instead of dividing by s_g; inputs within ulps of every code change
+    (where x * (c / s) and (x / s) * c round differently) still get the reference's codes, on every ISA. Scales
+    include awkward ones (1/3, 0.1, 1e-3) and one so small that c / s overflows float (the division is kept)."""
+    gen = torch.Generator().manual_seed(bits * 10 + w_ + signed)
+    for scale in (torch.tensor([1 / 3, 0.1, 1e-3, 7.77]), torch.rand(3, generator=gen) + 0.05,
+                  torch.tensor([1e-38, 0.5])):
+        x = _near_rounding_boundaries(scale, bits, signed, (2, 40, 3, w_), gen).contiguous(
+            memory_format=torch.channels_last)
+        cout = 20
+        w = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (cout, 40, 1, 1), generator=gen).to(torch.int8)
+        gi = torch.randint(0, scale.numel(), (cout,), generator=gen)
+        delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+        w_mult = 1 if signed else 2
+        codes = quantize_groups_reference(x, scale, bits, signed, round_mode).to(torch.int16)
+        want = A.adder_conv2d(codes, w, gi, delta, bias, 1, 0, 1, w_mult)
+        packed = A.adder_prepack(w, gi, w_mult, bits, signed, "bytes")
+        for isa in ISAS:
+            with cpu_isa(isa):
+                y = A.adder_conv2d_packed(x, scale, *packed, delta, bias, 1, 1, 0, 1, bits, signed, round_mode)
+            assert torch.equal(y, want), (isa, scale)
+
+
 @needs_kernels
 def test_prepack_form_choice_and_errors():
     w = torch.randint(-2, 2, (20, 128, 3, 3), dtype=torch.int8)
