@@ -579,6 +579,29 @@ def test_fused_quantizer_exact_at_rounding_boundaries(bits, signed, round_mode, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch,hw", [(1, 7), (2, 5), (3, 6)])
+def test_packed_conv2d_with_weights_past_l2(batch, hw):
+    """512 -> 208 channels, 3x3 (1.2 MB of packed weights): the row kernel then prefetches each next channel block's
+    weights over a panel's micro-tiles; the outputs stay those of the integer op on the quantized input."""
+    gen = torch.Generator().manual_seed(batch * 100 + hw)
+    c, cout, bits = 512, 208, 4
+    scale = torch.rand(4, generator=gen) + 0.25
+    x = (torch.randint(-40, 41, (batch, c, hw, hw), generator=gen).float() / 16).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randint(-8, 8, (cout, c, 3, 3), generator=gen).to(torch.int8)
+    gi = torch.sort(torch.randint(0, 4, (cout,), generator=gen)).values
+    delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+    codes = quantize_groups_reference(x, scale, bits, False).to(torch.int16)
+    want = A.adder_conv2d(codes, w, gi, delta, bias, 1, 1, 1, 2)
+    packed = A.adder_prepack(w, gi, 2, bits, False, "bytes")
+    assert packed[0].numel() > 768 * 1024
+    for isa in ISAS:
+        with cpu_isa(isa):
+            y = A.adder_conv2d_packed(x, scale, *packed, delta, bias, 3, 1, 1, 1, bits, False)
+        assert torch.equal(y, want), isa
+
+
+@needs_kernels
 def test_prepack_form_choice_and_errors():
     w = torch.randint(-2, 2, (20, 128, 3, 3), dtype=torch.int8)
     gi = torch.zeros(20, dtype=torch.long)

@@ -116,6 +116,10 @@ struct Problem {
   // residual block's "out += identity; relu(out)" while the tile is in registers.
   const float* res = nullptr;
   bool relu = false;
+  // AVX-512 row kernel: weights to prefetch into the cache while this micro-tile runs (the next block's, when all
+  // blocks' weights do not stay in L2), or nullptr
+  const E* W_next = nullptr;
+  int64_t pf_phase = 0, pf_every = 1;  // of W_next, this micro-tile prefetches the taps t with t % pf_every == pf_phase
 };
 
 // relu as torch computes it: NaN and -0.0 pass through (max(0, y) returns y unless 0 > y).
@@ -378,6 +382,9 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
     int64_t o[MR];
     for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + std::min(r, nrows - 1) - pb.off_first) * pb.T];
     const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
+    // the next block's weights of this tap, two lines per step (as this block's are read)
+    const uint8_t* w_next =
+        pb.W_next != nullptr && t % pb.pf_every == pb.pf_phase ? pb.W_next + t * pb.Cp * kNR : nullptr;
     if (!kGeneric) {
       // One pointer per row plus three group distances: opaque row pointers keep the compiler from turning the
       // 4 x MR addresses into induction variables (which spilled the accumulators).
@@ -387,6 +394,10 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
       for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
         const __m512i w0 = _mm512_loadu_si512(w);
         const __m512i w1 = _mm512_loadu_si512(w + 64);
+        if (w_next != nullptr) {
+          __builtin_prefetch(w_next + c8 * kNR * kKB, 0, 2);
+          __builtin_prefetch(w_next + c8 * kNR * kKB + 64, 0, 2);
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
           const uint8_t* pr = a[r] + c8 * kKB;
@@ -411,6 +422,10 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
       for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
         const __m512i w0 = _mm512_loadu_si512(w);
         const __m512i w1 = _mm512_loadu_si512(w + 64);
+        if (w_next != nullptr) {
+          __builtin_prefetch(w_next + c8 * kNR * kKB, 0, 2);
+          __builtin_prefetch(w_next + c8 * kNR * kKB + 64, 0, 2);
+        }
         for (int r = 0; r < MR; ++r) {
           const int64_t k = o[r] + c8 * kKB;
           acc0[r] = _mm512_add_epi64(acc0[r], lane_l1<kThermo>(build_half(pb, bi.half[0], k), w0));
@@ -447,12 +462,29 @@ QK_TARGET_AVX512 void tile_avx512_rows(const Problem<uint8_t>& pb, int64_t blk, 
   }
 }
 
+// Packed weights larger than this are assumed not to stay in L2 across the panels of a call (nor across calls).
+constexpr int64_t kWeightsInL2 = 768 * 1024;
+
 // A panel of rows: micro-tiles of 8 rows, then the remainder as tiles of 4, 2 and 1 rows (a 49-row panel -- one
 // 7x7 image -- is 6 x 8 + 1 instead of 7 x 8 rows of work: a micro-tile costs its MR rows whether they are valid
 // or not).
 template <bool kThermo>
 void tile_avx512_panel(const Problem<uint8_t>& pb, int64_t blk, int64_t p0, int nrows) {
   int r = 0;
+  const int64_t block_bytes = pb.T * pb.Cp * kNR;
+  if (pb.NB > 1 && pb.NB * block_bytes > kWeightsInL2 && nrows >= 8) {
+    // The weights stream from memory (or L3) once per panel: while this block runs, its full micro-tiles prefetch
+    // the next block's weights (the next tile's in run_tiles' order), a share of the taps each, so that block does
+    // not start on cold weights. Measured on Sapphire Rapids: 512 channels at 7x7, batch 1, with the weights evicted
+    // between calls (as in a network), ran ~8% faster.
+    Problem<uint8_t> pf = pb;
+    pf.W_next = pb.W + ((blk + 1) % pb.NB) * block_bytes;
+    pf.pf_every = nrows / 8;
+    for (; r + 8 <= nrows; r += 8) {
+      pf.pf_phase = r / 8;
+      tile_avx512_rows<8, kThermo>(pf, blk, p0 + r, 8);
+    }
+  }
   for (; r + 8 <= nrows; r += 8) tile_avx512_rows<8, kThermo>(pb, blk, p0 + r, 8);
   if (nrows - r >= 4) {
     tile_avx512_rows<4, kThermo>(pb, blk, p0 + r, 4);
