@@ -182,22 +182,30 @@ class BinaryDeployConv2d(_BinaryDeploy):
         return x.is_cpu and panels is not None and panels.is_cpu and _have_prepacked_kernel()
 
     def fused(self, x_bits: Tensor, *, residual: Tensor | None = None, maxout: tuple[Tensor, Tensor] | None = None,
-              threshold: Tensor | None = None, float_out: bool = True) -> tuple[Tensor, Tensor]:
+              threshold: Tensor | None = None, float_out: bool = True,
+              bias_add: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The layer on already packed NHWC input bits ``x_bits``, with the fused epilogue of
-        :func:`quantkit.ops.binary_conv2d_prepacked` (``maxout`` = (pos, neg) slopes); returns ``(y, bits)``."""
+        :func:`quantkit.ops.binary_conv2d_prepacked` (``maxout`` = (pos, neg) slopes); returns ``(y, bits)``.
+        ``bias_add`` (C_out,) is added to the layer's bias for this call (a shortcut's bias, see
+        :func:`~quantkit.nn.fused_block.pointwise_conv_bias_apart`)."""
         mpos, mneg = maxout if maxout is not None else (None, None)
         if self._prepacked_ready(x_bits):
             # the op itself: the layer's buffers were checked when it was built, the kernel checks the rest; the
             # buffers straight from their dict (per call: nn.Module.__getattr__ costs a Python call per name)
             b = self._buffers
+            bias = b["bias"]
+            if bias_add is not None:
+                bias = bias_add if bias is None else bias + bias_add
             return torch.ops.quantkit.binary_conv2d_prepacked(
                 x_bits, b["weight_panels"], b["weight_popcounts"], self.in_channels, self.out_channels,
                 self.kernel_size, self.stride, self.padding, self.dilation,
-                b["scale"], b["act_sum_scale"], b["weight_sum_scale"], b["count_scale"], b["bias"], residual,
+                b["scale"], b["act_sum_scale"], b["weight_sum_scale"], b["count_scale"], bias, residual,
                 mpos, mneg, threshold, float_out, b["weight_amx"])
         # other devices: the plain kernel and the same epilogue steps as separate ops
         y = ops.binary_conv2d(x_bits, self.weight_packed, self.in_channels, self.stride, self.padding,
                               self.dilation, **self._epilogue_kwargs())
+        if bias_add is not None:
+            y = y + bias_add.view(1, -1, 1, 1)
         if residual is not None:
             y = y + residual
         if maxout is not None:

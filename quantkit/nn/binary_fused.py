@@ -12,8 +12,9 @@ Fused, it is
     y     = conv2(bits1)   with epilogue  + shortcut(x), then act2                (one float store)
 
 with the same float operations in the same order as the unfused layers (docs/kernels.md#fused-epilogues), so the
-outputs are the unfused deploy block's (a 1x1 projection shortcut runs as one matrix product,
-:func:`~quantkit.nn.fused_block.pointwise_conv`, whose sums may round differently from torch's conv).
+outputs are the unfused deploy block's (a 1x1 projection shortcut runs as one matrix product without its bias,
+:func:`~quantkit.nn.fused_block.pointwise_conv_bias_apart`, the bias added to conv2's own in its epilogue: its sums
+and that addition may round differently from torch's conv).
 
 Block to block: when ``y`` is the input of another fused block (ResNet's stages, linked at convert by
 :func:`quantkit.graph.block_fusion.link_block_chain`), conv2's epilogue also packs ``y`` against that block's
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .fused_block import FusedResidualBlock, is_pointwise_conv, pointwise_conv
+from .fused_block import FusedResidualBlock, is_pointwise_conv, pointwise_conv, pointwise_conv_bias_apart
 
 
 class HandsOutputBits:
@@ -73,6 +74,10 @@ class FusedBinaryBlock(HandsOutputBits, FusedResidualBlock):
         # one slot, written by the module before us: (weakref to our input tensor, its version, its packed bits);
         # a list, so handing over is an item store, not an nn.Module attribute assignment
         self._handed: list[tuple | None] = [None]
+        # the shortcut is one 1x1 projection (then only nn.Identity, e.g. a BatchNorm folded into it)
+        sc = self._parts[3]
+        self._shortcut_is_pointwise = (len(sc) > 0 and is_pointwise_conv(sc[0])
+                                       and all(type(m) is nn.Identity for m in sc[1:]))
 
     @staticmethod
     def _slopes(act: nn.Module | None) -> tuple[Tensor, Tensor] | None:
@@ -96,12 +101,15 @@ class FusedBinaryBlock(HandsOutputBits, FusedResidualBlock):
         xb = self._input_bits(x, conv1)
         _, bits1 = conv1.fused(xb, maxout=self._slopes(act1), threshold=conv2.in_threshold_vector(),
                                float_out=False)
-        identity = x
-        for m in shortcut:
-            identity = pointwise_conv(m, identity) if is_pointwise_conv(m) else m(identity)
+        identity, bias_add = x, None
+        if self._shortcut_is_pointwise:  # its bias goes into conv2's (the epilogue adds a bias anyway)
+            identity, bias_add = pointwise_conv_bias_apart(shortcut[0], x)
+        else:
+            for m in shortcut:
+                identity = pointwise_conv(m, identity) if is_pointwise_conv(m) else m(identity)
         threshold = self._consumer_threshold()
         y, bits = conv2.fused(bits1, residual=identity, maxout=self._slopes(act2), threshold=threshold,
-                              float_out=True)
+                              float_out=True, bias_add=bias_add)
         if threshold is not None:
             self._hand_over(y, bits)
         return y

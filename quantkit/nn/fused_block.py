@@ -21,6 +21,19 @@ def is_pointwise_conv(m: nn.Module) -> bool:
             and m.groups == 1)
 
 
+def _pointwise_operands(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]] | None:
+    """``(rows, weight matrix, (n, ho, wo))`` of :func:`pointwise_conv`'s product, or None where it runs the module."""
+    w = conv.weight
+    if not (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return None
+    sh, sw = conv.stride
+    xs = x if (sh, sw) == (1, 1) else x[:, :, ::sh, ::sw]
+    n, c, ho, wo = xs.shape
+    return xs.permute(0, 2, 3, 1).reshape(n * ho * wo, c), w.reshape(w.shape[0], c).t(), (n, ho, wo)
+
+
 def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``conv(x)`` for a :func:`is_pointwise_conv` conv on a channels_last float32 CPU input, as
     ``rows(x[:, :, ::s, ::s]) @ W^T + b``: the strided pixels gathered into an ``(N*Ho*Wo, C_in)`` matrix (one copy;
@@ -29,18 +42,26 @@ def pointwise_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     back as channels_last ``(N, C_out, Ho, Wo)``. The same products as the conv, without its per-call weight
     reorder; the sums may round differently from torch's (mkldnn blocks them by shape). Any other input (another
     device, dtype or layout, or under autograd) runs the module itself."""
-    w, b = conv.weight, conv.bias
-    if not (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and w.is_cpu and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    ops = _pointwise_operands(conv, x)
+    if ops is None:
         return conv(x)
-    sh, sw = conv.stride
-    xs = x if (sh, sw) == (1, 1) else x[:, :, ::sh, ::sw]
-    n, c, ho, wo = xs.shape
-    rows = xs.permute(0, 2, 3, 1).reshape(n * ho * wo, c)
-    wmat = w.reshape(w.shape[0], c).t()
+    rows, wmat, (n, ho, wo) = ops
+    b = conv.bias
     y = torch.mm(rows, wmat) if b is None else torch.addmm(b, rows, wmat)
-    return y.view(n, ho, wo, w.shape[0]).permute(0, 3, 1, 2)
+    return y.view(n, ho, wo, wmat.shape[1]).permute(0, 3, 1, 2)
+
+
+def pointwise_conv_bias_apart(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """:func:`pointwise_conv` with its bias left for the consumer to add: ``(rows @ W^T, bias)``, where the caller
+    adds ``bias`` per channel (a fused block adds it to the next conv's own bias, which its epilogue adds anyway:
+    addmm's bias costs a broadcast copy of the whole output first). Where :func:`pointwise_conv` would run the
+    module itself, and where autograd would need the bias: ``(pointwise_conv(conv, x), None)``."""
+    ops = _pointwise_operands(conv, x)
+    b = conv.bias
+    if ops is None or b is None or (torch.is_grad_enabled() and b.requires_grad):
+        return pointwise_conv(conv, x), None
+    rows, wmat, (n, ho, wo) = ops
+    return torch.mm(rows, wmat).view(n, ho, wo, wmat.shape[1]).permute(0, 3, 1, 2), b
 
 
 class FusedResidualBlock(nn.Module):
