@@ -22,6 +22,8 @@ ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tes
                    "tests/test_ops_hostile.py", "tests/test_ops_int8.py", "tests/test_pooling.py",
                    "tests/test_adder_fused.py", "tests/test_ops_adder.py::test_thermometer_form_equals_bytes_form",
                    "tests/test_ops_adder.py::test_packed_conv2d_pixel_vector_kernel",
+                   "tests/test_ops_adder.py::test_fused_quantizer_exact_at_rounding_boundaries",
+                   "tests/test_ops_adder.py::test_packed_conv2d_with_weights_past_l2",
                    "tests/test_conv_pool.py::test_stem_kernel_equals_its_reference_every_isa",
                    "tests/test_conv_pool.py::test_stem_kernel_nan_and_inf_reach_the_pool_as_torch_does"]
 # Tests that only start subprocesses (nothing for ASan to see in this process, and slow under it), and the whole-model
