@@ -382,7 +382,6 @@ QK_TARGET_AVX512 void tile_avx512_impl(const Problem<uint8_t>& pb, int64_t blk, 
     int64_t o[MR];
     for (int r = 0; r < MR; ++r) o[r] = offs[(p0 + std::min(r, nrows - 1) - pb.off_first) * pb.T];
     const uint8_t* w = pb.W + (blk * pb.T + t) * pb.Cp * kNR;
-    // the next block's weights of this tap, two lines per step (as this block's are read)
     // one line of the next block's weights per step: with the micro-tile's first line pf_line0, two full
     // micro-tiles cover the block (it has two lines per step of one micro-tile)
     const int64_t pf_line = pb.pf_line0 + t * steps;
@@ -867,7 +866,8 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
   return nan;
 }
 
-// Lane masks of the 16-channel chunk from channel i: valid channels (< C) and stored channels (< Cp).
+// The lanes of the 16-channel chunk from channel i that lie below n (n = C: the valid channels; n = Cp: the
+// stored ones).
 inline __mmask16 chunk_mask(int64_t n, int64_t i) {
   return n - i >= 16 ? static_cast<__mmask16>(0xFFFF)
          : n > i     ? static_cast<__mmask16>((1u << (n - i)) - 1u)
@@ -918,8 +918,8 @@ QK_TARGET_AVX512 inline __m512i codes16(__m512 xv, const float* scale, int64_t g
   return _mm512_maskz_add_epi32(m, _mm512_mask_mov_epi32(code, isnan, _mm512_setzero_si512()), q.shift);
 }
 
-// One row for every group: x is loaded once per 16 channels and the groups' divisions (VDIVPS, the long pole) are
-// independent of each other, so they overlap instead of one row-length loop per group. Channel c of group g goes to
+// One row for every group: x is loaded once per 16 channels and the groups' codes (codes16) are independent of each
+// other, so they overlap instead of one row-length loop per group. Channel c of group g goes to
 // dst + g * gstride + (c / 8) * sstride + c % 8 (sstride 8: one contiguous row; larger: the planar layout's step
 // planes), channels C .. Cp - 1 get 0.
 QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64_t C, int64_t Cp, const float* scale,
@@ -948,7 +948,7 @@ QK_TARGET_AVX512 bool quant_row_groups_avx512(const float* __restrict__ x, int64
 
 // Eight consecutive pixels of one image row into the planar layout (Planar): their cells are consecutive, so each
 // group's step plane gets one 64-byte store per 8 channels. Per 16 channels and group, the 8 rows' int32 codes are
-// narrowed by two rounds of saturating packs (codes are 0 .. 255) and one dword permute per step -- 10 shuffle uops
+// narrowed by two rounds of saturating packs (codes are 0 .. 255) and one dword permute per step -- 8 shuffle uops
 // for 128 codes, against two narrowings and extractions per row in quant_row_groups_avx512 (which left the planar
 // quantizer bound on port 5). x: 8 rows of C floats; dst: the first pixel's cell in group 0's step plane 0.
 // Returns the rows' NaN flags, bit r for row r.
