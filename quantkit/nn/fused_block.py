@@ -107,4 +107,4 @@ def unfuse_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["FusedResidualBlock", "unfuse_blocks", "is_pointwise_conv", "pointwise_conv"]
+__all__ = ["FusedResidualBlock", "unfuse_blocks", "is_pointwise_conv", "pointwise_conv", "pointwise_conv_bias_apart"]
