@@ -323,6 +323,31 @@ def test_amx_path_equals_vpopcnt_path(monkeypatch):
     check()
 
 
+@pytest.mark.skipif(not AMX, reason="this CPU/OS has no AMX-INT8 tiles")
+@pytest.mark.parametrize("c_out", [64, 72])
+def test_amx_path_with_an_output_past_the_caches(monkeypatch, c_out):
+    """An output of 8 MiB or more goes out as non-temporal stores on the AMX path (72 channels: the 8-channel tail
+    block and the rows not 64-byte aligned keep plain masked stores), and every AMX call prefetches the next block's
+    residual and output rows: the floats and bits equal the VPOPCNTD path's, residual and Maxout included."""
+    g = torch.Generator().manual_seed(7)
+    n, c_in, h = 3, 64, 110  # 36300 positions: x 64 channels x 4 bytes = 9.3 MB, x 72 = 10.5 MB
+    x = ops.pack_activation_nhwc(torch.randn(n, c_in, h, h, generator=g))
+    w = ops.pack_conv_weight(torch.randn(c_out, c_in, 3, 3, generator=g))
+    panels, wpop = ops.binary_conv_prepack(w, c_in)
+    masks = ops.binary_conv_prepack_amx(w, c_in)
+    terms = {t: torch.randn(c_out, generator=g) for t in TERMS}
+    r = torch.randn(n, c_out, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+    pos, neg = _maxout_slopes("finite", c_out, g)
+    kw = dict(**terms, residual=r, maxout_pos=pos, maxout_neg=neg, threshold=torch.randn(c_out, generator=g))
+    args = (x, panels, wpop, c_in, c_out, 3, 1, 1, 1)
+    monkeypatch.setenv("QUANTKIT_CPU_ISA", "avx512")
+    y0, b0 = ops.binary_conv2d_prepacked(*args, **kw)
+    monkeypatch.delenv("QUANTKIT_CPU_ISA")
+    assert ops.cpu_amx()
+    y1, b1 = ops.binary_conv2d_prepacked(*args, **kw, amx_weights=masks)
+    assert torch.equal(y0, y1) and torch.equal(b0, b1)
+
+
 @pytest.mark.skipif(not HAVE, reason="compiled quantkit kernels not built")
 def test_amx_weights_checked_and_ignored_without_amx(monkeypatch):
     w = ops.pack_conv_weight(torch.randn(8, 16, 3, 3))

@@ -71,6 +71,7 @@ struct Ctx {
   int64_t ldr = 0;
   const float *mpos = nullptr, *mneg = nullptr;
   bool mo_finite = true;
+  bool nt_out = false;  // the AMX path's float output as non-temporal stores (full, aligned 16-channel blocks)
   uint16_t* outb = nullptr;
   int64_t ldb = 0;  // halfwords per row of outb
   // conv with need_apop: popcount of each input pixel's Cw words (N*H*W), so a row's activation popcount is a sum
@@ -375,7 +376,11 @@ inline void epilogue_store(const Ctx& c, __mmask16 cm, int64_t cb, int64_t p, __
         v = _mm512_sub_ps(_mm512_mul_ps(mp, _mm512_max_ps(zero, v)), _mm512_mul_ps(mn, _mm512_max_ps(zero, neg_v)));
       }
     }
-    if (c.out) _mm512_mask_storeu_ps(static_cast<float*>(c.out) + p * c.ldo + col0, cm, v);
+    if (c.out) {
+      float* dst = static_cast<float*>(c.out) + p * c.ldo + col0;
+      if (c.nt_out && cm == 0xFFFF && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) _mm512_stream_ps(dst, v);
+      else _mm512_mask_storeu_ps(dst, cm, v);
+    }
     if (c.outb)
       c.outb[p * c.ldb + cb] =
           static_cast<uint16_t>(_mm512_cmp_ps_mask(v, _mm512_loadu_ps(c.thr + col0), _CMP_GE_OQ) & cm);
@@ -416,7 +421,7 @@ inline void vec_epilogue(const Ctx& c, int64_t cb, int64_t p, const uint32_t* co
 // blocks), weights once per call into [C_out/16][T*ceil(Cw/2)][16 rows of 4 k][16 channels x 4 k] tiles.
 // Not the default: as written (A/B tiles streamed from L2, no K blocking for L1) it measured slower than AVX-512.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt,bmi,bmi2,amx-tile,amx-int8,prfchw")
 namespace amx {
 using avx512::kHasVecEpi;
 using avx512::padded_tap_popcounts;
@@ -798,6 +803,43 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
     }
   };
   alignas(64) int32_t cbuf[2][32 * 2 * NR];
+  // The next block's residual rows (and output rows, unless they are stored non-temporally) are prefetched, a few
+  // lines per k-step of this block: as plain loads and stores in the epilogue their misses reached the head of the
+  // reorder buffer behind the tile instructions and stalled them (docs/kernels.md#amx-prepacked-conv).
+  const bool pf_rows = (EPI == kEpiFused && (c.res || c.out)) || EPI == kEpiFloat;
+  const int64_t col_lo = 2 * cp0 * NR, col_hi = std::min<int64_t>(2 * cp1 * NR, c.Nout);
+  const char* pf_base[2] = {nullptr, nullptr};
+  int64_t pf_lines[2] = {0, 0}, pf_done = 0, pf_total = 0, pf_per_step = 0;
+  auto plan_prefetch = [&](int64_t mm, int64_t steps) {
+    pf_done = pf_total = 0;
+    if (!pf_rows || mm >= m1) return;
+    const int64_t* bp = pos + (mm - m0) * 32;
+    int64_t lo = -1, hi = -1;  // first and last output position of the block's rows
+    for (int r = 0; r < 32; ++r)
+      if (bp[r] >= 0) {
+        if (lo < 0) lo = bp[r];
+        hi = bp[r];
+      }
+    if (lo < 0) return;
+    auto span = [&](int i, const float* base, int64_t ld) {  // the lines from row lo's first to row hi's last column
+      pf_lines[i] = 0;
+      if (base == nullptr) return;
+      const uintptr_t a = reinterpret_cast<uintptr_t>(base + lo * ld + col_lo) & ~uintptr_t(63);
+      const uintptr_t b = reinterpret_cast<uintptr_t>(base + hi * ld + col_hi);
+      pf_base[i] = reinterpret_cast<const char*>(a);
+      pf_lines[i] = static_cast<int64_t>((b - a + 63) / 64);
+    };
+    span(0, EPI == kEpiFused ? c.res : nullptr, c.ldr);
+    span(1, c.nt_out ? nullptr : static_cast<const float*>(c.out), c.ldo);
+    pf_total = pf_lines[0] + pf_lines[1];
+    pf_per_step = (pf_total + steps - 1) / std::max<int64_t>(1, steps);
+  };
+  auto issue_prefetch = [&]() {
+    for (int64_t j = 0; j < pf_per_step && pf_done < pf_total; ++j, ++pf_done) {
+      if (pf_done < pf_lines[0]) __builtin_prefetch(pf_base[0] + 64 * pf_done, 0, 2);
+      else __builtin_prefetch(pf_base[1] + 64 * (pf_done - pf_lines[0]), 1, 3);  // PREFETCHW: owned before stored
+    }
+  };
   // Pairs whose int8 tiles fit in kAmxTileBudget together are expanded at once and the blocks loop outside them,
   // so each row's output and residual are visited once, whole, instead of in 128-byte pieces per pair; larger
   // weights go a pair at a time.
@@ -815,6 +857,7 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
           _mm512_store_si512(dst + 64 * e, _mm512_mask_blend_epi8(wm[e], minus, plus));
       }
     for (int64_t m = m0; m < m1; ++m) {
+      plan_prefetch(m + 1, (gp1 - gp0) * S);
       const int64_t k0 = 2 * m, k1 = 2 * m + 1;
       const bool second = k1 < g.segs;
       int64_t pix0, step0, pix1 = 0, step1 = 0;
@@ -840,6 +883,7 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
           _tile_dpbssd(1, 4, 7);
           _tile_dpbssd(2, 5, 6);
           _tile_dpbssd(3, 5, 7);
+          issue_prefetch();
         }
         const int slot = 1 - pend_slot;  // the buffer the pending item is not in
         int32_t* buf = cbuf[slot];
@@ -856,6 +900,7 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
     }
   }
   if (pend_m >= 0) epilogue(pend_m, pend_cp, cbuf[pend_slot]);
+  if (c.nt_out) _mm_sfence();
   _tile_release();
 }
 
@@ -925,6 +970,11 @@ void conv_prepacked_amx(const Ctx& c, const uint64_t* wmask, int64_t NBp) {
 }  // namespace amx
 #pragma GCC pop_options
 #endif
+
+// Float outputs from this size on are stored non-temporally by the AMX conv (see binary_conv2d_prepacked_cpu):
+// measured on ResNet-18 at batch 16 (Sapphire Rapids VM, 2 MB L2), a gain for the 12.8 MB outputs of layer1, neutral
+// for layer2's 6.4 MB and a loss for layer3's 3.2 MB.
+constexpr int64_t kNtOutputBytes = 8 << 20;
 
 // AMX pays for expanding the weights once per call when there are enough output rows to reuse them.
 constexpr int64_t kAmxMinRows = 128;
@@ -1435,6 +1485,9 @@ std::tuple<at::Tensor, at::Tensor> binary_conv2d_prepacked_cpu(
   }
 #if QUANTKIT_X86
   if (amx_masks) {
+    // An output this large is out of L2 before a later layer reads it (as a residual, two convs on): stored past
+    // the caches it skips the read for ownership of every line. Smaller ones (batch 1) stay cached for that read.
+    c.nt_out = float_out && c.P * c_out * 4 >= kNtOutputBytes;
     amx::conv_prepacked_amx<kEpiFused>(c, amx_masks, NB + (NB & 1));
     return {out_f, out_b};
   }
