@@ -399,6 +399,38 @@ def test_packed_conv2d_equals_quantize_then_conv(groups, batch, c, h, w_, cout, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("stride", [(2, 2), (2, 1), (1, 3), (3, 2)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_packed_strided_pointwise_conv_reads_only_its_pixels(stride, channels_last):
+    """A strided 1x1 conv without padding (the downsample shortcut) quantizes only the pixels it reads: the outputs
+    equal quantize-then-conv on every ISA, a NaN on a skipped pixel reaches no output and one on a read pixel
+    reaches exactly that output pixel."""
+    gen = torch.Generator().manual_seed(11)
+    n, c, h, w_, cout, groups = 2, 24, 11, 9, 20, 3  # odd sizes: the last input row / column is not always read
+    scale = torch.rand(groups, generator=gen) + 0.25
+    x = torch.randint(-40, 41, (n, c, h, w_), generator=gen).float() / 16
+    x[0, 3, 1, 1] = float("nan")  # pixel (1, 1): skipped by every stride here (its row or its column)
+    x[1, 5, 0, 0] = float("nan")  # always read
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-8, 8, (cout, c, 1, 1), generator=gen).to(torch.int8)
+    gi = torch.randint(0, groups, (cout,), generator=gen)
+    delta, bias = torch.rand(cout, generator=gen) + 0.01, torch.randn(cout, generator=gen)
+    codes = quantize_groups_reference(x, scale, 4, True, "half_even").to(torch.int16)
+    packed = A.adder_prepack(w, gi, 1, 4, True)
+    nan = _nan_windows(x, (1, 1), stride, (0, 0), (1, 1)).expand(n, cout, -1, -1)
+    assert nan.any()
+    for isa in ISAS:
+        with cpu_isa(isa):
+            y = A.adder_conv2d_packed(x, scale, *packed, delta, bias, (1, 1), stride, (0, 0), (1, 1), 4, True,
+                                      "half_even")
+            ref = A.adder_conv2d(codes, w, gi, delta, bias, stride, (0, 0), (1, 1), 1)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(torch.isnan(y), nan), isa
+        assert torch.equal(y[~nan], ref[~nan]), isa
+
+
+@needs_kernels
 @settings(max_examples=40, **SETTINGS)
 @given(
     groups=st.integers(1, 4),

@@ -1692,6 +1692,14 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   gm.kh = pw.kh;
   gm.kw = pw.kw;
   set_conv_window(fn, gm, stride, padding, dilation);
+  // A strided 1x1 conv without padding (a ResNet downsample shortcut) reads only every sh-th row and sw-th column:
+  // quantize just those pixels and run it as a stride-1 conv on them (the same outputs; a NaN elsewhere reaches
+  // no output either way). The full input would be re-quantized per group for a quarter of it being read.
+  at::Tensor x_read = x;
+  if (gm.kh == 1 && gm.kw == 1 && gm.ph == 0 && gm.pw == 0 && (gm.sh > 1 || gm.sw > 1) && gm.Ho > 0 && gm.Wo > 0) {
+    x_read = x.slice(2, 0, (gm.Ho - 1) * gm.sh + 1, gm.sh).slice(3, 0, (gm.Wo - 1) * gm.sw + 1, gm.sw);
+    gm.H = gm.Ho, gm.W = gm.Wo, gm.sh = gm.sw = 1, gm.dh = gm.dw = 1;
+  }
   const int64_t Cp = pw.Cp;
   const int64_t rows = gm.N * gm.H * gm.W;
   checked_numel(fn, "activation buffer", {G, rows + 1, Cp});
@@ -1702,8 +1710,9 @@ at::Tensor fused_impl(const char* fn, const at::Tensor& x, const at::Tensor& sca
   if (use_pv) checked_numel(fn, "activation buffer", {G, Cp, planar.pl.Hp, planar.pl.Wp});
   const int64_t abuf_bytes = use_pv ? G * planar.pl.gstride : G * (rows + 1) * Cp;
 
-  // NHWC float rows: free for channels-last inputs (what the previous adder conv returns), one copy otherwise.
-  at::Tensor xr = x.permute({0, 2, 3, 1}).contiguous();
+  // NHWC float rows: free for channels-last inputs (what the previous adder conv returns), one copy otherwise (and
+  // the gather of a strided 1x1 conv's pixels).
+  at::Tensor xr = x_read.permute({0, 2, 3, 1}).contiguous();
   // The quantized activations live in a per-thread scratch buffer reused across calls: a fresh multi-MiB
   // allocation per layer costs page faults comparable to the quantization itself (activations only, never weights).
   thread_local std::unique_ptr<uint8_t[]> scratch;
