@@ -24,6 +24,7 @@ ASAN_TEST_FILES = ["tests/test_ops_packing.py", "tests/test_ops_binary.py", "tes
                    "tests/test_ops_adder.py::test_packed_conv2d_pixel_vector_kernel",
                    "tests/test_ops_adder.py::test_fused_quantizer_exact_at_rounding_boundaries",
                    "tests/test_ops_adder.py::test_packed_conv2d_with_weights_past_l2",
+                   "tests/test_ops_adder.py::test_packed_strided_pointwise_conv_reads_only_its_pixels",
                    "tests/test_conv_pool.py::test_stem_kernel_equals_its_reference_every_isa",
                    "tests/test_conv_pool.py::test_stem_kernel_nan_and_inf_reach_the_pool_as_torch_does"]
 # Tests that only start subprocesses (nothing for ASan to see in this process, and slow under it), and the whole-model
