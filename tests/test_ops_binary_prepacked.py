@@ -327,8 +327,9 @@ def test_amx_path_equals_vpopcnt_path(monkeypatch):
 @pytest.mark.parametrize("c_out", [64, 72])
 def test_amx_path_with_an_output_past_the_caches(monkeypatch, c_out):
     """An output of 8 MiB or more goes out as non-temporal stores on the AMX path (72 channels: the 8-channel tail
-    block and the rows not 64-byte aligned keep plain masked stores), and every AMX call prefetches the next block's
-    residual and output rows: the floats and bits equal the VPOPCNTD path's, residual and Maxout included."""
+    block and the rows not 64-byte aligned keep plain masked stores), and the residual rows of the next block are
+    prefetched (an output of 2 MiB or more): the floats and bits equal the VPOPCNTD path's, residual and Maxout
+    included."""
     g = torch.Generator().manual_seed(7)
     n, c_in, h = 3, 64, 110  # 36300 positions: x 64 channels x 4 bytes = 9.3 MB, x 72 = 10.5 MB
     x = ops.pack_activation_nhwc(torch.randn(n, c_in, h, h, generator=g))

@@ -816,6 +816,18 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
   int64_t pf_ld[2] = {0, 0};
   bool pf_write[2] = {false, false};
   int64_t pf_arr = 0, pf_line = 0, pf_row = 0;  // the next prefetch: array, line, row (counters, no divisions)
+  if (pf_rows && EPI == kEpiFused && c.res)
+    pf_base[pf_arrays] = c.res, pf_ld[pf_arrays] = c.ldr, pf_write[pf_arrays++] = false;
+  if (pf_rows && c.out && !c.nt_out)
+    pf_base[pf_arrays] = static_cast<const float*>(c.out), pf_ld[pf_arrays] = c.ldo, pf_write[pf_arrays++] = true;
+  // per group of pairs: the columns and the lines they span in a row -- whole lines where every row's first column
+  // starts on one (C_out a multiple of 16), else one more for the line the range may straddle
+  auto set_columns = [&](int64_t lo, int64_t hi) {
+    col_lo = lo, col_hi = hi;
+    bool aligned = (c.ldr * 4) % 64 == 0 && (c.ldo * 4) % 64 == 0 && (col_lo * 4) % 64 == 0;
+    for (int64_t i = 0; i < pf_arrays; ++i) aligned = aligned && reinterpret_cast<uintptr_t>(pf_base[i]) % 64 == 0;
+    pf_lpr = ((col_hi - col_lo) * 4 + 63) / 64 + (aligned ? 0 : 1);
+  };
   auto plan_prefetch = [&](int64_t mm, int64_t steps) {
     pf_done = pf_total = 0;
     pf_arr = pf_line = pf_row = 0;
@@ -824,11 +836,6 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
     pf_rows_n = 0;
     for (int r = 0; r < 32; ++r)
       if (bp[r] >= 0) pf_pos[pf_rows_n++] = bp[r];
-    pf_arrays = 0;
-    if (EPI == kEpiFused && c.res) pf_base[pf_arrays] = c.res, pf_ld[pf_arrays] = c.ldr, pf_write[pf_arrays++] = false;
-    if (c.out && !c.nt_out)
-      pf_base[pf_arrays] = static_cast<const float*>(c.out), pf_ld[pf_arrays] = c.ldo, pf_write[pf_arrays++] = true;
-    pf_lpr = (col_hi - col_lo) * 4 / 64 + 1;  // lines a row's column range can touch
     pf_total = pf_rows_n * pf_lpr * pf_arrays;
     pf_per_step = (pf_total + steps - 1) / std::max<int64_t>(1, steps);
   };
@@ -853,7 +860,7 @@ void conv_amx_task(const Ctx& c, const AmxConvGeom& g, const int8_t* xe, const i
   int pend_slot = 0;
   for (int64_t gp0 = cp0; gp0 < cp1; gp0 += group) {
     const int64_t gp1 = std::min(cp1, gp0 + group);
-    col_lo = 2 * gp0 * NR, col_hi = std::min<int64_t>(2 * gp1 * NR, c.Nout);
+    set_columns(2 * gp0 * NR, std::min<int64_t>(2 * gp1 * NR, c.Nout));
     for (int64_t cp = gp0; cp < gp1; ++cp)
       for (int64_t h = 0; h < 2; ++h) {  // pair cp's weights as int8 tiles [h][s][16 rows][64]
         const uint64_t* wm = wmask + (2 * cp + h) * S * 16;
@@ -981,8 +988,8 @@ void conv_prepacked_amx(const Ctx& c, const uint64_t* wmask, int64_t NBp) {
 // for layer2's 6.4 MB and a loss for layer3's 3.2 MB.
 constexpr int64_t kNtOutputBytes = 8 << 20;
 // From this float output size on (out of L2: the residual too) the AMX conv prefetches the rows of its next block;
-// below it the rows are cached and the prefetches only cost issue slots (measured 4-5% at 512 channels 7x7 batch 16
-// and at 64 channels 56x56 batch 1; 9% faster at 64 channels batch 16).
+// below it the rows are cached and the prefetches only cost issue slots (measured 2-6% slower at 512 channels 7x7
+// batch 16 and at 64 channels 56x56 batch 1; 9% faster at 64 channels batch 16).
 constexpr int64_t kPrefetchRowsBytes = 2 << 20;
 
 // AMX pays for expanding the weights once per call when there are enough output rows to reuse them.
