@@ -348,7 +348,7 @@ def cmd_quantize(args, console: _Console) -> int:
             console.info(f"onnxruntime vs PyTorch deploy: max abs difference {a.deploy_vs_onnxruntime:.3g} "
                          f"(max |y| = {a.output_absmax:.3g})")
     elif out.suffix.lower() == ".xml":
-        _quantize_to_openvino(qmodel, example, out, console)
+        _quantize_to_openvino(qmodel, example, out, console, args.uniform_form)
     else:
         deployed = quantkit.convert(qmodel)
         console.info(str(quantkit.report(deployed)))
@@ -370,11 +370,11 @@ def cmd_quantize(args, console: _Console) -> int:
     return EXIT_OK
 
 
-def _quantize_to_openvino(qmodel, example, out: Path, console: _Console) -> None:
+def _quantize_to_openvino(qmodel, example, out: Path, console: _Console, uniform_form: str) -> None:
     """--out model.xml: OpenVINO IR (.xml + .bin), verified in OpenVINO against the PyTorch deploy model."""
     import quantkit
 
-    result = quantkit.export_openvino(qmodel, example, out, quiet=True)
+    result = quantkit.export_openvino(qmodel, example, out, quiet=True, uniform_form=uniform_form)
     console.info(str(quantkit.report(quantkit.convert(qmodel))))
     console.info(result.summary())
     a = result.agreement
@@ -565,9 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opset", type=int, default=21, help="ONNX opset, 18-21 (21: INT4 initializers)")
     q.add_argument("--binary-form", choices=("unpack", "xor"), default="unpack",
                    help="ONNX form of binary layers (unpack: faster in onnxruntime)")
-    q.add_argument("--uniform-form", choices=("int8", "int4"), default="int8",
-                   help="ONNX container of w8a8 / w4a4 layers (int8: int8/uint8 codes, onnxruntime runs them as "
-                        "QLinearConv / QGemm; int4: INT4 weights and UINT4 activations at opset 21, half the weight "
+    q.add_argument("--uniform-form", choices=("int8", "int8_signed", "int4"), default="int8",
+                   help="container of w8a8 / w4a4 layers (int8: 8-bit codes, onnxruntime runs them as QLinearConv / "
+                        "QGemm, exact on every CPU; int8_signed: every weight int8, exact only on CPUs with VNNI and "
+                        "on ARM; int4 (ONNX only): INT4 weights and UINT4 activations at opset 21, half the weight "
                         "bytes, runs unfused)")
     q.add_argument("--custom-ops", action="store_true",
                    help="emit compact quantkit.* custom-domain ops (not runnable by stock onnxruntime)")

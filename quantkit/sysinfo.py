@@ -4,7 +4,7 @@ from __future__ import annotations
 import platform
 
 _ISA_FLAGS = ("sse4_2", "popcnt", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq",
-              "avx512vnni", "avx512_bitalg", "amx_int8")
+              "avx512_vnni", "avx_vnni", "avx512_bitalg", "amx_int8")
 
 
 def _cpuinfo_field(name: str) -> str | None:
@@ -22,6 +22,15 @@ def cpu_flags(wanted: tuple[str, ...] = _ISA_FLAGS) -> list[str]:
     """The ISA extensions of ``wanted`` that this CPU reports (Linux /proc/cpuinfo; empty elsewhere)."""
     have = set((_cpuinfo_field("flags") or "").split())
     return [w for w in wanted if w in have]
+
+
+def x86_without_vnni() -> bool:
+    """An x86 CPU without AVX-512 VNNI or AVX-VNNI (Linux): the integer kernels of onnxruntime and OpenVINO then
+    multiply u8 by s8 with VPMADDUBSW, whose 16-bit pair sums saturate (see
+    :func:`quantkit.export.emit.uniform.signed_weights_can_saturate`)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    return not cpu_flags(("avx512_vnni", "avx_vnni"))
 
 
 def cpu_model() -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from onnx import TensorProto
@@ -67,16 +68,68 @@ def test_uniform_qdq_torchvision_resnet(tmp_path, scheme, opset, form):
     dq_axes = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"
                for a in n.attribute if a.name == "axis"]
     assert dq_axes and all(a == 0 for a in dq_axes)  # per-output-channel weights and int32 biases
-    weight_types = {t.data_type for name, t in _inits(path).items() if "weight_int" in name}
+    weight_types = {t.data_type for name, t in _inits(path).items() if "weight_int" in name or "weight_uint" in name}
     bias_types = {t.data_type for name, t in _inits(path).items() if "bias_int32" in name}
     assert bias_types == {TensorProto.INT32}
     if scheme == "w4a4" and opset >= 21 and form == "int4":
         assert weight_types == {TensorProto.INT4}
         assert res.quantized_weight_bytes * 8 == res.fp32_weight_bytes  # 4 of 32 bits
+    elif scheme == "w8a8":
+        assert weight_types == {TensorProto.UINT8}  # full-range 8-bit codes: stored unsigned (exact everywhere)
     else:
         assert weight_types == {TensorProto.INT8}
     if scheme == "w4a4" and (opset < 21 or form == "int8"):
         assert "Clip" in ops  # 4-bit activation range on a uint8 QuantizeLinear
+
+
+def test_saturation_bound_of_signed_weights():
+    from quantkit.export.emit.uniform import signed_weights_can_saturate
+
+    w = np.array([[3, -64], [64, 0]], np.int8)
+    assert not signed_weights_can_saturate(255, w)  # 255 * (64 + 64) = 32640 fits an int16
+    assert signed_weights_can_saturate(255, np.append(w, -65).astype(np.int8))
+    assert not signed_weights_can_saturate(15, np.array([-128, 127], np.int8))  # 4-bit activations: any int8
+    assert not signed_weights_can_saturate(255, np.zeros(0, np.int8))
+
+
+def test_full_range_w8a8_weights_are_exact_in_onnxruntime_on_every_cpu(tmp_path):
+    """onnxruntime's u8 x s8 kernels on x86 without VNNI add product pairs in saturating int16 lanes, which full-range
+    8-bit weights with 8-bit activations overflow. The default form stores those weights as uint8 (zero point 128):
+    the fused graph (QLinearConv, QGemm) matches the deploy model on any CPU. ``int8_signed`` keeps int8: where this
+    CPU saturates, the export refuses with the cause; elsewhere it is exact too."""
+    from demo import DigitsCNN
+    from quantkit.sysinfo import x86_without_vnni
+
+    torch.manual_seed(0)
+    model = settle_bn(DigitsCNN(), (1, 8, 8))
+    q = quantkit.quantize(model, "w8a8", [torch.randn(16, 1, 8, 8) for _ in range(2)], progress=False)
+    x = torch.randn(2, 1, 8, 8)
+    res = export_onnx(q, (x,), tmp_path / "m.onnx", quiet=True)
+    inits = _inits(tmp_path / "m.onnx")
+    zero_point_of = {n.input[0]: n.input[2] for n in onnx.load(str(tmp_path / "m.onnx")).graph.node
+                     if n.op_type == "DequantizeLinear"}
+    stored = {n: t for n, t in inits.items() if "/weight_uint8" in n or "/weight_int8" in n}
+    layers = [layer for layer in res.layers if layer.kind == "uniform"]
+    assert len(stored) == len(layers) > 0
+    for name, t in stored.items():
+        assert t.data_type == TensorProto.UINT8, name
+        zp = onnx.numpy_helper.to_array(inits[zero_point_of[name]])
+        assert zp.dtype == np.uint8 and (zp == 128).all()
+        codes = onnx.numpy_helper.to_array(t).astype(np.int16) - 128
+        assert codes.min() >= -127 and np.abs(codes).max() > 64  # the int8 codes, a range that needs it
+    assert all(layer.notes for layer in layers)
+    ops = _optimized_op_types(tmp_path / "m.onnx", tmp_path)
+    assert "QLinearConv" in ops and "QGemm" in ops and "Conv" not in ops, ops
+    _check_file(tmp_path / "m.onnx", quantkit.convert(q), torch.randn(5, 1, 8, 8))
+    if x86_without_vnni():
+        with pytest.raises(ExportError, match="without VNNI.*uniform_form='int8'"):
+            export_onnx(q, (x,), tmp_path / "s.onnx", quiet=True, uniform_form="int8_signed")
+        assert not (tmp_path / "s.onnx").exists()
+    else:
+        export_onnx(q, (x,), tmp_path / "s.onnx", quiet=True, uniform_form="int8_signed")
+        signed = {t.data_type for n, t in _inits(tmp_path / "s.onnx").items() if "/weight_" in n and "int8" in n}
+        assert signed == {TensorProto.INT8}
+        _check_file(tmp_path / "s.onnx", quantkit.convert(q), torch.randn(5, 1, 8, 8))
 
 
 def _optimized_op_types(path: Path, tmp_path: Path) -> list[str]:

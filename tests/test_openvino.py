@@ -14,6 +14,7 @@ from torch import nn
 import quantkit
 from quantkit.errors import ExportError
 from quantkit.nn.base import QuantModule
+from quantkit.sysinfo import x86_without_vnni
 
 ov = pytest.importorskip("openvino")
 
@@ -175,12 +176,32 @@ def test_uniform_fake_quantize_int8_kernels(tmp_path, scheme):
     plain = [op.get_attributes()["levels"] for op in model_ir.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
     assert residual and len(rounded_levels) == len(plain) + len(residual)
     assert rounded_levels.count(256) == plain.count(256) + len(residual)
-    assert "i8" in inspect_openvino(path, compile_model=False).constants_by_type
-    compiled = compile_openvino(path, 1)
-    precisions = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
-                  if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
-    assert precisions & {"u8", "i8"}  # OpenVINO runs the convolutions with integer kernels
+    constants = inspect_openvino(path, compile_model=False).constants_by_type
+    if scheme == "w4a4":
+        assert "i8" in constants and not any(layer.notes for layer in res.layers)
+        assert _conv_precisions(path) & {"u8", "i8"}  # OpenVINO runs the convolutions with integer kernels
+    else:
+        # full-range 8-bit weights with 8-bit activations: stored as u8 - 128, exact on CPUs without VNNI too
+        assert "i8" not in constants and "u8" in constants and all(layer.notes for layer in res.layers)
     _check_ir(path, quantkit.convert(q), torch.randn(3, 3, 12, 12))
+    # int8_signed: i8 weights and integer kernels in every layer; exact where the CPU has VNNI, and where it has not
+    # the export refuses, naming the cause
+    signed = tmp_path / f"{scheme}_signed.xml"
+    if scheme == "w8a8" and x86_without_vnni():
+        with pytest.raises(ExportError, match="without VNNI.*uniform_form='int8'"):
+            export_openvino(q, (torch.randn(2, 3, 12, 12),), signed, quiet=True, uniform_form="int8_signed")
+        assert not signed.exists()
+    else:
+        export_openvino(q, (torch.randn(2, 3, 12, 12),), signed, quiet=True, uniform_form="int8_signed")
+        assert "i8" in inspect_openvino(signed, compile_model=False).constants_by_type
+        assert _conv_precisions(signed) & {"u8", "i8"}
+        _check_ir(signed, quantkit.convert(q), torch.randn(3, 3, 12, 12))
+
+
+def _conv_precisions(path: Path) -> set:
+    compiled = compile_openvino(path, 1)
+    return {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+            if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
 
 
 @pytest.mark.parametrize("scheme", ["adder_ptq4", "adder_ptq8"])

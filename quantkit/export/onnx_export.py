@@ -47,10 +47,10 @@ from ..nn.fused_block import unfuse_blocks
 from ..version import __version__
 from .builder import GraphBuilder
 from .emit import BINARY_FORMS, CUSTOM_DOMAIN, UNIFORM_FORMS, EmitContext, LayerExport, emit_custom, emitter_for
-from .emit.uniform import integer_friendly_cleanup, quantize_before_reshapes
+from .emit.uniform import integer_friendly_cleanup, quantize_before_reshapes, saturation_hint
 from .tracing import (PLACEHOLDER_DOMAIN, TraceSession, fx_control_flow, is_exported_unit, swap_placeholders,
                       torch_export)
-from .verify import LayerProbe, layer_tolerance, layerwise_check, run_onnxruntime
+from .verify import LayerProbe, layer_tolerance, layerwise_check, ort_session, run_onnxruntime
 
 log = get_logger("export")
 
@@ -352,10 +352,12 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             ``allow_traced_branch=True``, which exports it with a warning.
         quiet: do not log the summary (logger ``quantkit.export``, which writes to stdout unless configured
             otherwise: :mod:`quantkit.log`). :class:`OnnxExporter` runs the steps one by one and never logs.
-        uniform_form: container of uniform (w8a8, w4a4) layers: ``"int8"`` (default: int8 / uint8 codes, a uint8
-            Clip below 8 bits; onnxruntime fuses it into QLinearConv / QGemm, the fast form) or ``"int4"`` (opset
-            >= 21: INT4 weights and UINT4 4-bit activations, half the weight bytes, runs unfused); see
-            :mod:`quantkit.export.emit.uniform`.
+        uniform_form: container of uniform (w8a8, w4a4) layers: ``"int8"`` (default: 8-bit codes, a uint8 Clip
+            below 8 bits; onnxruntime fuses it into QLinearConv / QGemm. Weights that could overflow the 16-bit pair
+            sums of u8 x s8 kernels on x86 CPUs without VNNI -- full-range 8-bit weights with 8-bit activations --
+            are stored as uint8 with zero point 128, so the file is exact on every CPU), ``"int8_signed"`` (every
+            weight int8: exact only on CPUs with VNNI and on ARM) or ``"int4"`` (opset >= 21: INT4 weights and
+            UINT4 4-bit activations, half the weight bytes, runs unfused); see :mod:`quantkit.export.emit.uniform`.
 
     Returns:
         :class:`ExportResult` (layers, sizes, the three-way :class:`Agreement`).
@@ -500,7 +502,7 @@ class OnnxExporter:
                 agreement.simulated_vs_onnxruntime = _max_diff(ref_sim, ort_out)
             if not agreement.deploy_vs_onnxruntime <= tolerance:  # NaN never passes
                 _explain_difference(agreement, self.inferred, self.in_names, self.inputs, self.probes, self.atol,
-                                    self.rtol, self.allow_mismatch)
+                                    self.rtol, self.allow_mismatch, ref_deploy, self.uniform_form)
         return agreement
 
     def rerun_dynamic_batch(self) -> None:
@@ -528,7 +530,8 @@ class OnnxExporter:
 
 
 def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_names: list[str], inputs: tuple,
-                        probes: list, atol: float, rtol: float, allow_mismatch: bool) -> None:
+                        probes: list, atol: float, rtol: float, allow_mismatch: bool, ref_deploy: list,
+                        uniform_form: str) -> None:
     """Whole-model outputs differ beyond tolerance: check each quantized layer on onnxruntime's own inputs."""
     checks = layerwise_check(inferred, in_names, inputs, probes)
     for probe, diff, absmax in checks:
@@ -539,15 +542,30 @@ def _explain_difference(agreement: Agreement, inferred: onnx.ModelProto, in_name
             else:
                 why = (f"onnxruntime's output differs from the deploy layer by {diff:.3g} on the same input (max |y| "
                        f"= {absmax:.3g}, allowed {allowed:.3g})")
+            hint = saturation_hint(probe.module, uniform_form)
+            if hint:
+                raise ExportError(f"layer {probe.name!r} ({probe.type_name}): {why}: {hint}; nothing was written")
             raise ExportError(f"layer {probe.name!r} ({probe.type_name}): {why}; nothing was written. This is a bug "
                               "in its ONNX emitter: please report it")
     worst = _nan_max(d for _, d, _ in checks)
     agreement.layerwise_max = worst
-    note = (f"deploy vs onnxruntime ({agreement.deploy_vs_onnxruntime:.3g}) is beyond the tolerance "
+    head = (f"deploy vs onnxruntime ({agreement.deploy_vs_onnxruntime:.3g}) is beyond the tolerance "
             f"(atol={atol:g} + rtol={rtol:g} * max|y|), but each of the {len(checks)} quantized layers matches its "
-            f"deploy layer on onnxruntime's own input (max difference {worst:.3g}): float rounding in the "
-            "full-precision layers (computed in another order by onnxruntime) moved values across quantization "
-            "thresholds, which the network amplifies")
+            f"deploy layer on onnxruntime's own input (max difference {worst:.3g})")
+    # Exposing every layer's tensors for that check also stops onnxruntime fusing across them (a conv with its
+    # requantization, say), so the layers may have run other kernels than in the file as deployed: run the whole
+    # graph once more without graph optimizations to tell the two causes apart.
+    unoptimized = _max_diff(ref_deploy, run_onnxruntime(ort_session(inferred.SerializeToString(), optimize=False),
+                                                        in_names, inputs))
+    tolerance = atol + rtol * agreement.output_absmax
+    if unoptimized <= tolerance:
+        hints = {saturation_hint(p.module, uniform_form) for p in probes} - {""}
+        note = (f"{head}, and the graph run without onnxruntime's graph optimizations agrees with the deploy model "
+                f"({unoptimized:.3g}): onnxruntime's fused kernels compute differently"
+                + (f"; the likely cause: {sorted(hints)[0]}" if hints else ""))
+    else:
+        note = (f"{head}: float rounding in the full-precision layers (computed in another order by onnxruntime) "
+                "moved values across quantization thresholds, which the network amplifies")
     _mismatch(agreement, note, allow_mismatch)
 
 

@@ -40,6 +40,7 @@ from ..log import get_logger
 from ..version import __version__
 from .builder import GraphBuilder
 from .emit import EmitContext, LayerExport, emitter_for
+from .emit.uniform import saturation_hint
 from .onnx_export import (_max_diff, agreement_table, as_inputs, deploy_and_simulated, io_names, reference_outputs,
                           traceable_copy)
 from .ov import ov_emitter_for
@@ -48,6 +49,9 @@ from .verify import LayerProbe, layer_tolerance
 
 log = get_logger("export")
 
+#: weights of uniform layers in the IR: "int8" (i8, or u8 - 128 where i8 could saturate on CPUs without VNNI:
+#: exact everywhere) or "int8_signed" (i8 everywhere: integer kernels, exact only with VNNI)
+OV_UNIFORM_FORMS = ("int8", "int8_signed")
 #: the ONNX opset of the intermediate graph OpenVINO's frontend reads (int8 codes; no INT4 initializers needed)
 _ONNX_OPSET = 18
 
@@ -253,7 +257,7 @@ def _split_placeholders(proto, session: TraceSession, ov_types: dict) -> tuple[l
     return layers, probes
 
 
-def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
+def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str, uniform_form: str):
     """OpenVINO's ONNX frontend with a conversion extension for the kept placeholders. The intermediate ONNX file
     lives in ``tmp``, which must outlive the returned model (OpenVINO may map its initializers instead of copying
     them)."""
@@ -267,7 +271,8 @@ def _to_openvino(proto, ov_layers: dict, layers: list[LayerExport], tmp: str):
         call_id = int(node.get_attribute("call_id"))
         rec = ov_layers[call_id]
         type_name = type(rec.module).__name__
-        ctx = EmitContext(rec.name, type_name, _ONNX_OPSET, "binconv", rec.input_shapes, rec.output_shapes)
+        ctx = EmitContext(rec.name, type_name, _ONNX_OPSET, "binconv", rec.input_shapes, rec.output_shapes,
+                          uniform_form)
         try:
             inputs = [node.get_input(i) for i in range(node.get_input_size())]
             y, info = ov_emitter_for(rec.module)(rec.module, inputs, ctx)
@@ -352,7 +357,7 @@ def layerwise_check_openvino(model, inputs: Sequence[torch.Tensor], probes: Sequ
 
 
 def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, atol: float, rtol: float, batch: int,
-             warn: bool) -> None:
+             warn: bool, uniform_form: str) -> None:
     checks = layerwise_check_openvino(model, inputs, probes, batch)
     for probe, diff, absmax in checks:
         if diff != diff:
@@ -361,10 +366,12 @@ def _explain(agreement: OpenVINOAgreement, model, inputs: tuple, probes: list, a
                               "its OpenVINO emitter: please report it")
         allowed = layer_tolerance(probe.module, absmax, atol, rtol)
         if not diff <= allowed:
-            raise ExportError(
-                f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output differs from the deploy layer by "
-                f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {allowed:.3g}); "
-                "nothing was written. This is a bug in its OpenVINO emitter: please report it")
+            why = (f"layer {probe.name!r} ({probe.type_name}): OpenVINO's output differs from the deploy layer by "
+                   f"{diff:.3g} on the same input (max |y| = {absmax:.3g}, allowed {allowed:.3g})")
+            hint = saturation_hint(probe.module, uniform_form)
+            if hint:
+                raise ExportError(f"{why}: {hint}; nothing was written")
+            raise ExportError(f"{why}; nothing was written. This is a bug in its OpenVINO emitter: please report it")
     worst = max((d for _, d, _ in checks), default=0.0)
     agreement.layerwise_max = worst
     agreement.notes.append(
@@ -414,7 +421,7 @@ def _atomic_save(model, xml_path: Path, check=None) -> tuple[int, int]:
 def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_batch: bool = True,
                     input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                     verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4,
-                    quiet: bool = False) -> OpenVINOExportResult:
+                    quiet: bool = False, uniform_form: str = "int8") -> OpenVINOExportResult:
     """Export a quantized model to OpenVINO IR (``path`` = ``model.xml``; ``model.bin`` is written beside it).
 
     Args:
@@ -432,9 +439,16 @@ def export_openvino(model: nn.Module, example_inputs: Any, path: str | os.PathLi
             quantization thresholds and the export passes with a warning saying so (as :func:`export_onnx`).
         quiet: do not log the summary (logger ``quantkit.export``, stdout by default: :mod:`quantkit.log`) nor
             warn about a float-rounding difference.
+        uniform_form: weights of uniform (w8a8, w4a4) layers: ``"int8"`` (default) stores them as i8, which
+            OpenVINO runs with integer kernels, except where u8 x i8 products could overflow the 16-bit pair sums of
+            x86 CPUs without VNNI (full-range 8-bit weights with 8-bit activations): those are stored as u8 with a
+            Subtract of 128, exact on every CPU, and OpenVINO runs them in f32. ``"int8_signed"``: i8 everywhere,
+            integer kernels in every such layer, exact only on CPUs with VNNI (see
+            :mod:`quantkit.export.ov.uniform`).
     """
     exporter = OpenVINOExporter(model, example_inputs, path, dynamic_batch=dynamic_batch, input_names=input_names,
-                                output_names=output_names, verify=verify, rtol=rtol, atol=atol, warn=not quiet)
+                                output_names=output_names, verify=verify, rtol=rtol, atol=atol, warn=not quiet,
+                                uniform_form=uniform_form)
     result = exporter.run()
     if not quiet:
         log.info(result.summary())
@@ -455,8 +469,10 @@ class OpenVINOExporter:
 
     def __init__(self, model: nn.Module, example_inputs: Any, path: str | os.PathLike, *, dynamic_batch: bool = True,
                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                 verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4, warn: bool = True) -> None:
+                 verify: bool = True, rtol: float = 1e-4, atol: float = 1e-4, warn: bool = True,
+                 uniform_form: str = "int8") -> None:
         self.model, self.example_inputs, self.path = model, example_inputs, path
+        self.uniform_form = uniform_form
         self.dynamic_batch, self.input_names, self.output_names = dynamic_batch, input_names, output_names
         self.run_openvino, self.rtol, self.atol, self.warn = verify, rtol, atol, warn
         self.session = TraceSession(dynamic_batch)
@@ -502,6 +518,9 @@ class OpenVINOExporter:
             raise ExportError(f"OpenVINO IR path {str(self.xml_path)!r}: use a file name ending in .xml (the .bin is "
                               "written beside it)")
         self.inputs = as_inputs(self.example_inputs, "export_openvino")
+        if self.uniform_form not in OV_UNIFORM_FORMS:
+            raise ExportError(f"uniform_form={self.uniform_form!r}; the OpenVINO export takes one of "
+                              f"{OV_UNIFORM_FORMS}")
 
     def convert(self) -> None:
         """The deploy model (a simulated model is converted and kept for the three-way check)."""
@@ -528,7 +547,7 @@ class OpenVINOExporter:
     def to_openvino(self) -> None:
         """OpenVINO's model of the traced graph, with the IR's names, precision hint and quantkit version."""
         self._scratch = tempfile.mkdtemp(prefix="quantkit_ov_")
-        ov_model = _to_openvino(self.proto, self.ov_layers, self.layers, self._scratch)
+        ov_model = _to_openvino(self.proto, self.ov_layers, self.layers, self._scratch, self.uniform_form)
         order = {p.name: i for i, p in enumerate(self.probes)}
         self.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
         for inp, n in zip(ov_model.inputs, self.in_names):
@@ -553,7 +572,7 @@ class OpenVINOExporter:
         if ref_sim is not None:
             agreement.simulated_vs_openvino = _max_diff(ref_sim, got)
         if not agreement.deploy_vs_openvino <= atol + rtol * agreement.output_absmax:
-            _explain(agreement, saved, inputs, self.probes, atol, rtol, batch or 1, self.warn)
+            _explain(agreement, saved, inputs, self.probes, atol, rtol, batch or 1, self.warn, self.uniform_form)
         if self.doubled is not None:
             got2 = run_openvino(compile_openvino(saved, 2 * batch), self.doubled)
             _finite_or_fail(got2, "OpenVINO's (batch doubled)")
@@ -563,7 +582,8 @@ class OpenVINOExporter:
             d2 = _max_diff(self.ref_doubled, got2)
             scale2 = max((float(t.abs().max()) for t in self.ref_doubled if t.numel()), default=0.0)
             if not d2 <= atol + rtol * scale2 and agreement.layerwise_max is None:
-                _explain(agreement, saved, self.doubled, self.probes, atol, rtol, 2 * batch, self.warn)
+                _explain(agreement, saved, self.doubled, self.probes, atol, rtol, 2 * batch, self.warn,
+                         self.uniform_form)
         return agreement
 
     def write(self) -> OpenVINOExportResult:

@@ -19,9 +19,11 @@ from ..builder import GraphBuilder, to_numpy
 #: Conv/MatMul of +-1 values) or "xor" (activations packed in the graph, BitwiseXor with the packed weights,
 #: 256-entry popcount Gather, ReduceSum; never unpacks to float)
 BINARY_FORMS = ("unpack", "xor")
-#: uniform (w8a8, w4a4) containers: "int8" (int8/uint8 codes, uint8 Clip below 8 bits: onnxruntime fuses it into
-#: QLinearConv / QGemm) or "int4" (INT4 weights, UINT4 4-bit activations at opset >= 21: smaller, runs unfused)
-UNIFORM_FORMS = ("int8", "int4")
+#: uniform (w8a8, w4a4) containers: "int8" (8-bit codes, uint8 Clip below 8 bits: onnxruntime fuses it into
+#: QLinearConv / QGemm; weights that could saturate u8 x s8 kernels stored as uint8, exact on every CPU),
+#: "int8_signed" (every weight int8: exact only where the CPU has VNNI or is ARM) or "int4" (INT4 weights, UINT4
+#: 4-bit activations at opset >= 21: smaller, runs unfused)
+UNIFORM_FORMS = ("int8", "int8_signed", "int4")
 
 
 @dataclass
@@ -47,7 +49,7 @@ class EmitContext:
     binary_form: str
     input_shapes: list[tuple]
     output_shapes: list[tuple]
-    #: container of uniform layers: "int8" (fused by onnxruntime) or "int4" (INT4/UINT4 at opset >= 21)
+    #: container of uniform layers: one of UNIFORM_FORMS
     uniform_form: str = "int8"
 
     def fail(self, why: str) -> None:

@@ -12,12 +12,18 @@ so the layer emits ``[Relu ->] Q -> DQ`` after its Conv and every conv of a ResN
 stays a float Add of dequantized values (it is cheap; a QLinearAdd would need the shortcut rounded too).
 :func:`integer_friendly_cleanup` then removes what would keep onnxruntime in float between two integer kernels.
 
-Two containers (``export_onnx(uniform_form=...)``):
+Three containers (``export_onnx(uniform_form=...)``):
 
-* ``"int8"`` (default): weights as int8, activations as uint8; widths below 8 bits clip the uint8 codes to
-  [0, 2^b - 1] with a uint8 Clip between QuantizeLinear and DequantizeLinear -- the same integers as
-  ``quantkit.quantizers.uniform.quantize_affine``. onnxruntime fuses this form (the Clip stays as a cheap uint8 op).
-  Default because it is the fast one.
+* ``"int8"`` (default): activations as uint8; widths below 8 bits clip the uint8 codes to [0, 2^b - 1] with a uint8
+  Clip between QuantizeLinear and DequantizeLinear -- the same integers as
+  ``quantkit.quantizers.uniform.quantize_affine``. Weights as int8 codes, except in a layer whose codes could
+  overflow a 16-bit pair sum (:func:`signed_weights_can_saturate`: 8-bit activations with weight codes beyond
+  +-64, i.e. every full-range w8a8 layer): its codes are stored as uint8 ``q + 128`` with zero point 128, the same
+  dequantized values. onnxruntime fuses both (the Clip stays as a cheap uint8 op) and picks its u8 x u8 kernels for
+  the second, which are exact on every CPU; its u8 x s8 kernels on x86 without VNNI saturate such layers.
+* ``"int8_signed"``: every weight as int8 (onnxruntime's u8 x s8 kernels everywhere). Exact on CPUs with VNNI
+  (AVX-512 VNNI, AVX-VNNI) and on ARM; on x86 CPUs without it (AVX2 only, e.g. AMD Zen 3, Intel Skylake) the
+  saturating layers give wrong outputs, which the export's onnxruntime check reports on such a machine.
 * ``"int4"`` (opset >= 21): 4-bit weights as INT4 initializers and 4-bit activations with a UINT4 zero point
   (QuantizeLinear saturates to [0, 15]): half the weight bytes, but onnxruntime does not fuse it and runs
   dequantize + float Conv / Gemm.
@@ -51,6 +57,42 @@ def _quant_dequant_input(b: GraphBuilder, x: str, m, ctx: EmitContext) -> str:
     return b.op("DequantizeLinear", [q, scale, zp], "act_dequant")
 
 
+#: x86 integer GEMMs without VNNI (onnxruntime's and oneDNN's AVX2 / AVX-512BW kernels) multiply u8 by s8 with
+#: VPMADDUBSW, which adds two adjacent products into a saturating int16
+PAIR_SUM_MAX = 2**15 - 1
+
+
+def signed_weights_can_saturate(act_qmax: int, w_int: np.ndarray) -> bool:
+    """Whether uint8 activation codes up to ``act_qmax`` times these int8 weight codes can overflow a 16-bit sum of
+    two products, ``act_qmax * (|w_i| + |w_j|) > 32767``. The runtimes pair adjacent reduction elements in an order
+    of their own, so the bound takes the two largest magnitudes: with 8-bit activations (codes up to 255) weights
+    within +-64 are safe, and 4-bit activations are safe with any int8 weights."""
+    w_max = int(np.abs(w_int.astype(np.int16)).max()) if w_int.size else 0
+    return int(act_qmax) * 2 * w_max > PAIR_SUM_MAX
+
+
+def weights_stored_unsigned(m, ctx: EmitContext) -> bool:
+    """The ``"int8"`` form stores this layer's weight codes as uint8 with zero point 128 (see the module doc)."""
+    if ctx.uniform_form != "int8" or not bool(m.act_ready):
+        return False  # a float input runs a float Conv / Gemm: no integer kernel
+    return signed_weights_can_saturate(2 ** int(m.bits_a) - 1, to_numpy(m.weight_int, np.int8))
+
+
+def saturation_hint(m, uniform_form: str) -> str:
+    """The likely cause when a uniform layer exported with signed weights differs from its deploy layer in a runtime
+    (empty when the layer's codes cannot saturate, or it was exported in the exact form)."""
+    from ...nn.uniform import UniformDeployConv2d, UniformDeployLinear
+
+    if uniform_form != "int8_signed" or not isinstance(m, (UniformDeployConv2d, UniformDeployLinear)):
+        return ""
+    if not bool(m.act_ready) or not signed_weights_can_saturate(2 ** int(m.bits_a) - 1, to_numpy(m.weight_int, np.int8)):
+        return ""
+    w_max = int(np.abs(to_numpy(m.weight_int, np.int16)).max())
+    return (f"its int8 weight codes (up to +-{w_max}) times {int(m.bits_a)}-bit activation codes overflow the 16-bit "
+            "pair sums of this CPU's u8 x s8 integer kernels (x86 without VNNI); export with uniform_form='int8' "
+            "(the default), which stores such weights as uint8 and is exact on every CPU")
+
+
 def _dequant_weight(b: GraphBuilder, m, ctx: EmitContext) -> tuple[str, int]:
     w_int = to_numpy(m.weight_int, np.int8)
     scale = b.f32("weight_scale", to_numpy(m.weight_scale).reshape(-1))
@@ -58,6 +100,10 @@ def _dequant_weight(b: GraphBuilder, m, ctx: EmitContext) -> tuple[str, int]:
         wq = b.init_int4("weight_int4", w_int, signed=True)
         zp = b.init_int4("weight_zero_point", np.zeros(w_int.shape[0], np.int8), signed=True)
         nbytes = (w_int.size + 1) // 2
+    elif weights_stored_unsigned(m, ctx):
+        wq = b.init("weight_uint8", (w_int.astype(np.int16) + 128).astype(np.uint8))
+        zp = b.init("weight_zero_point", np.full(w_int.shape[0], 128, np.uint8))
+        nbytes = w_int.size
     else:
         wq = b.init("weight_int8", w_int)
         zp = b.init("weight_zero_point", np.zeros(w_int.shape[0], np.int8))
@@ -117,8 +163,7 @@ def emit_uniform_conv(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -
     y = b.op("Conv", inputs_conv, "conv", strides=list(m.stride), pads=pads, dilations=list(m.dilation),
              group=int(m.groups))
     y = _quant_dequant_output(b, y, m)
-    return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
-                          int(np.prod(m.weight_int.shape)) * 4)
+    return y, _layer_export(m, ctx, nbytes)
 
 
 def emit_uniform_linear(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext) -> tuple[str, LayerExport]:
@@ -134,8 +179,14 @@ def emit_uniform_linear(m, b: GraphBuilder, inputs: list[str], ctx: EmitContext)
         if bias is not None:
             y = b.op("Add", [y, bias], "bias")
     y = _quant_dequant_output(b, y, m)
-    return y, LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
-                          int(np.prod(m.weight_int.shape)) * 4)
+    return y, _layer_export(m, ctx, nbytes)
+
+
+def _layer_export(m, ctx: EmitContext, nbytes: int) -> LayerExport:
+    notes = (["weights stored as uint8 with zero point 128 (int8 codes would saturate u8 x s8 kernels on x86 "
+              "without VNNI)"] if weights_stored_unsigned(m, ctx) else [])
+    return LayerExport("uniform", "qdq", m.bits_w, m.bits_a if bool(m.act_ready) else None, nbytes,
+                       int(np.prod(m.weight_int.shape)) * 4, notes=notes)
 
 
 def _register() -> None:

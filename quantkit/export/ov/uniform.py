@@ -8,12 +8,20 @@ kernels (low-precision transformations):
 FakeQuantize maps x to ``round((x - lo) / (hi - lo) * (levels - 1))`` steps of ``s`` above ``lo``, i.e. to
 ``(clamp(round(x / s) + z, 0, 2^b_a - 1) - z) s`` -- quantkit's ``quantize_affine`` -- for an integer zero point.
 4-bit weight codes are stored as i8 too (their range is that of the 4-bit grid).
+
+On x86 CPUs without VNNI, OpenVINO's integer convolutions (oneDNN) add pairs of u8 x i8 products in saturating
+16-bit lanes, so a layer whose codes can exceed that (:func:`~quantkit.export.emit.uniform.signed_weights_can_saturate`:
+8-bit activations with weights beyond +-64) gives wrong outputs there. The default ``uniform_form="int8"`` stores
+such a layer's weights as ``W = (Convert(W_int8 + 128) - 128) * weight_scale[o]`` instead: the same values, which
+OpenVINO's low-precision transformations leave to a float convolution (measured with OpenVINO 2026.4 on an AVX2
+CPU), exact everywhere. ``uniform_form="int8_signed"`` keeps i8 in every layer: integer kernels, exact only with VNNI.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..emit.base import EmitContext, LayerExport
+from ..emit.uniform import weights_stored_unsigned
 from . import register_ov_emitter
 
 _PAD_MODES = {"reflect": "reflect", "replicate": "edge"}
@@ -46,15 +54,19 @@ def _quant_output(ops, y, m, name: str):
     return fq
 
 
-def _weight(ops, m, name: str):
+def _weight(ops, m, ctx: EmitContext):
     import openvino as ov
 
     w_int = m.weight_int.detach().to(dtype=m.weight_int.dtype).numpy().astype(np.int8)
     scale = m.weight_scale.detach().float().reshape(-1).numpy()
     shape = (-1,) + (1,) * (w_int.ndim - 1)
-    q = ov.op.Constant(np.ascontiguousarray(w_int))
-    w = ops.multiply(ops.convert(q, "f32"), np.ascontiguousarray(scale.reshape(shape), np.float32))
-    w.set_friendly_name(f"{name}/weight_dequantize")
+    if weights_stored_unsigned(m, ctx):
+        q = ov.op.Constant(np.ascontiguousarray((w_int.astype(np.int16) + 128).astype(np.uint8)))
+        codes = ops.subtract(ops.convert(q, "f32"), np.float32(128))
+    else:
+        codes = ops.convert(ov.op.Constant(np.ascontiguousarray(w_int)), "f32")
+    w = ops.multiply(codes, np.ascontiguousarray(scale.reshape(shape), np.float32))
+    w.set_friendly_name(f"{ctx.name}/weight_dequantize")
     return w, w_int
 
 
@@ -62,7 +74,7 @@ def emit_uniform_conv(m, inputs: list, ctx: EmitContext) -> tuple:
     import openvino.opset13 as ops
 
     x = _quant_input(ops, inputs[0], m, ctx.name)
-    w, w_int = _weight(ops, m, ctx.name)
+    w, w_int = _weight(ops, m, ctx)
     ph, pw = m.padding if not isinstance(m.padding, str) else (0, 0)
     pads = [int(ph), int(pw)]
     if m.padding_mode != "zeros":
@@ -85,21 +97,27 @@ def emit_uniform_conv(m, inputs: list, ctx: EmitContext) -> tuple:
         y = ops.add(y, m.bias.detach().float().numpy().reshape(1, -1, 1, 1))
     y = _quant_output(ops, y, m, ctx.name)
     bits_a = m.bits_a if bool(m.act_ready) else None
-    return y, LayerExport("uniform", "fake-quantize", m.bits_w, bits_a, w_int.size, w_int.size * 4)
+    return y, _layer_export(m, ctx, bits_a, w_int)
 
 
 def emit_uniform_linear(m, inputs: list, ctx: EmitContext) -> tuple:
     import openvino.opset13 as ops
 
     x = _quant_input(ops, inputs[0], m, ctx.name)
-    w, w_int = _weight(ops, m, ctx.name)
+    w, w_int = _weight(ops, m, ctx)
     y = ops.matmul(x, w, False, True)
     y.set_friendly_name(f"{ctx.name}/matmul")
     if m.bias is not None:
         y = ops.add(y, m.bias.detach().float().numpy())
     y = _quant_output(ops, y, m, ctx.name)
     bits_a = m.bits_a if bool(m.act_ready) else None
-    return y, LayerExport("uniform", "fake-quantize", m.bits_w, bits_a, w_int.size, w_int.size * 4)
+    return y, _layer_export(m, ctx, bits_a, w_int)
+
+
+def _layer_export(m, ctx: EmitContext, bits_a, w_int: np.ndarray) -> LayerExport:
+    notes = (["weights stored as u8 - 128 (i8 codes would saturate integer kernels on x86 without VNNI); OpenVINO "
+              "runs this layer in f32"] if weights_stored_unsigned(m, ctx) else [])
+    return LayerExport("uniform", "fake-quantize", m.bits_w, bits_a, w_int.size, w_int.size * 4, notes=notes)
 
 
 def _register() -> None:
