@@ -21,7 +21,7 @@ from quantkit import ops
 from quantkit.ops import _dispatch
 from quantkit.ops.packing import pack_bits_reference
 
-from conftest import hypothesis_examples, settle_bn, use_isa_level
+from conftest import cpu_isa, hypothesis_examples, settle_bn, use_isa_level
 
 HAVE_STEM = _dispatch.has_op("conv_max_pool2d_nhwc")
 
@@ -244,6 +244,24 @@ def test_stem_kernel_equals_its_reference_every_isa(isa):
         assert_rounding_close(got, want)
 
     check()
+
+
+@pytest.mark.skipif(not HAVE_STEM, reason="compiled quantkit kernels not built")
+@pytest.mark.parametrize("c_out", [8, 24, 64, 72])
+def test_stem_kernel_levels_compute_the_same_floats(c_out):
+    """Every ISA level runs one FMA per tap in the same (kh, kw, c_in) order, so they agree to the bit (8 and 24
+    channels: the AVX2 loop's 8-channel tail; 72: AVX2 where AVX-512 needs 16-channel blocks)."""
+    g = torch.Generator().manual_seed(c_out)
+    x = torch.randn(2, 3, 29, 31, generator=g)
+    weight, bias = torch.randn(c_out, 3, 7, 7, generator=g), torch.randn(c_out, generator=g)
+    packed = ops.pack_stem_weight(weight)
+    outs = {}
+    for level in ops.supported_cpu_isas():
+        with cpu_isa(level):
+            outs[level] = ops.conv_max_pool2d_nhwc(x, packed, bias, 2, 3, 3, 2, 1, True)
+    assert len(outs) >= 2 or ops.supported_cpu_isas() == ["portable"]
+    for level, y in outs.items():
+        assert torch.equal(y, outs["portable"]), level
 
 
 @pytest.mark.skipif(not HAVE_STEM, reason="compiled quantkit kernels not built")

@@ -271,7 +271,8 @@ void pool_into(const at::Tensor& xc, at::Tensor& y, PoolGeom& g) {
 // conv_max_pool2d_nhwc: max_pool(relu(conv2d(x, w) + bias)) for a network's stem (few input channels), one kernel.
 // The conv is direct: per output pixel and 16 channels one zmm accumulator, started at the bias, then one FMA per tap
 // (kh, kw, c_in) in that order, the input value broadcast: a block of 6 pixels x 64 channels keeps 24 accumulators
-// and the 4 weight vectors of a tap in registers (FMA-bound). The weights are prepacked (Python:
+// and the 4 weight vectors of a tap in registers (FMA-bound); the AVX2 loop does the same with 6 pixels x 16
+// channels in ymm registers, and the portable loop (std::fma, the same order) serves the rest. The weights are prepacked (Python:
 // pack_stem_weight) as (KH, KW * C_in, C_out): for a fixed kernel row the KW * C_in taps of a pixel are
 // consecutive floats of an NHWC input row, so the tap loop is one linear run per kernel row. Conv rows are made in
 // order into a ring of (pool kh + pool sh) rows (PoolGeom::ring) and each pool row runs (the pool code above) as
@@ -360,11 +361,68 @@ QK_TARGET_AVX512 void stem_conv_row_avx512(const StemGeom& s, const float* xb, i
     default: return;
   }
 }
+
+// The AVX2 form of the same loop, 8 channels per ymm: a block of 6 pixels x 16 channels keeps 12 accumulators, the
+// 2 weight vectors of a tap and the broadcast input in the 16 registers. Same FMA order per output as above, so
+// every level computes the same floats.
+template <int J, int Q>
+QK_TARGET_AVX2 inline void stem_block256(const StemGeom& s, const float* xr0, int64_t Wp, const float* w,
+                                         const float* bias, int64_t c0, float* o) {
+  const int64_t U = s.KW * s.Cin, px = s.sw * s.Cin, row = Wp * s.Cin, Cout = s.Cout;
+  __m256 acc[J][Q];
+  for (int q = 0; q < Q; ++q) {
+    const __m256 b = bias ? _mm256_loadu_ps(bias + c0 + 8 * q) : _mm256_setzero_ps();
+    for (int j = 0; j < J; ++j) acc[j][q] = b;
+  }
+  for (int64_t kh = 0; kh < s.KH; ++kh) {
+    const float* xr = xr0 + kh * row;
+    const float* wk = w + kh * U * Cout + c0;
+    for (int64_t u = 0; u < U; ++u) {
+      __m256 wv[Q];
+      for (int q = 0; q < Q; ++q) wv[q] = _mm256_loadu_ps(wk + u * Cout + 8 * q);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        const __m256 a = _mm256_broadcast_ss(xr + j * px + u);
+        for (int q = 0; q < Q; ++q) acc[j][q] = _mm256_fmadd_ps(a, wv[q], acc[j][q]);
+      }
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int q = 0; q < Q; ++q) _mm256_storeu_ps(o + j * Cout + c0 + 8 * q, acc[j][q]);
+}
+
+template <int Q>
+QK_TARGET_AVX2 inline void stem_pixels256(const StemGeom& s, const float* xr0, int64_t Wp, const float* w,
+                                          const float* bias, int64_t c0, float* crow) {
+  const int64_t px = s.sw * s.Cin;
+  int64_t ow = 0;
+  for (; ow + 6 <= s.Wc; ow += 6) stem_block256<6, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+  switch (s.Wc - ow) {
+    case 5: return stem_block256<5, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 4: return stem_block256<4, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 3: return stem_block256<3, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 2: return stem_block256<2, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    case 1: return stem_block256<1, Q>(s, xr0 + ow * px, Wp, w, bias, c0, crow + ow * s.Cout);
+    default: return;
+  }
+}
+
+// C_out a multiple of 8 (checked by the caller): chunks of 16 channels, then one of 8.
+QK_TARGET_AVX2 void stem_conv_row_avx2(const StemGeom& s, const float* xb, int64_t band_row0, int64_t Wp,
+                                       const float* w, const float* bias, int64_t r, float* crow) {
+  const float* xr0 = xb + (r * s.sh - band_row0) * Wp * s.Cin;
+  int64_t c0 = 0;
+  for (; c0 + 16 <= s.Cout; c0 += 16) stem_pixels256<2>(s, xr0, Wp, w, bias, c0, crow);
+  if (c0 < s.Cout) stem_pixels256<1>(s, xr0, Wp, w, bias, c0, crow);
+}
 #endif
+
+// Which conv-row loop runs: the AVX-512 one (C_out % 16 == 0), the AVX2 one (C_out % 8 == 0) or the portable one.
+enum class StemLoop { Portable, Avx2, Avx512 };
 
 // Pool rows [p0, p1) of image n: the conv rows their windows need, in order, each pool row right after its last one.
 void stem_band(const StemGeom& s, const float* x, const float* w, const float* bias, float* conv_img, float* y,
-               int64_t n, int64_t p0, int64_t p1, std::vector<float>& band, bool avx512, Isa isa) {
+               int64_t n, int64_t p0, int64_t p1, std::vector<float>& band, StemLoop loop, Isa isa) {
   const PoolGeom& g = s.pool;
   int64_t lo0, hi0, lo1, hi1;
   clip_window(p0 * g.sh - g.ph, g.kh, g.H, lo0, hi0);
@@ -400,8 +458,12 @@ void stem_band(const StemGeom& s, const float* x, const float* w, const float* b
     for (; next < hi; ++next) {
       float* crow = conv_img + (next % pg.ring) * s.Wc * s.Cout;
 #if QUANTKIT_X86
-      if (avx512) {
+      if (loop == StemLoop::Avx512) {
         stem_conv_row_avx512(s, band.data(), band_row0, Wp, w, bias, next, crow);
+        continue;
+      }
+      if (loop == StemLoop::Avx2) {
+        stem_conv_row_avx2(s, band.data(), band_row0, Wp, w, bias, next, crow);
         continue;
       }
 #endif
@@ -419,7 +481,7 @@ void stem_band(const StemGeom& s, const float* x, const float* w, const float* b
 #endif
     pool_row_portable(pg, 0, oh);
   }
-  (void)avx512;
+  (void)loop;
   (void)isa;
 }
 
@@ -473,7 +535,10 @@ std::tuple<at::Tensor, at::Tensor> conv_max_pool2d_nhwc_cpu(
                                  : at::empty({0}, x.options().dtype(at::kInt));
   if (y.numel() == 0) return {y, bits};
   const Isa isa = active_isa();
-  const bool avx512 = QUANTKIT_X86 && isa == Isa::Avx512 && s.Cout % 16 == 0;
+  const StemLoop loop = !QUANTKIT_X86                            ? StemLoop::Portable
+                        : isa == Isa::Avx512 && s.Cout % 16 == 0 ? StemLoop::Avx512
+                        : isa != Isa::Portable && s.Cout % 8 == 0 ? StemLoop::Avx2
+                                                                  : StemLoop::Portable;
   // tasks: (image, band of pool rows); bands only where there are fewer images than threads
   const int64_t threads = at::get_num_threads();
   const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(g.Ho, (threads + s.N - 1) / s.N));
@@ -489,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor> conv_max_pool2d_nhwc_cpu(
       const int64_t n = t / bands, k = t % bands;
       const int64_t p0 = g.Ho * k / bands, p1 = g.Ho * (k + 1) / bands;
       if (p1 > p0) {
-        stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, avx512, isa);
+        stem_band(s, xp, wp, bp, conv_img.data_ptr<float>(), yp, n, p0, p1, band, loop, isa);
         if (th.defined())  // the band's rows are still in cache
           pack_float_rows(yp, th.data_ptr<float>(), s.Cout, reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()),
                           (n * g.Ho + p0) * g.Wo, (n * g.Ho + p1) * g.Wo, isa);
