@@ -249,18 +249,35 @@ QK_TARGET_AVX2 void tile_avx2(const Problem<uint8_t>& pb, int64_t blk, int64_t p
               acc[r][1] = _mm256_add_epi64(acc[r][1], _mm256_sad_epu8(x, w1));
             }
           }
-        } else {
+        } else if (q0.count == 1 && q1.count == 1) {  // each quarter reads one group: two broadcasts, no blend
+          const uint8_t* a0 = pb.A + q0.group[0] * pb.gstride;
+          const uint8_t* a1 = pb.A + q1.group[0] * pb.gstride;
           for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
             const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
             const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
             for (int r = 0; r < MR; ++r) {
               const int64_t k = o[r] + c8 * kKB;
-              __m256i x0 = bcast8_avx2(pb.A + q0.group[0] * pb.gstride + k);
-              for (int e = 1; e < q0.count; ++e)
-                x0 = _mm256_blendv_epi8(x0, bcast8_avx2(pb.A + q0.group[e] * pb.gstride + k), lane_mask_avx2(q0.mask[e]));
-              __m256i x1 = bcast8_avx2(pb.A + q1.group[0] * pb.gstride + k);
-              for (int e = 1; e < q1.count; ++e)
-                x1 = _mm256_blendv_epi8(x1, bcast8_avx2(pb.A + q1.group[e] * pb.gstride + k), lane_mask_avx2(q1.mask[e]));
+              acc[r][0] = _mm256_add_epi64(acc[r][0], _mm256_sad_epu8(bcast8_avx2(a0 + k), w0));
+              acc[r][1] = _mm256_add_epi64(acc[r][1], _mm256_sad_epu8(bcast8_avx2(a1 + k), w1));
+            }
+          }
+        } else {
+          // lanes of several groups: blend the groups' broadcasts, with the lane masks and group rows made once
+          // per block instead of per element
+          const uint8_t* a0[4];
+          const uint8_t* a1[4];
+          __m256i m0[4], m1[4];
+          for (int e = 0; e < q0.count; ++e) a0[e] = pb.A + q0.group[e] * pb.gstride, m0[e] = lane_mask_avx2(q0.mask[e]);
+          for (int e = 0; e < q1.count; ++e) a1[e] = pb.A + q1.group[e] * pb.gstride, m1[e] = lane_mask_avx2(q1.mask[e]);
+          for (int64_t c8 = 0; c8 < steps; ++c8, w += kNR * kKB) {
+            const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+            const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+            for (int r = 0; r < MR; ++r) {
+              const int64_t k = o[r] + c8 * kKB;
+              __m256i x0 = bcast8_avx2(a0[0] + k);
+              for (int e = 1; e < q0.count; ++e) x0 = _mm256_blendv_epi8(x0, bcast8_avx2(a0[e] + k), m0[e]);
+              __m256i x1 = bcast8_avx2(a1[0] + k);
+              for (int e = 1; e < q1.count; ++e) x1 = _mm256_blendv_epi8(x1, bcast8_avx2(a1[e] + k), m1[e]);
               acc[r][0] = _mm256_add_epi64(acc[r][0], _mm256_sad_epu8(x0, w0));
               acc[r][1] = _mm256_add_epi64(acc[r][1], _mm256_sad_epu8(x1, w1));
             }
@@ -866,6 +883,60 @@ inline bool quant_row_scalar(const float* __restrict__ x, int64_t C, float s, co
   return nan;
 }
 
+// quant_row_scalar for every group at the AVX2 level, 8 channels at a time, the same float operations lane by lane
+// (and the division-free form with its guard band where ActGrid::c_over_scale is set, as the AVX-512 quantizer):
+// channel c of group g goes to dst + g * gstride + c, channels C .. Cp - 1 get 0. A tail of C % 8 channels runs the
+// scalar loop.
+QK_TARGET_AVX2 bool quant_row_groups_avx2(const float* __restrict__ x, int64_t C, int64_t Cp, const float* scale,
+                                          int64_t G, const ActGrid& q, uint8_t* __restrict__ dst, int64_t gstride) {
+  const __m256 c = _mm256_set1_ps(q.c), lo = _mm256_set1_ps(q.qlo), hi = _mm256_set1_ps(q.qhi);
+  const __m256 half = _mm256_set1_ps(0.5f), near_half = _mm256_set1_ps(q.near_half);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i shift = _mm256_set1_epi32(q.shift);
+  // the low 4 bytes of each 128-bit lane after the two packs: lane 0 holds channels 0-3, lane 1 channels 4-7
+  const __m256i gather = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+  bool nan = false;
+  const int64_t C8 = C / 8 * 8;
+  for (int64_t i = 0; i < C8; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 isnan = _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q);
+    nan |= _mm256_movemask_ps(isnan) != 0;
+    for (int64_t g = 0; g < G; ++g) {
+      // max/min return their second operand for a NaN first one; NaN lanes get code 0 below
+      const __m256 by_div =
+          _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_div_ps(xv, _mm256_set1_ps(scale[g])), c), lo), hi);
+      __m256 v;
+      if (q.c_over_scale != nullptr) {
+        v = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(xv, _mm256_set1_ps(q.c_over_scale[g])), lo), hi);
+        const __m256 dist =
+            _mm256_andnot_ps(sign, _mm256_sub_ps(v, _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        v = _mm256_blendv_ps(v, by_div, _mm256_cmp_ps(dist, near_half, _CMP_GT_OQ));
+      } else {
+        v = by_div;
+      }
+      __m256i code;
+      if (q.half_even) {
+        code = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {  // trunc(|v| + 0.5) with v's sign
+        const __m256i a = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_andnot_ps(sign, v), half));
+        const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
+        code = _mm256_sub_epi32(_mm256_xor_si256(a, neg), neg);  // -a where v < 0
+      }
+      code = _mm256_andnot_si256(_mm256_castps_si256(isnan), code);
+      code = _mm256_add_epi32(code, shift);  // 0 .. 255
+      const __m256i w16 = _mm256_packus_epi32(code, code);
+      const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w16, w16), gather);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + g * gstride + i), _mm256_castsi256_si128(b8));
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    uint8_t* d = dst + g * gstride;
+    if (C8 < C) nan |= quant_row_scalar(x + C8, C - C8, scale[g], q, d + C8);
+    if (Cp > C) std::memset(d + C, 0, Cp - C);
+  }
+  return nan;
+}
+
 // The lanes of the 16-channel chunk from channel i that lie below n (n = C: the valid channels; n = Cp: the
 // stored ones).
 inline __mmask16 chunk_mask(int64_t n, int64_t i) {
@@ -1102,7 +1173,9 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t 
       }
       if (!thermo && isa == kAvx512) {
         nan = quant_row_groups_avx512(x + r * C, C, Cp, scale, G, q, A + cell, gstride, sstride);
-      } else if (!thermo) {  // (row layout only: the planar layout is an AVX-512 kernel's)
+      } else if (!thermo && isa == kAvx2) {  // (row layout only: the planar layout is an AVX-512 kernel's)
+        nan = quant_row_groups_avx2(x + r * C, C, Cp, scale, G, q, A + cell, gstride);
+      } else if (!thermo) {
         for (int64_t g = 0; g < G; ++g) {
           uint8_t* dst = A + g * gstride + cell;
           nan |= quant_row_scalar(x + r * C, C, scale[g], q, dst);
@@ -1111,6 +1184,8 @@ bool quantize_into(const float* x, int64_t rows, int64_t C, int64_t Cp, int64_t 
       } else {
         if (isa == kAvx512) {
           nan = quant_row_groups_avx512(x + r * C, C, Cv, scale, G, q, values.data(), Cv, kKB);
+        } else if (isa == kAvx2) {
+          nan = quant_row_groups_avx2(x + r * C, C, Cv, scale, G, q, values.data(), Cv);
         } else {
           for (int64_t g = 0; g < G; ++g) nan |= quant_row_scalar(x + r * C, C, scale[g], q, values.data() + g * Cv);
         }
