@@ -71,11 +71,16 @@ def signed_weights_can_saturate(act_qmax: int, w_int: np.ndarray) -> bool:
     return int(act_qmax) * 2 * w_max > PAIR_SUM_MAX
 
 
-def weights_stored_unsigned(m, ctx: EmitContext) -> bool:
-    """The ``"int8"`` form stores this layer's weight codes as uint8 with zero point 128 (see the module doc)."""
-    if ctx.uniform_form != "int8" or not bool(m.act_ready):
+def _layer_can_saturate(m) -> bool:
+    """A uniform layer on integer kernels (a quantized input) whose int8 weight codes could saturate them."""
+    if not bool(m.act_ready):
         return False  # a float input runs a float Conv / Gemm: no integer kernel
     return signed_weights_can_saturate(2 ** int(m.bits_a) - 1, to_numpy(m.weight_int, np.int8))
+
+
+def weights_stored_unsigned(m, ctx: EmitContext) -> bool:
+    """The ``"int8"`` form stores this layer's weight codes as uint8 with zero point 128 (see the module doc)."""
+    return ctx.uniform_form == "int8" and _layer_can_saturate(m)
 
 
 def saturation_hint(m, uniform_form: str) -> str:
@@ -83,9 +88,8 @@ def saturation_hint(m, uniform_form: str) -> str:
     (empty when the layer's codes cannot saturate, or it was exported in the exact form)."""
     from ...nn.uniform import UniformDeployConv2d, UniformDeployLinear
 
-    if uniform_form != "int8_signed" or not isinstance(m, (UniformDeployConv2d, UniformDeployLinear)):
-        return ""
-    if not bool(m.act_ready) or not signed_weights_can_saturate(2 ** int(m.bits_a) - 1, to_numpy(m.weight_int, np.int8)):
+    if (uniform_form != "int8_signed" or not isinstance(m, (UniformDeployConv2d, UniformDeployLinear))
+            or not _layer_can_saturate(m)):
         return ""
     w_max = int(np.abs(to_numpy(m.weight_int, np.int16)).max())
     return (f"its int8 weight codes (up to +-{w_max}) times {int(m.bits_a)}-bit activation codes overflow the 16-bit "
